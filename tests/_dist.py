@@ -94,7 +94,13 @@ def run_ranks(
     finished after `timeout_s` seconds.
     """
     import multiprocessing as mp
+    import sys
 
+    # Spawned children copy the parent's sys.path; pytest's importlib mode does not put the
+    # repository root there, so the children could not import `tests.*`. Add it.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="ek_dist_") as work_dir:
         procs = [
