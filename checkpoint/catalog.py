@@ -1,0 +1,144 @@
+"""Finding, opening and verifying checkpoints under a root directory.
+
+A directory `step-<8 digits>` with `manifest.json` is a committed checkpoint; without it, an
+incomplete one, which readers never load and garbage collection removes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+from .errors import CorruptCheckpointError, IncompleteCheckpointError, RequestError
+from .manifest import MANIFEST_NAME, STEP_DIR_RE, Manifest
+from .stfile import StFile
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointInfo:
+    """A checkpoint directory found under a root.
+
+    Attributes:
+        step: the step in its name.
+        path: the directory.
+        complete: whether it has a committed manifest.
+    """
+
+    step: int
+    path: str
+    complete: bool
+
+
+def list_checkpoints(root: str) -> list[CheckpointInfo]:
+    """Every `step-*` directory under `root`, oldest first (an absent root has none)."""
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    except NotADirectoryError:
+        raise RequestError(f"{root} is a file, not a checkpoint root directory", path=root) from None
+    out = []
+    for name in names:
+        m = STEP_DIR_RE.match(name)
+        path = os.path.join(root, name)
+        if m and os.path.isdir(path):
+            out.append(
+                CheckpointInfo(
+                    step=int(m.group(1)),
+                    path=path,
+                    complete=os.path.isfile(os.path.join(path, MANIFEST_NAME)),
+                )
+            )
+    return sorted(out, key=lambda c: c.step)
+
+
+def is_checkpoint_dir(path: str) -> bool:
+    """Whether `path` is one checkpoint (has a manifest), as opposed to a root of several."""
+    return os.path.isfile(os.path.join(path, MANIFEST_NAME))
+
+
+def load_manifest(path: str) -> Manifest:
+    """The manifest of the checkpoint directory `path`; refuses incomplete or foreign ones."""
+    if not os.path.isdir(path):
+        raise RequestError(f"{path} does not exist or is not a directory", path=path)
+    mpath = os.path.join(path, MANIFEST_NAME)
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise IncompleteCheckpointError(
+            f"{path} has no {MANIFEST_NAME}: the save never committed, so it cannot be loaded; "
+            "restore an earlier checkpoint",
+            path=path,
+        ) from None
+    return Manifest.loads(text, source=mpath)
+
+
+def resolve(path: str) -> str:
+    """A checkpoint directory from either a checkpoint directory or a root (its latest one)."""
+    if is_checkpoint_dir(path):
+        return path
+    done = [c for c in list_checkpoints(path) if c.complete]
+    if done:
+        return done[-1].path
+    if os.path.isdir(path):
+        raise IncompleteCheckpointError(
+            f"{path} holds no committed checkpoint (no step-*/manifest.json)", path=path
+        )
+    raise RequestError(f"{path} does not exist", path=path)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Problem:
+    """One integrity problem: the file, the logical tensors it holds, and what is wrong."""
+
+    file: str
+    tensors: tuple[str, ...]
+    reason: str
+
+
+def verify_checkpoint(path: str) -> list[Problem]:
+    """Check every byte of every file of the checkpoint at `path` against the manifest.
+
+    Returns the problems sorted by file; empty when the checkpoint is intact. Raises for a
+    missing or unreadable manifest (which is itself the problem).
+    """
+    manifest = load_manifest(path)
+    problems: list[Problem] = []
+    for name, rec in sorted(manifest.files.items()):
+        fpath = os.path.join(path, name)
+        held = tuple(manifest.tensors_in_file(name))
+        try:
+            with StFile(fpath, rec) as f:
+                bad_keys = f.verify_all()
+        except CorruptCheckpointError as e:
+            problems.append(Problem(file=fpath, tensors=held, reason=str(e)))
+            continue
+        if bad_keys:
+            hit = tuple(
+                sorted(
+                    t.name
+                    for t in manifest.tensors.values()
+                    if any(s.file == name and s.key in bad_keys for s in t.shards)
+                )
+            )
+            problems.append(
+                Problem(file=fpath, tensors=hit, reason=f"{len(bad_keys)} tensor(s) do not match their checksums")
+            )
+    return problems
+
+
+def remove_incomplete(root: str, *, keep_newer_than: int | None = None) -> list[str]:
+    """Delete incomplete checkpoint directories (no manifest) under `root`; returns their paths.
+
+    `keep_newer_than`: leave incomplete directories with a larger step alone (a save in flight).
+    """
+    removed = []
+    for c in list_checkpoints(root):
+        if c.complete or (keep_newer_than is not None and c.step > keep_newer_than):
+            continue
+        shutil.rmtree(c.path, ignore_errors=True)
+        removed.append(c.path)
+    return removed
+

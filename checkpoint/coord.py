@@ -1,0 +1,120 @@
+"""Coordination between the ranks of one save or restore, without the training process group.
+
+Checkpoints are coordinated through a key-value store (the job's TCPStore) rather than
+collectives on the training group: a background thread can commit a checkpoint while the
+training thread runs its own collectives, and nothing here depends on the backend (gloo, NCCL).
+Messages are JSON; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import timedelta
+from typing import Any, Protocol
+
+from .errors import RankFailure
+
+
+class StoreLike(Protocol):
+    """The part of `torch.distributed.Store` that coordination needs."""
+
+    def set(self, key: str, value: bytes | str) -> None: ...
+    def get(self, key: str) -> bytes: ...
+    def wait(self, keys: list[str], timeout: timedelta) -> None: ...
+    def delete_key(self, key: str) -> bool: ...
+
+
+class Coordinator(Protocol):
+    """All-gather of JSON values among the ranks of a job; every rank calls in the same order."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    def all_gather(self, value: Any, *, phase: str) -> list[Any]:
+        """Every rank's `value`, index = rank."""
+        ...
+
+
+class LocalCoordinator:
+    """The coordinator of a single process."""
+
+    rank = 0
+    world_size = 1
+
+    def all_gather(self, value: Any, *, phase: str) -> list[Any]:
+        return [json.loads(json.dumps(value))]
+
+
+class StoreCoordinator:
+    """All-gather through a store: rank r sets `<prefix>/<round>/<r>`, then waits for the others.
+
+    Keys of round n are deleted by their owner at round n+2, when every rank has provably read
+    them (it has reached round n+1).
+    """
+
+    def __init__(
+        self, store: StoreLike, *, rank: int, world_size: int, prefix: str, timeout_s: float = 600.0
+    ) -> None:
+        self._store = store
+        self._rank = rank
+        self._world = world_size
+        self._prefix = prefix
+        self._timeout = timedelta(seconds=timeout_s)
+        self._round = 0
+        self._lock = threading.Lock()
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world
+
+    def all_gather(self, value: Any, *, phase: str) -> list[Any]:
+        with self._lock:
+            n = self._round
+            self._round += 1
+            self._store.set(f"{self._prefix}/{n}/{self._rank}", json.dumps(value))
+            keys = [f"{self._prefix}/{n}/{r}" for r in range(self._world)]
+            try:
+                self._store.wait(keys, self._timeout)
+            except Exception as e:  # the store's timeout error type differs across versions
+                missing = [r for r, k in enumerate(keys) if not self._has(k)]
+                raise RankFailure(
+                    f"rank(s) {missing} did not reach checkpoint phase {phase!r} within "
+                    f"{self._timeout.total_seconds():.0f} s ({e}); a rank died or hangs",
+                    causes={r: f"never reached {phase}" for r in missing},
+                ) from e
+            out = [json.loads(self._store.get(k)) for k in keys]
+            if n >= 2:
+                try:
+                    self._store.delete_key(f"{self._prefix}/{n - 2}/{self._rank}")
+                except Exception:  # a store without delete_key: keys are small, keep them
+                    pass
+            return out
+
+    def _has(self, key: str) -> bool:
+        try:
+            self._store.wait([key], timedelta(milliseconds=1))
+            return True
+        except Exception:
+            return False
+
+
+def gather_or_raise(coord: Coordinator, error: str | None, payload: Any, *, phase: str) -> list[Any]:
+    """All-gather `payload`; if any rank reports an error, raise RankFailure on every rank.
+
+    The message names each failing rank and its one-sentence cause.
+    """
+    got = coord.all_gather({"error": error, "payload": payload}, phase=phase)
+    causes = {r: g["error"] for r, g in enumerate(got) if g["error"]}
+    if causes:
+        first = min(causes)
+        more = f" (and {len(causes) - 1} more rank(s))" if len(causes) > 1 else ""
+        raise RankFailure(f"{phase} failed on rank {first}: {causes[first]}{more}", causes=causes)
+    return [g["payload"] for g in got]

@@ -1,0 +1,248 @@
+"""From a user's training state to the format's items, and back.
+
+A state maps names to `nn.Module`s, `torch.optim.Optimizer`s, objects with
+`state_dict()/load_state_dict()` (the `Stateful` protocol of torch.distributed.checkpoint),
+tensors, or JSON-able values (DESIGN.md section 7a). Modules and optimizers go through
+`torch.distributed.checkpoint.state_dict`, so FSDP2 / DTensor models yield their local shards
+with global offsets, and optimizer state is keyed by parameter name (FQN), not by index: that
+is what lets a checkpoint load into another layout.
+
+Logical names: `<state name>/<path>`, where nested dicts and lists join with `/`, e.g.
+`model/layers.0.attn.wqkv.weight`, `optim/state/layers.0.attn.wqkv.weight/exp_avg`.
+Non-tensor leaves are kept as JSON with tensors replaced by `{"__tensor__": logical name}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import RequestError
+from .items import LoadItem, LogicalSpec, Piece, SaveItem
+from .stfile import st_dtype, torch_dtype
+
+TENSOR_TAG = "__tensor__"
+
+#: Extra logical boxes for a tensor, decided above the format (by resharding rules). Given the
+#: logical name and the local tensor, return its pieces and logical specs, or None for the
+#: default (DTensor placements, or a replicated plain tensor).
+PieceRule = Callable[[str, torch.Tensor], "tuple[tuple[Piece, ...], tuple[LogicalSpec, ...]] | None"]
+
+
+def _is_dtensor(t: object) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "placements")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+def default_pieces(logical: str, t: torch.Tensor) -> tuple[tuple[Piece, ...], tuple[LogicalSpec, ...]]:
+    """Pieces from DTensor placements; a plain tensor is one replicated box."""
+    dtype = st_dtype(t.dtype, what=f"tensor {logical!r}")
+    if _is_dtensor(t):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local_shape, offset = compute_local_shape_and_global_offset(
+            t.shape, t.device_mesh, t.placements  # type: ignore[attr-defined]
+        )
+        local = t.to_local()  # type: ignore[attr-defined]
+        if tuple(local.shape) != tuple(local_shape):
+            raise ValueError(
+                f"tensor {logical!r}: local shard shape {list(local.shape)} differs from what its "
+                f"placements imply ({list(local_shape)}); give a rule for it"
+            )
+        piece = Piece.whole(logical, tuple(int(o) for o in offset), tuple(local_shape))
+    else:
+        piece = Piece.whole(logical, (0,) * t.dim(), tuple(t.shape))
+    return (piece,), (LogicalSpec(name=logical, dtype=dtype, shape=tuple(t.shape)),)
+
+
+def _jsonable(value: Any, path: str) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_jsonable(v, f"{path}/{i}") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str | int):
+                raise RequestError(f"state {path!r} has a key of type {type(k).__name__}; use str keys")
+            out[str(k)] = _jsonable(v, f"{path}/{k}")
+        return out
+    if isinstance(value, torch.dtype):
+        return str(value)
+    raise RequestError(
+        f"state {path!r} holds a {type(value).__name__}, which is neither a tensor nor JSON; "
+        "convert it to plain data in state_dict() (elastickit never pickles)"
+    )
+
+
+def _flatten(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON tree of `value` with tensor leaves replaced by tags; tensors collected by name."""
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value
+        return {TENSOR_TAG: path}
+    if isinstance(value, Mapping):
+        return {str(k): _flatten(v, f"{path}/{k}", tensors) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_flatten(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]
+    return _jsonable(value, path)
+
+
+def _owner_module(optim: torch.optim.Optimizer, state: Mapping[str, Any]) -> nn.Module:
+    params = {id(p) for g in optim.param_groups for p in g["params"]}
+    owners = [m for m in state.values() if isinstance(m, nn.Module) and params <= {id(p) for p in m.parameters()}]
+    if len(owners) != 1:
+        raise RequestError(
+            "cannot tell which module an optimizer in the state belongs to "
+            f"({len(owners)} candidates); put exactly one nn.Module holding all its parameters in the state"
+        )
+    return owners[0]
+
+
+def state_dicts(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Each state entry as a state dict (modules and optimizers by FQN), JSON values as they are."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    out: dict[str, Any] = {}
+    for name, obj in state.items():
+        if "/" in name:
+            raise RequestError(f"state name {name!r} contains '/'; use a plain name such as 'model'")
+        if isinstance(obj, nn.Module):
+            out[name] = get_model_state_dict(obj)
+        elif isinstance(obj, torch.optim.Optimizer):
+            out[name] = get_optimizer_state_dict(_owner_module(obj, state), obj)
+        elif isinstance(obj, torch.Tensor):
+            out[name] = obj
+        elif hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
+            out[name] = obj.state_dict()
+        else:
+            out[name] = obj
+    return out
+
+
+@dataclass(slots=True)
+class FlatState:
+    """A state, flattened: tensors by logical name and the JSON tree of everything else."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    objects: dict[str, Any] = field(default_factory=dict)
+
+
+def flatten_state(state: Mapping[str, Any]) -> tuple[FlatState, dict[str, Any]]:
+    """Flatten a state; also returns the state dicts (needed again to load into them)."""
+    sds = state_dicts(state)
+    flat = FlatState()
+    for name, sd in sds.items():
+        flat.objects[name] = _flatten(sd, name, flat.tensors)
+    return flat, sds
+
+
+def save_items(flat: FlatState, rule: PieceRule | None = None) -> list[SaveItem]:
+    """SaveItems for every tensor of a flattened state."""
+    items = []
+    for logical, t in flat.tensors.items():
+        got = rule(logical, t) if rule is not None else None
+        pieces, specs = got if got is not None else default_pieces(logical, t)
+        items.append(SaveItem(key=logical, tensor=_local(t).detach(), pieces=pieces, specs=specs))
+    return items
+
+
+def load_items(flat: FlatState, rule: PieceRule | None = None) -> list[LoadItem]:
+    """LoadItems that fill every tensor of a flattened (target) state in place."""
+    items = []
+    for logical, t in flat.tensors.items():
+        got = rule(logical, t) if rule is not None else None
+        pieces, _ = got if got is not None else default_pieces(logical, t)
+        items.append(LoadItem(key=logical, tensor=_local(t).detach(), pieces=pieces))
+    return items
+
+
+def _unflatten(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(tree, dict):
+        if set(tree) == {TENSOR_TAG}:
+            return tensors[tree[TENSOR_TAG]]
+        return {k: _unflatten(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_unflatten(v, tensors) for v in tree]
+    return tree
+
+
+def _rekey(saved: Any, target: Any) -> Any:
+    """Saved JSON dict keys are strings; give them back the target's key types (int keys)."""
+    if isinstance(saved, dict) and isinstance(target, Mapping):
+        by_str = {str(k): k for k in target}
+        return {by_str.get(k, k): _rekey(v, target.get(by_str.get(k, k))) for k, v in saved.items()}
+    if isinstance(saved, list) and isinstance(target, list | tuple):
+        return [_rekey(v, target[i] if i < len(target) else None) for i, v in enumerate(saved)]
+    return saved
+
+
+def missing_tensors(saved_objects: Mapping[str, Any], flat_target: FlatState) -> dict[str, None]:
+    """Logical tensors tagged in the saved trees that the target state does not have yet."""
+    found: dict[str, None] = {}
+
+    def walk(tree: Any) -> None:
+        if isinstance(tree, dict):
+            if set(tree) == {TENSOR_TAG}:
+                if tree[TENSOR_TAG] not in flat_target.tensors:
+                    found[tree[TENSOR_TAG]] = None
+                return
+            for v in tree.values():
+                walk(v)
+        elif isinstance(tree, list):
+            for v in tree:
+                walk(v)
+
+    for name in flat_target.objects:
+        if name in saved_objects:
+            walk(saved_objects[name])
+    return found
+
+
+def new_tensor(dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A host tensor for a logical tensor the target state lacks (loaded whole)."""
+    return torch.empty(shape, dtype=torch_dtype(dtype))
+
+
+def apply_state(
+    state: dict[str, Any] | Mapping[str, Any],
+    sds: Mapping[str, Any],
+    saved_objects: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+) -> None:
+    """Load the filled tensors and the saved JSON back into every state entry.
+
+    Modules and optimizers go through `set_model_state_dict` / `set_optimizer_state_dict`;
+    Stateful objects through `load_state_dict`; plain values replace the entry of `state`.
+    """
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    all_tensors = dict(tensors)
+    for name, obj in state.items():
+        if name not in saved_objects:
+            raise RequestError(
+                f"the checkpoint has no state {name!r} (it has {sorted(saved_objects)}); "
+                "restore with the names that were saved"
+            )
+        sd = _rekey(_unflatten(saved_objects[name], all_tensors), sds[name])
+        if isinstance(obj, nn.Module):
+            set_model_state_dict(obj, sd)
+        elif isinstance(obj, torch.optim.Optimizer):
+            set_optimizer_state_dict(_owner_module(obj, state), obj, sd)
+        elif isinstance(obj, torch.Tensor):
+            pass  # filled in place
+        elif hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
+            obj.load_state_dict(sd)
+        elif isinstance(state, dict):
+            if isinstance(obj, dict) and isinstance(sd, dict):
+                obj.clear()
+                obj.update(sd)
+            else:
+                state[name] = sd
+

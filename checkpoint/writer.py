@@ -1,0 +1,251 @@
+"""Writing one checkpoint from every rank, and committing it.
+
+The driver, in three store-coordinated phases (every rank calls `write_checkpoint` with its own
+items):
+
+1. plan: every rank publishes what it holds (physical keys, the logical boxes they carry, the
+   logical specs); every rank then computes the same deduplication: each logical box is written
+   once, by the lowest rank that holds it (all holders when a rule asks for merge=average/check).
+2. write: every rank writes `rank-<r>.safetensors` with the keys it owns, fsyncs it and the
+   directory, and publishes the file's record (or its error).
+3. commit: rank 0 builds the manifest, writes it last by atomic rename, and publishes the result;
+   every rank returns the manifest or raises the same `RankFailure`.
+
+A crash at any instant leaves the previous checkpoints untouched and this one without a manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .coord import Coordinator, gather_or_raise
+from .errors import ElastickitError
+from .integrity import atomic_write_text, fsync_dir
+from .items import LogicalSpec, Piece, SaveItem
+from .manifest import (
+    MANIFEST_NAME,
+    FileRecord,
+    LayoutRecord,
+    Manifest,
+    ShardRef,
+    TensorEntry,
+    rank_file_name,
+    step_dir_name,
+)
+from .stfile import write_file
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SaveRequest:
+    """One rank's part of a checkpoint.
+
+    Attributes:
+        root: the checkpoint root; the checkpoint goes to `<root>/step-<8 digits>/`.
+        step: the training step.
+        items: the physical tensors this rank holds (host or device memory).
+        objects: non-tensor state shared by all ranks (rank 0's copy is kept), JSON-able.
+        rank_object: this rank's own non-tensor state (its RNG), JSON-able.
+        layout: the layout that saves.
+        rules: the resharding rules in force, as JSON.
+        framework: what writes it (versions), recorded in the manifest.
+        fsync: make files durable before the commit (off only for tests of the page cache).
+        zstd_level: compress the rank file with zstd at this level (None: no compression).
+        zstd_threads: zstd worker threads (0: compress on the calling thread).
+    """
+
+    root: str
+    step: int
+    items: Sequence[SaveItem]
+    objects: dict[str, Any] = field(default_factory=dict)
+    rank_object: dict[str, Any] = field(default_factory=dict)
+    layout: LayoutRecord = field(default_factory=LayoutRecord)
+    rules: tuple[dict[str, Any], ...] = ()
+    framework: dict[str, str] = field(default_factory=dict)
+    fsync: bool = True
+    zstd_level: int | None = None
+    zstd_threads: int = 0
+
+
+def _describe(items: Sequence[SaveItem]) -> list[dict[str, Any]]:
+    return [
+        {
+            "key": it.key,
+            "pieces": [[p.logical, list(p.offsets), list(p.lengths), list(p.stored_offsets)] for p in it.pieces],
+            "specs": [[s.name, s.dtype, list(s.shape), s.merge] for s in it.specs],
+        }
+        for it in items
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    specs: dict[str, LogicalSpec]
+    # rank -> key -> list of (Piece, replica) that rank writes
+    owned: list[dict[str, list[tuple[Piece, int]]]]
+
+
+def plan_dedup(described: list[list[dict[str, Any]]]) -> _Plan:
+    """Decide who writes what, identically on every rank (a pure function of the gathered plans).
+
+    Raises ValueError naming the tensor when ranks disagree on a logical tensor's dtype or shape.
+    """
+    specs: dict[str, LogicalSpec] = {}
+    seen: dict[tuple[str, tuple[int, ...], tuple[int, ...]], int] = {}
+    owned: list[dict[str, list[tuple[Piece, int]]]] = []
+    for rank, items in enumerate(described):
+        mine: dict[str, list[tuple[Piece, int]]] = {}
+        for it in items:
+            for name, dtype, shape, merge in it["specs"]:
+                spec = LogicalSpec(name=name, dtype=dtype, shape=tuple(shape), merge=merge)
+                prev = specs.setdefault(name, spec)
+                if prev != spec:
+                    raise ValueError(
+                        f"tensor {name!r} is {prev.dtype}{list(prev.shape)} on one rank but "
+                        f"{dtype}{list(shape)} on rank {rank}; every rank must agree on a logical tensor"
+                    )
+            for logical, offsets, lengths, stored in it["pieces"]:
+                region = (logical, tuple(offsets), tuple(lengths))
+                count = seen.get(region, 0)
+                seen[region] = count + 1
+                if count and specs[logical].merge == "first":
+                    continue  # an identical replica is already written by a lower rank
+                piece = Piece(
+                    logical=logical, offsets=tuple(offsets), lengths=tuple(lengths), stored_offsets=tuple(stored)
+                )
+                mine.setdefault(it["key"], []).append((piece, count))
+        owned.append(mine)
+    return _Plan(specs=specs, owned=owned)
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    if hasattr(t, "to_local"):  # a DTensor: its local shard is what this rank stores
+        t = t.to_local()
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    return t.contiguous()
+
+
+def write_checkpoint(req: SaveRequest, coord: Coordinator) -> Manifest:
+    """Write this rank's part of checkpoint `req.step` and commit it with the others.
+
+    Every rank of `coord` calls it with its own request; all return the committed Manifest or all
+    raise `RankFailure` naming each failing rank's cause.
+    """
+    step_dir = os.path.join(req.root, step_dir_name(req.step))
+    rank = coord.rank
+
+    # Phase 1: plan. Rank 0 first retires an existing manifest of this step, so that a re-save
+    # never leaves a manifest pointing at files being rewritten.
+    error = None
+    try:
+        os.makedirs(step_dir, exist_ok=True)
+        if rank == 0:
+            man = os.path.join(step_dir, MANIFEST_NAME)
+            if os.path.exists(man):
+                os.replace(man, man + ".replaced")
+                fsync_dir(step_dir)
+    except OSError as e:
+        error = f"cannot prepare {step_dir} ({e.strerror}); check the path and its permissions"
+    gathered = gather_or_raise(
+        coord, error, {"items": _describe(req.items), "rank_object": req.rank_object}, phase="checkpoint plan"
+    )
+    described = [g["items"] for g in gathered]
+    rank_objects = tuple(g["rank_object"] for g in gathered)
+
+    # Phase 2: write what this rank owns.
+    error, record = None, None
+    try:
+        plan = plan_dedup(described)
+        mine = plan.owned[rank]
+        by_key = {it.key: it for it in req.items}
+        tensors = [(key, _host(by_key[key].tensor)) for key in mine]
+        path = os.path.join(step_dir, rank_file_name(rank, compressed=req.zstd_level is not None))
+        if tensors:
+            record = write_file(
+                path,
+                tensors,
+                rank=rank,
+                fsync=req.fsync,
+                zstd_level=req.zstd_level,
+                zstd_threads=req.zstd_threads,
+            ).to_json()
+            if req.fsync:
+                fsync_dir(step_dir)
+    except (OSError, ValueError, ElastickitError) as e:
+        error = f"{type(e).__name__}: {e}"
+    records = gather_or_raise(coord, error, record, phase="checkpoint write")
+
+    # Phase 3: commit on rank 0.
+    error, manifest_json = None, None
+    if rank == 0:
+        try:
+            manifest = _build_manifest(req, described, rank_objects, records, coord.world_size)
+            atomic_write_text(os.path.join(step_dir, MANIFEST_NAME), manifest.dumps(), fsync=req.fsync)
+            if req.fsync:
+                fsync_dir(req.root)
+            manifest_json = manifest.to_json()
+        except (OSError, ValueError) as e:
+            error = f"cannot commit {step_dir}: {e}"
+    committed = gather_or_raise(coord, error, manifest_json, phase="checkpoint commit")
+    return Manifest.from_json(committed[0], source=os.path.join(step_dir, MANIFEST_NAME))
+
+
+def _build_manifest(
+    req: SaveRequest,
+    described: list[list[dict[str, Any]]],
+    rank_objects: tuple[dict[str, Any], ...],
+    records: list[Any],
+    world_size: int,
+) -> Manifest:
+    plan = plan_dedup(described)
+    files: dict[str, FileRecord] = {}
+    for rank, rec in enumerate(records):
+        if rec is not None:
+            name = rank_file_name(rank, compressed=rec.get("compression", "none") == "zstd")
+            files[name] = FileRecord.from_json(name, rec)
+    shards: dict[str, list[ShardRef]] = {name: [] for name in plan.specs}
+    for rank, mine in enumerate(plan.owned):
+        if not mine:
+            continue
+        fname = rank_file_name(rank, compressed=records[rank].get("compression", "none") == "zstd")
+        for key, pieces in mine.items():
+            for piece, replica in pieces:
+                shards[piece.logical].append(
+                    ShardRef(
+                        file=fname,
+                        key=key,
+                        offsets=piece.offsets,
+                        lengths=piece.lengths,
+                        stored_offsets=piece.stored_offsets,
+                        replica=replica,
+                    )
+                )
+    tensors = {
+        name: TensorEntry(
+            name=name,
+            dtype=spec.dtype,
+            shape=spec.shape,
+            shards=tuple(sorted(shards[name], key=lambda s: (s.replica, s.offsets, s.file))),
+            merge=spec.merge,
+        )
+        for name, spec in plan.specs.items()
+    }
+    return Manifest(
+        step=req.step,
+        created_s=time.time(),
+        world_size=world_size,
+        layout=req.layout,
+        rules=req.rules,
+        tensors=tensors,
+        files=files,
+        objects=req.objects,
+        rank_objects=rank_objects,
+        framework=req.framework,
+    )
