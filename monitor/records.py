@@ -95,16 +95,20 @@ class RingBuffer:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self.dropped = 0
-        # Highest collective seq entered per group: lets the collector see who never entered.
+        # Highest collective seq entered per group, and p2p seq per (group, op, peer): lets the
+        # collector see which ranks never entered an operation the others are waiting in.
         self.entered: dict[str, int] = {}
+        self.entered_p2p: dict[tuple[str, str, int], int] = {}
 
     def enter(self, op: str, group: str, group_ranks: tuple[int, ...], peer: int,
               num_bytes: int, seq: int, enter_s: float) -> _Pending:
         p = _Pending(op, group, group_ranks, peer, num_bytes, seq, enter_s, next(self._ids))
         with self._lock:
             self._in_flight[p.id] = p
-            if peer < 0:
+            if peer == -1:
                 self.entered[group] = seq
+            else:
+                self.entered_p2p[(group, op, peer)] = seq
         return p
 
     def complete(self, p: _Pending, exit_s: float, ok: bool) -> None:
@@ -130,6 +134,7 @@ class RingBuffer:
             items = list(self._in_flight.values())
         return [p.freeze() for p in items]
 
-    def entered_seqs(self) -> dict[str, int]:
+    def entered_seqs(self) -> tuple[dict[str, int], dict[tuple[str, str, int], int]]:
+        """(collective seq per group, p2p seq per (group, op, peer)) last entered."""
         with self._lock:
-            return dict(self.entered)
+            return dict(self.entered), dict(self.entered_p2p)
