@@ -1,0 +1,568 @@
+"""Reading DeepSpeed ZeRO 0/1/2/3 checkpoints directly, as elastickit's logical view.
+
+A DeepSpeed checkpoint folder (`<save_dir>/<tag>/`, `<save_dir>/latest` naming the tag) holds:
+
+- `mp_rank_00_model_states.pt` (ZeRO 0-2) or `zero_pp_rank_<dp>_mp_rank_00_model_states.pt`
+  (ZeRO-3, one per data-parallel rank): the module state dict (ZeRO-3: empty placeholders),
+  `param_shapes` (per optimizer group, name -> shape, in flattening order), frozen parameters,
+  `shared_params` (tied names), the lr scheduler, step counters and the client state;
+- `[bf16_]zero_pp_rank_<dp>_mp_rank_00_optim_states.pt`, one per data-parallel rank: that
+  rank's slice of every flat fp32 master buffer and of Adam's moments.
+
+The mapping from a rank's flat buffer back to parameters is DESIGN.md's `flat(zero)` rule, made
+explicit here as `FlatFragment`s computed from the shapes alone (no live optimizer, no DeepSpeed):
+
+- ZeRO-1/2: each group's parameters are laid end to end (plus `param_alignment_paddings` after
+  each), padded to `world * P`, and rank r holds elements `[r*P, (r+1)*P)`; the saved fp32 slice
+  of the last rank drops its trailing padding (`group_paddings`).
+- ZeRO-3: every parameter is split on its own into `ceil(numel / world)` pieces, padded; rank r's
+  flat buffer of a sub-group is its piece of each parameter, in order.
+
+Where the file also records DeepSpeed's own `param_slice_mappings`, they are checked against the
+computed fragments; a disagreement is a `DataError`, never a silent guess.
+
+`DeepSpeedCheckpoint` opens the files memory-mapped and yields one parameter at a time
+(`iter_tensors`), so converting a checkpoint never holds more than one parameter's states plus the
+pages the kernel keeps mapped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...checkpoint.errors import DataError, RequestError
+from .deepspeed_pickle import FragmentAddress, load_pt, to_json
+
+STATE_KEYS: tuple[str, ...] = ("fp32", "exp_avg", "exp_avg_sq", "step")
+"""The per-parameter states of the logical view (DeepSpeed universal's names)."""
+
+KINDS: tuple[str, ...] = ("trainable", "frozen", "buffer", "tied")
+
+_MODEL_RE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
+_OPTIM_RE = re.compile(r"^(bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_?optim_states\.pt$")
+
+# Keys of a model-states file that DeepSpeed itself writes; everything else is client state.
+_DS_MODEL_KEYS = frozenset({
+    "module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+    "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "skipped_steps",
+    "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config", "ds_version",
+    "checkpoint_parallel_dimensions", "universal_checkpoint_info", "num_experts",
+})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FlatFragment:
+    """One instance of the `flat(zero)` rule.
+
+    Elements `[src_offset, src_offset + numel)` of rank `rank`'s flat buffer of optimizer group
+    `group` are elements `[dst_offset, dst_offset + numel)` of the flattened parameter.
+    `group == -1` means the rank's frozen-parameter fragment (ZeRO-3), not an optimizer buffer.
+    """
+
+    rank: int
+    group: int
+    src_offset: int
+    dst_offset: int
+    numel: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeepSpeedParam:
+    """One logical tensor of a DeepSpeed checkpoint.
+
+    Attributes:
+        name: the module's state-dict name.
+        shape: the global shape.
+        kind: "trainable" (owned by the optimizer: fp32 master + moments), "frozen"
+            (requires_grad False: weights only), "buffer" (persistent buffer), or "tied"
+            (the same tensor as `tied_to`, saved once).
+        group: the optimizer group (ZeRO-3: sub-group) of a trainable parameter.
+        fragments: where its elements live (trainable; ZeRO-3 frozen).
+        tied_to: for kind "tied", the name that holds the data.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+    group: int | None = None
+    fragments: tuple[FlatFragment, ...] = ()
+    tied_to: str | None = None
+
+    @property
+    def numel(self) -> int:
+        """Number of elements of the global tensor."""
+        return math.prod(self.shape)
+
+
+def resolve_folder(path: str, tag: str | None = None) -> tuple[str, str]:
+    """The checkpoint folder and tag for `path`: a save_dir (with `latest`) or a tag folder.
+
+    Raises:
+        RequestError: `path` is not a directory or holds no DeepSpeed checkpoint.
+    """
+    if not os.path.isdir(path):
+        raise RequestError(f"{path} is not a directory; give a DeepSpeed save_dir or tag folder", path=path)
+    if tag is not None:
+        folder = os.path.join(path, tag)
+        if not os.path.isdir(folder):
+            raise RequestError(f"{folder} does not exist; check the tag", path=folder)
+        return folder, tag
+    if any(_MODEL_RE.match(f) for f in os.listdir(path)):
+        return path, os.path.basename(os.path.normpath(path))
+    for latest in ("latest", "latest_universal"):
+        marker = os.path.join(path, latest)
+        if os.path.isfile(marker):
+            with open(marker) as f:
+                found = f.read().strip()
+            return resolve_folder(path, found)
+    raise RequestError(
+        f"{path} holds no *_model_states.pt and no 'latest' file; is it a DeepSpeed checkpoint?", path=path
+    )
+
+
+def is_deepspeed_checkpoint(path: str) -> bool:
+    """True if `path` looks like a DeepSpeed save_dir or tag folder (for `--from auto`)."""
+    try:
+        folder, _ = resolve_folder(path)
+    except RequestError:
+        return False
+    return any(_MODEL_RE.match(f) for f in os.listdir(folder))
+
+
+class DeepSpeedCheckpoint:
+    """A DeepSpeed checkpoint seen as logical tensors: read it one parameter at a time.
+
+    Use as a context manager or call `close()`. Nothing but the small model-states metadata is
+    read at open; the optimizer files are memory-mapped on first use.
+
+    Attributes:
+        folder: the tag folder. tag: its name.
+        zero_stage: 0, 1, 2 or 3. dp_world_size: number of ZeRO partitions.
+        dtype: dtype of the module weights ("float32", "bfloat16", "float16").
+        params: name -> DeepSpeedParam, in the module's state-dict order.
+        model_files: the model-states files (ZeRO-3: one per rank, rank order).
+        optim_files: the optimizer-states files, rank order (empty for ZeRO-0).
+        meta: JSON-able metadata: step counters, lr scheduler, client state, optimizer groups.
+    """
+
+    def __init__(self, path: str, *, tag: str | None = None, trust_pickle: bool = False) -> None:
+        self.folder, self.tag = resolve_folder(path, tag)
+        self._trust = trust_pickle
+        self._optim: dict[int, dict[str, Any]] = {}
+        self._rank_models: dict[int, dict[str, Any]] = {}
+        names = sorted(os.listdir(self.folder))
+        if any(n.startswith("layer_") and n.endswith("model_states.pt") for n in names):
+            raise DataError(
+                f"{self.folder} is a pipeline-parallel (PipelineModule) checkpoint; elastickit reads "
+                "data-parallel ZeRO checkpoints only (convert with tp=pp=1 first)",
+                path=self.folder,
+            )
+        models = sorted((m for m in map(_MODEL_RE.match, names) if m), key=lambda m: int(m.group(1) or 0))
+        optims = sorted((m for m in map(_OPTIM_RE.match, names) if m), key=lambda m: int(m.group(2)))
+        if not models:
+            raise DataError(f"{self.folder} holds no *_model_states.pt file", path=self.folder)
+        if {m.group(2) for m in models} != {"00"} or {m.group(3) for m in optims} - {"00"}:
+            raise DataError(
+                f"{self.folder} is a tensor-parallel checkpoint (several mp_rank_XX files); "
+                "elastickit reads data-parallel ZeRO checkpoints only",
+                path=self.folder,
+            )
+        self.model_files = [os.path.join(self.folder, m.group(0)) for m in models]
+        self.optim_files = [os.path.join(self.folder, m.group(0)) for m in optims]
+        if [int(m.group(2)) for m in optims] != list(range(len(optims))):
+            raise DataError(
+                f"{self.folder} lacks optimizer files for some ranks (found ranks "
+                f"{[int(m.group(2)) for m in optims]}); was the save interrupted?",
+                path=self.folder,
+            )
+        self._model = self._rank_model(0)
+        self.dp_world_size = int(self._model.get("dp_world_size") or max(1, len(self.optim_files)))
+        if self.optim_files and len(self.optim_files) != self.dp_world_size:
+            raise DataError(
+                f"{self.folder} has {len(self.optim_files)} optimizer files but dp_world_size "
+                f"{self.dp_world_size}; the checkpoint is incomplete or mixed",
+                path=self.folder,
+            )
+        self.zero_stage = self._detect_stage()
+        if self.zero_stage == 3 and len(self.model_files) != self.dp_world_size:
+            raise DataError(
+                f"{self.folder} has {len(self.model_files)} ZeRO-3 model-states files but dp_world_size "
+                f"{self.dp_world_size}; the checkpoint is incomplete",
+                path=self.folder,
+            )
+        self.dtype = self._detect_dtype()
+        self.params = self._build_params()
+        self.meta = self._build_meta()
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Drop the mapped files."""
+        self._optim.clear()
+        self._rank_models.clear()
+
+    def __enter__(self) -> DeepSpeedCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- raw files ----------------------------------------------------------------------------
+
+    def _rank_model(self, rank: int) -> dict[str, Any]:
+        if rank not in self._rank_models:
+            sd = load_pt(self.model_files[rank], trust_pickle=self._trust)
+            if not isinstance(sd, dict) or "module" not in sd:
+                raise DataError(f"{self.model_files[rank]} is not a DeepSpeed model-states file",
+                                path=self.model_files[rank])
+            self._rank_models[rank] = sd
+        return self._rank_models[rank]
+
+    def optimizer_file_state(self, rank: int) -> dict[str, Any]:
+        """The `optimizer_state_dict` of rank `rank`'s optimizer file (memory-mapped)."""
+        if rank not in self._optim:
+            path = self.optim_files[rank]
+            sd = load_pt(path, trust_pickle=self._trust)
+            osd = sd.get("optimizer_state_dict") if isinstance(sd, dict) else None
+            if not isinstance(osd, dict):
+                raise DataError(f"{path} has no optimizer_state_dict; not a ZeRO optimizer file", path=path)
+            self._optim[rank] = osd
+        return self._optim[rank]
+
+    def model_state(self, rank: int = 0) -> dict[str, Any]:
+        """The raw model-states dict of `rank` (ZeRO 0-2: the one file)."""
+        return self._rank_model(rank if self.zero_stage == 3 else 0)
+
+    # -- layout -------------------------------------------------------------------------------
+
+    def _detect_stage(self) -> int:
+        if not self.optim_files:
+            return 0
+        osd = self.optimizer_file_state(0)
+        if "fp32_flat_groups" in osd:
+            return 3
+        if "single_partition_of_fp32_groups" in osd:
+            # DeepSpeed's BF16_Optimizer (bf16 without ZeRO) writes no zero_stage: a ZeRO-1 layout.
+            return int(osd.get("zero_stage", 1))
+        raise DataError(f"{self.optim_files[0]} holds neither ZeRO-1/2 nor ZeRO-3 fp32 groups",
+                        path=self.optim_files[0])
+
+    def _detect_dtype(self) -> str:
+        for name, t in self._model["module"].items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and name not in self._buffer_names():
+                return str(t.dtype).removeprefix("torch.")
+        return "float32"
+
+    def _buffer_names(self) -> set[str]:
+        return set(self._model.get("buffer_names") or ())
+
+    def _param_shapes(self) -> list[dict[str, tuple[int, ...]]]:
+        shapes = self._model.get("param_shapes")
+        if shapes is None:
+            return []
+        if isinstance(shapes, dict):  # very old DeepSpeed: one group
+            shapes = [shapes]
+        return [{n: tuple(int(d) for d in s) for n, s in g.items()} for g in shapes]
+
+    def _build_params(self) -> dict[str, DeepSpeedParam]:
+        module = self._model["module"]
+        buffers = self._buffer_names()
+        shared = dict(self._model.get("shared_params") or {})
+        frozen_shapes = {n: tuple(int(d) for d in s)
+                         for n, s in (self._model.get("frozen_param_shapes") or {}).items()}
+        trainable: dict[str, DeepSpeedParam] = {}
+        if self.zero_stage in (1, 2):
+            trainable = self._zero12_params()
+        elif self.zero_stage == 3:
+            trainable = self._zero3_params()
+
+        params: dict[str, DeepSpeedParam] = {}
+        order = list(module) + [n for n in trainable if n not in module] + [
+            n for n in frozen_shapes if n not in module]
+        for name in order:
+            if name in params:
+                continue
+            if name in trainable:
+                params[name] = trainable[name]
+            elif name in shared:
+                params[name] = DeepSpeedParam(name=name, shape=(), kind="tied", tied_to=shared[name])
+            elif name in buffers:
+                params[name] = DeepSpeedParam(name=name, shape=tuple(module[name].shape), kind="buffer")
+            elif self.zero_stage == 3:
+                if name not in frozen_shapes:
+                    raise DataError(
+                        f"{self.model_files[0]}: {name} is neither trainable, frozen, tied nor a buffer",
+                        path=self.model_files[0], tensor=name)
+                params[name] = self._zero3_frozen(name, frozen_shapes[name])
+            else:
+                shape = frozen_shapes.get(name, tuple(module[name].shape))
+                params[name] = DeepSpeedParam(name=name, shape=shape, kind="frozen")
+        for name, p in list(params.items()):  # a tied name has its source's shape
+            if p.kind == "tied":
+                src = params.get(p.tied_to or "")
+                if src is None:
+                    raise DataError(f"{self.model_files[0]}: {name} is tied to {p.tied_to}, which is missing",
+                                    path=self.model_files[0], tensor=name)
+                params[name] = DeepSpeedParam(name=name, shape=src.shape, kind="tied", tied_to=src.name)
+        return params
+
+    def _zero12_params(self) -> dict[str, DeepSpeedParam]:
+        world = self.dp_world_size
+        shapes = self._param_shapes()
+        osds = [self.optimizer_file_state(r) for r in range(world)]
+        unpadded = "zero_stage" in osds[0]  # ZeRO-1/2 save fp32 without the group padding
+        align = osds[0].get("param_alignment_paddings")
+        fp32 = [o["single_partition_of_fp32_groups"] for o in osds]
+        if len(fp32[0]) != len(shapes):
+            raise DataError(
+                f"{self.optim_files[0]} has {len(fp32[0])} fp32 groups but param_shapes lists "
+                f"{len(shapes)}; model and optimizer files do not belong together",
+                path=self.optim_files[0])
+        out: dict[str, DeepSpeedParam] = {}
+        for g, group_shapes in enumerate(shapes):
+            sizes = []
+            for r in range(world):
+                pad = (osds[r].get("group_paddings") or [0] * len(shapes))[g] if unpadded else 0
+                sizes.append(fp32[r][g].numel() + pad)
+            part = sizes[0]
+            if any(s != part for s in sizes):
+                raise DataError(
+                    f"{self.folder}: ranks disagree on the partition size of group {g} ({sizes})",
+                    path=self.folder)
+            pads = list(align[g]) if align is not None else [0] * len(group_shapes)
+            offset = 0
+            for (name, shape), pad in zip(group_shapes.items(), pads, strict=True):
+                numel = math.prod(shape)
+                frags = []
+                start, end = offset, offset + numel
+                for r in range(start // part if part else 0, world):
+                    lo, hi = max(start, r * part), min(end, (r + 1) * part)
+                    if lo >= hi:
+                        break
+                    frags.append(FlatFragment(rank=r, group=g, src_offset=lo - r * part,
+                                              dst_offset=lo - start, numel=hi - lo))
+                if sum(f.numel for f in frags) != numel:
+                    raise DataError(
+                        f"{self.folder}: parameter {name} runs past the flat buffers of group {g}",
+                        path=self.folder, tensor=name)
+                out[name] = DeepSpeedParam(name=name, shape=shape, kind="trainable", group=g,
+                                           fragments=tuple(frags))
+                offset = end + pad
+            for r in range(world):
+                used = max((f.src_offset + f.numel for p in out.values() if p.group == g
+                            for f in p.fragments if f.rank == r), default=0)
+                if used > fp32[r][g].numel():
+                    raise DataError(
+                        f"{self.optim_files[r]}: group {g} holds {fp32[r][g].numel()} fp32 values but "
+                        f"the parameters need {used}", path=self.optim_files[r])
+        self._check_slice_mappings(out, osds)
+        return out
+
+    def _check_slice_mappings(self, params: dict[str, DeepSpeedParam], osds: Sequence[dict]) -> None:
+        """Compare the computed fragments with DeepSpeed's own record, where there is one."""
+        for r, osd in enumerate(osds):
+            mappings = osd.get("param_slice_mappings")
+            if not mappings:
+                continue
+            for g, group_map in enumerate(mappings):
+                for name, addr in group_map.items():
+                    if not isinstance(addr, FragmentAddress):
+                        continue
+                    frags = [f for f in params[name].fragments if f.rank == r] if name in params else []
+                    if len(frags) != 1 or frags[0].group != g or (
+                            frags[0].src_offset, frags[0].numel) != (addr.start, addr.numel):
+                        raise DataError(
+                            f"{self.optim_files[r]}: param_slice_mappings puts {name} at "
+                            f"start={addr.start} numel={addr.numel} in group {g}, which disagrees "
+                            "with its param_shapes; the checkpoint layout is not one elastickit knows",
+                            path=self.optim_files[r], tensor=name)
+
+    def _zero3_params(self) -> dict[str, DeepSpeedParam]:
+        world = self.dp_world_size
+        shapes = self._param_shapes()
+        out: dict[str, DeepSpeedParam] = {}
+        flat_sizes = [[t.numel() for t in self.optimizer_file_state(r)["fp32_flat_groups"]]
+                      for r in range(world)]
+        for g, group_shapes in enumerate(shapes):
+            offset = 0
+            for name, shape in group_shapes.items():
+                numel = math.prod(shape)
+                part = math.ceil(numel / world)
+                frags = tuple(
+                    FlatFragment(rank=r, group=g, src_offset=offset, dst_offset=r * part,
+                                 numel=min(part, numel - r * part))
+                    for r in range(world) if numel - r * part > 0)
+                out[name] = DeepSpeedParam(name=name, shape=shape, kind="trainable", group=g,
+                                           fragments=frags)
+                offset += part
+            for r in range(world):
+                if g >= len(flat_sizes[r]) or flat_sizes[r][g] != offset:
+                    raise DataError(
+                        f"{self.optim_files[r]}: ZeRO-3 sub-group {g} should hold {offset} values "
+                        f"for its parameters but holds {flat_sizes[r][g] if g < len(flat_sizes[r]) else 0}",
+                        path=self.optim_files[r])
+        return out
+
+    def _zero3_frozen(self, name: str, shape: tuple[int, ...]) -> DeepSpeedParam:
+        numel = math.prod(shape)
+        part = math.ceil(numel / self.dp_world_size)
+        frags = tuple(FlatFragment(rank=r, group=-1, src_offset=0, dst_offset=r * part,
+                                   numel=min(part, numel - r * part))
+                      for r in range(self.dp_world_size) if numel - r * part > 0)
+        return DeepSpeedParam(name=name, shape=shape, kind="frozen", fragments=frags)
+
+    # -- metadata -----------------------------------------------------------------------------
+
+    def _build_meta(self) -> dict[str, Any]:
+        m = self._model
+        client = {k: to_json(v) for k, v in m.items() if k not in _DS_MODEL_KEYS}
+        meta: dict[str, Any] = {
+            "format": "deepspeed",
+            "tag": self.tag,
+            "zero_stage": self.zero_stage,
+            "dp_world_size": self.dp_world_size,
+            "mp_world_size": int(m.get("mp_world_size") or 1),
+            "dtype": self.dtype,
+            "ds_version": m.get("ds_version"),
+            "global_steps": m.get("global_steps"),
+            "global_samples": m.get("global_samples"),
+            "skipped_steps": m.get("skipped_steps"),
+            "lr_scheduler": to_json(m.get("lr_scheduler")),
+            "data_sampler": to_json(m.get("data_sampler")),
+            "ds_config": to_json(m.get("ds_config")),
+            "client_state": client,
+        }
+        if self.optim_files:
+            osd = self.optimizer_file_state(0)
+            groups = self._param_groups(osd)
+            meta["param_groups"] = [to_json({k: v for k, v in pg.items() if k != "params"})
+                                    for pg in groups]
+            meta["loss_scaler"] = to_json(osd.get("loss_scaler"))
+        elif isinstance(m.get("optimizer"), dict):
+            meta["param_groups"] = [to_json({k: v for k, v in pg.items() if k != "params"})
+                                    for pg in m["optimizer"].get("param_groups", [])]
+        return meta
+
+    @staticmethod
+    def _param_groups(osd: dict[str, Any]) -> list[dict[str, Any]]:
+        if "base_optimizer_state" in osd:
+            base = osd["base_optimizer_state"]
+            return list(base.get("param_groups", [])) if isinstance(base, dict) else []
+        return list(osd.get("optimizer_state_dict", {}).get("param_groups", []))
+
+    # -- tensors ------------------------------------------------------------------------------
+
+    def _group_state(self, rank: int, group: int) -> dict[str, Any]:
+        """Adam's state of one flat group on one rank (exp_avg, exp_avg_sq, step)."""
+        osd = self.optimizer_file_state(rank)
+        if self.zero_stage == 3:
+            inner = osd["optimizer_state_dict"]["state"]
+            return inner.get(group, {})
+        base = osd["base_optimizer_state"]
+        if isinstance(base, dict):  # a torch optimizer state_dict: one flat param per group
+            pid = base["param_groups"][group]["params"][0]
+            return base["state"].get(pid, {})
+        state = dict(base[group])  # elastic checkpoint: a lean list per group, step saved aside
+        if "step" not in state and "base_optimizer_state_step" in osd:
+            state["step"] = osd["base_optimizer_state_step"]
+        return state
+
+    def _flat(self, rank: int, group: int, state: str) -> torch.Tensor:
+        if group == -1:
+            raise AssertionError("frozen fragments are read by _frozen_value")
+        osd = self.optimizer_file_state(rank)
+        if state == "fp32":
+            key = "fp32_flat_groups" if self.zero_stage == 3 else "single_partition_of_fp32_groups"
+            return osd[key][group]
+        value = self._group_state(rank, group).get(state)
+        if not isinstance(value, torch.Tensor):
+            raise DataError(f"{self.optim_files[rank]}: group {group} has no optimizer state '{state}'",
+                            path=self.optim_files[rank])
+        return value
+
+    def _gather(self, p: DeepSpeedParam, state: str) -> torch.Tensor:
+        src0 = self._flat(p.fragments[0].rank, p.fragments[0].group, state) if p.fragments else None
+        dtype = src0.dtype if src0 is not None else torch.float32
+        out = torch.empty(p.numel, dtype=dtype)
+        for f in p.fragments:
+            src = self._flat(f.rank, f.group, state)
+            if f.src_offset + f.numel > src.numel():
+                raise DataError(
+                    f"{self.optim_files[f.rank]}: {state} of group {f.group} is too short for {p.name}",
+                    path=self.optim_files[f.rank], tensor=p.name)
+            out[f.dst_offset:f.dst_offset + f.numel] = src[f.src_offset:f.src_offset + f.numel]
+        return out.view(p.shape)
+
+    def _step(self, p: DeepSpeedParam) -> Any:
+        rank = p.fragments[0].rank if p.fragments else 0
+        group = p.group or 0
+        step = self._group_state(rank, group).get("step")
+        return step.clone() if isinstance(step, torch.Tensor) else step
+
+    def model_tensor(self, name: str) -> torch.Tensor:
+        """A frozen parameter or buffer as saved (its own dtype), or a trainable one's module copy
+        (ZeRO 0-2 only; ZeRO-3 saves placeholders)."""
+        p = self.params[name]
+        if p.kind == "tied":
+            return self.model_tensor(p.tied_to or "")
+        if p.kind == "frozen" and self.zero_stage == 3:
+            parts = [self._rank_model(f.rank)["frozen_param_fragments"][name].reshape(-1)[:f.numel]
+                     for f in p.fragments]
+            return torch.cat(parts).view(p.shape) if parts else torch.empty(p.shape)
+        fragments = self._model.get("frozen_param_fragments") or {}
+        if p.kind == "frozen" and name in fragments:
+            return fragments[name].view(p.shape)
+        return self._model["module"][name]
+
+    def tensors(self, name: str, states: Sequence[str] = STATE_KEYS) -> dict[str, Any]:
+        """The requested states of one parameter, as fresh CPU tensors of its global shape.
+
+        Trainable parameters have "fp32" (master weight), "exp_avg", "exp_avg_sq" (tensors) and
+        "step" (a tensor or a number, as saved). Frozen parameters, buffers and ZeRO-0 weights
+        have only "fp32" (the saved value as float32). A tied name returns its source's states.
+        """
+        p = self.params[name]
+        if p.kind == "tied":
+            return self.tensors(p.tied_to or "", states)
+        out: dict[str, Any] = {}
+        if p.kind != "trainable" or self.zero_stage == 0:
+            if "fp32" in states:
+                out["fp32"] = self.model_tensor(name).to(torch.float32, copy=True)
+            return out
+        for state in states:
+            if state == "step":
+                out["step"] = self._step(p)
+            else:
+                out[state] = self._gather(p, state)
+        return out
+
+    def iter_tensors(self, states: Sequence[str] = STATE_KEYS,
+                     kinds: Sequence[str] = ("trainable", "frozen", "buffer"),
+                     ) -> Iterator[tuple[DeepSpeedParam, dict[str, Any]]]:
+        """Yield (param, states) one parameter at a time, in the module's order."""
+        for p in self.params.values():
+            if p.kind in kinds:
+                yield p, self.tensors(p.name, states)
+
+    def fp32_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every weight as fp32 under its state-dict name, tied names included: what DeepSpeed's
+        `get_fp32_state_dict_from_zero_checkpoint` returns, read without DeepSpeed."""
+        out: dict[str, torch.Tensor] = {}
+        for p, t in self.iter_tensors(states=("fp32",)):
+            out[p.name] = t["fp32"]
+        for p in self.params.values():
+            if p.kind == "tied":
+                out[p.name] = out[p.tied_to or ""]
+        return out
+
+
+def open_deepspeed(path: str, *, tag: str | None = None, trust_pickle: bool = False) -> DeepSpeedCheckpoint:
+    """Open a DeepSpeed checkpoint (save_dir with `latest`, or a tag folder) for reading."""
+    return DeepSpeedCheckpoint(path, tag=tag, trust_pickle=trust_pickle)

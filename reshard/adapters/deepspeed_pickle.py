@@ -1,0 +1,172 @@
+"""Reading and writing DeepSpeed's `.pt` pickles without running DeepSpeed's code (DESIGN.md section 8).
+
+DeepSpeed saves its checkpoints with `torch.save`, and besides tensors, dicts and lists they carry a
+few of DeepSpeed's own objects. `torch.load(weights_only=True)` refuses those; this module allows
+exactly the ones listed in `DEEPSPEED_ALLOWLIST`, each mapped to an inert stand-in class defined
+here. Nothing of DeepSpeed is imported or executed while reading, so DeepSpeed need not even be
+installed. Anything outside the list fails with a `DataError` naming the file and the class,
+unless the caller passes `trust_pickle=True` (a full unpickle: only for files you trust).
+
+Writing (`save_pt`) turns the stand-ins back into references to DeepSpeed's real classes, so a
+file written here (e.g. the universal format's `zero/optimizer_state.pt`) loads in DeepSpeed as if
+DeepSpeed had written it.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import types
+from typing import Any
+
+import torch
+
+from ...checkpoint.errors import DataError
+
+
+class _Stand_in:
+    """Base of the stand-ins: plain attribute bags that remember DeepSpeed's class name."""
+
+    ds_module: str = ""
+    ds_name: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """The object's attributes as plain data, with the DeepSpeed class it stood for."""
+        return {"__class__": f"{self.ds_module}.{self.ds_name}", **_jsonable(vars(self))}
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{self.ds_name}({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and vars(other) == vars(self)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class LossScaler(_Stand_in):
+    """Stands in for `deepspeed.runtime.fp16.loss_scaler.LossScaler` (static loss scale)."""
+
+    ds_module, ds_name = "deepspeed.runtime.fp16.loss_scaler", "LossScaler"
+
+
+class DynamicLossScaler(_Stand_in):
+    """Stands in for `deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler` (fp16 runs)."""
+
+    ds_module, ds_name = "deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"
+
+
+class FragmentAddress(_Stand_in):
+    """Stands in for `deepspeed.utils.tensor_fragment.fragment_address`: where a parameter's
+    slice starts in one rank's flat partition (`start`) and how long it is (`numel`)."""
+
+    ds_module, ds_name = "deepspeed.utils.tensor_fragment", "fragment_address"
+    numel: int
+    start: int
+
+
+class ZeroStage(int):
+    """Stands in for `deepspeed.runtime.zero.config.ZeroStageEnum` (an int enum: 0..3)."""
+
+    ds_module, ds_name = "deepspeed.runtime.zero.config", "ZeroStageEnum"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The same shape as Enum.__reduce_ex__: ZeroStageEnum(value).
+        return (type(self), (int(self),))
+
+    def __repr__(self) -> str:
+        return f"ZeroStageEnum({int(self)})"
+
+
+# The one allowlist: DeepSpeed's full class name -> the inert stand-in that replaces it.
+# Found by saving real ZeRO-1/2/3 checkpoints (fp32, bf16) with DeepSpeed 0.19 and listing every
+# GLOBAL their pickles hold beyond torch's own tensor machinery.
+DEEPSPEED_ALLOWLIST: dict[str, type] = {
+    f"{cls.ds_module}.{cls.ds_name}": cls
+    for cls in (LossScaler, DynamicLossScaler, FragmentAddress, ZeroStage)
+}
+
+_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def load_pt(path: str, *, trust_pickle: bool = False, mmap: bool = True) -> Any:
+    """Load one DeepSpeed `.pt` file onto the CPU.
+
+    Args:
+        path: the file.
+        trust_pickle: if True, unpickle everything (runs whatever code the file names; needs
+            DeepSpeed installed for its classes). Only for files you trust.
+        mmap: map tensor data from the file instead of reading it (tensors are then read lazily).
+
+    Raises:
+        DataError: the file is missing, not a torch checkpoint, or needs a class outside
+            `DEEPSPEED_ALLOWLIST` (and `trust_pickle` is False).
+    """
+    try:
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        with torch.serialization.safe_globals(
+            [(cls, name) for name, cls in DEEPSPEED_ALLOWLIST.items()]
+        ):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError as e:
+        raise DataError(f"{path} does not exist; is the DeepSpeed checkpoint complete?", path=path) from e
+    except pickle.UnpicklingError as e:
+        found = _UNSUPPORTED_GLOBAL.search(str(e))
+        what = f"the class {found.group(1)}" if found else f"an object it cannot allow ({e})"
+        raise DataError(
+            f"{path} needs {what}, which is not on elastickit's DeepSpeed allowlist; "
+            "pass --trust-pickle (trust_pickle=True) only if you trust this file",
+            path=path,
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise DataError(f"{path} is not a readable torch checkpoint: {e}", path=path) from e
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON data from what DeepSpeed pickles hold (tensors become numbers or shapes)."""
+    if isinstance(value, ZeroStage):
+        return int(value)
+    if isinstance(value, _Stand_in):
+        return value.to_json()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else {"tensor_shape": list(value.shape)}
+    if isinstance(value, torch.Size):
+        return list(value)
+    if isinstance(value, float) and value != value:
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def to_json(value: Any) -> Any:
+    """Public alias of the JSON conversion used for scheduler, client and optimizer state."""
+    return _jsonable(value)
+
+
+class _DeepSpeedPickler(pickle._Pickler):  # type: ignore[name-defined]
+    """Writes each stand-in class as a GLOBAL reference to the DeepSpeed class it replaced."""
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        ds_name = getattr(obj, "ds_name", None) if isinstance(obj, type) else None
+        if ds_name and obj in DEEPSPEED_ALLOWLIST.values():
+            self.write(pickle.GLOBAL + f"{obj.ds_module}\n{ds_name}\n".encode("utf-8"))
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
+_PICKLE_MODULE = types.SimpleNamespace(Pickler=_DeepSpeedPickler, __name__="elastickit_ds_pickle")
+
+
+def save_pt(obj: Any, path: str) -> None:
+    """`torch.save` whose pickle names DeepSpeed's classes where the stand-ins stand.
+
+    Only objects read by `load_pt` (tensors, containers, stand-ins) are expected in `obj`.
+    """
+    torch.save(obj, path, pickle_module=_PICKLE_MODULE)
