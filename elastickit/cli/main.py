@@ -25,6 +25,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("verify", "verify_cmd", "verify"),
     ("ls", "ls_cmd", "ls"),
     ("demo", "demo_cmd", "demo"),
+    ("train", "train_cmd", "train"),
 ]
 
 

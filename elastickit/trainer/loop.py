@@ -40,7 +40,10 @@ class TrainConfig:
     layout: str | TrainLayout = "single"
     """`dp=2,tp=2`-style string or a TrainLayout; its world size must equal the group's."""
     steps: int = 10
-    """Train until this many steps are done (a restored run continues up to it)."""
+    """Total steps of the run (the LR schedule's length); a restored run continues up to it."""
+    stop_after: int | None = None
+    """Stop once this many steps are done (an interruption; the LR schedule still spans
+    `steps`). None: run to `steps`."""
     global_batch: int = 8
     """Samples per optimizer step over all dp ranks (kept when dp changes)."""
     seq_len: int = 32
@@ -195,7 +198,11 @@ def run_training(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> TrainResul
     if cfg.ckpt_dir is not None:
         import elastickit
 
-        ck = elastickit.Checkpointer(cfg.ckpt_dir, every=cfg.ckpt_every)
+        ck = elastickit.Checkpointer(
+            cfg.ckpt_dir,
+            every=cfg.ckpt_every,
+            layout={"pp": layout.pp, "dp": layout.dp, "tp": layout.tp},
+        )
 
     losses: list[float] = []
     times: list[float] = []
@@ -203,7 +210,8 @@ def run_training(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> TrainResul
     try:
         if ck is not None:
             start = ck.restore(state)
-        for step in range(start, cfg.steps):
+        end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+        for step in range(start, end):
             call_step_start(hooks, step + 1)
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
@@ -247,7 +255,7 @@ def run_training(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> TrainResul
             call_close(hooks)
     return TrainResult(
         start_step=start,
-        end_step=max(start, cfg.steps),
+        end_step=start + len(losses),
         losses=losses,
         step_times_s=times,
         layout=str(layout),
