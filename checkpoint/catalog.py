@@ -77,7 +77,7 @@ def load_manifest(path: str) -> Manifest:
 
 def resolve(path: str) -> str:
     """A checkpoint directory from either a checkpoint directory or a root (its latest one)."""
-    if is_checkpoint_dir(path):
+    if is_checkpoint_dir(path) or STEP_DIR_RE.match(os.path.basename(os.path.normpath(path))):
         return path
     done = [c for c in list_checkpoints(path) if c.complete]
     if done:
@@ -124,7 +124,11 @@ def verify_checkpoint(path: str) -> list[Problem]:
                 )
             )
             problems.append(
-                Problem(file=fpath, tensors=hit, reason=f"{len(bad_keys)} tensor(s) do not match their checksums")
+                Problem(
+                    file=fpath,
+                    tensors=hit,
+                    reason=f"{fpath}: {len(bad_keys)} stored tensor(s) do not match their checksums",
+                )
             )
     return problems
 

@@ -116,5 +116,7 @@ def gather_or_raise(coord: Coordinator, error: str | None, payload: Any, *, phas
     if causes:
         first = min(causes)
         more = f" (and {len(causes) - 1} more rank(s))" if len(causes) > 1 else ""
+        if coord.world_size == 1:
+            raise RankFailure(causes[first], causes=causes)
         raise RankFailure(f"{phase} failed on rank {first}: {causes[first]}{more}", causes=causes)
     return [g["payload"] for g in got]

@@ -18,12 +18,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import xxhash
+
 from .errors import DataError, UnsupportedFormatError
 
 FORMAT_NAME = "elastickit"
 FORMAT_VERSION = (1, 0)
 MANIFEST_NAME = "manifest.json"
 STEP_DIR_RE = re.compile(r"^step-(\d{8})$")
+_CHECKSUM_SEP = ',\n "manifest_checksum": "'
 
 #: dtypes the format stores, by their safetensors names (the names used in the manifest too).
 DTYPES = (
@@ -347,7 +350,14 @@ class Manifest:
         }
 
     def dumps(self) -> str:
-        return json.dumps(self.to_json(), indent=1, allow_nan=True)
+        """The manifest file's text: JSON whose last field checksums every byte before it.
+
+        A flipped byte anywhere in the file then fails either the JSON parse or the checksum.
+        """
+        body = json.dumps(self.to_json(), indent=1, allow_nan=True)
+        assert body.endswith("\n}")
+        head = body[: -len("\n}")]
+        return f'{head}{_CHECKSUM_SEP}{xxhash.xxh3_64_hexdigest(head.encode())}"\n}}\n'
 
     @classmethod
     def from_json(cls, d: dict[str, Any], *, source: str = "manifest.json") -> Manifest:
@@ -387,8 +397,19 @@ class Manifest:
 
     @classmethod
     def loads(cls, text: str, *, source: str = "manifest.json") -> Manifest:
+        """Parse a manifest file's text, verifying its own checksum."""
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{source} is not valid JSON ({e}); the checkpoint cannot be read", path=source) from e
+            raise DataError(
+                f"{source} is not valid JSON ({e}); it is corrupt, restore an earlier checkpoint", path=source
+            ) from e
+        if isinstance(d, dict) and d.get("format") == FORMAT_NAME:
+            cut = text.rfind(_CHECKSUM_SEP)
+            want = d.pop("manifest_checksum", None)
+            if cut < 0 or want is None or xxhash.xxh3_64_hexdigest(text[:cut].encode()) != want:
+                raise DataError(
+                    f"{source} does not match its own checksum; it is corrupt, restore an earlier checkpoint",
+                    path=source,
+                )
         return cls.from_json(d, source=source)

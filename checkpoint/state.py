@@ -77,7 +77,7 @@ def _jsonable(value: Any, path: str) -> Any:
     if isinstance(value, torch.dtype):
         return str(value)
     raise RequestError(
-        f"state {path!r} holds a {type(value).__name__}, which is neither a tensor nor JSON; "
+        f"state {path!r} holds a value of type {type(value).__name__}, which is neither a tensor nor JSON; "
         "convert it to plain data in state_dict() (elastickit never pickles)"
     )
 

@@ -28,7 +28,7 @@ import torch
 import elastickit
 from elastickit.checkpoint.catalog import list_checkpoints, load_manifest
 from elastickit.checkpoint.coord import Coordinator, LocalCoordinator, StoreCoordinator, gather_or_raise
-from elastickit.checkpoint.errors import DataError, RequestError
+from elastickit.checkpoint.errors import DataError, RankFailure, RequestError
 from elastickit.checkpoint.items import Piece
 from elastickit.checkpoint.manifest import LayoutRecord, Manifest
 from elastickit.checkpoint.state import (
@@ -304,11 +304,11 @@ class Checkpointer:
                 error = str(e)
             try:
                 gather_or_raise(self._coord, error, None, phase=f"restore of {path}")
-            except DataError as e:
+            except RankFailure as e:
                 reasons.append(f"step {s}: {e}")
                 log.warning("elastickit: cannot restore %s (%s); trying an older checkpoint", path, e)
                 if step is not None:
-                    raise
+                    raise DataError(str(e), path=path) from e
                 continue
             self.stats.last_restore_s = time.perf_counter() - t0
             if reasons:
@@ -320,6 +320,12 @@ class Checkpointer:
 
     def _restore_one(self, path: str, state: Mapping[str, Any]) -> Manifest:
         manifest = load_manifest(path)
+        unknown = sorted(set(state) - set(manifest.objects))
+        if unknown:
+            raise RequestError(
+                f"the checkpoint {path} has no state {unknown[0]!r} (it has {sorted(manifest.objects)}); "
+                "restore with the names that were saved"
+            )
         flat, sds = flatten_state(state)
         items = load_items(flat, self._piece_rule())
         targets = {it.key: it.tensor for it in items}

@@ -1,0 +1,41 @@
+"""`elastickit ls ROOT`: the checkpoints under a root, with their status."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import typer
+
+from ._console import human_bytes, out
+from ._errors import handled
+
+
+@handled
+def ls(
+    root: str = typer.Argument(..., help="A checkpoint root directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the listing as JSON."),
+) -> None:
+    """List the checkpoints under ROOT: step, tier, status, size, time."""
+    from rich.table import Table
+
+    from elastickit.inspection import list_root
+
+    rows = list_root(root)
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        out.print(f"no checkpoints under {root}")
+        return
+    table = Table("step", "tier", "status", "size", "saved", "ranks", box=None, pad_edge=False)
+    for r in rows:
+        table.add_row(
+            str(r["step"]),
+            r["tier"],
+            r["status"],
+            human_bytes(r["stored_bytes"]) if "stored_bytes" in r else "-",
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_s"])) if "created_s" in r else "-",
+            str(r.get("world_size", "-")),
+        )
+    out.print(table)
