@@ -163,7 +163,7 @@ def _make_probed_class() -> type:
                 except Exception:  # noqa: BLE001
                     PROBE.errors += 1
             if rec is not None:
-                _complete_on_future(rec, work)
+                return _complete_on_future(rec, work)
             return work
 
     def _make(op: str) -> Callable[..., Any]:
@@ -190,13 +190,21 @@ def _make_probed_class() -> type:
     return ProbedProcessGroup
 
 
-def _complete_on_future(rec: Any, work: Any) -> None:
-    """Record the exit time when the Work's future completes (on the backend's thread)."""
+def _complete_on_future(rec: Any, work: Any) -> Any:
+    """Record the exit time when the Work completes; return the Work to hand back.
+
+    Collectives' Works carry a future that completes on the backend's thread. gloo's
+    send/recv Works have none ("getFuture not implemented"): those are wrapped in a Work
+    that records the exit when the caller's `wait()` returns (or `is_completed()` says so).
+    """
     try:
         fut = work.get_future()
-    except Exception:  # noqa: BLE001 - a Work without a future: count it done when issued
-        PROBE.buffer.complete(rec, time.time(), True)
-        return
+    except Exception:  # noqa: BLE001 - no future: complete on wait()
+        try:
+            return _work_class()(work, rec)
+        except Exception:  # noqa: BLE001
+            PROBE.buffer.complete(rec, time.time(), True)
+            return work
 
     def done(f: Any) -> None:
         ok = True
@@ -213,6 +221,65 @@ def _complete_on_future(rec: Any, work: Any) -> None:
         fut.add_done_callback(done)
     except Exception:  # noqa: BLE001
         PROBE.buffer.complete(rec, time.time(), True)
+    return work
+
+
+_WORK_CLASS: list[type] = []
+
+
+def _work_class() -> type:
+    if _WORK_CLASS:
+        return _WORK_CLASS[0]
+    import torch.distributed as dist
+
+    class ProbedWork(dist.Work):
+        """A Work without a future (gloo p2p): completes the record when waited on."""
+
+        def __init__(self, inner: Any, rec: Any) -> None:
+            super().__init__()
+            self._inner = inner
+            self._rec = rec
+
+        def _done(self, ok: bool) -> None:
+            if self._rec is not None:
+                rec, self._rec = self._rec, None
+                PROBE.buffer.complete(rec, time.time(), ok)
+
+        def wait(self, timeout: Any = None) -> bool:
+            try:
+                result = self._inner.wait() if timeout is None else self._inner.wait(timeout)
+            except BaseException:
+                self._done(False)
+                raise
+            self._done(True)
+            return bool(result) if result is not None else True
+
+        def is_completed(self) -> bool:
+            done = self._inner.is_completed()
+            if done:
+                self._done(True)
+            return done
+
+        def is_success(self) -> bool:
+            return self._inner.is_success()
+
+        def exception(self) -> Any:
+            return self._inner.exception()
+
+        def source_rank(self) -> int:
+            return self._inner.source_rank()
+
+        def result(self) -> Any:
+            return self._inner.result()
+
+        def synchronize(self) -> None:
+            self._inner.synchronize()
+
+        def get_future(self) -> Any:
+            return self._inner.get_future()
+
+    _WORK_CLASS.append(ProbedWork)
+    return ProbedWork
 
 
 _REGISTERED: dict[str, str] = {}

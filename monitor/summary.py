@@ -78,7 +78,8 @@ class StepSummary:
         step: training step (as the job counts it).
         time_s: the rank's wall clock at the end of the step.
         step_time_s: duration of the step on this rank.
-        wait_s: total time spent inside collectives (exit - enter, summed; p2p excluded).
+        wait_s: total time spent inside operations (exit - enter, summed over collectives and
+            p2p: in a pipeline or ring, the waiting for a slow rank happens in the receives).
         num_ops: operations completed during the step (collectives and p2p).
         num_errors: operations that completed with an error.
         groups: per process group totals of collectives.
@@ -139,13 +140,13 @@ def summarize(records: Iterable[CollectiveRecord], *, rank: int, step: int, time
     for r in records:
         num_ops += 1
         errors += not r.ok
+        wait += r.wait_s
         if r.is_p2p:
             p = peers.setdefault(r.peer, [0, 0.0, 0])
             p[0] += 1
             p[1] += r.wait_s
             p[2] += r.num_bytes
             continue
-        wait += r.wait_s
         g = groups.setdefault(r.group, [r.group_ranks, 0, 0.0, 0, 0])
         g[1] += 1
         g[2] += r.wait_s
