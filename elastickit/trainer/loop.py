@@ -50,9 +50,9 @@ class TrainConfig:
     """Tokens per sample."""
     grad_accum: int = 2
     """Microbatches per step on each dp rank (the pipeline microbatches under pp)."""
-    lr: float = 3e-3
+    lr: float = 1e-2
     """Peak learning rate."""
-    warmup_steps: int = 5
+    warmup_steps: int = 3
     """Linear warmup steps, then cosine decay to min_lr_ratio * lr at `steps`."""
     min_lr_ratio: float = 0.1
     """Final LR as a fraction of the peak."""
