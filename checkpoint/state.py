@@ -21,6 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
+# Imported here, not on first use: it takes most of a second, which a first save should not pay.
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
 from .errors import RequestError
 from .items import LoadItem, LogicalSpec, Piece, SaveItem
 from .stfile import st_dtype, torch_dtype
@@ -107,8 +115,6 @@ def _owner_module(optim: torch.optim.Optimizer, state: Mapping[str, Any]) -> nn.
 
 def state_dicts(state: Mapping[str, Any]) -> dict[str, Any]:
     """Each state entry as a state dict (modules and optimizers by FQN), JSON values as they are."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
     out: dict[str, Any] = {}
     for name, obj in state.items():
         if "/" in name:
@@ -221,8 +227,6 @@ def apply_state(
     Modules and optimizers go through `set_model_state_dict` / `set_optimizer_state_dict`;
     Stateful objects through `load_state_dict`; plain values replace the entry of `state`.
     """
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
     all_tensors = dict(tensors)
     for name, obj in state.items():
         if name not in saved_objects:
