@@ -1,0 +1,190 @@
+"""Offline resharding: plan and write a checkpoint for another layout without the model.
+
+`elastickit reshard SRC DST --to LAYOUT [--rules FILE]` lands here. Without the model, the
+target's physical tensors are derived from the source manifest: every stored key of the source
+is one physical tensor (a fused key keeps its parts together); the target rules say how it is
+split over the target layout (`shard`, `pad`, `fused`, ...); a tensor no rule matches is
+replicated (written once). Names stay global: pipeline renames apply when a job restores.
+
+Each target rank is planned with `plan_reads` (pure), then filled by `execute` and written
+one rank at a time, so memory holds one target rank's tensors, never the whole model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from elastickit.checkpoint.catalog import load_manifest
+from elastickit.checkpoint.errors import RequestError
+from elastickit.checkpoint.integrity import atomic_write_text, fsync_dir
+from elastickit.checkpoint.items import LogicalSpec, Piece, SaveItem
+from elastickit.checkpoint.manifest import DTYPE_SIZES, MANIFEST_NAME, Manifest, rank_file_name
+from elastickit.checkpoint.stfile import torch_dtype, write_file
+from elastickit.checkpoint.writer import SaveRequest, _build_manifest, _describe, plan_dedup
+
+from .executor import execute
+from .layout import ParallelLayout, axis_sizes
+from .planner import ReshardPlan, plan_reads
+from .rules import Fused, Pad, Rule, RuleSet
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PhysicalTensor:
+    """A target physical tensor of one rank: key, local shape, dtype and the boxes it holds."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    pieces: tuple[Piece, ...]
+    specs: tuple[LogicalSpec, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankPlan:
+    """One target rank: its physical tensors and the reads that fill them."""
+
+    rank: int
+    tensors: tuple[PhysicalTensor, ...]
+    plan: ReshardPlan
+
+    @property
+    def target_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def peak_bytes(self) -> int:
+        """Target tensors plus the executor's bounded buffer (one stored source tensor)."""
+        return self.target_bytes + self.plan.peak_bytes
+
+
+def _physical_groups(manifest: Manifest) -> dict[str, list[str]]:
+    """Target physical name -> the logical tensors it holds, from the source's stored keys."""
+    groups: dict[tuple[str, str], set[str]] = {}
+    for t in manifest.tensors.values():
+        for s in t.shards:
+            groups.setdefault((s.file, s.key), set()).add(t.name)
+    out: dict[str, set[str]] = {}
+    for (_, key), names in sorted(groups.items()):
+        # A renamed key (a pipeline stage's local name) names the tensor by its global name;
+        # fused parts (`<name>:<part>`) keep their common stem.
+        stems = {n.rpartition(":")[0] for n in names}
+        if key in names:
+            base = key
+        elif len(stems) == 1 and "" not in stems:  # fused parts `<name>:<part>`
+            base = stems.pop()
+        elif len(names) == 1:
+            base = next(iter(names))
+        else:
+            base = key
+        out.setdefault(base, set()).update(names)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _global_shape(rule: Rule | None, base: str, names: list[str], manifest: Manifest, sizes: dict[str, int]) -> tuple[int, ...]:
+    op = next((o for o in rule.ops if isinstance(o, Pad | Fused)), None) if rule else None
+    if isinstance(op, Fused):
+        parts = {op.name_format.format(name=base, part=p): n for p, n in op.parts}
+        missing = [n for n in parts if n not in manifest.tensors]
+        if missing:
+            raise RequestError(f"rule {rule.label!r} fuses {missing}, which the checkpoint lacks", tensor=base)  # type: ignore[union-attr]
+        shape = list(manifest.tensors[next(iter(parts))].shape)
+        shape[op.dim] = sum(parts.values())
+        return tuple(shape)
+    if base not in manifest.tensors:
+        raise RequestError(
+            f"the checkpoint stores {names} in one tensor but no target rule fuses them under {base!r}; "
+            "pass the rules that describe it with --rules",
+            tensor=base,
+        )
+    shape = list(manifest.tensors[base].shape)
+    if isinstance(op, Pad):
+        shape[op.dim] = op.padded(sizes)
+    return tuple(shape)
+
+
+def target_tensors(manifest: Manifest, layout: ParallelLayout, rules: RuleSet, rank: int) -> list[PhysicalTensor]:
+    """The physical tensors target `rank` of `layout` holds under `rules` (no bytes touched)."""
+    record = layout.to_record()
+    piece_rule = rules.piece_rule(record, rank)
+    sizes = axis_sizes(record)
+    out = []
+    for base, names in _physical_groups(manifest).items():
+        rule = rules.match(base)
+        gshape = _global_shape(rule, base, names, manifest, sizes)
+        local = list(gshape)
+        if rule is not None:
+            for s in rule._shards():
+                n = sizes[s.axis]
+                if local[s.dim] % n:
+                    raise RequestError(
+                        f"tensor {base!r} has {local[s.dim]} rows along dim {s.dim}, which do not split "
+                        f"evenly over {s.axis}={n}; choose a layout that divides it",
+                        tensor=base,
+                    )
+                local[s.dim] //= n
+        dtype = manifest.tensors[names[0]].dtype
+        meta = torch.empty(local, dtype=torch_dtype(dtype), device="meta")
+        got = piece_rule(base, meta)
+        if got is None:
+            spec = manifest.tensors[base]
+            got = ((Piece.whole(base, (0,) * len(gshape), gshape),),
+                   (LogicalSpec(name=base, dtype=dtype, shape=gshape, merge=spec.merge),))
+        pieces, specs = got
+        out.append(PhysicalTensor(key=base, shape=tuple(local), dtype=dtype, pieces=pieces, specs=specs))
+    return out
+
+
+def plan_reshard(src: str, layout: ParallelLayout, rules: RuleSet) -> tuple[Manifest, list[RankPlan]]:
+    """Plan every target rank (pure: reads only the manifest)."""
+    manifest = load_manifest(src)
+    plans = []
+    for rank in range(layout.world_size):
+        tensors = target_tensors(manifest, layout, rules, rank)
+        plan = plan_reads(manifest, [(t.key, t.pieces) for t in tensors])
+        plans.append(RankPlan(rank=rank, tensors=tuple(tensors), plan=plan))
+    return manifest, plans
+
+
+def reshard_checkpoint(src: str, dst: str, layout: ParallelLayout, rules: RuleSet, *, fsync: bool = True) -> Manifest:
+    """Write checkpoint `src` to `dst` laid out for `layout`, one target rank at a time."""
+    manifest, plans = plan_reshard(src, layout, rules)
+    if os.path.exists(os.path.join(dst, MANIFEST_NAME)):
+        raise RequestError(f"{dst} already holds a checkpoint; choose an empty destination", path=dst)
+    os.makedirs(dst, exist_ok=True)
+    metas = [
+        [SaveItem(key=t.key, tensor=torch.empty(0), pieces=t.pieces, specs=t.specs) for t in p.tensors]
+        for p in plans
+    ]
+    described = [_describe(items) for items in metas]
+    owned = plan_dedup(described).owned
+    records: list[dict | None] = []
+    for p in plans:
+        mine = owned[p.rank]
+        if not mine:
+            records.append(None)
+            continue
+        wanted = [t for t in p.tensors if t.key in mine]
+        targets = {t.key: torch.zeros(t.shape, dtype=torch_dtype(t.dtype)) for t in wanted}
+        sub = plan_reads(manifest, [(t.key, t.pieces) for t in wanted])
+        with torch.no_grad():
+            execute(sub, src, manifest, targets)
+        rec = write_file(os.path.join(dst, rank_file_name(p.rank)), list(targets.items()), rank=p.rank, fsync=fsync)
+        records.append(rec.to_json())
+        del targets
+    req = SaveRequest(
+        root=dst, step=manifest.step, items=(), objects=manifest.objects, layout=layout.to_record(),
+        rules=tuple(rules.to_json()), framework={**manifest.framework, "resharded_from": str(src)}, fsync=fsync,
+    )
+    out = _build_manifest(req, described, ({},) * layout.world_size, records, layout.world_size)
+    if fsync:
+        fsync_dir(dst)
+    atomic_write_text(os.path.join(dst, MANIFEST_NAME), out.dumps(), fsync=fsync)
+    return out
