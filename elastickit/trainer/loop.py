@@ -120,6 +120,8 @@ class TrainResult:
     """The layout, e.g. `dp=2,tp=2`."""
     num_params: int
     """Logical parameters of the model."""
+    local_numel: int
+    """Parameter elements held by this rank (its shards, padding included)."""
 
 
 def _pick_device(choice: str) -> torch.device:
@@ -260,7 +262,12 @@ def run_training(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> TrainResul
         step_times_s=times,
         layout=str(layout),
         num_params=mcfg.num_params(),
+        local_numel=sum(_local(p).numel() for p in model.parameters()),
     )
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _global_loss(local: torch.Tensor, layout: TrainLayout) -> float:

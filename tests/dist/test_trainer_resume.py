@@ -1,0 +1,54 @@
+"""Save at step k, restore in a fresh process group at the same layout: step k+1 is bit-identical."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests._dist import run_ranks
+
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(200)]
+
+STEPS, K = 4, 2
+
+
+def _config(layout: str, ckpt: str | None, stop_after: int | None):
+    from elastickit.trainer import TrainConfig
+
+    return TrainConfig(steps=STEPS, layout=layout, ckpt_dir=ckpt, ckpt_every=K, stop_after=stop_after)
+
+
+def _uninterrupted_then_interrupted(rank: int, world_size: int, layout: str, ckpt: str):
+    from elastickit.trainer import run_training
+
+    full = run_training(_config(layout, None, None))
+    first = run_training(_config(layout, ckpt, K))
+    return full.losses, first.losses, first.end_step
+
+
+def _resumed(rank: int, world_size: int, layout: str, ckpt: str):
+    from elastickit.trainer import run_training
+
+    result = run_training(_config(layout, ckpt, None))
+    return result.start_step, result.losses
+
+
+def _check(layout: str, world: int, ckpt: str) -> None:
+    before = run_ranks(_uninterrupted_then_interrupted, world, args=(layout, ckpt), timeout_s=150)
+    after = run_ranks(_resumed, world, args=(layout, ckpt), timeout_s=150)  # a fresh group
+    for (full, first, end), (start, rest) in zip(before, after, strict=True):
+        assert first == full[:K] and end == K
+        assert start == K
+        assert rest == full[K:]  # bit-identical (==, not approx), step K+1 included
+
+
+def test_resume_is_bit_exact_dp2_tp2(tmp_path) -> None:
+    _check("dp=2,tp=2", 4, str(tmp_path / "ckpt"))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="elastickit.api keeps rank 0's state tree only, so a pipeline stage cannot restore "
+    "its own layers (remove this marker once Checkpointer stores per-stage trees)",
+)
+def test_resume_is_bit_exact_pp2(tmp_path) -> None:
+    _check("pp=2", 2, str(tmp_path / "ckpt"))
