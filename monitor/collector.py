@@ -88,6 +88,7 @@ class Collector:
         self._beats: dict[int, Heartbeat] = {}
         self._changed_at: dict[int, float] = {}
         self._seen: set[tuple[str, tuple[int, ...]]] = set()
+        self._aborted = False  # after an abort, ranks exiting is our doing, not a crash
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._file = None
@@ -157,7 +158,8 @@ class Collector:
         beats = self.observed()
         found = detect(self._summaries, beats, world_size=self.world_size, now_s=time.time(),
                        config=self.config)
-        new = [e for e in found if e.key not in self._seen]
+        new = [e for e in found if e.key not in self._seen
+               and not (self._aborted and e.type == "crash")]
         for e in new:
             self._seen.add(e.key)
             self.events.append(e)
@@ -182,6 +184,7 @@ class Collector:
         return new
 
     def _abort(self, event: AnomalyEvent) -> None:
+        self._aborted = True
         try:
             self.store.set(abort_key(self.prefix), json.dumps(
                 {"reason": f"hang at {event.op} seq {event.seq} in group {event.group}; "
