@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ...checkpoint.errors import DataError, RequestError
+from .deepspeed_pages import PageReleaser
 from .deepspeed_pickle import FragmentAddress, load_pt, to_json
 
 STATE_KEYS: tuple[str, ...] = ("fp32", "exp_avg", "exp_avg_sq", "step")
@@ -157,6 +158,7 @@ class DeepSpeedCheckpoint:
         self._trust = trust_pickle
         self._optim: dict[int, dict[str, Any]] = {}
         self._rank_models: dict[int, dict[str, Any]] = {}
+        self._pages = PageReleaser()
         names = sorted(os.listdir(self.folder))
         if any(n.startswith("layer_") and n.endswith("model_states.pt") for n in names):
             raise DataError(
@@ -233,6 +235,7 @@ class DeepSpeedCheckpoint:
             osd = sd.get("optimizer_state_dict") if isinstance(sd, dict) else None
             if not isinstance(osd, dict):
                 raise DataError(f"{path} has no optimizer_state_dict; not a ZeRO optimizer file", path=path)
+            self._pages.watch(path)
             self._optim[rank] = osd
         return self._optim[rank]
 
@@ -549,7 +552,30 @@ class DeepSpeedCheckpoint:
         """Yield (param, states) one parameter at a time, in the module's order."""
         for p in self.params.values():
             if p.kind in kinds:
-                yield p, self.tensors(p.name, states)
+                out = self.tensors(p.name, states)
+                self._release(p, states)
+                yield p, out
+
+    def _release(self, p: DeepSpeedParam, states: Sequence[str]) -> None:
+        """Give back the mapped pages up to the end of `p`'s fragments: the buffers are read
+        front to back, so nothing before them is needed again (re-reading stays correct)."""
+        if p.kind != "trainable" or self.zero_stage == 0:
+            return
+        for f in p.fragments:
+            for state in states:
+                if state != "step":
+                    self._pages.release_prefix(self._flat(f.rank, f.group, state), f.src_offset + f.numel)
+
+    def release_pages(self, value: Any) -> None:
+        """Give back the mapped pages of every tensor in `value` (a tensor or a container)."""
+        if isinstance(value, torch.Tensor):
+            self._pages.release(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                self.release_pages(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                self.release_pages(v)
 
     def fp32_state_dict(self) -> dict[str, torch.Tensor]:
         """Every weight as fp32 under its state-dict name, tied names included: what DeepSpeed's

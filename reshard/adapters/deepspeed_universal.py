@@ -30,6 +30,9 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,15 +69,50 @@ def _save(obj: Any, path: str) -> int:
     return os.path.getsize(path)
 
 
+def _copy(src: str, dst: str) -> int:
+    shutil.copy2(src, dst)
+    return os.path.getsize(dst)
+
+
+class _Writer:
+    """Runs file writes on a few threads while the caller gathers the next parameter.
+
+    At most `max_pending` writes are in flight, which bounds the memory held by gathered
+    tensors waiting for the disk. The first failure is raised by `submit` or `finish`.
+    """
+
+    def __init__(self, threads: int, max_pending: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="ek-ds-write")
+        self._pending: deque[Future[int]] = deque()
+        self._max = max(1, max_pending)
+        self.num_files = 0
+        self.num_bytes = 0
+
+    def submit(self, fn: Callable[..., int], *args: Any) -> None:
+        while len(self._pending) >= self._max:
+            self.num_bytes += self._pending.popleft().result()
+        self._pending.append(self._pool.submit(fn, *args))
+        self.num_files += 1
+
+    def finish(self) -> None:
+        try:
+            while self._pending:
+                self.num_bytes += self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def write_universal(ck: DeepSpeedCheckpoint, out_dir: str, *, overwrite: bool = False,
-                    write_latest: bool = True) -> UniversalReport:
+                    write_latest: bool = True, threads: int = 2) -> UniversalReport:
     """Write `ck` as a DeepSpeed universal checkpoint into `out_dir`.
 
     Args:
         ck: an open DeepSpeed checkpoint (ZeRO 1, 2 or 3).
         out_dir: the folder to create; its parent receives `latest_universal`.
         overwrite: replace an existing `out_dir`.
-        write_latest: write `<parent>/latest_universal` naming `out_dir`.
+        write_latest: write `<parent>/latest_universal` naming `out_dir` (last, after every
+            other file is written).
+        threads: writer threads (the files are written while the next parameter is gathered).
 
     Raises:
         RequestError: `out_dir` exists and `overwrite` is False.
@@ -92,53 +130,58 @@ def write_universal(ck: DeepSpeedCheckpoint, out_dir: str, *, overwrite: bool = 
     zero_dir = os.path.join(out_dir, "zero")
     os.makedirs(zero_dir)
     stage3 = ck.zero_stage == 3
-    num_files = num_bytes = num_params = 0
+    num_params = 0
     written: set[str] = set()
+    writer = _Writer(threads, max_pending=4 * max(1, threads))
+    try:
+        # The global state first: under ZeRO-3 it holds rank 0's whole flat buffers, whose
+        # mapped pages are given back as soon as that file is written.
+        global_state = _optimizer_global_state(ck)
+        size = _save_global_state(global_state, os.path.join(zero_dir, "optimizer_state.pt"))
+        writer.num_files, writer.num_bytes = 1, size
+        ck.release_pages(global_state)
+        del global_state
 
-    for p, states in ck.iter_tensors(kinds=("trainable",)):
-        if p.numel == 0 and not stage3:
-            continue  # ds_to_universal has no fragment for it; the module copy below covers it
-        pdir = os.path.join(zero_dir, p.name)
-        os.makedirs(pdir, exist_ok=True)
-        for key in ("fp32", "exp_avg", "exp_avg_sq"):
-            tensor = states[key]
-            atom = tensor.reshape(-1) if stage3 else {"cat_dim": 0, "param": tensor}
-            num_bytes += _save(atom, os.path.join(pdir, f"{key}.pt"))
-            num_files += 1
-        if not stage3 and states.get("step") is not None:
-            num_bytes += _save(states["step"], os.path.join(pdir, "step.pt"))
-            num_files += 1
-        written.add(p.name)
-        num_params += 1
-
-    if not stage3:
-        # As ds_to_universal: every module entry without an atom (frozen, buffers, tied names)
-        # gets its saved value as fp32, so a universal load finds a complete model.
-        for name, tensor in ck.model_state(0)["module"].items():
-            if name in written or not isinstance(tensor, torch.Tensor):
-                continue
-            pdir = os.path.join(zero_dir, name)
+        for p, states in ck.iter_tensors(kinds=("trainable",)):
+            if p.numel == 0 and not stage3:
+                continue  # ds_to_universal has no fragment for it; the module copy below covers it
+            pdir = os.path.join(zero_dir, p.name)
             os.makedirs(pdir, exist_ok=True)
-            num_bytes += _save({"param": tensor.float()}, os.path.join(pdir, "fp32.pt"))
-            num_files += 1
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):
+                tensor = states[key]
+                atom = tensor.reshape(-1) if stage3 else {"cat_dim": 0, "param": tensor}
+                writer.submit(_save, atom, os.path.join(pdir, f"{key}.pt"))
+            if not stage3 and states.get("step") is not None:
+                writer.submit(_save, states["step"], os.path.join(pdir, "step.pt"))
+            written.add(p.name)
+            num_params += 1
 
-    path = os.path.join(zero_dir, "optimizer_state.pt")
-    save_pt(_optimizer_global_state(ck), path)
-    num_bytes += os.path.getsize(path)
-    num_files += 1
+        if not stage3:
+            # As ds_to_universal: every module entry without an atom (frozen, buffers, tied
+            # names) gets its saved value as fp32, so a universal load finds a complete model.
+            for name, tensor in ck.model_state(0)["module"].items():
+                if name in written or not isinstance(tensor, torch.Tensor):
+                    continue
+                pdir = os.path.join(zero_dir, name)
+                os.makedirs(pdir, exist_ok=True)
+                writer.submit(_save, {"param": tensor.float()}, os.path.join(pdir, "fp32.pt"))
 
-    for src in ck.model_files:
-        dst = os.path.join(out_dir, os.path.basename(src))
-        shutil.copy2(src, dst)
-        num_bytes += os.path.getsize(dst)
-        num_files += 1
+        for src in ck.model_files:
+            writer.submit(_copy, src, os.path.join(out_dir, os.path.basename(src)))
+    finally:
+        writer.finish()
 
     if write_latest:
         parent, name = os.path.split(os.path.normpath(os.path.abspath(out_dir)))
         with open(os.path.join(parent, "latest_universal"), "w") as f:
             f.write(name)
-    return UniversalReport(out_dir=out_dir, num_params=num_params, num_files=num_files,
-                           bytes_written=num_bytes, seconds=time.perf_counter() - start)
+    return UniversalReport(out_dir=out_dir, num_params=num_params, num_files=writer.num_files,
+                           bytes_written=writer.num_bytes, seconds=time.perf_counter() - start)
+
+
+def _save_global_state(state: dict[str, Any], path: str) -> int:
+    save_pt(state, path)
+    return os.path.getsize(path)
 
 
 def _optimizer_global_state(ck: DeepSpeedCheckpoint) -> dict[str, Any]:
