@@ -26,6 +26,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("ls", "ls_cmd", "ls"),
     ("demo", "demo_cmd", "demo"),
     ("train", "train_cmd", "train"),
+    ("reshard", "reshard_cmd", "reshard"),
+    ("convert", "convert_cmd", "convert"),
 ]
 
 

@@ -1,0 +1,70 @@
+"""`elastickit reshard SRC DST --to LAYOUT [--rules FILE] [--dry-run]`: rewrite a checkpoint for
+another parallel layout offline, or print the plan without touching tensor bytes."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from ._console import human_bytes, out
+from ._errors import handled
+
+
+@handled
+def reshard(
+    src: str = typer.Argument(..., help="The source checkpoint (a step directory, or a root: its newest)."),
+    dst: str = typer.Argument(None, help="Where to write the resharded checkpoint (not needed with --dry-run)."),
+    to: str = typer.Option(..., "--to", help="The target layout, e.g. tp=2,pp=2,dp=2[,zero=1]."),
+    rules: str = typer.Option(None, "--rules", help="A TOML rules file (default: the rules stored in SRC)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print each target rank's reads, bytes and peak memory only."),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run, print the plan as JSON."),
+) -> None:
+    """Reshard a checkpoint for another layout (the target's rules say how tensors split)."""
+    from elastickit.checkpoint.catalog import load_manifest, resolve
+    from elastickit.checkpoint.errors import RequestError
+    from elastickit.reshard.layout import ParallelLayout
+    from elastickit.reshard.offline import plan_reshard, reshard_checkpoint
+    from elastickit.reshard.rules import RuleSet, load_rules
+
+    try:
+        layout = ParallelLayout.parse(to)
+    except ValueError as e:
+        raise RequestError(f"--to: {e}") from None
+    path = resolve(src)
+    ruleset = load_rules(rules) if rules else RuleSet.from_json(load_manifest(path).rules, source=f"{path} rules")
+    if dry_run:
+        manifest, plans = plan_reshard(path, layout, ruleset)
+        rows = [
+            {
+                "rank": p.rank,
+                "coords": layout.coords(p.rank),
+                "tensors": len(p.tensors),
+                "reads": len(p.plan.reads),
+                "files": p.plan.files,
+                "bytes_needed": p.plan.bytes_needed,
+                "bytes_read": p.plan.bytes_read,
+                "target_bytes": p.target_bytes,
+                "peak_bytes": p.peak_bytes,
+            }
+            for p in plans
+        ]
+        if as_json:
+            print(json.dumps({"source": path, "source_layout": manifest.layout.to_json(), "target": str(layout), "ranks": rows}, indent=1))
+            return
+        from rich.table import Table
+
+        out.print(f"[bold]{path}[/bold] (step {manifest.step}, {manifest.world_size} rank(s)) -> {layout} "
+                  f"({layout.world_size} rank(s)); dry run, no tensor bytes read")
+        table = Table("rank", "coords", "tensors", "reads", "files", "needed", "read", "peak", box=None, pad_edge=False)
+        for r in rows:
+            coords = ",".join(f"{a}={i}" for a, i in r["coords"].items() if layout.size(a) > 1) or "-"
+            table.add_row(str(r["rank"]), coords, str(r["tensors"]), str(r["reads"]), str(len(r["files"])),
+                          human_bytes(r["bytes_needed"]), human_bytes(r["bytes_read"]), human_bytes(r["peak_bytes"]))
+        out.print(table)
+        return
+    if not dst:
+        raise RequestError("reshard needs a destination DST (or --dry-run)")
+    manifest = reshard_checkpoint(path, dst, layout, ruleset)
+    out.print(f"wrote {dst}: step {manifest.step} for {layout} ({len(manifest.files)} file(s), "
+              f"{human_bytes(manifest.total_bytes)} logical)")

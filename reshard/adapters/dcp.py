@@ -1,0 +1,194 @@
+"""PyTorch DCP checkpoints (`.metadata` + `__<rank>_<n>.distcp`) as a `LogicalSource`, safely.
+
+DCP's `.metadata` is a pickle. It is read with an unpickler that allows only DCP's own metadata
+classes (and torch.Size, dtypes, layouts, paths): anything else fails with a clear message
+instead of running code. Each item inside a `.distcp` file is a `torch.save` blob at (offset,
+length); it is read with `torch.load(weights_only=True)` from a memory-mapped slice.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import pickle
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from elastickit.checkpoint.errors import DataError, RequestError
+from elastickit.checkpoint.stfile import st_dtype
+
+from .registry import LogicalTensorInfo
+
+METADATA = ".metadata"
+
+_ALLOWED: dict[str, set[str]] = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, f: io.BufferedIOBase, source: str) -> None:
+        super().__init__(f)
+        self._source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise DataError(
+            f"{self._source} refers to {module}.{name}, which is not one of DCP's metadata classes; "
+            "refusing to unpickle it (the file may not be a DCP checkpoint, or may be malicious)",
+            path=self._source,
+        )
+
+
+def read_metadata(path: str) -> Any:
+    """DCP's `Metadata` of checkpoint directory `path`, through the restricted unpickler."""
+    mpath = os.path.join(path, METADATA)
+    try:
+        with open(mpath, "rb") as f:
+            return _MetadataUnpickler(f, mpath).load()  # type: ignore[arg-type]
+    except FileNotFoundError:
+        raise RequestError(f"{path} has no {METADATA}: not a (complete) DCP checkpoint", path=path) from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+        raise DataError(f"{mpath} is not a readable DCP metadata file ({e})", path=mpath) from e
+
+
+def is_dcp_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, METADATA))
+
+
+class DcpSource:
+    """A DCP checkpoint directory as logical tensors, named by their state-dict path."""
+
+    def __init__(self, path: str) -> None:
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+        self.path = path
+        self.meta = read_metadata(path)
+        self.step = 0
+        self._tensors: dict[str, LogicalTensorInfo] = {}
+        self._bytes: list[str] = []
+        # DCP flattens nested state dicts with "."; planner_data keeps each key's path, which
+        # gives elastickit's logical name ("model/layers.0.w" for ("model", "layers.0.w")).
+        paths = getattr(self.meta, "planner_data", None) or {}
+        self._fqn: dict[str, str] = {}
+        for fqn, md in self.meta.state_dict_metadata.items():
+            path = paths.get(fqn)
+            name = "/".join(str(p) for p in path) if isinstance(path, tuple | list) and path else fqn
+            self._fqn[name] = fqn
+            if isinstance(md, TensorStorageMetadata):
+                dtype = st_dtype(md.properties.dtype, what=f"DCP tensor {fqn!r}")
+                self._tensors[name] = LogicalTensorInfo(name=name, dtype=dtype, shape=tuple(md.size))
+            elif isinstance(md, BytesStorageMetadata):
+                self._bytes.append(name)
+        self._index: dict[str, list[tuple[Any, Any]]] = {}
+        for idx, info in self.meta.storage_data.items():
+            if getattr(info, "transform_descriptors", None):
+                raise DataError(
+                    f"{path}: item {idx.fqn!r} is stored with transforms {info.transform_descriptors} "
+                    "(compression extensions), which this reader does not support",
+                    path=path, tensor=idx.fqn,
+                )
+            self._index.setdefault(idx.fqn, []).append((idx, info))
+        self._maps: dict[str, tuple[Any, mmap.mmap]] = {}
+
+    def _blob(self, info: Any) -> bytes:
+        rel = str(info.relative_path)
+        if rel not in self._maps:
+            fpath = os.path.join(self.path, rel)
+            try:
+                f = open(fpath, "rb")  # noqa: SIM115 - kept open with its mapping until close()
+            except FileNotFoundError:
+                raise DataError(f"{fpath} is missing; the DCP checkpoint is incomplete", path=fpath) from None
+            self._maps[rel] = (f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        m = self._maps[rel][1]
+        if info.offset + info.length > len(m):
+            raise DataError(
+                f"{os.path.join(self.path, rel)} is truncated: item at {info.offset}+{info.length} "
+                f"runs past its {len(m)} bytes",
+                path=os.path.join(self.path, rel),
+            )
+        return m[info.offset : info.offset + info.length]
+
+    def _load(self, info: Any, fqn: str) -> Any:
+        try:
+            return torch.load(io.BytesIO(self._blob(info)), weights_only=True, map_location="cpu")
+        except pickle.UnpicklingError as e:
+            raise DataError(
+                f"{self.path}: item {fqn!r} needs more than weights_only loading allows ({e}); "
+                "it cannot be read safely",
+                path=self.path, tensor=fqn,
+            ) from e
+
+    def tensors(self) -> dict[str, LogicalTensorInfo]:
+        return dict(self._tensors)
+
+    def read(self, name: str) -> torch.Tensor:
+        from elastickit.checkpoint.stfile import torch_dtype
+
+        info = self._tensors[name]
+        out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        covered = 0
+        for idx, sinfo in self._index.get(self._fqn[name], []):
+            chunk = self._load(sinfo, name)
+            if not isinstance(chunk, torch.Tensor):
+                raise DataError(f"{self.path}: item {name!r} holds a {type(chunk).__name__}, not a tensor", tensor=name)
+            view = out
+            for dim, (o, n) in enumerate(zip(idx.offset, chunk.shape, strict=True)):
+                view = view.narrow(dim, o, n)
+            view.copy_(chunk)
+            covered += chunk.numel()
+        if covered != out.numel():
+            raise DataError(
+                f"{self.path}: the chunks of {name!r} cover {covered} of its {out.numel()} elements; "
+                "the checkpoint is incomplete",
+                path=self.path, tensor=name,
+            )
+        return out
+
+    def objects(self) -> dict[str, Any]:
+        """Non-tensor items that are plain JSON values, by path (`a/b/c`)."""
+        out: dict[str, Any] = {}
+        for name in self._bytes:
+            for _, sinfo in self._index.get(self._fqn[name], []):
+                try:
+                    value = self._load(sinfo, name)
+                except DataError:
+                    continue
+                if _is_json(value):
+                    out[name] = value
+        return out
+
+    def close(self) -> None:
+        for f, m in self._maps.values():
+            m.close()
+            f.close()
+        self._maps.clear()
+
+
+def _is_json(v: Any) -> bool:
+    if v is None or isinstance(v, bool | int | float | str):
+        return True
+    if isinstance(v, list | tuple):
+        return all(_is_json(x) for x in v)
+    if isinstance(v, Mapping):
+        return all(isinstance(k, str) and _is_json(x) for k, x in v.items())
+    return False
+
+
+def open_dcp(path: str, **_: Any) -> DcpSource:
+    """Open a DCP checkpoint directory."""
+    return DcpSource(path)

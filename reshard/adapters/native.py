@@ -1,0 +1,58 @@
+"""elastickit's own checkpoints as a `LogicalSource`: each logical tensor is planned and read
+whole through the planner and executor (checksums verified)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from elastickit.checkpoint.catalog import is_checkpoint_dir, load_manifest, resolve
+from elastickit.checkpoint.items import Piece
+from elastickit.checkpoint.stfile import torch_dtype
+
+from ..executor import execute
+from ..planner import plan_reads
+from .registry import LogicalTensorInfo
+
+
+def is_elastickit_checkpoint(path: str) -> bool:
+    """A checkpoint directory with a manifest, or a root holding some."""
+    if is_checkpoint_dir(path):
+        return True
+    try:
+        return os.path.isdir(path) and any(n.startswith("step-") for n in os.listdir(path))
+    except OSError:
+        return False
+
+
+class ElastickitSource:
+    """One committed elastickit checkpoint (a root resolves to its latest)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = resolve(path)
+        self.manifest = load_manifest(self.path)
+        self.step = self.manifest.step
+
+    def tensors(self) -> dict[str, LogicalTensorInfo]:
+        return {n: LogicalTensorInfo(name=n, dtype=t.dtype, shape=t.shape) for n, t in self.manifest.tensors.items()}
+
+    def read(self, name: str) -> torch.Tensor:
+        t = self.manifest.tensors[name]
+        out = torch.empty(t.shape, dtype=torch_dtype(t.dtype))
+        plan = plan_reads(self.manifest, [(name, (Piece.whole(name, (0,) * len(t.shape), t.shape),))])
+        with torch.no_grad():
+            execute(plan, self.path, self.manifest, {name: out})
+        return out
+
+    def objects(self) -> dict[str, Any]:
+        return dict(self.manifest.objects)
+
+    def close(self) -> None:
+        pass
+
+
+def open_elastickit(path: str, **_: Any) -> ElastickitSource:
+    """Open an elastickit checkpoint (directory or root)."""
+    return ElastickitSource(path)

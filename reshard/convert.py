@@ -1,0 +1,183 @@
+"""Conversion between checkpoint formats through the logical view (`elastickit convert`).
+
+Sources come from the adapter registry (`adapters.registry`: elastickit, dcp, and whatever else
+registers, such as deepspeed). Targets:
+
+- `elastickit`: a one-rank elastickit checkpoint (`<dst>/step-<8 digits>/`), loadable into any
+  layout by the planner.
+- `dcp`: a directory that `torch.distributed.checkpoint.load` reads (DCP's flattened keys are the
+  logical names).
+- `safetensors`: a consolidated Hugging Face-style model: `model-0000i-of-0000n.safetensors`
+  shards of at most `max_shard_bytes` and `model.safetensors.index.json`. Only model weights are
+  exported: when names carry a `model/` prefix, only those, with the prefix stripped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from elastickit.checkpoint.coord import LocalCoordinator
+from elastickit.checkpoint.errors import RequestError
+from elastickit.checkpoint.items import LogicalSpec, Piece, SaveItem
+from elastickit.checkpoint.manifest import DTYPE_SIZES, LayoutRecord
+from elastickit.checkpoint.writer import SaveRequest, write_checkpoint
+
+from .adapters.registry import LogicalSource, open_source
+
+TARGETS = ("elastickit", "dcp", "safetensors")
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConvertReport:
+    """What a conversion wrote."""
+
+    source_format: str
+    target_format: str
+    num_tensors: int
+    total_bytes: int
+    files: tuple[str, ...]
+
+
+def convert(src: str, dst: str, *, source: str = "auto", target: str = "elastickit",
+            max_shard_bytes: int = 5 * 2**30, **options: Any) -> ConvertReport:
+    """Convert checkpoint `src` (format `source`) into `dst` (format `target`)."""
+    if target not in TARGETS:
+        raise RequestError(f"unknown target format {target!r}; use one of {', '.join(TARGETS)}")
+    from .adapters.registry import detect_format
+
+    fmt = detect_format(src) if source == "auto" else source
+    reader = open_source(src, fmt, **options)
+    try:
+        if target == "safetensors":
+            files, n, size = _to_safetensors(reader, dst, max_shard_bytes)
+        elif target == "dcp":
+            files, n, size = _to_dcp(reader, dst)
+        else:
+            files, n, size = _to_elastickit(reader, dst)
+    finally:
+        reader.close()
+    return ConvertReport(source_format=fmt, target_format=target, num_tensors=n, total_bytes=size, files=tuple(files))
+
+
+def _prepare(dst: str) -> None:
+    if os.path.exists(dst) and os.listdir(dst):
+        raise RequestError(f"{dst} exists and is not empty; choose a new destination", path=dst)
+    os.makedirs(dst, exist_ok=True)
+
+
+def model_weights(names: list[str]) -> dict[str, str]:
+    """Exported key -> logical name: `model/x` -> `x` when any name has the prefix, else all."""
+    if any(n.startswith("model/") for n in names):
+        return {n[len("model/"):]: n for n in sorted(names) if n.startswith("model/")}
+    return {n: n for n in sorted(names)}
+
+
+def _to_safetensors(reader: LogicalSource, dst: str, max_shard_bytes: int) -> tuple[list[str], int, int]:
+    from safetensors.torch import save_file
+
+    if max_shard_bytes < 1:
+        raise RequestError(f"--max-shard-size must be positive, got {max_shard_bytes} bytes")
+    _prepare(dst)
+    infos = reader.tensors()
+    keys = model_weights(list(infos))
+    sizes = {k: math.prod(infos[n].shape) * DTYPE_SIZES[infos[n].dtype] for k, n in keys.items()}
+    shards: list[list[str]] = [[]]
+    used = 0
+    for k in keys:  # greedy, in name order; a tensor larger than the limit gets its own shard
+        if shards[-1] and used + sizes[k] > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(k)
+        used += sizes[k]
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    files = []
+    for i, group in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        tensors = {k: reader.read(keys[k]).contiguous() for k in group}
+        save_file(tensors, os.path.join(dst, fname), metadata={"format": "pt"})
+        del tensors
+        weight_map.update(dict.fromkeys(group, fname))
+        files.append(fname)
+    total = sum(sizes.values())
+    with open(os.path.join(dst, INDEX_NAME), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return [*files, INDEX_NAME], len(keys), total
+
+
+def nest(leaves: dict[str, Any]) -> dict[str, Any]:
+    """A nested dict from `a/b/c`-style paths (the inverse of elastickit's state flattening)."""
+    root: dict[str, Any] = {}
+    for path, value in leaves.items():
+        *parents, last = path.split("/")
+        node = root
+        for p in parents:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise RequestError(f"names {p!r} and {path!r} collide when nested; the checkpoint cannot be nested")
+            node = nxt
+        node[last] = value
+    return root
+
+
+def _to_dcp(reader: LogicalSource, dst: str) -> tuple[list[str], int, int]:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    _prepare(dst)
+    infos = reader.tensors()
+    leaves: dict[str, Any] = dict(_flat_json(reader.objects()))
+    leaves.update({n: reader.read(n) for n in sorted(infos)})
+    total = sum(leaves[n].numel() * leaves[n].element_size() for n in infos)
+    with warnings.catch_warnings():  # DCP warns that it runs without a process group: we mean it
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(nest(leaves), storage_writer=dcp.FileSystemWriter(dst), no_dist=True)
+    return sorted(os.listdir(dst)), len(infos), total
+
+
+def _flat_json(objects: dict[str, Any]) -> dict[str, Any]:
+    """Scalar JSON leaves of an objects tree, keyed by path (elastickit's tensor tags dropped)."""
+    out: dict[str, Any] = {}
+
+    def walk(v: Any, path: str) -> None:
+        if isinstance(v, dict):
+            if "__tensor__" in v and len(v) == 1:
+                return
+            for k, x in v.items():
+                walk(x, f"{path}/{k}" if path else str(k))
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                walk(x, f"{path}/{i}")
+        elif v is None or isinstance(v, bool | int | float | str):
+            out[path] = v
+
+    walk(objects, "")
+    return out
+
+
+def _to_elastickit(reader: LogicalSource, dst: str) -> tuple[list[str], int, int]:
+    from elastickit.checkpoint.stfile import st_dtype
+
+    infos = reader.tensors()
+    items = []
+    for n in sorted(infos):
+        t = reader.read(n)
+        spec = LogicalSpec(name=n, dtype=st_dtype(t.dtype, what=f"tensor {n!r}"), shape=tuple(t.shape))
+        items.append(SaveItem(key=n, tensor=t, pieces=(Piece.whole(n, (0,) * t.dim(), tuple(t.shape)),), specs=(spec,)))
+    # The objects tree tags every tensor where elastickit's state flattening would put it, so
+    # that `Checkpointer.restore({"model": model, ...})` finds it.
+    leaves: dict[str, Any] = dict(_flat_json(reader.objects()))
+    leaves.update({n: {"__tensor__": n} for n in infos})
+    req = SaveRequest(root=dst, step=reader.step, items=items, objects=nest(leaves),
+                      layout=LayoutRecord(axes=(("dp", 1),)), framework={"converted": "true"})
+    manifest = write_checkpoint(req, LocalCoordinator())
+    step_dir = f"step-{manifest.step:08d}"
+    return [os.path.join(step_dir, f) for f in sorted(manifest.files)] + [os.path.join(step_dir, "manifest.json")], len(items), manifest.total_bytes
