@@ -200,10 +200,13 @@ def run_training(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> TrainResul
     if cfg.ckpt_dir is not None:
         import elastickit
 
+        from .rules import model_rules, parallel_layout
+
         ck = elastickit.Checkpointer(
             cfg.ckpt_dir,
             every=cfg.ckpt_every,
-            layout={"pp": layout.pp, "dp": layout.dp, "tp": layout.tp},
+            layout=parallel_layout(layout),
+            rules=model_rules(mcfg),
         )
 
     losses: list[float] = []
