@@ -35,7 +35,9 @@ class CheckpointCallback:
         **checkpointer_kwargs: passed to `elastickit.Checkpointer` (layout, rules, keep_last...).
     """
 
-    def __init__(self, root: str, state: StateSource, *, every: int = 1, **checkpointer_kwargs: Any) -> None:
+    def __init__(
+        self, root: str, state: StateSource, *, every: int = 1, **checkpointer_kwargs: Any
+    ) -> None:
         self.root = root
         self.every = every
         self._state = state

@@ -66,7 +66,9 @@ class TokenLoader:
     is the same on every rank and does not depend on the layout.
     """
 
-    def __init__(self, stream: TokenStream, *, global_batch: int, dp_rank: int = 0, dp_size: int = 1) -> None:
+    def __init__(
+        self, stream: TokenStream, *, global_batch: int, dp_rank: int = 0, dp_size: int = 1
+    ) -> None:
         if global_batch <= 0 or global_batch % dp_size:
             raise ValueError(
                 f"global_batch ({global_batch}) must be a positive multiple of dp ({dp_size})"

@@ -71,24 +71,37 @@ class TrainRequest:
         """Raise RequestError for anything that would fail after launch."""
         self.resolved_nproc()
         if self.model not in CONFIGS:
-            raise RequestError(f"--model {self.model!r} is unknown; choose one of {', '.join(CONFIGS)}")
+            raise RequestError(
+                f"--model {self.model!r} is unknown; choose one of {', '.join(CONFIGS)}"
+            )
         if self.steps < 1 or self.every < 1:
             raise RequestError("--steps and --every must be positive")
         if (self.inject or self.events) and importlib.util.find_spec("elastickit.faults") is None:
-            raise RequestError("fault injection is not available in this build; drop --inject/--events")
+            raise RequestError(
+                "fault injection is not available in this build; drop --inject/--events"
+            )
 
 
 def torchrun_command(req: TrainRequest, python: str = sys.executable) -> list[str]:
     """The torchrun command line for `req` (standalone rendezvous on a free local port)."""
     req.check()
     cmd = [
-        python, "-m", "torch.distributed.run", "--standalone",
-        "--nproc-per-node", str(req.resolved_nproc()),
-        "-m", "elastickit.trainer.worker",
-        "--layout", str(req.resolved_layout()),
-        "--steps", str(req.steps),
-        "--model", req.model,
-        "--every", str(req.every),
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(req.resolved_nproc()),
+        "-m",
+        "elastickit.trainer.worker",
+        "--layout",
+        str(req.resolved_layout()),
+        "--steps",
+        str(req.steps),
+        "--model",
+        req.model,
+        "--every",
+        str(req.every),
     ]
     if req.ckpt:
         cmd += ["--ckpt", req.ckpt]

@@ -92,7 +92,9 @@ class TrainConfig:
 
     def train_layout(self) -> TrainLayout:
         """The TrainLayout this run uses."""
-        return self.layout if isinstance(self.layout, TrainLayout) else TrainLayout.parse(self.layout)
+        return (
+            self.layout if isinstance(self.layout, TrainLayout) else TrainLayout.parse(self.layout)
+        )
 
     def lr_at(self, step: int) -> float:
         """LR of 0-based step `step`: linear warmup, then cosine to min_lr_ratio * lr."""
@@ -100,7 +102,9 @@ class TrainConfig:
             return self.lr * (step + 1) / self.warmup_steps
         span = max(1, self.steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / span)
-        ratio = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        ratio = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * progress)
+        )
         return self.lr * ratio
 
 
@@ -165,7 +169,9 @@ def run_training(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> TrainResul
     elif layout.world_size == 1:
         mesh, dp_rank, pp_rank = None, 0, 0
     else:
-        raise ValueError(f"layout {layout} needs an initialised process group of {layout.world_size} ranks")
+        raise ValueError(
+            f"layout {layout} needs an initialised process group of {layout.world_size} ranks"
+        )
     if cfg.global_batch % (layout.dp * cfg.grad_accum):
         raise ValueError(
             f"global_batch {cfg.global_batch} must be a multiple of dp*grad_accum "

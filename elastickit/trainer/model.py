@@ -106,7 +106,9 @@ class ModelConfig:
         if self.dim % self.n_heads:
             raise ValueError(f"ModelConfig.dim ({self.dim}) must be a multiple of n_heads")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"ModelConfig.n_heads must be a multiple of n_kv_heads ({self.n_kv_heads})")
+            raise ValueError(
+                f"ModelConfig.n_heads must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
         if self.moe and not 1 <= self.moe_top_k <= self.n_experts:
             raise ValueError("ModelConfig.moe_top_k must be between 1 and n_experts")
 
@@ -119,7 +121,9 @@ class ModelConfig:
         """Raise ValueError if this model cannot be split over `tp` tensor-parallel ranks."""
         for name in ("n_heads", "n_kv_heads", "ffn_hidden"):
             if getattr(self, name) % tp:
-                raise ValueError(f"ModelConfig.{name} ({getattr(self, name)}) is not divisible by tp={tp}")
+                raise ValueError(
+                    f"ModelConfig.{name} ({getattr(self, name)}) is not divisible by tp={tp}"
+                )
 
     def num_params(self) -> int:
         """Number of logical parameters (without vocab padding)."""
@@ -129,7 +133,9 @@ class ModelConfig:
             ffn = self.n_experts * 3 * self.ffn_hidden * self.dim + self.n_experts * self.dim
         else:
             ffn = 3 * self.ffn_hidden * self.dim
-        return 2 * self.vocab_size * self.dim + self.n_layers * (attn + ffn + 2 * self.dim) + self.dim
+        return (
+            2 * self.vocab_size * self.dim + self.n_layers * (attn + ffn + 2 * self.dim) + self.dim
+        )
 
 
 CONFIGS: dict[str, ModelConfig] = {
@@ -138,13 +144,27 @@ CONFIGS: dict[str, ModelConfig] = {
         vocab_size=250, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64
     ),
     "tiny-moe": ModelConfig(
-        vocab_size=250, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=32,
-        max_seq_len=64, moe=True, n_experts=4, moe_top_k=2,
+        vocab_size=250,
+        dim=32,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=32,
+        max_seq_len=64,
+        moe=True,
+        n_experts=4,
+        moe_top_k=2,
     ),
     # About 100M parameters: for benchmarks.
     "small": ModelConfig(
-        vocab_size=16000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_hidden=2048,
-        max_seq_len=512, vocab_multiple=64,
+        vocab_size=16000,
+        dim=768,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=4,
+        ffn_hidden=2048,
+        max_seq_len=512,
+        vocab_multiple=64,
     ),
 }
 
@@ -186,7 +206,9 @@ def fused_to_tp_order(t: torch.Tensor, sizes: Sequence[int], tp: int, dim: int =
     return torch.cat([chunks[p][r] for r in range(tp) for p in range(len(sizes))], dim=dim)
 
 
-def fused_from_tp_order(t: torch.Tensor, sizes: Sequence[int], tp: int, dim: int = 0) -> torch.Tensor:
+def fused_from_tp_order(
+    t: torch.Tensor, sizes: Sequence[int], tp: int, dim: int = 0
+) -> torch.Tensor:
     """Inverse of `fused_to_tp_order`."""
     if tp == 1:
         return t
@@ -230,12 +252,18 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.rope_theta = cfg.rope_theta
         self.tp_degree = 1
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.wqkv = nn.Linear(
+            cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False
+        )
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
-        nh, nkv, hd = self.n_heads // self.tp_degree, self.n_kv_heads // self.tp_degree, self.head_dim
+        nh, nkv, hd = (
+            self.n_heads // self.tp_degree,
+            self.n_kv_heads // self.tp_degree,
+            self.head_dim,
+        )
         q, k, v = self.wqkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q = _rope(q.view(b, s, nh, hd), self.rope_theta)
         k = _rope(k.view(b, s, nkv, hd), self.rope_theta)

@@ -46,7 +46,9 @@ class TrainLayout:
     def __post_init__(self) -> None:
         for axis in AXES:
             if not isinstance(getattr(self, axis), int) or getattr(self, axis) < 1:
-                raise ValueError(f"TrainLayout.{axis} must be a positive int, got {getattr(self, axis)!r}")
+                raise ValueError(
+                    f"TrainLayout.{axis} must be a positive int, got {getattr(self, axis)!r}"
+                )
 
     @property
     def world_size(self) -> int:
@@ -83,9 +85,7 @@ def build_mesh(layout: TrainLayout, device_type: str) -> DeviceMesh:
             f"layout {layout} needs {layout.world_size} ranks but the process group has "
             f"{dist.get_world_size()}"
         )
-    return init_device_mesh(
-        device_type, (layout.pp, layout.dp, layout.tp), mesh_dim_names=AXES
-    )
+    return init_device_mesh(device_type, (layout.pp, layout.dp, layout.tp), mesh_dim_names=AXES)
 
 
 def stage_layers(n_layers: int, pp: int, stage: int) -> range:
@@ -126,7 +126,9 @@ def _apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> None:
                 p.copy_(fused_to_tp_order(p.detach().clone(), sizes, tp))
     plan: dict[str, object] = {}
     if model.tok_embeddings is not None:
-        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+        plan["tok_embeddings"] = RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Replicate()
+        )
     if model.output is not None:
         plan["output"] = ColwiseParallel(output_layouts=Replicate())
     parallelize_module(model, tp_mesh, plan)

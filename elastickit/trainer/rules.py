@@ -26,7 +26,11 @@ __all__ = ["model_rules", "parallel_layout"]
 
 def _targets(pattern: str) -> list[str]:
     """The parameter and its two AdamW moments (not the scalar `step`)."""
-    return [f"model/{pattern}", f"optim/state/{pattern}/exp_avg", f"optim/state/{pattern}/exp_avg_sq"]
+    return [
+        f"model/{pattern}",
+        f"optim/state/{pattern}/exp_avg",
+        f"optim/state/{pattern}/exp_avg_sq",
+    ]
 
 
 def model_rules(cfg: ModelConfig) -> RuleSet:

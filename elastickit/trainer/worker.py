@@ -72,10 +72,14 @@ def _step_hooks(args: argparse.Namespace, rank: int, world_size: int) -> list:
     try:
         from elastickit.faults import build_step_hooks
     except ImportError as e:
-        raise RequestError("fault injection is not available in this build (no elastickit.faults); "
-                           "drop --inject/--events") from e
+        raise RequestError(
+            "fault injection is not available in this build (no elastickit.faults); "
+            "drop --inject/--events"
+        ) from e
     return list(
-        build_step_hooks(specs=list(args.inject), events_path=args.events, rank=rank, world_size=world_size)
+        build_step_hooks(
+            specs=list(args.inject), events_path=args.events, rank=rank, world_size=world_size
+        )
     )
 
 
@@ -107,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
     )
     layout = cfg.train_layout()
     if layout.world_size != world_size:
-        raise ValueError(f"--layout {layout} needs {layout.world_size} ranks but {world_size} were started")
+        raise ValueError(
+            f"--layout {layout} needs {layout.world_size} ranks but {world_size} were started"
+        )
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     if "RANK" in os.environ:
@@ -131,7 +137,10 @@ def run(args: argparse.Namespace) -> int:
                 flush=True,
             )
         else:
-            print(f"done: nothing to do (restored at step {result.start_step} of {cfg.steps})", flush=True)
+            print(
+                f"done: nothing to do (restored at step {result.start_step} of {cfg.steps})",
+                flush=True,
+            )
         if args.result:
             with open(args.result, "w") as f:
                 json.dump(

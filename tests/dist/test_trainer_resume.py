@@ -17,7 +17,9 @@ STEPS, K = 4, 2
 def _config(layout: str, ckpt: str | None, stop_after: int | None):
     from elastickit.trainer import TrainConfig
 
-    return TrainConfig(steps=STEPS, layout=layout, ckpt_dir=ckpt, ckpt_every=K, stop_after=stop_after)
+    return TrainConfig(
+        steps=STEPS, layout=layout, ckpt_dir=ckpt, ckpt_every=K, stop_after=stop_after
+    )
 
 
 def _uninterrupted_then_interrupted(rank: int, world_size: int, layout: str, ckpt: str):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import pytest
 import torch
 
@@ -36,7 +39,10 @@ def test_dp_ranks_split_each_global_batch_and_resume_at_another_dp() -> None:
     quarter = [TokenLoader(stream, global_batch=4, dp_rank=r, dp_size=4) for r in range(4)]
     for q in quarter:
         q.load_state_dict(state)
-    assert sum((q.next_batch()[0][:, 0].tolist() for q in quarter), []) == ref[2]
+    assert (
+        functools.reduce(operator.iadd, (q.next_batch()[0][:, 0].tolist() for q in quarter), [])
+        == ref[2]
+    )
 
 
 def test_inputs_and_targets_are_shifted_and_errors_name_the_field() -> None:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import pytest
-
 from elastickit.checkpoint.errors import RequestError
+
 from elastickit.trainer.launch import TrainRequest, torchrun_command
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def test_command_runs_the_worker_under_standalone_torchrun() -> None:
-    cmd = torchrun_command(TrainRequest(layout="tp=2, dp=2", steps=5, ckpt="/c", every=2), python="py")
+    cmd = torchrun_command(
+        TrainRequest(layout="tp=2, dp=2", steps=5, ckpt="/c", every=2), python="py"
+    )
     assert cmd[:6] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
     assert cmd[6:8] == ["-m", "elastickit.trainer.worker"]
     flags = cmd[8:]
@@ -31,7 +33,10 @@ def test_monitor_defaults_on_with_faults() -> None:
 @pytest.mark.parametrize(
     ("req", "message"),
     [
-        (TrainRequest(layout="dp=2,tp=2", nproc=2), r"--nproc 2 does not match --layout dp=2,tp=2 \(4 ranks\)"),
+        (
+            TrainRequest(layout="dp=2,tp=2", nproc=2),
+            r"--nproc 2 does not match --layout dp=2,tp=2 \(4 ranks\)",
+        ),
         (TrainRequest(layout="dp=2,xx=2"), r"--layout 'dp=2,xx=2': .*not one of pp, dp, tp"),
         (TrainRequest(model="huge"), r"--model 'huge' is unknown"),
     ],

@@ -59,7 +59,7 @@ def test_hooks_are_closed_when_a_hook_raises() -> None:
 
 
 def test_resume_is_bit_exact_in_one_process(tmp_path) -> None:
-    base = dict(steps=4, seq_len=16, ckpt_every=2)
+    base = {"steps": 4, "seq_len": 16, "ckpt_every": 2}
     full = run_training(TrainConfig(**base)).losses
     first = run_training(TrainConfig(**base, ckpt_dir=str(tmp_path), stop_after=2))
     second = run_training(TrainConfig(**base, ckpt_dir=str(tmp_path)))

@@ -61,7 +61,9 @@ def test_configs_and_gqa_checks() -> None:
     small = sum(p.numel() for p in Transformer(model_config("small")).parameters())
     assert 90e6 < small < 110e6
     with pytest.raises(ValueError, match="n_heads must be a multiple of n_kv_heads"):
-        ModelConfig(vocab_size=10, dim=12, n_layers=1, n_heads=3, n_kv_heads=2, ffn_hidden=8, max_seq_len=8)
+        ModelConfig(
+            vocab_size=10, dim=12, n_layers=1, n_heads=3, n_kv_heads=2, ffn_hidden=8, max_seq_len=8
+        )
     with pytest.raises(ValueError, match=r"n_kv_heads \(2\) is not divisible by tp=4"):
         CONFIGS["tiny"].check_tp(4)
     with pytest.raises(ValueError, match="unknown model 'huge'"):
@@ -72,7 +74,10 @@ def test_moe_model_runs_and_routes() -> None:
     m = Transformer(model_config("tiny-moe"))
     init_weights(m, seed=0)
     names = {n for n, _ in m.named_parameters()}
-    assert "layers.0.feed_forward.experts.w13" in names and "layers.0.feed_forward.router.weight" in names
+    assert (
+        "layers.0.feed_forward.experts.w13" in names
+        and "layers.0.feed_forward.router.weight" in names
+    )
     loss = m(torch.randint(0, 250, (2, 8))).logsumexp(-1).mean()
     loss.backward()
     assert m.layers["0"].feed_forward.experts.w13.grad.abs().sum() > 0
@@ -82,8 +87,12 @@ def test_layout_parsing_and_stage_split() -> None:
     lay = TrainLayout.parse("dp=2, tp=2")
     assert (lay.pp, lay.dp, lay.tp, lay.world_size, str(lay)) == (1, 2, 2, 4, "dp=2,tp=2")
     assert TrainLayout.parse("single").world_size == 1
-    for bad, msg in [("dp=2,dp=2", "names dp twice"), ("zz=2", "not one of pp, dp, tp"), ("dp2", "not AXIS=N"),
-                     ("dp=0", "must be a positive int")]:
+    for bad, msg in [
+        ("dp=2,dp=2", "names dp twice"),
+        ("zz=2", "not one of pp, dp, tp"),
+        ("dp2", "not AXIS=N"),
+        ("dp=0", "must be a positive int"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             TrainLayout.parse(bad)
     assert [list(stage_layers(5, 2, s)) for s in range(2)] == [[0, 1, 2], [3, 4]]
