@@ -30,7 +30,7 @@ from elastickit.checkpoint.writer import SaveRequest, write_checkpoint
 
 from .adapters.registry import LogicalSource, open_source
 
-TARGETS = ("elastickit", "dcp", "safetensors")
+TARGETS = ("elastickit", "dcp", "safetensors", "deepspeed-universal")
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -57,6 +57,10 @@ def convert(src: str, dst: str, *, source: str = "auto", target: str = "elastick
     try:
         if target == "safetensors":
             files, n, size = _to_safetensors(reader, dst, max_shard_bytes)
+        elif target == "deepspeed-universal":
+            from .adapters.deepspeed_source import to_universal
+
+            files, n, size = to_universal(reader, dst)
         elif target == "dcp":
             files, n, size = _to_dcp(reader, dst)
         else:

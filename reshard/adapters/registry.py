@@ -114,6 +114,9 @@ def _builtin() -> None:
 
     register_source("elastickit", detect=native.is_elastickit_checkpoint, open=native.open_elastickit)
     register_source("dcp", detect=dcp.is_dcp_checkpoint, open=dcp.open_dcp)
+    from . import deepspeed_source
+
+    register_source("deepspeed", detect=deepspeed_source.is_deepspeed_checkpoint, open=deepspeed_source.open_deepspeed_source)
 
 
 def iter_tensors(src: LogicalSource) -> Iterator[tuple[str, torch.Tensor]]:

@@ -151,3 +151,81 @@ def test_deepspeed_resumes_from_universal_export(universal_root, name, world):
     assert got["resume_losses"] == pytest.approx(ref["resume_losses"], rel=tol)
     # The losses must move: a resume that ignored the optimizer state would still match step 1.
     assert abs(ref["resume_losses"][1] - ref["resume_losses"][0]) > 1e-3
+
+
+def _tiny_model():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deepspeed_make_ckpts", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    return mod.Tiny()
+
+
+@pytest.mark.timeout(120)
+def test_convert_cli_deepspeed_to_elastickit_restores_the_model(ds_root, tmp_path):
+    from typer.testing import CliRunner
+
+    import elastickit as ek
+    from elastickit.cli.main import app
+    from elastickit.reshard.adapters.registry import open_source
+
+    src = os.path.join(ds_root, "z2-bf16")
+    dst = str(tmp_path / "ek")
+    res = CliRunner().invoke(app, ["convert", src, dst, "--from", "auto", "--to", "elastickit"])
+    assert res.exit_code == 0, res.output
+    assert "(deepspeed)" in res.output
+    with open_deepspeed(src) as ck:
+        ref = ck.fp32_state_dict()
+        moments = ck.tensors("fc1.weight")
+        frozen_bf16 = ck.model_tensor("frozen.weight")
+    model = _tiny_model()
+    checkpointer = ek.Checkpointer(dst)
+    try:
+        assert checkpointer.restore({"model": model}) == 3
+    finally:
+        checkpointer.close()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, ref[name]), name
+    converted = open_source(dst)
+    try:
+        assert converted.tensors()["model/frozen.weight"].dtype == "BF16"
+        assert torch.equal(converted.read("model/frozen.weight"), frozen_bf16)
+        assert torch.equal(converted.read("optim/state/fc1.weight/exp_avg_sq"), moments["exp_avg_sq"])
+        assert float(converted.read("optim/state/fc1.weight/step")) == 3.0
+        objects = converted.objects()
+        assert objects["deepspeed"]["client_state"] == {"epoch": 1, "note": "tiny"}
+        assert objects["deepspeed"]["lr_scheduler"] == {"last_batch_iteration": 2}
+    finally:
+        converted.close()
+
+
+@pytest.mark.timeout(120)
+def test_convert_cli_to_universal_and_trust_pickle(ds_root, tmp_path):
+    import fractions
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from elastickit.cli.main import app
+
+    dst = str(tmp_path / "out" / "global_step3_universal")
+    res = CliRunner().invoke(app, ["convert", os.path.join(ds_root, "z3-fp32"), dst,
+                                   "--from", "deepspeed", "--to", "deepspeed-universal"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "out" / "latest_universal").read_text() == "global_step3_universal"
+    assert torch.load(os.path.join(dst, "zero", "fc1.weight", "fp32.pt"), weights_only=True).shape == (77,)
+
+    # A client state holding a class outside the allowlist: refused (exit 1), unless trusted.
+    src = tmp_path / "evil"
+    shutil.copytree(os.path.join(ds_root, "z1-fp32", "global_step3"), src)
+    states = torch.load(src / "mp_rank_00_model_states.pt", weights_only=False)
+    states["ratio"] = fractions.Fraction(1, 3)
+    torch.save(states, src / "mp_rank_00_model_states.pt")
+    res = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "e1"), "--to", "safetensors"])
+    assert res.exit_code == 1
+    assert "mp_rank_00_model_states.pt" in res.output and "fractions.Fraction" in res.output
+    res = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "e2"), "--to", "safetensors",
+                                   "--trust-pickle"])
+    assert res.exit_code == 0, res.output

@@ -129,3 +129,23 @@ def test_missing_rank_file_is_refused(tmp_path):
     (tmp_path / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     with pytest.raises(DataError, match="lacks optimizer files"):
         open_deepspeed(str(tmp_path))
+
+
+def test_logical_source_names_values_and_groups(tmp_path):
+    from elastickit.reshard.adapters.deepspeed_source import DeepSpeedSource
+
+    truth = _zero3(tmp_path)
+    src = DeepSpeedSource(str(tmp_path))
+    try:
+        names = src.tensors()
+        assert "model/b" in names and names["model/b"].shape == (2, 3) and names["model/b"].dtype == "F32"
+        assert "optim/state/c/exp_avg_sq" in names and names["optim/state/c/step"].shape == ()
+        assert "optim/state/buf/exp_avg" not in names
+        assert torch.equal(src.read("model/b"), truth["b"])
+        assert torch.equal(src.read("optim/state/a/exp_avg"), truth["a"] * 10)
+        assert float(src.read("optim/state/a/step")) == 7.0
+        objects = src.objects()
+        assert objects["optim"]["param_groups"] == [{"lr": 0.1, "params": ["a", "b", "c"]}]
+        assert objects["deepspeed"]["zero_stage"] == 3 and src.step == 7
+    finally:
+        src.close()
