@@ -250,3 +250,53 @@ def apply_state(
             else:
                 state[name] = sd
 
+
+
+def merge_trees(trees: list[Any]) -> Any:
+    """One state tree from every rank's: the union of what each rank holds.
+
+    Under pipeline parallelism every stage holds other layers, so rank 0's tree alone would not
+    tag the other stages' tensors. Dicts merge key by key; equal lists stay; lists of dicts of
+    one length merge element-wise (optimizer param_groups); lists of strings become their ordered
+    union (the FQNs of a param group); for any other difference the lowest rank's value wins.
+    """
+    first = trees[0]
+    if all(isinstance(t, dict) for t in trees):
+        keys: dict[str, None] = {}
+        for t in trees:
+            keys.update(dict.fromkeys(t))
+        return {k: merge_trees([t[k] for t in trees if k in t]) for k in keys}
+    if all(isinstance(t, list) for t in trees):
+        if all(t == first for t in trees):
+            return first
+        if all(len(t) == len(first) and all(isinstance(x, dict) for x in t) for t in trees):
+            return [merge_trees([t[i] for t in trees]) for i in range(len(first))]
+        if all(isinstance(x, str) for t in trees for x in t):
+            seen: dict[str, None] = {}
+            for t in trees:
+                seen.update(dict.fromkeys(t))
+            return list(seen)
+    return first
+
+
+def _only_tags(tree: Any) -> bool:
+    if isinstance(tree, dict):
+        if set(tree) == {TENSOR_TAG}:
+            return True
+        return bool(tree) and all(_only_tags(v) for v in tree.values())
+    return False
+
+
+def prune_foreign(saved: Any, target: Any) -> Any:
+    """`saved` without the dict entries the target lacks that hold only tensors (the layers of
+    other pipeline stages, their optimizer states); everything else is kept."""
+    if isinstance(saved, dict) and isinstance(target, Mapping) and not set(saved) == {TENSOR_TAG}:
+        by_str = {str(k) for k in target}
+        return {
+            k: prune_foreign(v, target.get(k))
+            for k, v in saved.items()
+            if k in by_str or not _only_tags(v)
+        }
+    if isinstance(saved, list) and isinstance(target, list | tuple):
+        return [prune_foreign(v, target[i]) if i < len(target) else v for i, v in enumerate(saved)]
+    return saved
