@@ -301,7 +301,8 @@ def run_overhead(port: int, tcp: Any, args: argparse.Namespace, backend: str) ->
     out = {}
     plan = []
     for i in range(args.overhead_pairs):
-        plan += [(f"gloo{i}", "gloo", False), (f"probed{i}", backend, True)]
+        plan += [(f"gloo{i}", "gloo", False), (f"probes{i}", backend, False),
+                 (f"probed{i}", backend, True)]
     for label, be, monitored in plan:
         job = f"overhead-{label}"
         store = dist.PrefixStore(f"{job}/", tcp)
@@ -317,6 +318,10 @@ def run_overhead(port: int, tcp: Any, args: argparse.Namespace, backend: str) ->
                       "mean_step_s": round(statistics.mean(per_step), 5)}
     plain = [out[f"gloo{i}"]["median_step_s"] for i in range(args.overhead_pairs)]
     probed = [out[f"probed{i}"]["median_step_s"] for i in range(args.overhead_pairs)]
+    probes = [out[f"probes{i}"]["median_step_s"] for i in range(args.overhead_pairs)]
+    out["probes_only_median_steps_s"] = probes
+    out["probes_only_overhead_pct"] = round(100 * (statistics.mean(probes) - statistics.mean(plain))
+                                            / statistics.mean(plain), 2)
     out["plain_median_steps_s"] = plain
     out["probed_median_steps_s"] = probed
     out["overhead_pct"] = round(100 * (statistics.mean(probed) - statistics.mean(plain))
@@ -363,7 +368,8 @@ def main() -> int:
     ap.add_argument("--slow-share", type=float, default=0.3, help="slow rank: +share of step time")
     ap.add_argument("--link-ms", type=float, default=20.0, help="slow link: delay per transfer")
     ap.add_argument("--overhead-steps", type=int, default=80)
-    ap.add_argument("--overhead-pairs", type=int, default=3, help="plain/probed job pairs")
+    ap.add_argument("--overhead-pairs", type=int, default=2,
+                    help="rounds of (plain, probes only, probes + monitor) jobs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
@@ -449,7 +455,10 @@ def main() -> int:
         f"Probe overhead on step time: {overhead['overhead_pct']}% (median step, ms: plain gloo "
         f"{', '.join(f'{v * 1000:.2f}' for v in overhead['plain_median_steps_s'])}; probed + "
         f"monitor {', '.join(f'{v * 1000:.2f}' for v in overhead['probed_median_steps_s'])}; "
-        f"{args.overhead_pairs} job pairs, interleaved; spread between plain runs "
+        f"probing backend without the monitor "
+        f"{', '.join(f'{v * 1000:.2f}' for v in overhead['probes_only_median_steps_s'])} "
+        f"({overhead['probes_only_overhead_pct']}%); "
+        f"{args.overhead_pairs} rounds, interleaved; spread between plain runs "
         f"{overhead['plain_spread_pct']}%). Bookkeeping: {overhead['us_per_op']} us per probed "
         f"operation, i.e. {overhead['bookkeeping_pct']}% of the step at {OPS_PER_STEP} operations "
         "per step.",

