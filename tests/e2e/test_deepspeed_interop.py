@@ -229,3 +229,28 @@ def test_convert_cli_to_universal_and_trust_pickle(ds_root, tmp_path):
     res = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "e2"), "--to", "safetensors",
                                    "--trust-pickle"])
     assert res.exit_code == 0, res.output
+
+
+@pytest.fixture(scope="session")
+def engine_root(ds_root) -> str:
+    """The `save` run again, through elastickit's checkpoint engine (`install(engine)`)."""
+    _torchrun(2, "engine", "--out", ds_root, "--configs", ",".join(CONFIGS))
+    return ds_root
+
+
+@pytest.mark.timeout(280)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_checkpoint_engine_saves_and_resumes_like_the_default(engine_root, name):
+    with open(os.path.join(engine_root, name, "ref_resume.json")) as f:
+        ref = json.load(f)
+    folder = os.path.join(engine_root, f"{name}-engine")
+    with open(os.path.join(folder, "engine_resume.json")) as f:
+        got = json.load(f)
+    assert got["global_steps"] == 5
+    assert got["resume_losses"] == pytest.approx(ref["resume_losses"], rel=1e-6)
+    # DeepSpeed's files are JSON markers; the data is an elastickit checkpoint (no pickle).
+    tag = os.path.join(folder, "global_step3")
+    for fname in os.listdir(tag):
+        with open(os.path.join(tag, fname), "rb") as f:
+            assert f.read(1) == b"{", fname
+    assert os.path.isfile(os.path.join(folder, "elastickit", "step-00000003", "manifest.json"))
