@@ -110,7 +110,8 @@ def torchrun_command(req: TrainRequest, python: str = sys.executable) -> list[st
     if req.events:
         cmd += ["--events", req.events]
     if req.monitor_on():
-        cmd.append("--monitor")
+        # Not `--monitor`: torchrun would take it as an abbreviation of its --monitor-interval.
+        cmd.append("--collective-monitor")
     return cmd + list(req.extra_args)
 
 

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=int, default=10)
     p.add_argument("--inject", action="append", default=[])
     p.add_argument("--events", default=None)
-    p.add_argument("--monitor", action="store_true")
+    p.add_argument("--collective-monitor", action="store_true", dest="monitor")
     p.add_argument("--result", default=None, help="rank 0 writes the TrainResult here as JSON")
     return p
 
@@ -131,8 +131,9 @@ def run(args: argparse.Namespace) -> int:
     if rank == 0:
         if result.losses:
             mean_s = sum(result.step_times_s) / len(result.step_times_s)
+            resumed = f" (resumed from step {result.start_step})" if result.start_step else ""
             print(
-                f"done: steps {result.start_step + 1}..{result.end_step}, final loss "
+                f"done: steps {result.start_step + 1}..{result.end_step}{resumed}, final loss "
                 f"{result.losses[-1]:.6f}, mean step time {mean_s:.3f} s",
                 flush=True,
             )

@@ -19,7 +19,7 @@ def test_command_runs_the_worker_under_standalone_torchrun() -> None:
     flags = cmd[8:]
     assert flags[flags.index("--layout") + 1] == "dp=2,tp=2"
     assert flags[flags.index("--ckpt") + 1] == "/c" and flags[flags.index("--every") + 1] == "2"
-    assert "--monitor" not in flags
+    assert "--collective-monitor" not in flags
 
 
 def test_monitor_defaults_on_with_faults() -> None:
@@ -27,7 +27,7 @@ def test_monitor_defaults_on_with_faults() -> None:
     assert req.monitor_on() and not TrainRequest(layout="dp=2").monitor_on()
     assert not TrainRequest(layout="dp=2", events="e.jsonl", monitor=False).monitor_on()
     cmd = torchrun_command(req)
-    assert cmd[cmd.index("--inject") + 1] == "crash:rank=1:step=3" and "--monitor" in cmd
+    assert cmd[cmd.index("--inject") + 1] == "crash:rank=1:step=3" and "--collective-monitor" in cmd
 
 
 @pytest.mark.parametrize(
