@@ -59,6 +59,64 @@ def make(out: str, params_m: int) -> None:
     torch.distributed.destroy_process_group()
 
 
+def engine_bench(out: str, params_m: int, result: str) -> None:
+    """Under torchrun: DeepSpeed's save_checkpoint blocking time, default engine vs elastickit's.
+
+    Per save: the wall time of `save_checkpoint` (what the training loop waits), the extra time
+    of the next training step over a plain one (elastickit's fence before the optimizer step),
+    and for elastickit the time until the checkpoint is durable (in the background).
+    """
+    import deepspeed
+    import torch
+    from torch import nn
+
+    from elastickit.integrations.deepspeed_engine import install
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = torch.distributed.get_rank()
+    width = 1024
+    blocks = max(1, round(params_m * 1e6 / (4 * (width * width + width))))
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(4 * blocks)])
+    cfg = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+           "zero_optimization": {"stage": 3}, "steps_per_print": 10_000}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    x = torch.randn(1, width)
+
+    def step() -> float:
+        torch.distributed.barrier()
+        t = time.perf_counter()
+        loss = engine(x).square().mean()
+        engine.backward(loss)
+        engine.step()
+        return time.perf_counter() - t
+
+    plain = min(step() for _ in range(3))
+    rows: dict[str, list[dict[str, float]]] = {"default": [], "elastickit": []}
+    for name in ("default", "elastickit"):
+        ck_engine = install(engine) if name == "elastickit" else None
+        for i in range(2):
+            torch.distributed.barrier()
+            t = time.perf_counter()
+            engine.save_checkpoint(os.path.join(out, name), tag=f"t{i}")
+            blocking = time.perf_counter() - t
+            next_step = step()
+            durable = 0.0
+            if ck_engine is not None:
+                ck_engine.wait()
+                durable = time.perf_counter() - t
+            rows[name].append({"blocking_s": blocking, "next_step_extra_s": max(0.0, next_step - plain),
+                               "durable_s": durable})
+        if ck_engine is not None:
+            ck_engine.cleanup()
+    if rank == 0:
+        with open(result, "w") as f:
+            json.dump({"plain_step_s": plain, **rows}, f)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def ours(src: str, dst: str) -> None:
     """One elastickit conversion (a separate process, so its RSS is its own)."""
     from elastickit.reshard.adapters.deepspeed import open_deepspeed
@@ -119,6 +177,38 @@ def _same_outputs(a: str, b: str) -> int:
     return len(files_a)
 
 
+def _engine_table(args: argparse.Namespace, work: str) -> list[str]:
+    result = os.path.join(work, "engine.json")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                    os.path.abspath(__file__), "engine", "--out", os.path.join(work, "engine_ckpt"),
+                    "--params-m", str(args.params_m), "--result", result],
+                   env=_env(), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(result) as f:
+        eng = json.load(f)
+    lines = [
+        "# DeepSpeed `save_checkpoint`: blocking time, default engine vs elastickit's engine",
+        "",
+        f"The same model, ZeRO-3, 2 ranks ({args.params_m}M parameters); two saves per engine. Per save: "
+        "wall time of `engine.save_checkpoint` on rank 0, the extra time of the next training step over a "
+        f"plain step ({eng['plain_step_s']:.2f} s; for elastickit this is the fence before the optimizer "
+        "step), and for elastickit the time until the checkpoint is durable (in the background, "
+        "overlapping the next step).",
+        "",
+        "| engine | save | blocking s | next step extra s | blocking + extra s | durable after s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in ("default", "elastickit"):
+        for i, r in enumerate(eng[name]):
+            total = r["blocking_s"] + r["next_step_extra_s"]
+            durable = f"{r['durable_s']:.2f}" if name == "elastickit" else "at return"
+            lines.append(f"| {name} | {i} | {r['blocking_s']:.3f} | {r['next_step_extra_s']:.3f} | "
+                         f"{total:.3f} | {durable} |")
+    best = {n: min(r["blocking_s"] for r in eng[n]) for n in ("default", "elastickit")}
+    lines += ["", f"Blocking time of elastickit's engine: {best['elastickit'] / best['default']:.3f}x the "
+              "default engine's (best of each).", ""]
+    return lines
+
+
 def _du(path: str) -> int:
     return sum(os.path.getsize(p) for p in glob.glob(path + "/**", recursive=True) if os.path.isfile(p))
 
@@ -175,8 +265,10 @@ def run(args: argparse.Namespace) -> None:
         cmd = "`elastickit` write_universal" if name == "elastickit" else "`python -m deepspeed.checkpoint.ds_to_universal` (defaults)"
         lines.append(f"| {cmd} | {sec:.2f} | {cpu:.2f} | {rss / 2**20:.0f} | {runs} |")
     lines += ["", f"elastickit: {speedup:.1f}x faster (wall), {cpu_ratio:.1f}x less CPU, at "
-              f"{rss_ratio:.2f}x the peak RSS.", "",
-              "Reproduce: `.venv/bin/python benchmarks/bench_deepspeed.py --params-m "
+              f"{rss_ratio:.2f}x the peak RSS.", ""]
+    if not args.skip_engine:
+        lines += _engine_table(args, work)
+    lines += ["Reproduce: `.venv/bin/python benchmarks/bench_deepspeed.py --params-m "
               f"{args.params_m} --repeat {args.repeat}`.", ""]
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as f:
@@ -190,6 +282,11 @@ def run(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd")
+    en = sub.add_parser("engine")
+    en.add_argument("--out", required=True)
+    en.add_argument("--params-m", type=int, default=48)
+    en.add_argument("--result", required=True)
+    en.add_argument("--local_rank", type=int, default=None)
     mk = sub.add_parser("make")
     mk.add_argument("--out", required=True)
     mk.add_argument("--params-m", type=int, default=48)
@@ -199,10 +296,13 @@ def main() -> None:
     ou.add_argument("dst")
     ap.add_argument("--params-m", type=int, default=48)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--skip-engine", action="store_true", help="only the conversion benchmark")
     ap.add_argument("--work", default=None, help="keep the checkpoint and outputs here (reused if present)")
     args = ap.parse_args()
     if args.cmd == "make":
         make(args.out, args.params_m)
+    elif args.cmd == "engine":
+        engine_bench(args.out, args.params_m, args.result)
     elif args.cmd == "ours":
         ours(args.src, args.dst)
     else:
