@@ -28,6 +28,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("train", "train_cmd", "train"),
     ("reshard", "reshard_cmd", "reshard"),
     ("convert", "convert_cmd", "convert"),
+    ("dashboard", "dashboard_cmd", "dashboard"),
 ]
 
 
