@@ -133,7 +133,9 @@ class Collector:
                 try:
                     if not self.store.check([key]):
                         break
-                    self._summaries[r].append(StepSummary.from_json(self.store.get(key)))
+                    summary = StepSummary.from_json(self.store.get(key))
+                    if self._next[r] >= self.config.warmup_steps:
+                        self._summaries[r].append(summary)
                 except Exception:  # noqa: BLE001
                     self.errors += 1
                     break

@@ -45,6 +45,8 @@ class DetectorConfig:
             hang_factor * typical step time + hang_margin_s is waiting on a hang.
         hang_initial_s: the bound before any complete step was seen.
         crash_silence_s: a heartbeat unchanged for this long means the rank is gone.
+        warmup_steps: the collector ignores each rank's first summaries (lazy initialisation,
+            first-touch allocations and imports make the first steps uneven).
     """
 
     window_steps: int = 5
@@ -56,13 +58,14 @@ class DetectorConfig:
     hang_margin_s: float = 0.5
     hang_initial_s: float = 10.0
     crash_silence_s: float = 1.0
+    warmup_steps: int = 2
 
     def __post_init__(self) -> None:
         if self.window_steps < 1:
             raise ValueError(f"DetectorConfig: field 'window_steps' must be >= 1, got {self.window_steps}")
         if not 1 <= self.min_hits <= self.window_steps:
             raise ValueError(f"DetectorConfig: field 'min_hits' must be in 1..window_steps, got {self.min_hits}")
-        for name in ("slow_rank_min_gap", "slow_link_ratio", "slow_link_min_s", "hang_factor",
+        for name in ("warmup_steps", "slow_rank_min_gap", "slow_link_ratio", "slow_link_min_s", "hang_factor",
                      "hang_margin_s", "hang_initial_s", "crash_silence_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DetectorConfig: field {name!r} must be >= 0")

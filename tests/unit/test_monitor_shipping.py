@@ -48,7 +48,8 @@ def test_summaries_flow_and_clean_close_is_not_a_crash(tmp_path) -> None:
             for r in range(2)]
     events_path = str(tmp_path / "ev" / "events.jsonl")
     col = Collector(store, world_size=2, events_path=events_path, poll_s=0.02,
-                    config=DetectorConfig(window_steps=3, min_hits=3), on_abort=None)
+                    config=DetectorConfig(window_steps=3, min_hits=3, warmup_steps=1),
+                    on_abort=None)
     for rep in reps:
         rep.start()
     for step in range(4):
