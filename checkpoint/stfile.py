@@ -287,6 +287,20 @@ class StFile:
             return torch.empty(e.shape, dtype=dtype)
         return torch.frombuffer(data, dtype=dtype).reshape(e.shape)
 
+    def release(self, key: str) -> None:
+        """Give the mapped pages of `key` back to the kernel (its views must no longer be used
+        for anything but re-reading: the pages come back from the file on the next access).
+
+        A reader that is done with a tensor calls it so that resident memory stays about one
+        stored tensor, not one file."""
+        e = self._entries.get(key)
+        if e is None or not isinstance(self._buf, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = e.begin - e.begin % page
+        if e.end > start:
+            self._buf.madvise(mmap.MADV_DONTNEED, start, e.end - start)
+
     def verify_all(self) -> list[str]:
         """Keys whose bytes do not match (the header is checked on open)."""
         bad = []

@@ -1,9 +1,10 @@
 """The executor: carries out a ReshardPlan by streaming slices of memory-mapped source files.
 
 One source file is open at a time; each stored tensor a read touches is verified against its
-checksum once, then the needed box is copied straight from the mapping into the target tensor.
-Extra memory is bounded by one source file's mapped pages (the page cache can drop them) or, for
-a compressed file, its decompressed bytes.
+checksum once, then the needed boxes are copied straight from the mapping into the target
+tensors, and the stored tensor's mapped pages are given back (reads are sorted by key, so each is
+touched once). Extra memory is bounded by one stored tensor's mapped pages or, for a compressed
+file, its decompressed bytes.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def execute(
         if record is None:
             raise DataError(f"the manifest of {ckpt_dir} lists no file {fname!r}", path=ckpt_dir)
         with StFile(os.path.join(ckpt_dir, fname), record, verify=verify) as f:
-            for r in by_file[fname]:
+            reads = by_file[fname]
+            for i, r in enumerate(reads):
                 dst = targets.get(r.target)
                 if dst is None:
                     raise KeyError(f"plan names target {r.target!r}, which was not given")
@@ -79,6 +81,9 @@ def execute(
                     k = (r.target, r.target_offsets, r.lengths)
                     acc[k] = acc.get(k, 1) + 1
                 copied += r.nbytes
+                if i + 1 == len(reads) or reads[i + 1].key != r.key:
+                    del src
+                    f.release(r.key)  # done with this stored tensor: resident memory stays bounded
     for (target, offsets, lengths), count in acc.items():
         _box(targets[target], offsets, lengths).div_(count)
     return ExecReport(files_opened=len(by_file), bytes_copied=copied)
