@@ -132,11 +132,25 @@ def _host(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def write_checkpoint(req: SaveRequest, coord: Coordinator) -> Manifest:
+@dataclass(frozen=True, slots=True)
+class SavePlan:
+    """What every rank holds, gathered once per checkpoint, and who writes what."""
+
+    described: list[list[dict[str, Any]]]
+    rank_objects: tuple[dict[str, Any], ...]
+
+
+def describe(items: Sequence[SaveItem]) -> list[dict[str, Any]]:
+    """A rank's items as JSON, for the plan all-gather."""
+    return _describe(items)
+
+
+def write_checkpoint(req: SaveRequest, coord: Coordinator, *, plan: SavePlan | None = None) -> Manifest:
     """Write this rank's part of checkpoint `req.step` and commit it with the others.
 
     Every rank of `coord` calls it with its own request; all return the committed Manifest or all
-    raise `RankFailure` naming each failing rank's cause.
+    raise `RankFailure` naming each failing rank's cause. `plan`, when given, was gathered
+    already (the asynchronous writer gathers it once for all tiers).
     """
     step_dir = os.path.join(req.root, step_dir_name(req.step))
     rank = coord.rank
@@ -153,17 +167,18 @@ def write_checkpoint(req: SaveRequest, coord: Coordinator) -> Manifest:
                 fsync_dir(step_dir)
     except OSError as e:
         error = f"cannot prepare {step_dir} ({e.strerror}); check the path and its permissions"
-    gathered = gather_or_raise(
-        coord, error, {"items": _describe(req.items), "rank_object": req.rank_object}, phase="checkpoint plan"
-    )
-    described = [g["items"] for g in gathered]
-    rank_objects = tuple(g["rank_object"] for g in gathered)
+    payload = None if plan is not None else {"items": _describe(req.items), "rank_object": req.rank_object}
+    gathered = gather_or_raise(coord, error, payload, phase="checkpoint plan")
+    if plan is None:
+        plan = SavePlan(
+            described=[g["items"] for g in gathered], rank_objects=tuple(g["rank_object"] for g in gathered)
+        )
+    described, rank_objects = plan.described, plan.rank_objects
 
     # Phase 2: write what this rank owns.
     error, record = None, None
     try:
-        plan = plan_dedup(described)
-        mine = plan.owned[rank]
+        mine = plan_dedup(described).owned[rank]
         by_key = {it.key: it for it in req.items}
         tensors = [(key, _host(by_key[key].tensor)) for key in mine]
         path = os.path.join(step_dir, rank_file_name(rank, compressed=req.zstd_level is not None))

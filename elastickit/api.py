@@ -8,19 +8,24 @@
         ck.save(step + 1, {"model": model, "optim": optimizer, "data": loader})
     ck.close()
 
+`save` returns at once: it records references to the live tensors and a background thread
+copies them into reusable host buffers while the next forward and backward run; the only wait
+is a fence before the next `optimizer.step()` (an optimizer step pre-hook). The snapshot then
+flows down the tiers (memory, local, peer, persistent) in the background (DESIGN.md section 4).
+
 The same object works in one process and under torchrun (every rank constructs it with the same
 arguments, in the same order). Restore reshards when the running layout differs from the saved one.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
-import random
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,51 +34,46 @@ import elastickit
 from elastickit.checkpoint.catalog import list_checkpoints, load_manifest
 from elastickit.checkpoint.coord import Coordinator, LocalCoordinator, StoreCoordinator, gather_or_raise
 from elastickit.checkpoint.errors import DataError, RankFailure, RequestError
-from elastickit.checkpoint.items import Piece
-from elastickit.checkpoint.manifest import LayoutRecord, Manifest
-from elastickit.checkpoint.state import (
-    PieceRule,
-    flatten_state,
-    load_items,
-    missing_tensors,
-    new_tensor,
-    save_items,
-    apply_state,
-)
-from elastickit.checkpoint.writer import SaveRequest, write_checkpoint
-from elastickit.reshard.executor import execute
-from elastickit.reshard.planner import plan_reads
+from elastickit.checkpoint.events import EventLog
+from elastickit.checkpoint.manifest import LayoutRecord, step_dir_name
+from elastickit.checkpoint.pipeline import AsyncWriter, RankStatus, WriterContext
+from elastickit.checkpoint.policy import IntervalPolicy
+from elastickit.checkpoint.recover import Candidate, candidates, fetch_files, local_inventory, share_manifest
+from elastickit.checkpoint.snapshot import snapshot_bytes
+from elastickit.checkpoint.state import PieceRule, flatten_state, save_items
+from elastickit.checkpoint.tiers import TierSpec, Tiers
+from elastickit.checkpoint.writer import SavePlan, describe
+from elastickit.loading import Loader, load_snapshot
+from elastickit.rng import rng_state, set_rng_state
 
 log = logging.getLogger("elastickit")
+
+__all__ = ["Checkpointer", "IntervalPolicy", "SaveHandle", "TierSpec", "Tiers"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SaveHandle:
-    """What `save` returns: one handle, whether or not the policy made this step a checkpoint.
+    """What `save` returns: one handle, whether or not a checkpoint is taken at this step.
 
     Attributes:
         step: the step asked for.
-        scheduled: whether a checkpoint is taken at this step (False: the policy skipped it).
-        staged: done when the snapshot is taken (the tensors may change from then on).
-        durable: done when the checkpoint is committed on every tier; its result is the
-            checkpoint path, or it raises the save's error.
+        scheduled: whether a checkpoint is taken (False: not due, or skipped; see `reason`).
+        staged: done when the snapshot is copied (the tensors may change from then on).
+        durable: done when every tier that took the checkpoint committed it; its result is the
+            most durable path (persistent, else local, else "memory"), or it raises the error.
+        reason: why no checkpoint was taken, when `scheduled` is False.
     """
 
     step: int
     scheduled: bool
     staged: Future[None]
     durable: Future[str]
+    reason: str = ""
 
 
 def _done(value: Any = None) -> Future[Any]:
     f: Future[Any] = Future()
     f.set_result(value)
-    return f
-
-
-def _failed(e: BaseException) -> Future[Any]:
-    f: Future[Any] = Future()
-    f.set_exception(e)
     return f
 
 
@@ -97,73 +97,34 @@ def _layout_record(layout: Any, world_size: int) -> LayoutRecord:
         return LayoutRecord(axes=tuple(zip(names, (int(n) for n in layout.shape), strict=True)))
     if isinstance(layout, Mapping):
         return LayoutRecord(axes=tuple((str(k), int(v)) for k, v in layout.items()))
-    raise RequestError(f"layout must be a ParallelLayout, a DeviceMesh or a dict of axis sizes, got {type(layout).__name__}")
-
-
-def _rng_state() -> dict[str, Any]:
-    import base64
-
-    out: dict[str, Any] = {
-        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-        "python": list(_to_lists(random.getstate())),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
-    try:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        out["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
-    except ImportError:
-        pass
-    return out
-
-
-def _to_lists(x: Any) -> Any:
-    return [_to_lists(v) for v in x] if isinstance(x, list | tuple) else x
-
-
-def _to_tuples(x: Any) -> Any:
-    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
-
-
-def _set_rng_state(d: Mapping[str, Any]) -> None:
-    import base64
-
-    import numpy as np
-
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(d["torch"])), dtype=torch.uint8))
-    random.setstate(_to_tuples(d["python"]))
-    if "cuda" in d and torch.cuda.is_available():
-        states = [torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in d["cuda"]]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
-    if "numpy" in d:
-        kind, keys, pos, has_gauss, gauss = d["numpy"]
-        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-
-
-@dataclass(slots=True)
-class _Stats:
-    saves: int = 0
-    last_save_s: float = 0.0
-    last_restore_s: float = 0.0
-    history: list[dict[str, Any]] = field(default_factory=list)
+    raise RequestError(
+        f"layout must be a ParallelLayout, a DeviceMesh or a dict of axis sizes, got {type(layout).__name__}"
+    )
 
 
 class Checkpointer:
-    """Saves and restores a training state under `root` (DESIGN.md section 7a).
+    """Saves and restores a training state (DESIGN.md section 7a).
 
     Args:
-        root: the checkpoint root directory (shared by all ranks).
-        every: take a checkpoint every N steps (`save` is cheap on other steps). 1 by default.
+        root: the checkpoint root directory (the persistent tier unless `tiers` says otherwise).
+        every: checkpoint every N steps (default 1; `save` is cheap on other steps).
+        every_seconds: checkpoint about every T seconds of training instead.
+        auto: choose the interval by Young/Daly from the measured cost and the MTBF.
+        mtbf_s: mean time between failures for `auto` (default: learned from the event log,
+            else 3 hours).
+        tiers: where checkpoints go (default: host memory, then `root`).
         layout: the running parallel layout (a ParallelLayout, a DeviceMesh or a dict of axis
-            sizes), recorded in the manifest. Default: one `world` axis.
+            sizes), recorded in the manifest.
         rules: resharding rules (an `elastickit.reshard` RuleSet) for tensors whose placement
             alone does not say how they relate to their logical tensors.
         rng: save and restore each rank's RNG states (torch, CUDA, python, numpy).
         fsync: make every checkpoint durable before it commits.
-        keep_last: keep only the newest N committed checkpoints (None: keep all).
+        keep_last: shorthand for the persistent tier's retention.
+        lazy: "auto" copies in the background what only an optimizer step changes (parameters
+            and optimizer state, fenced by a step pre-hook) and everything else at once;
+            "always" copies everything in the background (call `fence()` before changing any
+            saved tensor yourself); "never" copies everything before `save` returns.
+        events: the event log path (default: `<root>/events.jsonl`).
         timeout_s: how long a rank waits for the others in a save or restore.
     """
 
@@ -171,44 +132,108 @@ class Checkpointer:
         self,
         root: str | os.PathLike[str],
         *,
-        every: int = 1,
+        every: int | None = None,
+        every_seconds: float | None = None,
+        auto: bool = False,
+        mtbf_s: float | None = None,
+        tiers: Tiers | None = None,
         layout: Any = None,
         rules: Any = None,
         rng: bool = True,
         fsync: bool = True,
         keep_last: int | None = None,
+        lazy: str = "auto",
+        events: str | None = None,
         timeout_s: float = 600.0,
     ) -> None:
-        if every < 1:
-            raise RequestError(f"every must be >= 1, got {every}")
-        if keep_last is not None and keep_last < 1:
-            raise RequestError(f"keep_last must be >= 1 or None, got {keep_last}")
         self.root = os.fspath(root)
-        self.every = every
+        events = events or os.path.join(self.root, "events.jsonl")
+        try:
+            self.policy = IntervalPolicy(
+                every=every, every_seconds=every_seconds, auto=auto, mtbf_s=mtbf_s, events_path=events
+            )
+            tiers = tiers or Tiers()
+            if keep_last is not None:
+                if tiers.persistent is None:
+                    raise ValueError("keep_last applies to the persistent tier, which these tiers leave out")
+                p = tiers.persistent
+                tiers = Tiers(
+                    memory=tiers.memory,
+                    local=tiers.local,
+                    peer=tiers.peer,
+                    persistent=TierSpec(
+                        path=p.path, keep_last=keep_last, keep_every=p.keep_every,
+                        zstd_level=p.zstd_level, zstd_threads=p.zstd_threads,
+                    ),
+                    ranks_per_node=tiers.ranks_per_node,
+                    host_buffers=tiers.host_buffers,
+                )
+        except ValueError as e:
+            raise RequestError(f"Checkpointer: {e}") from e
+        if lazy not in ("auto", "always", "never"):
+            raise RequestError(f"lazy must be 'auto', 'always' or 'never', got {lazy!r}")
+        self.tiers = tiers
+        self.lazy = lazy
         self.rng = rng
-        self.fsync = fsync
-        self.keep_last = keep_last
         self.rank, self.world_size = _dist()
         self._layout = _layout_record(layout, self.world_size)
         self._rules = rules
-        self._coord = self._make_coordinator(timeout_s)
+        self._nonce, self._peer_group = self._agree()
+        self._coord = self._coordinator("main", timeout_s)
+        self.events = EventLog(events if self.rank == 0 else None)
+        self._writer = AsyncWriter(
+            WriterContext(
+                rank=self.rank,
+                world_size=self.world_size,
+                tiers=tiers,
+                persistent_root=self.root,
+                layout=self._layout,
+                rules=tuple(rules.to_json()) if rules is not None else (),
+                framework={"torch": torch.__version__, "elastickit": elastickit.__version__},
+                fsync=fsync,
+                peer_group=self._peer_group,
+            ),
+            lambda name: self._coordinator(name, timeout_s),
+            self.events,
+        )
+        self._next_due: int | None = None
+        self._last_save_call: tuple[int, float] | None = None
+        self._step_time_s = 0.0
+        self._cost_s = 0.0
+        self._last_snap: Any = None
+        self._hooked: dict[int, Any] = {}
         self._closed = False
-        self.stats = _Stats()
+        # A script that ends without close() must not lose its last checkpoint: the background
+        # threads are daemons, so wait for them at interpreter exit (close() unregisters this).
+        atexit.register(self.close)
 
     # -- plumbing -------------------------------------------------------------------------
 
-    def _make_coordinator(self, timeout_s: float) -> Coordinator:
+    def _agree(self) -> tuple[str, Any]:
+        if self.world_size == 1:
+            return "local", None
+        import torch.distributed as dist
+
+        # Every rank builds its Checkpointer at the same point, so one broadcast agrees on a
+        # fresh key prefix: a restarted job never reads a previous incarnation's keys.
+        nonce = [os.urandom(8).hex() if self.rank == 0 else None]
+        dist.broadcast_object_list(nonce, src=0)
+        # Peer copies and peer fetches travel on their own gloo group, never the training one.
+        group = dist.new_group(backend="gloo") if self.tiers.local is not None else None
+        return str(nonce[0]), group
+
+    def _coordinator(self, name: str, timeout_s: float) -> Coordinator:
         if self.world_size == 1:
             return LocalCoordinator()
         import torch.distributed as dist
 
-        # Every rank builds its Checkpointer at the same point, so one broadcast agrees on a
-        # fresh key prefix; a restarted job never reads a previous incarnation's keys.
-        nonce = [os.urandom(8).hex() if self.rank == 0 else None]
-        dist.broadcast_object_list(nonce, src=0)
         store = dist.distributed_c10d._get_default_store()
         return StoreCoordinator(
-            store, rank=self.rank, world_size=self.world_size, prefix=f"elastickit/{nonce[0]}", timeout_s=timeout_s
+            store,
+            rank=self.rank,
+            world_size=self.world_size,
+            prefix=f"elastickit/{self._nonce}/{name}",
+            timeout_s=timeout_s,
         )
 
     def _piece_rule(self) -> PieceRule | None:
@@ -216,142 +241,219 @@ class Checkpointer:
             return None
         return self._rules.piece_rule(self._layout, self.rank)
 
-    def _rules_json(self) -> tuple[dict[str, Any], ...]:
-        return tuple(self._rules.to_json()) if self._rules is not None else ()
-
     def _check_open(self) -> None:
         if self._closed:
             raise RequestError("this Checkpointer is closed; create a new one")
 
+    def _install_fence(self, state: Mapping[str, Any]) -> None:
+        for obj in state.values():
+            if isinstance(obj, torch.optim.Optimizer) and id(obj) not in self._hooked:
+                self._hooked[id(obj)] = obj.register_step_pre_hook(lambda *_a, **_k: self.fence())
+
+    @staticmethod
+    def _fenced_keys(flat: Any, state: Mapping[str, Any]) -> frozenset[str]:
+        """Logical names of tensors that only an optimizer step changes (copied lazily)."""
+        ptrs = set()
+        for obj in state.values():
+            if isinstance(obj, torch.optim.Optimizer):
+                for group in obj.param_groups:
+                    for p in group["params"]:
+                        local = p.to_local() if hasattr(p, "to_local") else p
+                        ptrs.add(local.data_ptr())
+                        for t in obj.state.get(p, {}).values():
+                            if isinstance(t, torch.Tensor):
+                                t = t.to_local() if hasattr(t, "to_local") else t
+                                ptrs.add(t.data_ptr())
+        out = set()
+        for name, t in flat.tensors.items():
+            local = t.to_local() if hasattr(t, "to_local") else t
+            if local.numel() and local.data_ptr() in ptrs:
+                out.add(name)
+        return frozenset(out)
+
     # -- public API ---------------------------------------------------------------------
 
     def due(self, step: int) -> bool:
-        """Whether the policy takes a checkpoint at `step`."""
-        return step % self.every == 0
+        """Whether the policy takes a checkpoint at `step` (the same answer on every rank)."""
+        if self.policy.step_based:
+            return step % self.policy.every_n == 0
+        return self._next_due is None or step >= self._next_due
+
+    def fence(self) -> None:
+        """Block until the newest snapshot is copied (called before each optimizer step)."""
+        snap = self._last_snap
+        if snap is not None and not snap.staged.done():
+            snap.staged.result()
 
     def save(self, step: int, state: Mapping[str, Any], *, force: bool = False) -> SaveHandle:
         """Checkpoint `state` as of `step` if the policy says it is due (or `force`).
 
-        Every rank calls it with the same step. Returns a SaveHandle; a save that fails raises
-        here in this synchronous writer.
+        Every rank calls it with the same step, after `optimizer.step()`. Returns at once; the
+        copy and the tiers run in the background. Never raises for a tier failure (see the
+        handle's `durable` future, `wait()` and the event log).
         """
         self._check_open()
+        now = time.monotonic()
+        if self._last_save_call is not None and step > self._last_save_call[0]:
+            dt = (now - self._last_save_call[1]) / (step - self._last_save_call[0])
+            self._step_time_s = dt if not self._step_time_s else 0.8 * self._step_time_s + 0.2 * dt
+        self._last_save_call = (step, now)
         if not (force or self.due(step)):
-            return SaveHandle(step=step, scheduled=False, staged=_done(), durable=_done(""))
+            return SaveHandle(step=step, scheduled=False, staged=_done(), durable=_done(""), reason="not due")
         t0 = time.perf_counter()
+        self.fence()  # one snapshot in flight at a time keeps the copy order simple
         flat, _ = flatten_state(state)
-        req = SaveRequest(
-            root=self.root,
-            step=step,
-            items=save_items(flat, self._piece_rule()),
-            objects=flat.objects,
-            rank_object={"rng": _rng_state()} if self.rng else {},
-            layout=self._layout,
-            rules=self._rules_json(),
-            framework={"torch": torch.__version__, "elastickit": elastickit.__version__},
-            fsync=self.fsync,
+        items = save_items(flat, self._piece_rule())
+        rank_object = {"rng": rng_state()} if self.rng else {}
+        with self._writer.lock:  # workers cannot claim a job between our report and our decision
+            return self._save_round(step, state, flat, items, rank_object, t0)
+
+    def _save_round(self, step: int, state: Mapping[str, Any], flat: Any, items: list[Any], rank_object: dict[str, Any], t0: float) -> SaveHandle:
+        status = self._writer.status()
+        next_due = None
+        if self.rank == 0 and not self.policy.step_based:
+            next_due = self.policy.next_due_step(step, step_time_s=self._step_time_s, cost_s=self._cost_s)
+        gathered = gather_or_raise(
+            self._coord,
+            None,
+            {"items": describe(items), "rank_object": rank_object, "status": status.to_json(), "next_due": next_due},
+            phase="checkpoint plan",
         )
-        manifest = write_checkpoint(req, self._coord)
-        path = os.path.join(self.root, f"step-{manifest.step:08d}")
-        self.stats.saves += 1
-        self.stats.last_save_s = time.perf_counter() - t0
-        self._retain()
-        return SaveHandle(step=step, scheduled=True, staged=_done(), durable=_done(path))
-
-    def _retain(self) -> None:
-        if self.keep_last is None or self.rank != 0:
-            return
-        import shutil
-
-        done = [c for c in list_checkpoints(self.root) if c.complete]
-        for c in done[: max(0, len(done) - self.keep_last)]:
-            # Retire the manifest first: a crash midway leaves an incomplete dir, never a
-            # manifest that names deleted files.
-            os.remove(os.path.join(c.path, "manifest.json"))
-            shutil.rmtree(c.path, ignore_errors=True)
+        self._next_due = gathered[0]["next_due"]
+        decision = self._writer.decide([RankStatus.from_json(g["status"]) for g in gathered])
+        if decision.slot is None:
+            self._writer.skipped(step, decision)
+            reason = "; ".join(sorted(set(decision.skipped.values())))
+            log.warning("elastickit: checkpoint %d skipped: %s", step, reason)
+            return SaveHandle(step=step, scheduled=False, staged=_done(), durable=_done(""), reason=reason)
+        plan = SavePlan(described=[g["items"] for g in gathered], rank_objects=tuple(g["rank_object"] for g in gathered))
+        if self.lazy == "never":
+            eager = frozenset(it.key for it in items)
+        elif self.lazy == "always":
+            eager = frozenset()
+        else:
+            eager = frozenset(it.key for it in items) - self._fenced_keys(flat, state)
+        self._install_fence(state)
+        blocking_s = time.perf_counter() - t0
+        snap, durable = self._writer.submit(
+            step, decision, items, flat.objects, rank_object, plan, snapshot_bytes(items), blocking_s, eager
+        )
+        self._last_snap = snap
+        if self.lazy == "never":
+            snap.staged.result()
+        self._cost_s = time.perf_counter() - t0 if not self._cost_s else 0.8 * self._cost_s + 0.2 * (time.perf_counter() - t0)
+        return SaveHandle(step=step, scheduled=True, staged=snap.staged, durable=durable)
 
     def wait(self) -> None:
-        """Block until every scheduled checkpoint is durable (immediate for this writer)."""
-        self._check_open()
+        """Block until every checkpoint taken so far is durable on its tiers.
 
-    def latest(self) -> int | None:
-        """The newest committed step under root, or None."""
-        done = [c for c in list_checkpoints(self.root) if c.complete]
-        return done[-1].step if done else None
-
-    def restore(self, state: Mapping[str, Any], *, step: int | None = None) -> int:
-        """Load the newest loadable checkpoint (or `step`) into `state`; return its step, 0 if none.
-
-        Falls back to the next older checkpoint when a file is missing or a checksum fails,
-        logging which one and why. Reshards when the saved layout differs from the running one.
+        Raises the first failure (a checkpoint that no tier could commit).
         """
         self._check_open()
-        t0 = time.perf_counter()
-        local = [c.step for c in list_checkpoints(self.root) if c.complete]
-        # Every rank must load the same step: take rank 0's view of the candidates.
-        candidates = self._coord.all_gather(local, phase="restore list")[0]
+        first: BaseException | None = None
+        for f in self._writer.pending():
+            try:
+                f.result()
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after waiting for all
+                first = first or e
+        failures, self._writer.failures = self._writer.failures, []
+        first = first or (failures[0] if failures else None)
+        if first is not None:
+            raise first
+
+    def latest(self) -> int | None:
+        """The newest step committed on the persistent tier (or the local one), or None."""
+        roots = [w.root for w in self._writer.workers.values()]
+        steps = [c.step for r in roots for c in list_checkpoints(r) if c.complete]
+        return max(steps) if steps else None
+
+    def host_buffer_bytes(self) -> int:
+        """Host memory held by snapshot buffers (bounded by `Tiers.host_buffers`)."""
+        return self._writer.host_bytes()
+
+    def restore(self, state: Mapping[str, Any], *, step: int | None = None) -> int:
+        """Load the freshest loadable checkpoint (or `step`) into `state`; return its step, 0 if none.
+
+        Looks at every tier (memory, local with peer copies, persistent), freshest first and the
+        fastest tier first; falls back to the next candidate when a file is missing or a checksum
+        fails, logging which and why. Reshards when the saved layout differs from the running one.
+        """
+        self._check_open()
+        self.fence()
+        local = self._writer.workers.get("local")
+        persistent = self._writer.workers.get("persistent")
+        mine = {
+            "memory": [s.step for s in self._writer.memory],
+            "local": local_inventory(local.root) if local else {},
+            "persistent": [c.step for c in list_checkpoints(persistent.root) if c.complete]
+            if persistent and self.rank == 0
+            else [],
+        }
+        gathered = self._coord.all_gather(mine, phase="restore inventory")
+        found = candidates(gathered)
         if step is not None:
-            if step not in candidates:
-                raise RequestError(f"{self.root} has no committed checkpoint of step {step} (it has {candidates})")
-            candidates = [step]
+            found = [c for c in found if c.step == step]
+            if not found:
+                raise RequestError(f"no tier holds a committed checkpoint of step {step} under {self.root}")
         reasons = []
-        for s in sorted(candidates, reverse=True):
-            path = os.path.join(self.root, f"step-{s:08d}")
+        for cand in found:
             error = None
             try:
-                self._restore_one(path, state)
+                where = self._restore_from(cand, state)
             except DataError as e:
-                error = str(e)
+                error, where = str(e), ""
             try:
-                gather_or_raise(self._coord, error, None, phase=f"restore of {path}")
+                gather_or_raise(self._coord, error, None, phase=f"restore of step {cand.step} ({cand.tier})")
             except RankFailure as e:
-                reasons.append(f"step {s}: {e}")
-                log.warning("elastickit: cannot restore %s (%s); trying an older checkpoint", path, e)
-                if step is not None:
-                    raise DataError(str(e), path=path) from e
+                reasons.append(f"step {cand.step} on the {cand.tier} tier: {e}")
+                log.warning("elastickit: cannot restore step %d from the %s tier (%s); trying the next", cand.step, cand.tier, e)
+                if self.rank == 0:
+                    self.events.emit("restore_fallback", step=cand.step, tier=cand.tier, reason=str(e))
                 continue
-            self.stats.last_restore_s = time.perf_counter() - t0
-            if reasons:
-                log.warning("elastickit: restored step %d after skipping: %s", s, "; ".join(reasons))
-            return s
+            if self.rank == 0:
+                self.events.emit("restore", step=cand.step, tier=cand.tier, path=where, skipped=reasons)
+            log.info("elastickit: restored step %d from the %s tier (%s)", cand.step, cand.tier, where)
+            return cand.step
         if reasons:
             raise DataError(f"no checkpoint under {self.root} could be restored: {'; '.join(reasons)}", path=self.root)
         return 0
 
-    def _restore_one(self, path: str, state: Mapping[str, Any]) -> Manifest:
-        manifest = load_manifest(path)
-        unknown = sorted(set(state) - set(manifest.objects))
-        if unknown:
-            raise RequestError(
-                f"the checkpoint {path} has no state {unknown[0]!r} (it has {sorted(manifest.objects)}); "
-                "restore with the names that were saved"
-            )
-        flat, sds = flatten_state(state)
-        items = load_items(flat, self._piece_rule())
-        targets = {it.key: it.tensor for it in items}
-        wants: list[tuple[str, tuple[Piece, ...]]] = [(it.key, it.pieces) for it in items]
-        extra = {}
-        for name in missing_tensors(manifest.objects, flat):
-            entry = manifest.tensors.get(name)
-            if entry is None:
-                raise DataError(f"{path}: the manifest tags tensor {name!r} but does not describe it", path=path)
-            extra[name] = new_tensor(entry.dtype, entry.shape)
-            wants.append((name, (Piece.whole(name, (0,) * len(entry.shape), entry.shape),)))
-        targets.update(extra)
-        plan = plan_reads(manifest, wants)
-        with torch.no_grad():
-            execute(plan, path, manifest, targets)
-        apply_state(state, sds, manifest.objects, {**flat.tensors, **extra})
+    def _restore_from(self, cand: Candidate, state: Mapping[str, Any]) -> str:
+        rule = self._piece_rule()
+        if cand.tier == "memory":
+            snap = next(s for s in self._writer.memory if s.step == cand.step)
+            load_snapshot(snap, state, rule)
+            rank_objects = snap.rank_object and [snap.rank_object]
+            if self.rng and rank_objects and rank_objects[0].get("rng"):
+                set_rng_state(rank_objects[0]["rng"])
+            return "memory"
+        worker = self._writer.workers[cand.tier]
+        path = os.path.join(worker.root, step_dir_name(cand.step))
+        if cand.tier == "local":
+            manifest = share_manifest(self._coord, worker.root, cand.step)
+            loader = Loader(manifest, state, rule, path)
+            fetch_files(self._coord, self._peer_group, worker.root, manifest, loader.files())
+        else:
+            manifest = load_manifest(path)
+            loader = Loader(manifest, state, rule, path)
+        loader.run(path)
         if self.rng and manifest.rank_objects and manifest.world_size == self.world_size:
             rng = manifest.rank_objects[self.rank].get("rng")
             if rng:
-                _set_rng_state(rng)
-        return manifest
+                set_rng_state(rng)
+        return path
 
     def close(self) -> None:
-        """Wait for pending work and release resources. Idempotent."""
-        if not self._closed:
-            self.wait()
+        """Wait for pending checkpoints, stop the background threads, remove the fence hooks."""
+        if self._closed:
+            return
+        atexit.unregister(self.close)
+        try:
+            self._writer.close()
+        finally:
+            for h in self._hooked.values():
+                h.remove()
+            self._hooked.clear()
             self._closed = True
 
     def __enter__(self) -> Checkpointer:
@@ -359,3 +461,5 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+

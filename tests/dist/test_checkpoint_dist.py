@@ -61,9 +61,10 @@ def _work(rank: int, world: int, root: str, dp: int, tp: int, other: tuple[int, 
     for s in range(2):
         _step(model, optim, s, dp_rank, dp)
     ck = ek.Checkpointer(root, layout=mesh)
-    ck.save(2, {"model": model, "optim": optim})
+    ck.save(2, {"model": model, "optim": optim})  # returns at once; the copy is fenced
     saved = _full(model, optim)
-    ref = _step(model, optim, 2, dp_rank, dp)
+    ref = _step(model, optim, 2, dp_rank, dp)  # the optimizer step waits for the snapshot
+    ck.close()  # durable on the persistent tier
 
     # Fresh model (another seed), same layout: bit-exact state and next-step loss.
     model2, optim2, _ = _build(99, dp, tp)

@@ -10,7 +10,7 @@ import torch
 
 import elastickit as ek
 from elastickit.checkpoint import writer as writer_mod
-from elastickit.checkpoint.errors import DataError, RequestError
+from elastickit.checkpoint.errors import DataError, ElastickitError, RequestError
 from elastickit.checkpoint.catalog import list_checkpoints, verify_checkpoint
 
 
@@ -55,7 +55,7 @@ def _train_and_save(root, steps=3, every=1, **kw):
     ck = ek.Checkpointer(root, every=every, **kw)
     for s in range(steps):
         _step(m, o, loader)
-        ck.save(s + 1, _state(m, o, loader, extra))
+        ck.save(s + 1, _state(m, o, loader, extra)).durable.result()  # each one durable: exact files below
     ck.close()
     return m, o, loader
 
@@ -168,11 +168,16 @@ def test_failure_mid_save_leaves_earlier_checkpoints_loadable(tmp_path, monkeypa
 
     monkeypatch.setattr(writer_mod, "write_file" if phase == "write" else "atomic_write_text", boom)
     ck = ek.Checkpointer(str(tmp_path))
-    with pytest.raises(ek.errors.RankFailure if hasattr(ek, "errors") else Exception, match="No space left"):
-        ck.save(2, {"model": m, "optim": o, "data": Loader(), "extra": {}})
+    handle = ck.save(2, {"model": m, "optim": o, "data": Loader(), "extra": {}})  # never raises into training
+    with pytest.raises(ElastickitError, match="No space left"):
+        handle.durable.result()
+    with pytest.raises(ElastickitError, match="No space left"):
+        ck.wait()
     monkeypatch.undo()
     assert ck.latest() == 1
-    assert ck.restore({"model": m, "optim": o, "data": Loader(), "extra": {}}) == 1
+    # This process still holds step 2 in its memory tier; a fresh one (a restart) gets step 1.
+    assert ck.restore({"model": m, "optim": o, "data": Loader(), "extra": {}}) == 2
+    assert ek.Checkpointer(str(tmp_path)).restore({"model": m, "optim": o, "data": Loader(), "extra": {}}) == 1
 
 
 KILL_SCRIPT = r"""
@@ -193,7 +198,9 @@ def dying(path, items, **kw):
     return rec
 import elastickit.checkpoint.writer as w
 w.write_file = dying
-ek.Checkpointer(root).save(2, {"model": m})
+ck = ek.Checkpointer(root)
+ck.save(2, {"model": m})
+ck.close()
 """
 
 
@@ -201,7 +208,8 @@ ek.Checkpointer(root).save(2, {"model": m})
 def test_sigkill_mid_save_leaves_earlier_checkpoints_loadable(tmp_path, when):
     root = str(tmp_path)
     m = torch.nn.Linear(512, 512)
-    ek.Checkpointer(root).save(1, {"model": m})
+    with ek.Checkpointer(root) as ck:
+        ck.save(1, {"model": m})
     r = subprocess.run([sys.executable, "-c", KILL_SCRIPT, root, when], capture_output=True, timeout=120)
     assert r.returncode == -9
     assert [(c.step, c.complete) for c in list_checkpoints(root)] == [(1, True), (2, False)]
@@ -220,6 +228,7 @@ def test_bad_state_is_refused_with_one_sentence(tmp_path):
 
 def test_restore_unknown_state_name_is_refused(tmp_path):
     m, _ = _model(0)
-    ek.Checkpointer(str(tmp_path)).save(1, {"model": m})
+    with ek.Checkpointer(str(tmp_path)) as ck:
+        ck.save(1, {"model": m})
     with pytest.raises(RequestError, match="no state 'net'"):
         ek.Checkpointer(str(tmp_path)).restore({"net": m})

@@ -23,8 +23,9 @@ def root(tmp_path_factory):
     torch.manual_seed(0)
     m = torch.nn.Linear(4, 3)
     ck = ek.Checkpointer(str(d))
-    ck.save(1, {"model": m, "extra": {"epoch": 1}})
+    ck.save(1, {"model": m, "extra": {"epoch": 1}}).durable.result()
     ck.save(2, {"model": m, "extra": {"epoch": 1}})
+    ck.close()
     return d
 
 
@@ -54,7 +55,8 @@ def test_ls(root):
 
 def test_verify_ok_and_corrupt(tmp_path):
     m = torch.nn.Linear(4, 3)
-    ek.Checkpointer(str(tmp_path)).save(1, {"model": m})
+    with ek.Checkpointer(str(tmp_path)) as ck:
+        ck.save(1, {"model": m})
     assert _run("verify", str(tmp_path)).returncode == 0
     f = tmp_path / "step-00000001" / "rank-00000.safetensors"
     raw = bytearray(f.read_bytes())

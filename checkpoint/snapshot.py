@@ -1,0 +1,223 @@
+"""Lazy snapshots: copy live tensors into reusable host buffers in the background.
+
+`save()` hands the live tensors to a `Snapshotter`, which copies them into a `Slot` (one flat host
+buffer, pinned on CUDA, reused across checkpoints) on a background thread while training goes
+on. torch releases the GIL inside `copy_`, so on CPU the copy overlaps the next forward and
+backward; on CUDA the copy runs on a side stream into pinned memory. The training thread waits
+only at the fence (`Snapshot.staged.result()`), which the Checkpointer calls from an optimizer
+step pre-hook: the moment the tensors are about to change.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .items import SaveItem
+
+
+def _align(n: int, a: int = 64) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(eq=False)
+class Slot:
+    """One reusable host buffer that holds one snapshot at a time.
+
+    Attributes:
+        index: the slot's id, identical on every rank (slots are allocated by agreed decisions).
+        buffer: the flat uint8 host buffer.
+        refs: who still needs the slot's content (tier names, "memory").
+    """
+
+    index: int
+    buffer: torch.Tensor
+    refs: set[str] = field(default_factory=set)
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel()
+
+
+class SlotPool:
+    """At most `max_slots` host buffers; a slot is free when nothing refers to it.
+
+    All decisions (which slot a snapshot uses) are made by the caller from information gathered
+    on every rank, so slot indices mean the same on every rank.
+    """
+
+    def __init__(self, max_slots: int, *, pin: bool) -> None:
+        if max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+        self.max_slots = max_slots
+        self.pin = pin
+        self.slots: list[Slot] = []
+        self._lock = threading.Lock()
+
+    def free_indices(self) -> list[int]:
+        with self._lock:
+            return [s.index for s in self.slots if not s.refs]
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.slots)
+
+    def acquire(self, index: int, nbytes: int, refs: set[str]) -> Slot:
+        """Take slot `index` (allocating it, or growing it if too small) for a new snapshot."""
+        with self._lock:
+            assert index <= len(self.slots), f"slot {index} skips over unallocated slots"
+            if index == len(self.slots):
+                self.slots.append(Slot(index=index, buffer=self._alloc(nbytes)))
+            slot = self.slots[index]
+            assert not slot.refs, f"slot {index} is still in use by {slot.refs}"
+            if slot.nbytes < nbytes:
+                slot.buffer = self._alloc(nbytes)
+            slot.refs = set(refs)
+            return slot
+
+    def release(self, slot: Slot, ref: str) -> None:
+        with self._lock:
+            slot.refs.discard(ref)
+
+    def total_bytes(self) -> int:
+        with self._lock:
+            return sum(s.nbytes for s in self.slots)
+
+    def _alloc(self, nbytes: int) -> torch.Tensor:
+        # 25% headroom so that a slightly larger state later does not reallocate.
+        n = _align(int(nbytes * 1.25) + 64)
+        return torch.empty(n, dtype=torch.uint8, pin_memory=self.pin)
+
+
+@dataclass(eq=False)
+class Snapshot:
+    """The state at one step, being copied (or copied) into a slot.
+
+    Attributes:
+        step: the training step.
+        slot: the host buffer it lives in.
+        items: SaveItems whose tensors are host views into the slot (valid once staged).
+        objects: the JSON state shared by all ranks.
+        rank_object: this rank's own JSON state (RNG).
+        staged: done when every tensor is copied.
+        nbytes: bytes of tensor data.
+        started_s / staged_s: monotonic times of the copy's start and end.
+    """
+
+    step: int
+    slot: Slot
+    items: list[SaveItem]
+    objects: dict[str, Any]
+    rank_object: dict[str, Any]
+    staged: Future[None]
+    nbytes: int
+    started_s: float = 0.0
+    staged_s: float = 0.0
+
+
+def snapshot_bytes(items: Sequence[SaveItem]) -> int:
+    """Host bytes a snapshot of `items` takes (aligned)."""
+    return sum(_align(it.tensor.numel() * it.tensor.element_size()) for it in items)
+
+
+class Snapshotter:
+    """Copies live tensors into slots on one background thread, in submission order."""
+
+    def __init__(self) -> None:
+        self._q: queue.Queue[tuple[Snapshot, list[tuple[torch.Tensor, torch.Tensor]], Any] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="elastickit-snapshot", daemon=True)
+        self._thread.start()
+        self._stream: Any = None
+
+    def submit(
+        self,
+        step: int,
+        slot: Slot,
+        items: Sequence[SaveItem],
+        objects: dict[str, Any],
+        rank_object: dict[str, Any],
+        eager: frozenset[str] = frozenset(),
+    ) -> Snapshot:
+        """Start copying `items` into `slot`; returns at once with the Snapshot.
+
+        Items whose key is in `eager` are copied before returning: tensors that may change
+        before the fence (module buffers updated in forward, anything no optimizer owns).
+        """
+        host_items, sources, offset = [], [], 0
+        eager_pairs = []
+        for it in items:
+            src = it.tensor
+            n = src.numel() * src.element_size()
+            view = slot.buffer[offset : offset + n].view(src.dtype).view(src.shape) if n else torch.empty(
+                src.shape, dtype=src.dtype
+            )
+            offset += _align(n)
+            host_items.append(SaveItem(key=it.key, tensor=view, pieces=it.pieces, specs=it.specs))
+            if it.key in eager:
+                eager_pairs.append((view, src))
+            else:
+                sources.append(src)
+        with torch.no_grad():
+            for view, src in eager_pairs:
+                view.copy_(src.detach())
+        snap = Snapshot(
+            step=step,
+            slot=slot,
+            items=host_items,
+            objects=objects,
+            rank_object=rank_object,
+            staged=Future(),
+            nbytes=offset,
+        )
+        event = None
+        if any(src.is_cuda for src in sources):  # sources: the lazily copied live tensors
+            # Marks "now" on the training stream: the copy starts after the work queued so far.
+            event = torch.cuda.Event()
+            event.record()
+        lazy_views = [h.tensor for h, it in zip(host_items, items, strict=True) if it.key not in eager]
+        self._q.put((snap, list(zip(lazy_views, sources, strict=True)), event))
+        return snap
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            snap, sources, event = job
+            snap.started_s = time.monotonic()
+            try:
+                self._copy(snap, sources, event)
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the fence
+                snap.staged.set_exception(e)
+                continue
+            finally:
+                sources.clear()  # drop the references to live tensors
+            snap.staged_s = time.monotonic()
+            snap.staged.set_result(None)
+
+    def _copy(self, snap: Snapshot, sources: list[tuple[torch.Tensor, torch.Tensor]], event: Any) -> None:
+        if event is not None:
+            # A side stream, ordered after the work queued when save() ran, so the copy sees
+            # the values at save() time without serializing with the training stream.
+            if self._stream is None:
+                self._stream = torch.cuda.Stream()
+            self._stream.wait_event(event)
+            with torch.cuda.stream(self._stream):
+                for dst, src in sources:
+                    dst.copy_(src.detach(), non_blocking=True)
+            self._stream.synchronize()
+        else:
+            with torch.no_grad():
+                for dst, src in sources:
+                    dst.copy_(src.detach())
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=60)

@@ -1,0 +1,106 @@
+"""Tier configuration: where checkpoints go, how long they stay, whether they are compressed.
+
+    Tiers(
+        memory=TierSpec(keep_last=1),                           # host snapshots, this process
+        local=TierSpec(path="/dev/shm/ek/{node}", keep_last=2),  # node-local
+        peer=True,                                              # a copy on a buddy node
+        persistent=TierSpec(keep_last=5, zstd_level=3),         # path: the Checkpointer root
+    )
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TierSpec:
+    """One tier's place, retention and compression.
+
+    Attributes:
+        path: the directory (`{node}` and `{rank}` are filled in; empty for the persistent tier
+            means the Checkpointer's root). Paths are strings so that URLs can be added later.
+        keep_last: keep the newest N committed checkpoints (None: all).
+        keep_every: also keep every checkpoint whose step is a multiple of this (None: none).
+        zstd_level: compress rank files with zstd at this level (None: no compression).
+        zstd_threads: zstd worker threads (0: the tier's own thread only).
+    """
+
+    path: str = ""
+    keep_last: int | None = None
+    keep_every: int | None = None
+    zstd_level: int | None = None
+    zstd_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 or None, got {self.keep_last}")
+        if self.keep_every is not None and self.keep_every < 1:
+            raise ValueError(f"keep_every must be >= 1 or None, got {self.keep_every}")
+        if self.zstd_level is not None and not -7 <= self.zstd_level <= 22:
+            raise ValueError(f"zstd_level must be in [-7, 22] or None, got {self.zstd_level}")
+        if self.zstd_threads < 0:
+            raise ValueError(f"zstd_threads must be >= 0, got {self.zstd_threads}")
+
+    def keeps(self, step: int, newer_committed: int) -> bool:
+        """Whether retention keeps `step`, which has `newer_committed` newer checkpoints."""
+        if self.keep_every is not None and step % self.keep_every == 0:
+            return True
+        return self.keep_last is None or newer_committed < self.keep_last
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tiers:
+    """Which tiers a Checkpointer writes, in the order a checkpoint flows down them.
+
+    Attributes:
+        memory: keep the newest host snapshots in this process (restores in-process only).
+        local: node-local storage (/dev/shm or NVMe); survives a worker restart, not a node loss.
+        peer: also hold each rank's local files on a buddy rank of another node (needs `local`),
+            so that losing one node loses nothing.
+        persistent: shared storage (the Checkpointer root unless `path` is set).
+        ranks_per_node: ranks per node, for `{node}` and the choice of buddies (default: the
+            LOCAL_WORLD_SIZE torchrun sets, else the whole world is one node).
+        host_buffers: snapshots held in host memory at once; a save that finds none free is
+            skipped (and logged) rather than blocking training.
+    """
+
+    memory: TierSpec | None = field(default_factory=lambda: TierSpec(keep_last=1))
+    local: TierSpec | None = None
+    peer: bool = False
+    persistent: TierSpec | None = field(default_factory=TierSpec)
+    ranks_per_node: int | None = None
+    host_buffers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.peer and self.local is None:
+            raise ValueError("peer=True needs a local tier: peers hold copies of local checkpoints")
+        if self.local is not None and not self.local.path:
+            raise ValueError("the local tier needs a path, e.g. TierSpec(path='/dev/shm/ek/{node}')")
+        if self.host_buffers < 1:
+            raise ValueError(f"host_buffers must be >= 1, got {self.host_buffers}")
+        if self.ranks_per_node is not None and self.ranks_per_node < 1:
+            raise ValueError(f"ranks_per_node must be >= 1, got {self.ranks_per_node}")
+        if self.memory is None and self.local is None and self.persistent is None:
+            raise ValueError("at least one tier must be configured")
+
+    def node_size(self, world_size: int) -> int:
+        n = self.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        return max(1, min(n, world_size))
+
+    def local_path(self, rank: int, world_size: int) -> str:
+        assert self.local is not None
+        return self.local.path.format(node=rank // self.node_size(world_size), rank=rank)
+
+    def buddy(self, rank: int, world_size: int) -> int:
+        """The rank that holds copies of `rank`'s local files: same local rank, next node."""
+        n = self.node_size(world_size)
+        nodes = max(1, world_size // n)
+        return ((rank // n + 1) % nodes) * n + rank % n
+
+    def ward(self, rank: int, world_size: int) -> int:
+        """The rank whose local files `rank` holds (the inverse of `buddy`)."""
+        n = self.node_size(world_size)
+        nodes = max(1, world_size // n)
+        return ((rank // n - 1) % nodes) * n + rank % n

@@ -1,0 +1,54 @@
+"""Each rank's RNG states (torch, CUDA, python, numpy) as JSON, never pickle."""
+
+from __future__ import annotations
+
+import base64
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+def _to_lists(x: Any) -> Any:
+    return [_to_lists(v) for v in x] if isinstance(x, list | tuple) else x
+
+
+def _to_tuples(x: Any) -> Any:
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as JSON-able data."""
+    out: dict[str, Any] = {"torch": _b64(torch.get_rng_state()), "python": _to_lists(random.getstate())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        out["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
+    except ImportError:
+        pass
+    return out
+
+
+def set_rng_state(d: Mapping[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(_unb64(d["torch"]))
+    random.setstate(_to_tuples(d["python"]))
+    if "cuda" in d and torch.cuda.is_available() and len(d["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in d["cuda"]])
+    if "numpy" in d:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = d["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
