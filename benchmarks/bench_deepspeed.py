@@ -188,11 +188,11 @@ def _engine_table(args: argparse.Namespace, work: str) -> list[str]:
     lines = [
         "# DeepSpeed `save_checkpoint`: blocking time, default engine vs elastickit's engine",
         "",
-        f"The same model, ZeRO-3, 2 ranks ({args.params_m}M parameters); two saves per engine. Per save: "
+        (f"The same model, ZeRO-3, 2 ranks ({args.params_m}M parameters); two saves per engine. Per save: "
         "wall time of `engine.save_checkpoint` on rank 0, the extra time of the next training step over a "
         f"plain step ({eng['plain_step_s']:.2f} s; for elastickit this is the fence before the optimizer "
         "step), and for elastickit the time until the checkpoint is durable (in the background, "
-        "overlapping the next step).",
+        "overlapping the next step)."),
         "",
         "| engine | save | blocking s | next step extra s | blocking + extra s | durable after s |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -204,8 +204,8 @@ def _engine_table(args: argparse.Namespace, work: str) -> list[str]:
             lines.append(f"| {name} | {i} | {r['blocking_s']:.3f} | {r['next_step_extra_s']:.3f} | "
                          f"{total:.3f} | {durable} |")
     best = {n: min(r["blocking_s"] for r in eng[n]) for n in ("default", "elastickit")}
-    lines += ["", f"Blocking time of elastickit's engine: {best['elastickit'] / best['default']:.3f}x the "
-              "default engine's (best of each).", ""]
+    lines += ["", (f"Blocking time of elastickit's engine: {best['elastickit'] / best['default']:.3f}x the "
+              "default engine's (best of each)."), ""]
     return lines
 
 
@@ -241,21 +241,21 @@ def run(args: argparse.Namespace) -> None:
     cpu_ratio = best["ds_to_universal"][2] / best["elastickit"][2]
     rss_ratio = best["elastickit"][1] / best["ds_to_universal"][1]
     load = os.getloadavg()[0]
-    import torch
     import deepspeed
+    import torch
 
     lines = [
         "# DeepSpeed ZeRO-3 checkpoint -> DeepSpeed universal format",
         "",
-        f"Source: ZeRO-3, fp32, 2 ranks, {args.params_m}M parameters in 1024x1024 linear layers, "
+        (f"Source: ZeRO-3, fp32, 2 ranks, {args.params_m}M parameters in 1024x1024 linear layers, "
         f"{size / 2**30:.2f} GiB on disk ({src}). Output: {num_files} files, checked equal "
-        "(file list and every fp32/exp_avg/exp_avg_sq tensor) between the two tools.",
-        f"Machine: {os.cpu_count()} cores, {platform.machine()}, torch {torch.__version__}, deepspeed "
+        "(file list and every fp32/exp_avg/exp_avg_sq tensor) between the two tools."),
+        (f"Machine: {os.cpu_count()} cores, {platform.machine()}, torch {torch.__version__}, deepspeed "
         f"{deepspeed.__version__}; local disk, page cache warm after the first run. "
         f"Best wall time, least CPU time (user+sys, children included) and highest peak RSS (process "
         f"tree, sampled every 20 ms) over {args.repeat} runs each, alternating the tools. "
         f"Load average at the end: {load:.1f} (the machine is shared; wall times are noisy, CPU "
-        "times less so).",
+        "times less so)."),
         "",
         "| tool | wall s | CPU s | peak RSS (MiB) | all runs: wall s |",
         "| --- | ---: | ---: | ---: | --- |",
@@ -264,12 +264,12 @@ def run(args: argparse.Namespace) -> None:
         runs = ", ".join(f"{r[0]:.2f}" for r in rows[name])
         cmd = "`elastickit` write_universal" if name == "elastickit" else "`python -m deepspeed.checkpoint.ds_to_universal` (defaults)"
         lines.append(f"| {cmd} | {sec:.2f} | {cpu:.2f} | {rss / 2**20:.0f} | {runs} |")
-    lines += ["", f"elastickit: {speedup:.1f}x faster (wall), {cpu_ratio:.1f}x less CPU, at "
-              f"{rss_ratio:.2f}x the peak RSS.", ""]
+    lines += ["", (f"elastickit: {speedup:.1f}x faster (wall), {cpu_ratio:.1f}x less CPU, at "
+              f"{rss_ratio:.2f}x the peak RSS."), ""]
     if not args.skip_engine:
         lines += _engine_table(args, work)
-    lines += ["Reproduce: `.venv/bin/python benchmarks/bench_deepspeed.py --params-m "
-              f"{args.params_m} --repeat {args.repeat}`.", ""]
+    lines += [("Reproduce: `.venv/bin/python benchmarks/bench_deepspeed.py --params-m "
+              f"{args.params_m} --repeat {args.repeat}`."), ""]
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as f:
         f.write("\n".join(lines))

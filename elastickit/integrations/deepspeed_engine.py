@@ -38,7 +38,10 @@ from elastickit.reshard.adapters.deepspeed_pickle import DEEPSPEED_ALLOWLIST
 MARKER_FORMAT = "elastickit-deepspeed-marker"
 
 try:  # DeepSpeed is optional: the module imports without it, `install` needs it.
-    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import (
+        CheckpointCommitInfo,
+        CheckpointEngine,
+    )
 except ImportError:  # pragma: no cover - exercised only without DeepSpeed
     CheckpointEngine = object  # type: ignore[assignment,misc]
     CheckpointCommitInfo = Any  # type: ignore[assignment,misc]

@@ -33,7 +33,7 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -210,7 +210,7 @@ class DeepSpeedCheckpoint:
         self._optim.clear()
         self._rank_models.clear()
 
-    def __enter__(self) -> DeepSpeedCheckpoint:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

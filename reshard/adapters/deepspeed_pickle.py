@@ -14,6 +14,7 @@ DeepSpeed had written it.
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 import types
@@ -137,7 +138,7 @@ def _jsonable(value: Any) -> Any:
         return value.item() if value.numel() == 1 else {"tensor_shape": list(value.shape)}
     if isinstance(value, torch.Size):
         return list(value)
-    if isinstance(value, float) and value != value:
+    if isinstance(value, float) and math.isnan(value):
         return None
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -155,7 +156,7 @@ class _DeepSpeedPickler(pickle._Pickler):  # type: ignore[name-defined]
     def save_global(self, obj: Any, name: str | None = None) -> None:
         ds_name = getattr(obj, "ds_name", None) if isinstance(obj, type) else None
         if ds_name and obj in DEEPSPEED_ALLOWLIST.values():
-            self.write(pickle.GLOBAL + f"{obj.ds_module}\n{ds_name}\n".encode("utf-8"))
+            self.write(pickle.GLOBAL + f"{obj.ds_module}\n{ds_name}\n".encode())
             self.memoize(obj)
             return
         super().save_global(obj, name)

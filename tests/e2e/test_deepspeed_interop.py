@@ -18,7 +18,6 @@ import sys
 
 import pytest
 import torch
-
 from elastickit.reshard.adapters.deepspeed import open_deepspeed
 from elastickit.reshard.adapters.deepspeed_universal import write_universal
 
@@ -43,7 +42,7 @@ def _env() -> dict[str, str]:
 def _torchrun(nproc: int, *args: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            SCRIPT, *args]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, check=False)
     if done.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
 
@@ -165,11 +164,11 @@ def _tiny_model():
 
 @pytest.mark.timeout(120)
 def test_convert_cli_deepspeed_to_elastickit_restores_the_model(ds_root, tmp_path):
+    from elastickit.reshard.adapters.registry import open_source
     from typer.testing import CliRunner
 
     import elastickit as ek
     from elastickit.cli.main import app
-    from elastickit.reshard.adapters.registry import open_source
 
     src = os.path.join(ds_root, "z2-bf16")
     dst = str(tmp_path / "ek")

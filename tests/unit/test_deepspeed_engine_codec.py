@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from elastickit.checkpoint.errors import DataError, RequestError
+
 from elastickit.integrations.deepspeed_engine import decode, encode
 
 ds = pytest.importorskip("deepspeed")

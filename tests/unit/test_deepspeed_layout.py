@@ -7,10 +7,14 @@ from collections import OrderedDict
 
 import pytest
 import torch
-
 from elastickit.checkpoint.errors import DataError
 from elastickit.reshard.adapters.deepspeed import open_deepspeed
-from elastickit.reshard.adapters.deepspeed_pickle import FragmentAddress, LossScaler, ZeroStage, save_pt
+from elastickit.reshard.adapters.deepspeed_pickle import (
+    FragmentAddress,
+    LossScaler,
+    ZeroStage,
+    save_pt,
+)
 
 SHAPES = OrderedDict(a=(5,), b=(2, 3), c=(4,))
 WORLD = 3

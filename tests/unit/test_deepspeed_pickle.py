@@ -6,7 +6,6 @@ import fractions
 
 import pytest
 import torch
-
 from elastickit.checkpoint.errors import DataError
 from elastickit.reshard.adapters.deepspeed_pickle import (
     DEEPSPEED_ALLOWLIST,
