@@ -46,11 +46,11 @@ def _connect(port: int, job: str, rank: int, backend: str) -> tuple[Any, Any]:
         from elastickit.monitor import register_backend
 
         register_backend()
-    tcp = dist.TCPStore("127.0.0.1", port, is_master=False,
-                        timeout=datetime.timedelta(seconds=120))
+    tcp = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=120))
     store = dist.PrefixStore(f"{job}/", tcp)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        backend, store=store, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120)
+    )
     return store, None
 
 
@@ -63,8 +63,10 @@ def _step(rank: int, compute_s: float, pair: Any, x: Any, mat: Any) -> None:
     remaining = t_end - time.perf_counter()
     if remaining > 0:
         time.sleep(remaining)
-    ops = [dist.P2POp(dist.isend, x, (rank + 1) % WORLD),
-           dist.P2POp(dist.irecv, torch.empty_like(x), (rank - 1) % WORLD)]
+    ops = [
+        dist.P2POp(dist.isend, x, (rank + 1) % WORLD),
+        dist.P2POp(dist.irecv, torch.empty_like(x), (rank - 1) % WORLD),
+    ]
     for w in dist.batch_isend_irecv(ops):
         w.wait()
     dist.all_reduce(x, group=pair)
@@ -89,10 +91,9 @@ def _hooks_for(spec: str, rank: int) -> list[Any]:
 
 def episode_worker(rank: int, port: int, job: str, backend: str) -> None:
     """Long-lived rank: runs the episodes the launcher posts under <job>/ep/<k>/spec."""
+    import elastickit.monitor as ekm
     import torch
     import torch.distributed as dist
-
-    import elastickit.monitor as ekm
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     store, _ = _connect(port, job, rank, backend)
@@ -105,8 +106,16 @@ def episode_worker(rank: int, port: int, job: str, backend: str) -> None:
         if spec.get("stop"):
             break
         monitored = spec["monitor"]
-        mon = ekm.Monitor(store, rank=rank, world_size=WORLD, options=ekm.MonitorOptions(
-            collector_rank=None, prefix=f"ekmon/{k}")) if monitored else None
+        mon = (
+            ekm.Monitor(
+                store,
+                rank=rank,
+                world_size=WORLD,
+                options=ekm.MonitorOptions(collector_rank=None, prefix=f"ekmon/{k}"),
+            )
+            if monitored
+            else None
+        )
         hooks = _hooks_for(spec["fault"], rank)
         times = []
         dist.barrier()
@@ -136,16 +145,19 @@ def episode_worker(rank: int, port: int, job: str, backend: str) -> None:
 
 def fault_worker(rank: int, port: int, job: str, backend: str, spec: dict[str, Any]) -> None:
     """One job with a hang or crash injected; the launcher's collector watches."""
-    import torch
-
     import elastickit.monitor as ekm
+    import torch
 
     store, _ = _connect(port, job, rank, backend)
     pair = _groups(rank)
     x = torch.ones(1024)
     mat = torch.randn(64, 64)
-    mon = ekm.Monitor(store, rank=rank, world_size=WORLD,
-                      options=ekm.MonitorOptions(collector_rank=None, prefix="ekmon/0"))
+    mon = ekm.Monitor(
+        store,
+        rank=rank,
+        world_size=WORLD,
+        options=ekm.MonitorOptions(collector_rank=None, prefix="ekmon/0"),
+    )
     hooks = _hooks_for(spec["fault"], rank)
     try:
         for step in range(spec["steps"]):
@@ -188,15 +200,24 @@ def _onset(store: Any, k: int) -> dict[str, Any] | None:
     return json.loads(store.get(key)) if store.check([key]) else None
 
 
-def _score(kind: str, truth: tuple[int, ...], events: list[Any], onset: dict[str, Any] | None
-           ) -> dict[str, Any]:
+def _score(
+    kind: str, truth: tuple[int, ...], events: list[Any], onset: dict[str, Any] | None
+) -> dict[str, Any]:
     typed = [e for e in events if e.type == kind]
     first = typed[0] if typed else None
-    wrong = [e.to_dict() for e in events
-             if not (e.type == kind and tuple(e.ranks) == truth)
-             and not (kind in ("hang", "crash") and e.type == "crash" and set(e.ranks) - set(truth) == set())]
-    out: dict[str, Any] = {"detected": first is not None, "localized": bool(first and tuple(first.ranks) == truth),
-                           "other_events": wrong}
+    wrong = [
+        e.to_dict()
+        for e in events
+        if not (e.type == kind and tuple(e.ranks) == truth)
+        and not (
+            kind in ("hang", "crash") and e.type == "crash" and set(e.ranks) - set(truth) == set()
+        )
+    ]
+    out: dict[str, Any] = {
+        "detected": first is not None,
+        "localized": bool(first and tuple(first.ranks) == truth),
+        "other_events": wrong,
+    }
     if first is not None and onset is not None:
         out["latency_s"] = round(first.time_s - onset["time"], 3)
         if kind in ("slow_rank", "slow_link"):
@@ -204,11 +225,11 @@ def _score(kind: str, truth: tuple[int, ...], events: list[Any], onset: dict[str
     return out
 
 
-def run_episodes(port: int, tcp: Any, args: argparse.Namespace, rng: random.Random,
-                 backend: str) -> dict[str, Any]:
-    import torch.distributed as dist
-
+def run_episodes(
+    port: int, tcp: Any, args: argparse.Namespace, rng: random.Random, backend: str
+) -> dict[str, Any]:
     import elastickit.monitor as ekm
+    import torch.distributed as dist
 
     job = "episodes"
     store = dist.PrefixStore(f"{job}/", tcp)
@@ -217,15 +238,27 @@ def run_episodes(port: int, tcp: Any, args: argparse.Namespace, rng: random.Rand
     out: dict[str, list[Any]] = {"clean": [], "slow_rank": [], "slow_link": []}
     clean_step_times: list[float] = []
 
-    def episode(fault: str, fault_rank: int, truth: tuple[int, ...], kind: str, steps: int,
-                onset: int) -> None:
+    def episode(
+        fault: str, fault_rank: int, truth: tuple[int, ...], kind: str, steps: int, onset: int
+    ) -> None:
         nonlocal k
-        col = ekm.Collector(store, world_size=WORLD, prefix=f"ekmon/{k}", poll_s=0.05,
-                            on_abort=None)
+        col = ekm.Collector(
+            store, world_size=WORLD, prefix=f"ekmon/{k}", poll_s=0.05, on_abort=None
+        )
         col.start()
-        store.set(f"ep/{k}/spec", json.dumps({
-            "fault": fault, "fault_rank": fault_rank, "onset": onset, "steps": steps,
-            "compute_s": args.compute_s, "monitor": True}))
+        store.set(
+            f"ep/{k}/spec",
+            json.dumps(
+                {
+                    "fault": fault,
+                    "fault_rank": fault_rank,
+                    "onset": onset,
+                    "steps": steps,
+                    "compute_s": args.compute_s,
+                    "monitor": True,
+                }
+            ),
+        )
         while not all(store.check([f"ep/{k}/times/{r}"]) for r in range(WORLD)):
             if not any(p.is_alive() for p in procs):
                 raise RuntimeError("the benchmark's ranks died")
@@ -235,8 +268,9 @@ def run_episodes(port: int, tcp: Any, args: argparse.Namespace, rng: random.Rand
         step_med = statistics.median(t for ts in times for t in ts[1:])
         if kind == "clean":
             clean_step_times.append(step_med)
-            out["clean"].append({"events": [e.to_dict() for e in col.events],
-                                 "step_time_s": round(step_med, 4)})
+            out["clean"].append(
+                {"events": [e.to_dict() for e in col.events], "step_time_s": round(step_med, 4)}
+            )
         else:
             res = _score(kind, truth, col.events, _onset(store, k))
             res.update(fault=fault, step_time_s=round(step_med, 4))
@@ -254,27 +288,51 @@ def run_episodes(port: int, tcp: Any, args: argparse.Namespace, rng: random.Rand
         for _ in range(args.repeats):
             a = rng.randrange(WORLD)
             b = (a + 1) % WORLD
-            episode(f"slowlink:src={a}:dst={b}:ms={args.link_ms}", a, tuple(sorted((a, b))),
-                    "slow_link", args.steps, args.onset)
+            episode(
+                f"slowlink:src={a}:dst={b}:ms={args.link_ms}",
+                a,
+                tuple(sorted((a, b))),
+                "slow_link",
+                args.steps,
+                args.onset,
+            )
         store.set(f"ep/{k}/spec", json.dumps({"stop": True}))
     finally:
         _reap(procs)
     return {"episodes": out, "clean_step_time_s": round(base, 4), "slow_ms": slow_ms}
 
 
-def run_fault_job(port: int, tcp: Any, job: str, fault: str, fault_rank: int, kind: str,
-                  args: argparse.Namespace, backend: str) -> dict[str, Any]:
-    import torch.distributed as dist
-
+def run_fault_job(
+    port: int,
+    tcp: Any,
+    job: str,
+    fault: str,
+    fault_rank: int,
+    kind: str,
+    args: argparse.Namespace,
+    backend: str,
+) -> dict[str, Any]:
     import elastickit.monitor as ekm
+    import torch.distributed as dist
 
     store = dist.PrefixStore(f"{job}/", tcp)
     aborted: list[Any] = []
-    col = ekm.Collector(store, world_size=WORLD, prefix="ekmon/0", poll_s=0.05,
-                        abort_on_hang=True, on_abort=aborted.append)
+    col = ekm.Collector(
+        store,
+        world_size=WORLD,
+        prefix="ekmon/0",
+        poll_s=0.05,
+        abort_on_hang=True,
+        on_abort=aborted.append,
+    )
     col.start()
-    spec = {"fault": fault, "fault_rank": fault_rank, "onset": args.onset, "steps": 10**6
-            if kind == "hang" else 60, "compute_s": args.compute_s}
+    spec = {
+        "fault": fault,
+        "fault_rank": fault_rank,
+        "onset": args.onset,
+        "steps": 10**6 if kind == "hang" else 60,
+        "compute_s": args.compute_s,
+    }
     procs = _spawn(fault_worker, lambda r: (r, port, job, backend, spec))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -289,8 +347,7 @@ def run_fault_job(port: int, tcp: Any, job: str, fault: str, fault_rank: int, ki
     col.close(final_wait_s=0.5)
     _reap(procs, timeout_s=5)
     res = _score(kind, (fault_rank,), col.events, _onset(store, 0))
-    res.update(fault=fault, aborted=bool(aborted),
-               exit_codes=[p.exitcode for p in procs])
+    res.update(fault=fault, aborted=bool(aborted), exit_codes=[p.exitcode for p in procs])
     return res
 
 
@@ -301,31 +358,48 @@ def run_overhead(port: int, tcp: Any, args: argparse.Namespace, backend: str) ->
     out = {}
     plan = []
     for i in range(args.overhead_pairs):
-        plan += [(f"gloo{i}", "gloo", False), (f"probes{i}", backend, False),
-                 (f"probed{i}", backend, True)]
+        plan += [
+            (f"gloo{i}", "gloo", False),
+            (f"probes{i}", backend, False),
+            (f"probed{i}", backend, True),
+        ]
     for label, be, monitored in plan:
         job = f"overhead-{label}"
         store = dist.PrefixStore(f"{job}/", tcp)
         procs = _spawn(episode_worker, lambda r, job=job, be=be: (r, port, job, be))
-        store.set("ep/0/spec", json.dumps({"fault": "", "fault_rank": -1, "onset": 10**9,
-                                           "steps": args.overhead_steps,
-                                           "compute_s": args.compute_s, "monitor": monitored}))
+        store.set(
+            "ep/0/spec",
+            json.dumps(
+                {
+                    "fault": "",
+                    "fault_rank": -1,
+                    "onset": 10**9,
+                    "steps": args.overhead_steps,
+                    "compute_s": args.compute_s,
+                    "monitor": monitored,
+                }
+            ),
+        )
         store.set("ep/1/spec", json.dumps({"stop": True}))
         _reap(procs, timeout_s=120)
         times = [json.loads(store.get(f"ep/0/times/{r}")) for r in range(WORLD)]
         per_step = [statistics.median(ts[i] for ts in times) for i in range(2, len(times[0]))]
-        out[label] = {"median_step_s": round(statistics.median(per_step), 5),
-                      "mean_step_s": round(statistics.mean(per_step), 5)}
+        out[label] = {
+            "median_step_s": round(statistics.median(per_step), 5),
+            "mean_step_s": round(statistics.mean(per_step), 5),
+        }
     plain = [out[f"gloo{i}"]["median_step_s"] for i in range(args.overhead_pairs)]
     probed = [out[f"probed{i}"]["median_step_s"] for i in range(args.overhead_pairs)]
     probes = [out[f"probes{i}"]["median_step_s"] for i in range(args.overhead_pairs)]
     out["probes_only_median_steps_s"] = probes
-    out["probes_only_overhead_pct"] = round(100 * (statistics.mean(probes) - statistics.mean(plain))
-                                            / statistics.mean(plain), 2)
+    out["probes_only_overhead_pct"] = round(
+        100 * (statistics.mean(probes) - statistics.mean(plain)) / statistics.mean(plain), 2
+    )
     out["plain_median_steps_s"] = plain
     out["probed_median_steps_s"] = probed
-    out["overhead_pct"] = round(100 * (statistics.mean(probed) - statistics.mean(plain))
-                                / statistics.mean(plain), 2)
+    out["overhead_pct"] = round(
+        100 * (statistics.mean(probed) - statistics.mean(plain)) / statistics.mean(plain), 2
+    )
     # run-to-run spread of the plain runs: overhead below it cannot be told from noise
     out["plain_spread_pct"] = round(100 * (max(plain) - min(plain)) / statistics.mean(plain), 2)
     return out
@@ -368,8 +442,12 @@ def main() -> int:
     ap.add_argument("--slow-share", type=float, default=0.3, help="slow rank: +share of step time")
     ap.add_argument("--link-ms", type=float, default=20.0, help="slow link: delay per transfer")
     ap.add_argument("--overhead-steps", type=int, default=80)
-    ap.add_argument("--overhead-pairs", type=int, default=2,
-                    help="rounds of (plain, probes only, probes + monitor) jobs")
+    ap.add_argument(
+        "--overhead-pairs",
+        type=int,
+        default=2,
+        help="rounds of (plain, probes only, probes + monitor) jobs",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
@@ -377,14 +455,18 @@ def main() -> int:
         args.clean, args.repeats, args.jobs, args.overhead_steps = 3, 2, 1, 20
         args.overhead_pairs = 1
 
-    import torch.distributed as dist
-
     import elastickit.monitor as ekm
+    import torch.distributed as dist
 
     backend = ekm.register_backend()
     rng = random.Random(args.seed)
-    tcp = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                        timeout=datetime.timedelta(seconds=120))
+    tcp = dist.TCPStore(
+        "127.0.0.1",
+        0,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=120),
+    )
     port = tcp.port
     t_start = time.time()
     ep = run_episodes(port, tcp, args, rng, backend)
@@ -392,38 +474,64 @@ def main() -> int:
     hangs, crashes = [], []
     for j in range(args.jobs):
         r = rng.randrange(WORLD)
-        hangs.append(run_fault_job(port, tcp, f"hang{j}", f"hang:rank={r}:step={args.onset}", r,
-                                   "hang", args, backend))
+        hangs.append(
+            run_fault_job(
+                port, tcp, f"hang{j}", f"hang:rank={r}:step={args.onset}", r, "hang", args, backend
+            )
+        )
         r = rng.randrange(WORLD)
-        crashes.append(run_fault_job(port, tcp, f"crash{j}", f"crash:rank={r}:step={args.onset}",
-                                     r, "crash", args, backend))
+        crashes.append(
+            run_fault_job(
+                port,
+                tcp,
+                f"crash{j}",
+                f"crash:rank={r}:step={args.onset}",
+                r,
+                "crash",
+                args,
+                backend,
+            )
+        )
     print(f"fault jobs done in {time.time() - t_start:.0f} s", file=sys.stderr, flush=True)
     overhead = run_overhead(port, tcp, args, backend)
     overhead.update(_probe_cost_per_op())
     overhead["bookkeeping_pct"] = round(
-        100 * overhead["us_per_op"] * 1e-6 * OPS_PER_STEP / ep["clean_step_time_s"], 3)
+        100 * overhead["us_per_op"] * 1e-6 * OPS_PER_STEP / ep["clean_step_time_s"], 3
+    )
     elapsed = time.time() - t_start
 
     eps = ep["episodes"]
     step_s = ep["clean_step_time_s"]
     rows = []
-    for kind, runs in (("slow_rank", eps["slow_rank"]), ("slow_link", eps["slow_link"]),
-                       ("hang", hangs), ("crash", crashes)):
-        rows.append({
-            "fault": kind, "runs": len(runs),
-            "detected_pct": _pct([r["detected"] for r in runs]),
-            "localized_pct": _pct([r["localized"] for r in runs]),
-            "latency_steps": _stats([r["latency_steps"] for r in runs if "latency_steps" in r]),
-            "latency_s": _stats([r["latency_s"] for r in runs if "latency_s" in r]),
-            "other_events": sum(len(r["other_events"]) for r in runs),
-        })
+    for kind, runs in (
+        ("slow_rank", eps["slow_rank"]),
+        ("slow_link", eps["slow_link"]),
+        ("hang", hangs),
+        ("crash", crashes),
+    ):
+        rows.append(
+            {
+                "fault": kind,
+                "runs": len(runs),
+                "detected_pct": _pct([r["detected"] for r in runs]),
+                "localized_pct": _pct([r["localized"] for r in runs]),
+                "latency_steps": _stats([r["latency_steps"] for r in runs if "latency_steps" in r]),
+                "latency_s": _stats([r["latency_s"] for r in runs if "latency_s" in r]),
+                "other_events": sum(len(r["other_events"]) for r in runs),
+            }
+        )
     clean_fp = sum(len(c["events"]) for c in eps["clean"])
     summary = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": f"{os.cpu_count()} cores, torch {__import__('torch').__version__}, gloo, 4 ranks",
-        "elapsed_s": round(elapsed, 1), "args": vars(args), "clean_step_time_s": step_s,
-        "slow_rank_ms": ep["slow_ms"], "rows": rows, "clean_runs": len(eps["clean"]),
-        "clean_false_positives": clean_fp, "overhead": overhead,
+        "elapsed_s": round(elapsed, 1),
+        "args": vars(args),
+        "clean_step_time_s": step_s,
+        "slow_rank_ms": ep["slow_ms"],
+        "rows": rows,
+        "clean_runs": len(eps["clean"]),
+        "clean_false_positives": clean_fp,
+        "overhead": overhead,
         "hang_bound_target_s": round(2 * step_s + 1.0, 3),
         "raw": {"episodes": eps, "hangs": hangs, "crashes": crashes},
     }
@@ -445,8 +553,10 @@ def main() -> int:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        lines.append(f"| {r['fault']} | {r['runs']} | {r['detected_pct']}% | {r['localized_pct']}% "
-                     f"| {r['latency_steps']} | {r['latency_s']} | {r['other_events']} |")
+        lines.append(
+            f"| {r['fault']} | {r['runs']} | {r['detected_pct']}% | {r['localized_pct']}% "
+            f"| {r['latency_steps']} | {r['latency_s']} | {r['other_events']} |"
+        )
     lines += [
         "",
         f"False positives over {len(eps['clean'])} clean runs: **{clean_fp}** events.",

@@ -55,8 +55,9 @@ class FaultSpec:
 
 def parse_fault(text: str, world_size: int) -> FaultSpec:
     """Parse one `--inject` value; raise RequestError naming the flag and the fix."""
-    usage = ("use slow:rank=R:ms=M, slowlink:src=A:dst=B:ms=M, hang:rank=R:step=S or "
-             "crash:rank=R:step=S")
+    usage = (
+        "use slow:rank=R:ms=M, slowlink:src=A:dst=B:ms=M, hang:rank=R:step=S or crash:rank=R:step=S"
+    )
     kind, _, rest = text.strip().partition(":")
     if kind not in _KINDS:
         raise RequestError(f"--inject {text!r}: unknown fault {kind!r}; {usage}.")
@@ -77,18 +78,24 @@ def parse_fault(text: str, world_size: int) -> FaultSpec:
         try:
             values[key] = float(value) if key == "ms" else int(value)
         except ValueError:
-            raise RequestError(f"--inject {text!r}: {key}={value!r} is not a number; "
-                               f"give a {'number of milliseconds' if key == 'ms' else 'whole number'}.") from None
+            raise RequestError(
+                f"--inject {text!r}: {key}={value!r} is not a number; "
+                f"give a {'number of milliseconds' if key == 'ms' else 'whole number'}."
+            ) from None
     for key in ("rank", "src", "dst"):
         if key in values and not 0 <= values[key] < world_size:
-            raise RequestError(f"--inject {text!r}: {key}={values[key]} is outside the world of "
-                               f"{world_size} ranks; use 0..{world_size - 1}.")
+            raise RequestError(
+                f"--inject {text!r}: {key}={values[key]} is outside the world of "
+                f"{world_size} ranks; use 0..{world_size - 1}."
+            )
     if "ms" in values and values["ms"] <= 0:
         raise RequestError(f"--inject {text!r}: ms must be positive; give the delay in ms.")
     if values.get("step", 0) < 0:
         raise RequestError(f"--inject {text!r}: step must be >= 0.")
     if kind == "slowlink" and values["src"] == values["dst"]:
-        raise RequestError(f"--inject {text!r}: src and dst are the same rank; a link joins two ranks.")
+        raise RequestError(
+            f"--inject {text!r}: src and dst are the same rank; a link joins two ranks."
+        )
     if kind in ("slow", "slowlink"):
         values.setdefault("step", 0)
     return FaultSpec(kind=kind, text=text, **values)
@@ -125,8 +132,11 @@ class Hang(_NoOp):
 
     def on_step_start(self, step: int) -> None:
         if step >= self.spec.step:
-            print(f"elastickit.faults: {self.spec.text}: hanging at step {step}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"elastickit.faults: {self.spec.text}: hanging at step {step}",
+                file=sys.stderr,
+                flush=True,
+            )
             while True:
                 time.sleep(1.0)
 
@@ -139,8 +149,11 @@ class Crash(_NoOp):
 
     def on_step_start(self, step: int) -> None:
         if step >= self.spec.step:
-            print(f"elastickit.faults: {self.spec.text}: crashing at step {step}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"elastickit.faults: {self.spec.text}: crashing at step {step}",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(CRASH_EXIT_CODE)
 
 
@@ -168,8 +181,13 @@ class SlowLink(_NoOp):
             time.sleep(self.spec.ms / 1000.0)
 
     def after_issue(self, op: str, group_ranks: tuple[int, ...], peer: int, work: Any) -> None:
-        if (self.active and peer == -1 and self.spec.src in group_ranks
-                and self.spec.dst in group_ranks and op != "barrier"):
+        if (
+            self.active
+            and peer == -1
+            and self.spec.src in group_ranks
+            and self.spec.dst in group_ranks
+            and op != "barrier"
+        ):
             work.wait()
             time.sleep(self.spec.ms / 1000.0)
 
@@ -186,11 +204,11 @@ class _AllLinks:
     """The one interceptor the probe holds: every active SlowLink in turn."""
 
     def before_issue(self, op: str, group_ranks: tuple[int, ...], peer: int) -> None:
-        for link in list(_LINKS):
+        for link in _LINKS:
             link.before_issue(op, group_ranks, peer)
 
     def after_issue(self, op: str, group_ranks: tuple[int, ...], peer: int, work: Any) -> None:
-        for link in list(_LINKS):
+        for link in _LINKS:
             link.after_issue(op, group_ranks, peer, work)
 
 
@@ -214,11 +232,17 @@ class MonitorHook(_NoOp):
         if self.monitor is None:
             from elastickit.monitor import attach
 
-            self.monitor = attach(events_path=self.events_path, abort_on_hang=self.abort_on_hang,
-                                  metrics_port=self.metrics_port)
+            self.monitor = attach(
+                events_path=self.events_path,
+                abort_on_hang=self.abort_on_hang,
+                metrics_port=self.metrics_port,
+            )
             if self.monitor.metrics_port is not None:
-                print(f"elastickit.monitor: metrics on http://127.0.0.1:{self.monitor.metrics_port}/",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"elastickit.monitor: metrics on http://127.0.0.1:{self.monitor.metrics_port}/",
+                    file=sys.stderr,
+                    flush=True,
+                )
         return self.monitor
 
     def on_step_start(self, step: int) -> None:
@@ -232,9 +256,15 @@ class MonitorHook(_NoOp):
             self.monitor.close()
 
 
-def build_step_hooks(specs: list[str], events_path: str | None, rank: int, world_size: int, *,
-                     abort_on_hang: bool | None = None,
-                     metrics_port: int | None = None) -> list[StepHook]:
+def build_step_hooks(
+    specs: list[str],
+    events_path: str | None,
+    rank: int,
+    world_size: int,
+    *,
+    abort_on_hang: bool | None = None,
+    metrics_port: int | None = None,
+) -> list[StepHook]:
     """The step hooks for `--inject` specs (all validated first) and, when `events_path` is
     set, the monitor's hook (first in the list; collector on rank 0, events to events_path).
 
@@ -251,8 +281,9 @@ def build_step_hooks(specs: list[str], events_path: str | None, rank: int, world
         abort_on_hang = any(p.kind == "hang" for p in parsed)
     hooks: list[StepHook] = []
     if events_path:
-        hooks.append(MonitorHook(events_path, abort_on_hang=abort_on_hang,
-                                 metrics_port=metrics_port))
+        hooks.append(
+            MonitorHook(events_path, abort_on_hang=abort_on_hang, metrics_port=metrics_port)
+        )
     for spec in parsed:
         if spec.kind == "slowlink":  # on every rank: all members of a shared group delay
             hooks.append(SlowLink(spec, rank))

@@ -59,20 +59,38 @@ class MonitorOptions:
 class Monitor:
     """The monitor of one rank: a reporter, and on the collector rank a collector."""
 
-    def __init__(self, store: StoreLike, *, rank: int, world_size: int,
-                 options: MonitorOptions = MonitorOptions(),
-                 on_event: Callable[[AnomalyEvent], None] | None = None) -> None:
+    def __init__(
+        self,
+        store: StoreLike,
+        *,
+        rank: int,
+        world_size: int,
+        options: MonitorOptions = MonitorOptions(),
+        on_event: Callable[[AnomalyEvent], None] | None = None,
+    ) -> None:
         self.rank = rank
         self.world_size = world_size
         self.options = options
-        self.reporter = Reporter(store, rank=rank, buffer=PROBE.buffer, prefix=options.prefix,
-                                 interval_s=options.heartbeat_s)
+        self.reporter = Reporter(
+            store,
+            rank=rank,
+            buffer=PROBE.buffer,
+            prefix=options.prefix,
+            interval_s=options.heartbeat_s,
+        )
         self.collector: Collector | None = None
         if options.collector_rank == rank:
-            self.collector = Collector(store, world_size=world_size, prefix=options.prefix,
-                                       events_path=options.events_path, config=options.config,
-                                       poll_s=options.poll_s, metrics_port=options.metrics_port,
-                                       abort_on_hang=options.abort_on_hang, on_event=on_event)
+            self.collector = Collector(
+                store,
+                world_size=world_size,
+                prefix=options.prefix,
+                events_path=options.events_path,
+                config=options.config,
+                poll_s=options.poll_s,
+                metrics_port=options.metrics_port,
+                abort_on_hang=options.abort_on_hang,
+                on_event=on_event,
+            )
         self._step = 0
         self._closed = False
         self._hook: Any = None
@@ -94,8 +112,9 @@ class Monitor:
         self._step = step
         self.reporter.step_start(step)
 
-    def on_step_end(self, step: int, loss: float = float("nan"),
-                    step_time_s: float | None = None) -> None:
+    def on_step_end(
+        self, step: int, loss: float = float("nan"), step_time_s: float | None = None
+    ) -> None:
         self.reporter.step_end(step, step_time_s)
 
     @contextlib.contextmanager
@@ -138,9 +157,14 @@ class Monitor:
         self.close()
 
 
-def attach(*, store: StoreLike | None = None, optimizer: Any = None,
-           options: MonitorOptions | None = None,
-           on_event: Callable[[AnomalyEvent], None] | None = None, **option_fields: Any) -> Monitor:
+def attach(
+    *,
+    store: StoreLike | None = None,
+    optimizer: Any = None,
+    options: MonitorOptions | None = None,
+    on_event: Callable[[AnomalyEvent], None] | None = None,
+    **option_fields: Any,
+) -> Monitor:
     """Start monitoring this rank of an initialised torch.distributed job; return the Monitor.
 
     Args:
@@ -154,21 +178,30 @@ def attach(*, store: StoreLike | None = None, optimizer: Any = None,
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        raise RuntimeError("elastickit.monitor.attach: call torch.distributed.init_process_group "
-                           "first (with backend=elastickit.monitor.register_backend())")
+        raise RuntimeError(
+            "elastickit.monitor.attach: call torch.distributed.init_process_group "
+            "first (with backend=elastickit.monitor.register_backend())"
+        )
     if options is None:
         options = MonitorOptions(**option_fields)
     elif option_fields:
         raise TypeError("attach: pass either options= or option keywords, not both")
     if not str(dist.get_backend()).startswith("ekmon_"):
-        warnings.warn("elastickit.monitor: the process group does not use the probing backend; "
-                      "heartbeats (hang, crash) work but collectives are not timed. Pass "
-                      "backend=elastickit.monitor.register_backend() to init_process_group.",
-                      stacklevel=2)
+        warnings.warn(
+            "elastickit.monitor: the process group does not use the probing backend; "
+            "heartbeats (hang, crash) work but collectives are not timed. Pass "
+            "backend=elastickit.monitor.register_backend() to init_process_group.",
+            stacklevel=2,
+        )
     if store is None:
         store = dist.distributed_c10d._get_default_store()
-    mon = Monitor(store, rank=dist.get_rank(), world_size=dist.get_world_size(), options=options,
-                  on_event=on_event)
+    mon = Monitor(
+        store,
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        options=options,
+        on_event=on_event,
+    )
     if optimizer is not None:
         mon.follow_optimizer(optimizer)
     return mon

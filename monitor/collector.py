@@ -49,8 +49,11 @@ def process_exited(pid: int) -> bool:
 
 
 def _exit_process(event: AnomalyEvent) -> None:
-    print(f"elastickit.monitor: hang at {event.op} (group {event.group}, seq {event.seq}); "
-          f"ranks {list(event.ranks)} never entered it; aborting the job", flush=True)
+    print(
+        f"elastickit.monitor: hang at {event.op} (group {event.group}, seq {event.seq}); "
+        f"ranks {list(event.ranks)} never entered it; aborting the job",
+        flush=True,
+    )
     os._exit(ABORT_EXIT_CODE)
 
 
@@ -61,13 +64,22 @@ class Collector:
     your own loop (tests), then `close()`. `events` holds every finding so far.
     """
 
-    def __init__(self, store: StoreLike, *, world_size: int, prefix: str = "ekmon",
-                 events_path: str | None = None, config: DetectorConfig | None = None,
-                 poll_s: float = 0.1, metrics_port: int | None = None,
-                 metrics_host: str = "127.0.0.1", abort_on_hang: bool = False,
-                 on_abort: Callable[[AnomalyEvent], None] | None = _exit_process,
-                 on_event: Callable[[AnomalyEvent], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        store: StoreLike,
+        *,
+        world_size: int,
+        prefix: str = "ekmon",
+        events_path: str | None = None,
+        config: DetectorConfig | None = None,
+        poll_s: float = 0.1,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
+        abort_on_hang: bool = False,
+        on_abort: Callable[[AnomalyEvent], None] | None = _exit_process,
+        on_event: Callable[[AnomalyEvent], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store = store
         self.world_size = world_size
         self.prefix = prefix
@@ -83,7 +95,8 @@ class Collector:
         self._host = socket.gethostname()
         keep = max(3 * self.config.window_steps, 8)
         self._summaries: dict[int, collections.deque[StepSummary]] = {
-            r: collections.deque(maxlen=keep) for r in range(world_size)}
+            r: collections.deque(maxlen=keep) for r in range(world_size)
+        }
         self._next = [0] * world_size
         self._beats: dict[int, Heartbeat] = {}
         self._changed_at: dict[int, float] = {}
@@ -95,8 +108,9 @@ class Collector:
         if events_path:
             os.makedirs(os.path.dirname(os.path.abspath(events_path)), exist_ok=True)
             self._file = open(events_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self.metrics = Metrics(port=metrics_port, host=metrics_host) if metrics_port is not None \
-            else None
+        self.metrics = (
+            Metrics(port=metrics_port, host=metrics_host) if metrics_port is not None else None
+        )
 
     @property
     def metrics_port(self) -> int | None:
@@ -150,18 +164,27 @@ class Collector:
         out = {}
         for r, hb in self._beats.items():
             exited = hb.host == self._host and hb.state != "closed" and process_exited(hb.pid)
-            out[r] = ObservedHeartbeat(heartbeat=hb, silent_s=now - self._changed_at[r],
-                                       exited=exited)
+            out[r] = ObservedHeartbeat(
+                heartbeat=hb, silent_s=now - self._changed_at[r], exited=exited
+            )
         return out
 
     def poll_once(self) -> list[AnomalyEvent]:
         """Read the store, run the detector, report new findings; return them."""
         self._read()
         beats = self.observed()
-        found = detect(self._summaries, beats, world_size=self.world_size, now_s=time.time(),
-                       config=self.config)
-        new = [e for e in found if e.key not in self._seen
-               and not (self._aborted and e.type == "crash")]
+        found = detect(
+            self._summaries,
+            beats,
+            world_size=self.world_size,
+            now_s=time.time(),
+            config=self.config,
+        )
+        new = [
+            e
+            for e in found
+            if e.key not in self._seen and not (self._aborted and e.type == "crash")
+        ]
         for e in new:
             self._seen.add(e.key)
             self.events.append(e)
@@ -177,8 +200,9 @@ class Collector:
         if self.metrics is not None:
             steps = complete_steps(self._summaries, self.world_size, self.config.window_steps)
             last = {r: d[-1] for r, d in self._summaries.items() if d}
-            self.metrics.update(last, straggler_scores(steps),
-                                {r: o.silent_s for r, o in beats.items()})
+            self.metrics.update(
+                last, straggler_scores(steps), {r: o.silent_s for r, o in beats.items()}
+            )
             self.metrics.count(new)
         hangs = [e for e in new if e.type == "hang"]
         if hangs and self.abort_on_hang:
@@ -188,9 +212,16 @@ class Collector:
     def _abort(self, event: AnomalyEvent) -> None:
         self._aborted = True
         try:
-            self.store.set(abort_key(self.prefix), json.dumps(
-                {"reason": f"hang at {event.op} seq {event.seq} in group {event.group}; "
-                           f"ranks {list(event.ranks)} never entered", "event": event.to_dict()}))
+            self.store.set(
+                abort_key(self.prefix),
+                json.dumps(
+                    {
+                        "reason": f"hang at {event.op} seq {event.seq} in group {event.group}; "
+                        f"ranks {list(event.ranks)} never entered",
+                        "event": event.to_dict(),
+                    }
+                ),
+            )
         except Exception:  # noqa: BLE001 - still abort this process
             self.errors += 1
         if self.on_abort is not None:
@@ -208,8 +239,9 @@ class Collector:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
-        wait = self.config.crash_silence_s + 2 * self.poll_s if final_wait_s is None \
-            else final_wait_s
+        wait = (
+            self.config.crash_silence_s + 2 * self.poll_s if final_wait_s is None else final_wait_s
+        )
         deadline = self.clock() + wait
         while True:
             try:

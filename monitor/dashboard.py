@@ -71,9 +71,15 @@ class CollectorSource:
         out = {}
         for r, o in sorted(self.collector.observed().items()):
             hb = o.heartbeat
-            out[str(r)] = {"step": hb.step, "state": hb.state, "silent_s": round(o.silent_s, 2),
-                           "exited": o.exited, "in_flight": len(hb.in_flight), "host": hb.host,
-                           "pid": hb.pid}
+            out[str(r)] = {
+                "step": hb.step,
+                "state": hb.state,
+                "silent_s": round(o.silent_s, 2),
+                "exited": o.exited,
+                "in_flight": len(hb.in_flight),
+                "host": hb.host,
+                "pid": hb.pid,
+            }
         return out
 
 
@@ -89,15 +95,23 @@ def _page(events: list[dict[str, Any]], ranks: dict[str, Any], title: str) -> st
         f"<td>{esc(str(e.get('step')))}</td><td>{esc(str(e.get('op', '')))}</td>"
         f"<td>{esc(str(e.get('group', '')))}</td><td>{esc(str(e.get('confidence')))}</td>"
         f"<td><code>{esc(json.dumps(e.get('evidence', {}), sort_keys=True))}</code></td></tr>"
-        for e in reversed(events))
+        for e in reversed(events)
+    )
     rank_rows = "".join(
-        f"<tr><td>{esc(r)}</td>" + "".join(f"<td>{esc(str(v[k]))}</td>" for k in
-                                           ("step", "state", "silent_s", "in_flight", "host"))
-        + "</tr>" for r, v in ranks.items())
+        f"<tr><td>{esc(r)}</td>"
+        + "".join(
+            f"<td>{esc(str(v[k]))}</td>" for k in ("step", "state", "silent_s", "in_flight", "host")
+        )
+        + "</tr>"
+        for r, v in ranks.items()
+    )
     summary = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no anomalies"
-    ranks_html = (f"<h2>Ranks</h2><table><tr><th>rank</th><th>step</th><th>state</th>"
-                  f"<th>silent (s)</th><th>in flight</th><th>host</th></tr>{rank_rows}</table>"
-                  if ranks else "")
+    ranks_html = (
+        f"<h2>Ranks</h2><table><tr><th>rank</th><th>step</th><th>state</th>"
+        f"<th>silent (s)</th><th>in flight</th><th>host</th></tr>{rank_rows}</table>"
+        if ranks
+        else ""
+    )
     return f"""<!doctype html><html><head><meta charset="utf-8">
 <meta http-equiv="refresh" content="2"><title>{esc(title)}</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse}}
@@ -108,9 +122,14 @@ td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}}
 <th>group</th><th>confidence</th><th>evidence</th></tr>{rows}</table></body></html>"""
 
 
-def make_server(source: EventsFileSource | CollectorSource, *, host: str = "127.0.0.1",
-                port: int = 0, token: str | None = None,
-                title: str = "elastickit monitor") -> ThreadingHTTPServer:
+def make_server(
+    source: EventsFileSource | CollectorSource,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str | None = None,
+    title: str = "elastickit monitor",
+) -> ThreadingHTTPServer:
     """An HTTP server for `source` (not started: call `serve_forever()`); `.server_port` says
     the port. Raises ValueError when binding beyond localhost without a token."""
     if host not in LOCAL_HOSTS and not token:
@@ -126,20 +145,26 @@ def make_server(source: EventsFileSource | CollectorSource, *, host: str = "127.
             given = query.get("token", [""])[0]
             auth = self.headers.get("Authorization", "")
             if auth.startswith("Bearer "):
-                given = auth[len("Bearer "):]
+                given = auth[len("Bearer ") :]
             return hmac.compare_digest(given.encode(), token.encode())
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             url = urllib.parse.urlparse(self.path)
             if not self._authorized(urllib.parse.parse_qs(url.query)):
                 self._send(403, "text/plain", b"forbidden: give the dashboard token\n")
                 return
             routes: dict[str, Callable[[], tuple[str, bytes]]] = {
-                "/": lambda: ("text/html; charset=utf-8",
-                              _page(source.events(), source.ranks(), title).encode()),
+                "/": lambda: (
+                    "text/html; charset=utf-8",
+                    _page(source.events(), source.ranks(), title).encode(),
+                ),
                 "/events.json": lambda: ("application/json", json.dumps(source.events()).encode()),
-                "/state.json": lambda: ("application/json", json.dumps(
-                    {"ranks": source.ranks(), "num_events": len(source.events())}).encode()),
+                "/state.json": lambda: (
+                    "application/json",
+                    json.dumps(
+                        {"ranks": source.ranks(), "num_events": len(source.events())}
+                    ).encode(),
+                ),
             }
             route = routes.get(url.path)
             if route is None:

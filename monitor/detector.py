@@ -62,11 +62,23 @@ class DetectorConfig:
 
     def __post_init__(self) -> None:
         if self.window_steps < 1:
-            raise ValueError(f"DetectorConfig: field 'window_steps' must be >= 1, got {self.window_steps}")
+            raise ValueError(
+                f"DetectorConfig: field 'window_steps' must be >= 1, got {self.window_steps}"
+            )
         if not 1 <= self.min_hits <= self.window_steps:
-            raise ValueError(f"DetectorConfig: field 'min_hits' must be in 1..window_steps, got {self.min_hits}")
-        for name in ("warmup_steps", "slow_rank_min_gap", "slow_link_ratio", "slow_link_min_s", "hang_factor",
-                     "hang_margin_s", "hang_initial_s", "crash_silence_s"):
+            raise ValueError(
+                f"DetectorConfig: field 'min_hits' must be in 1..window_steps, got {self.min_hits}"
+            )
+        for name in (
+            "warmup_steps",
+            "slow_rank_min_gap",
+            "slow_link_ratio",
+            "slow_link_min_s",
+            "hang_factor",
+            "hang_margin_s",
+            "hang_initial_s",
+            "crash_silence_s",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"DetectorConfig: field {name!r} must be >= 0")
 
@@ -97,9 +109,13 @@ class AnomalyEvent:
 
     def __post_init__(self) -> None:
         if self.type not in EVENT_TYPES:
-            raise ValueError(f"AnomalyEvent: field 'type' must be one of {EVENT_TYPES}, got {self.type!r}")
+            raise ValueError(
+                f"AnomalyEvent: field 'type' must be one of {EVENT_TYPES}, got {self.type!r}"
+            )
         if not 0.0 <= self.confidence <= 1.0:
-            raise ValueError(f"AnomalyEvent: field 'confidence' must be in [0, 1], got {self.confidence}")
+            raise ValueError(
+                f"AnomalyEvent: field 'confidence' must be in [0, 1], got {self.confidence}"
+            )
 
     @property
     def key(self) -> tuple[str, tuple[int, ...]]:
@@ -107,9 +123,17 @@ class AnomalyEvent:
         return (self.type, self.ranks)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "ranks": list(self.ranks), "step": self.step,
-                "time": self.time_s, "op": self.op, "group": self.group, "seq": self.seq,
-                "evidence": dict(self.evidence), "confidence": round(self.confidence, 3)}
+        return {
+            "type": self.type,
+            "ranks": list(self.ranks),
+            "step": self.step,
+            "time": self.time_s,
+            "op": self.op,
+            "group": self.group,
+            "seq": self.seq,
+            "evidence": dict(self.evidence),
+            "confidence": round(self.confidence, 3),
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -118,16 +142,24 @@ class AnomalyEvent:
     def from_json(cls, text: str) -> AnomalyEvent:
         d = json.loads(text)
         try:
-            return cls(type=d["type"], ranks=tuple(int(r) for r in d["ranks"]), step=int(d["step"]),
-                       time_s=float(d["time"]), op=str(d.get("op", "")), group=str(d.get("group", "")),
-                       seq=int(d.get("seq", -1)), evidence=dict(d.get("evidence", {})),
-                       confidence=float(d.get("confidence", 1.0)))
+            return cls(
+                type=d["type"],
+                ranks=tuple(int(r) for r in d["ranks"]),
+                step=int(d["step"]),
+                time_s=float(d["time"]),
+                op=str(d.get("op", "")),
+                group=str(d.get("group", "")),
+                seq=int(d.get("seq", -1)),
+                evidence=dict(d.get("evidence", {})),
+                confidence=float(d.get("confidence", 1.0)),
+            )
         except KeyError as e:
             raise ValueError(f"AnomalyEvent: field {e.args[0]!r} is missing") from e
 
 
-def complete_steps(summaries: Mapping[int, Sequence[StepSummary]], world_size: int,
-                   window: int) -> list[dict[int, StepSummary]]:
+def complete_steps(
+    summaries: Mapping[int, Sequence[StepSummary]], world_size: int, window: int
+) -> list[dict[int, StepSummary]]:
     """The last `window` steps for which every rank sent a summary, oldest first."""
     by_step: dict[int, dict[int, StepSummary]] = {}
     for rank, items in summaries.items():
@@ -150,8 +182,9 @@ def straggler_scores(steps: Sequence[Mapping[int, StepSummary]]) -> dict[int, fl
     return {r: sum(v) / len(v) for r, v in scores.items()}
 
 
-def _slow_ranks(steps: Sequence[Mapping[int, StepSummary]], cfg: DetectorConfig,
-                now_s: float) -> list[AnomalyEvent]:
+def _slow_ranks(
+    steps: Sequence[Mapping[int, StepSummary]], cfg: DetectorConfig, now_s: float
+) -> list[AnomalyEvent]:
     if len(steps) < cfg.window_steps or len(steps[0]) < 2:
         return []
     hits: dict[int, list[float]] = {}
@@ -170,13 +203,23 @@ def _slow_ranks(steps: Sequence[Mapping[int, StepSummary]], cfg: DetectorConfig,
         gap = statistics.median(gaps)
         conf = min(1.0, len(gaps) / len(steps) * min(1.0, gap / (2 * cfg.slow_rank_min_gap)))
         last = steps[-1]
-        events.append(AnomalyEvent(
-            type="slow_rank", ranks=(rank,), step=last[rank].step, time_s=now_s, op="*",
-            evidence={"steps": [s[rank].step for s in steps], "hits": len(gaps),
-                      "median_gap_share": round(gap, 4),
-                      "waits_s": {str(r): round(s.wait_s, 6) for r, s in last.items()},
-                      "step_time_s": round(last[rank].step_time_s, 6)},
-            confidence=conf))
+        events.append(
+            AnomalyEvent(
+                type="slow_rank",
+                ranks=(rank,),
+                step=last[rank].step,
+                time_s=now_s,
+                op="*",
+                evidence={
+                    "steps": [s[rank].step for s in steps],
+                    "hits": len(gaps),
+                    "median_gap_share": round(gap, 4),
+                    "waits_s": {str(r): round(s.wait_s, 6) for r, s in last.items()},
+                    "step_time_s": round(last[rank].step_time_s, 6),
+                },
+                confidence=conf,
+            )
+        )
     return events
 
 
@@ -205,8 +248,9 @@ def _group_floors(step: Mapping[int, StepSummary]) -> dict[tuple[str, tuple[int,
     return {k: min(v) for k, v in seen.items() if len(v) == len(k[1]) and len(k[1]) >= 2}
 
 
-def _slow_links(steps: Sequence[Mapping[int, StepSummary]], cfg: DetectorConfig,
-                now_s: float) -> list[AnomalyEvent]:
+def _slow_links(
+    steps: Sequence[Mapping[int, StepSummary]], cfg: DetectorConfig, now_s: float
+) -> list[AnomalyEvent]:
     if len(steps) < cfg.window_steps:
         return []
 
@@ -225,10 +269,12 @@ def _slow_links(steps: Sequence[Mapping[int, StepSummary]], cfg: DetectorConfig,
     grp_hits: dict[tuple[str, tuple[int, ...]], list[tuple[float, float]]] = {}
     for step in steps:
         pairs = _pair_times(step)
-        for k, v in outliers(pairs, lambda k: pairs.keys()).items():
+        for k, v in outliers(pairs, lambda k, pairs=pairs: pairs.keys()).items():
             p2p_hits.setdefault(k, []).append(v)
         floors = _group_floors(step)
-        for k, v in outliers(floors, lambda k: [o for o in floors if len(o[1]) == len(k[1])]).items():
+        for k, v in outliers(
+            floors, lambda k, floors=floors: [o for o in floors if len(o[1]) == len(k[1])]
+        ).items():
             grp_hits.setdefault(k, []).append(v)
     events = []
     last_step = max(s.step for s in steps[-1].values())
@@ -236,22 +282,44 @@ def _slow_links(steps: Sequence[Mapping[int, StepSummary]], cfg: DetectorConfig,
         if len(vals) >= cfg.min_hits:
             d = statistics.median(v[0] for v in vals)
             base = statistics.median(v[1] for v in vals)
-            events.append(AnomalyEvent(
-                type="slow_link", ranks=(a, b), step=last_step, time_s=now_s, op="send/recv",
-                evidence={"source": "p2p", "hits": len(vals), "pair_op_s": round(d, 6),
-                          "other_pairs_op_s": round(base, 6)},
-                confidence=min(1.0, len(vals) / len(steps))))
+            events.append(
+                AnomalyEvent(
+                    type="slow_link",
+                    ranks=(a, b),
+                    step=last_step,
+                    time_s=now_s,
+                    op="send/recv",
+                    evidence={
+                        "source": "p2p",
+                        "hits": len(vals),
+                        "pair_op_s": round(d, 6),
+                        "other_pairs_op_s": round(base, 6),
+                    },
+                    confidence=min(1.0, len(vals) / len(steps)),
+                )
+            )
     for (group, ranks), vals in grp_hits.items():
         if len(vals) >= cfg.min_hits and not any(set(e.ranks) <= set(ranks) for e in events):
             d = statistics.median(v[0] for v in vals)
             base = statistics.median(v[1] for v in vals)
             conf = min(1.0, len(vals) / len(steps)) * (1.0 if len(ranks) == 2 else 0.5)
-            events.append(AnomalyEvent(
-                type="slow_link", ranks=tuple(sorted(ranks)), step=last_step, time_s=now_s,
-                op="collective", group=group,
-                evidence={"source": "group", "hits": len(vals), "group_op_s": round(d, 6),
-                          "other_groups_op_s": round(base, 6)},
-                confidence=conf))
+            events.append(
+                AnomalyEvent(
+                    type="slow_link",
+                    ranks=tuple(sorted(ranks)),
+                    step=last_step,
+                    time_s=now_s,
+                    op="collective",
+                    group=group,
+                    evidence={
+                        "source": "group",
+                        "hits": len(vals),
+                        "group_op_s": round(d, 6),
+                        "other_groups_op_s": round(base, 6),
+                    },
+                    confidence=conf,
+                )
+            )
     return events
 
 
@@ -263,8 +331,9 @@ def hang_bound_s(steps: Sequence[Mapping[int, StepSummary]], cfg: DetectorConfig
     return cfg.hang_factor * typical + cfg.hang_margin_s
 
 
-def _hangs(heartbeats: Mapping[int, ObservedHeartbeat], gone: set[int], bound_s: float,
-           now_s: float) -> list[AnomalyEvent]:
+def _hangs(
+    heartbeats: Mapping[int, ObservedHeartbeat], gone: set[int], bound_s: float, now_s: float
+) -> list[AnomalyEvent]:
     if gone:  # a crashed rank stalls everyone: that is the finding, not a hang
         return []
     # A rank that closed has left the job (after an error elsewhere): never a culprit.
@@ -275,20 +344,30 @@ def _hangs(heartbeats: Mapping[int, ObservedHeartbeat], gone: set[int], bound_s:
     for r, hb in alive.items():
         for op in hb.in_flight:
             if op.peer == -1:
-                missing = [m for m in op.ranks if m != r and
-                           (m not in alive or alive[m].entered_seq(op.group) < op.seq)]
+                missing = [
+                    m
+                    for m in op.ranks
+                    if m != r and (m not in alive or alive[m].entered_seq(op.group) < op.seq)
+                ]
             elif op.peer >= 0:
                 other = "send" if op.op.startswith("recv") else "recv"
                 peer_hb = alive.get(op.peer)
-                missing = [op.peer] if peer_hb is None or \
-                    peer_hb.entered_p2p_seq(op.group, other, r) < op.seq else []
+                missing = (
+                    [op.peer]
+                    if peer_hb is None or peer_hb.entered_p2p_seq(op.group, other, r) < op.seq
+                    else []
+                )
             else:
                 missing = []
             missing = [m for m in missing if m not in gone]
             if missing:
                 waits_for.setdefault(r, []).append((missing, op))
-    stale = [(r, op, missing) for r, items in waits_for.items() for missing, op in items
-             if op.age_s >= bound_s]
+    stale = [
+        (r, op, missing)
+        for r, items in waits_for.items()
+        for missing, op in items
+        if op.age_s >= bound_s
+    ]
     if not stale:
         return []
     # Follow waiters to the ranks that are inside no operation at all: the root causes.
@@ -322,27 +401,53 @@ def _hangs(heartbeats: Mapping[int, ObservedHeartbeat], gone: set[int], bound_s:
             waiting = sorted({w for m in culprits for w in roots[m][1]})
             waited = max(roots[m][2] for m in culprits)
             step = max((alive[w].step for w in waiting if w in alive), default=-1)
-            events.append(AnomalyEvent(
-                type="hang", ranks=tuple(sorted(culprits)), step=step, time_s=now_s, op=opname,
-                group=group, seq=seq,
-                evidence={"waiting_ranks": waiting, "waited_s": round(waited, 3),
-                          "bound_s": round(bound_s, 3),
-                          "last_entered": {str(m): (alive[m].entered_seq(group) if m in alive
-                                                    else None) for m in culprits}},
-                confidence=0.9 if all(m in alive for m in culprits) else 0.6))
+            events.append(
+                AnomalyEvent(
+                    type="hang",
+                    ranks=tuple(sorted(culprits)),
+                    step=step,
+                    time_s=now_s,
+                    op=opname,
+                    group=group,
+                    seq=seq,
+                    evidence={
+                        "waiting_ranks": waiting,
+                        "waited_s": round(waited, 3),
+                        "bound_s": round(bound_s, 3),
+                        "last_entered": {
+                            str(m): (alive[m].entered_seq(group) if m in alive else None)
+                            for m in culprits
+                        },
+                    },
+                    confidence=0.9 if all(m in alive for m in culprits) else 0.6,
+                )
+            )
     else:  # everyone involved is inside an operation: a deadlock or a stuck transport
         r, op, missing = max(stale, key=lambda x: x[1].age_s)
-        events.append(AnomalyEvent(
-            type="hang", ranks=tuple(sorted(set(missing))), step=alive[r].step, time_s=now_s,
-            op=op.op, group=op.group, seq=op.seq,
-            evidence={"waiting_ranks": [r], "waited_s": round(op.age_s, 3),
-                      "bound_s": round(bound_s, 3), "cycle": True},
-            confidence=0.4))
+        events.append(
+            AnomalyEvent(
+                type="hang",
+                ranks=tuple(sorted(set(missing))),
+                step=alive[r].step,
+                time_s=now_s,
+                op=op.op,
+                group=op.group,
+                seq=op.seq,
+                evidence={
+                    "waiting_ranks": [r],
+                    "waited_s": round(op.age_s, 3),
+                    "bound_s": round(bound_s, 3),
+                    "cycle": True,
+                },
+                confidence=0.4,
+            )
+        )
     return events
 
 
-def _crashes(heartbeats: Mapping[int, ObservedHeartbeat], cfg: DetectorConfig,
-             now_s: float) -> tuple[list[AnomalyEvent], set[int]]:
+def _crashes(
+    heartbeats: Mapping[int, ObservedHeartbeat], cfg: DetectorConfig, now_s: float
+) -> tuple[list[AnomalyEvent], set[int]]:
     events, gone = [], set()
     for r, o in sorted(heartbeats.items()):
         hb = o.heartbeat
@@ -350,17 +455,32 @@ def _crashes(heartbeats: Mapping[int, ObservedHeartbeat], cfg: DetectorConfig,
             continue
         if o.exited or o.silent_s >= cfg.crash_silence_s:
             gone.add(r)
-            events.append(AnomalyEvent(
-                type="crash", ranks=(r,), step=hb.step, time_s=now_s,
-                evidence={"process_exited": o.exited, "heartbeat_silent_s": round(o.silent_s, 3),
-                          "pid": hb.pid, "host": hb.host},
-                confidence=0.95 if o.exited else 0.8))
+            events.append(
+                AnomalyEvent(
+                    type="crash",
+                    ranks=(r,),
+                    step=hb.step,
+                    time_s=now_s,
+                    evidence={
+                        "process_exited": o.exited,
+                        "heartbeat_silent_s": round(o.silent_s, 3),
+                        "pid": hb.pid,
+                        "host": hb.host,
+                    },
+                    confidence=0.95 if o.exited else 0.8,
+                )
+            )
     return events, gone
 
 
-def detect(summaries: Mapping[int, Sequence[StepSummary]],
-           heartbeats: Mapping[int, ObservedHeartbeat], *, world_size: int, now_s: float,
-           config: DetectorConfig = DetectorConfig()) -> list[AnomalyEvent]:
+def detect(
+    summaries: Mapping[int, Sequence[StepSummary]],
+    heartbeats: Mapping[int, ObservedHeartbeat],
+    *,
+    world_size: int,
+    now_s: float,
+    config: DetectorConfig = DetectorConfig(),
+) -> list[AnomalyEvent]:
     """All anomalies visible in the window. Pure: same inputs, same events.
 
     Args:

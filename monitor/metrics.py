@@ -22,16 +22,33 @@ class Metrics:
 
         self.registry = CollectorRegistry()
         r = self.registry
-        self.step_time = Gauge("ekmon_step_time_seconds", "Last step time per rank", ["rank"],
-                               registry=r)
-        self.wait_share = Gauge("ekmon_wait_share", "Share of the step spent waiting in "
-                                "collectives", ["rank"], registry=r)
-        self.latency = Gauge("ekmon_collective_latency_seconds", "Mean per-operation time of "
-                             "the group's fastest member (transfer time)", ["group"], registry=r)
-        self.straggler = Gauge("ekmon_straggler_score", "How much the others wait for this rank, "
-                               "as a share of the step time", ["rank"], registry=r)
-        self.silence = Gauge("ekmon_heartbeat_silence_seconds", "Time since the rank's heartbeat "
-                             "last changed", ["rank"], registry=r)
+        self.step_time = Gauge(
+            "ekmon_step_time_seconds", "Last step time per rank", ["rank"], registry=r
+        )
+        self.wait_share = Gauge(
+            "ekmon_wait_share",
+            "Share of the step spent waiting in collectives",
+            ["rank"],
+            registry=r,
+        )
+        self.latency = Gauge(
+            "ekmon_collective_latency_seconds",
+            "Mean per-operation time of the group's fastest member (transfer time)",
+            ["group"],
+            registry=r,
+        )
+        self.straggler = Gauge(
+            "ekmon_straggler_score",
+            "How much the others wait for this rank, as a share of the step time",
+            ["rank"],
+            registry=r,
+        )
+        self.silence = Gauge(
+            "ekmon_heartbeat_silence_seconds",
+            "Time since the rank's heartbeat last changed",
+            ["rank"],
+            registry=r,
+        )
         self.events = Counter("ekmon_events", "Anomaly events by type", ["type"], registry=r)
         for t in ("slow_rank", "slow_link", "hang", "crash"):
             self.events.labels(type=t)
@@ -40,13 +57,18 @@ class Metrics:
         self.port = int(self._server.server_port)
         self.host = host
 
-    def update(self, last: Mapping[int, StepSummary], scores: Mapping[int, float],
-               silence: Mapping[int, float]) -> None:
+    def update(
+        self,
+        last: Mapping[int, StepSummary],
+        scores: Mapping[int, float],
+        silence: Mapping[int, float],
+    ) -> None:
         floors: dict[str, list[float]] = {}
         for rank, s in last.items():
             self.step_time.labels(rank=str(rank)).set(s.step_time_s)
-            self.wait_share.labels(rank=str(rank)).set(s.wait_s / s.step_time_s
-                                                        if s.step_time_s > 0 else 0.0)
+            self.wait_share.labels(rank=str(rank)).set(
+                s.wait_s / s.step_time_s if s.step_time_s > 0 else 0.0
+            )
             for g in s.groups:
                 if g.num_ops:
                     floors.setdefault(g.group, []).append(g.wait_s / g.num_ops)

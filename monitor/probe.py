@@ -27,20 +27,42 @@ from .records import P2P_OPS, RingBuffer
 # Every ProcessGroup method that moves data or synchronises. Anything not listed falls
 # through to the (empty) outer ProcessGroup, so the list errs on the side of completeness.
 COLLECTIVE_METHODS = (
-    "allreduce", "allreduce_coalesced", "reduce",
-    "allgather", "_allgather_base", "all_gather_single", "allgather_coalesced",
-    "allgather_into_tensor_coalesced", "all_gather_single_coalesced",
-    "reduce_scatter", "_reduce_scatter_base", "reduce_scatter_single",
-    "reduce_scatter_tensor_coalesced", "reduce_scatter_single_coalesced",
-    "broadcast", "gather", "scatter",
-    "alltoall", "alltoall_base", "all_to_all_single",
-    "barrier", "monitored_barrier",
+    "allreduce",
+    "allreduce_coalesced",
+    "reduce",
+    "allgather",
+    "_allgather_base",
+    "all_gather_single",
+    "allgather_coalesced",
+    "allgather_into_tensor_coalesced",
+    "all_gather_single_coalesced",
+    "reduce_scatter",
+    "_reduce_scatter_base",
+    "reduce_scatter_single",
+    "reduce_scatter_tensor_coalesced",
+    "reduce_scatter_single_coalesced",
+    "broadcast",
+    "gather",
+    "scatter",
+    "alltoall",
+    "alltoall_base",
+    "all_to_all_single",
+    "barrier",
+    "monitored_barrier",
 )
 P2P_METHODS = ("send", "recv", "recv_anysource")
 
-_INNER_FALLBACK_METHODS = ("_start_coalescing", "_end_coalescing", "_get_sequence_number_for_group",
-                           "_set_sequence_number_for_group", "abort", "shutdown", "set_timeout",
-                           "_wait_for_pending_works", "get_group_store")
+_INNER_FALLBACK_METHODS = (
+    "_start_coalescing",
+    "_end_coalescing",
+    "_get_sequence_number_for_group",
+    "_set_sequence_number_for_group",
+    "abort",
+    "shutdown",
+    "set_timeout",
+    "_wait_for_pending_works",
+    "get_group_store",
+)
 
 
 class OpInterceptor(Protocol):
@@ -88,8 +110,15 @@ def _make_probed_class() -> type:
     class ProbedProcessGroup(dist.ProcessGroup):
         """A ProcessGroup that records every operation and delegates it to `inner`."""
 
-        def __init__(self, inner: dist.ProcessGroup, rank: int, size: int, group_name: str,
-                     global_ranks: tuple[int, ...], backend_name: str) -> None:
+        def __init__(
+            self,
+            inner: dist.ProcessGroup,
+            rank: int,
+            size: int,
+            group_name: str,
+            global_ranks: tuple[int, ...],
+            backend_name: str,
+        ) -> None:
             super().__init__(rank, size)
             self._inner = inner
             # DeviceMesh resolves groups by name: keep the name given to _set_group_name.

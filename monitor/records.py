@@ -58,11 +58,30 @@ class CollectiveRecord:
 class _Pending:
     """A mutable record while the operation is in flight (internal)."""
 
-    __slots__ = ("op", "group", "group_ranks", "peer", "num_bytes", "seq", "enter_s", "exit_s",
-                 "ok", "id")
+    __slots__ = (
+        "enter_s",
+        "exit_s",
+        "group",
+        "group_ranks",
+        "id",
+        "num_bytes",
+        "ok",
+        "op",
+        "peer",
+        "seq",
+    )
 
-    def __init__(self, op: str, group: str, group_ranks: tuple[int, ...], peer: int,
-                 num_bytes: int, seq: int, enter_s: float, op_id: int) -> None:
+    def __init__(
+        self,
+        op: str,
+        group: str,
+        group_ranks: tuple[int, ...],
+        peer: int,
+        num_bytes: int,
+        seq: int,
+        enter_s: float,
+        op_id: int,
+    ) -> None:
         self.op = op
         self.group = group
         self.group_ranks = group_ranks
@@ -75,9 +94,17 @@ class _Pending:
         self.id = op_id
 
     def freeze(self) -> CollectiveRecord:
-        return CollectiveRecord(op=self.op, group=self.group, group_ranks=self.group_ranks,
-                                peer=self.peer, num_bytes=self.num_bytes, seq=self.seq,
-                                enter_s=self.enter_s, exit_s=self.exit_s, ok=self.ok)
+        return CollectiveRecord(
+            op=self.op,
+            group=self.group,
+            group_ranks=self.group_ranks,
+            peer=self.peer,
+            num_bytes=self.num_bytes,
+            seq=self.seq,
+            enter_s=self.enter_s,
+            exit_s=self.exit_s,
+            ok=self.ok,
+        )
 
 
 class RingBuffer:
@@ -100,8 +127,16 @@ class RingBuffer:
         self.entered: dict[str, int] = {}
         self.entered_p2p: dict[tuple[str, str, int], int] = {}
 
-    def enter(self, op: str, group: str, group_ranks: tuple[int, ...], peer: int,
-              num_bytes: int, seq: int, enter_s: float) -> _Pending:
+    def enter(
+        self,
+        op: str,
+        group: str,
+        group_ranks: tuple[int, ...],
+        peer: int,
+        num_bytes: int,
+        seq: int,
+        enter_s: float,
+    ) -> _Pending:
         p = _Pending(op, group, group_ranks, peer, num_bytes, seq, enter_s, next(self._ids))
         with self._lock:
             self._in_flight[p.id] = p

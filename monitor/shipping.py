@@ -59,9 +59,16 @@ class Reporter:
     `close()`. All methods return at once; store traffic happens on the reporter's thread.
     """
 
-    def __init__(self, store: StoreLike, *, rank: int, buffer: RingBuffer, prefix: str = "ekmon",
-                 interval_s: float = 0.2,
-                 on_abort: Callable[[str], None] | None = _default_abort) -> None:
+    def __init__(
+        self,
+        store: StoreLike,
+        *,
+        rank: int,
+        buffer: RingBuffer,
+        prefix: str = "ekmon",
+        interval_s: float = 0.2,
+        on_abort: Callable[[str], None] | None = _default_abort,
+    ) -> None:
         self.store = store
         self.rank = rank
         self.buffer = buffer
@@ -80,8 +87,9 @@ class Reporter:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._state = "running"
-        self._thread = threading.Thread(target=self._run, name=f"ekmon-reporter-{rank}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"ekmon-reporter-{rank}", daemon=True
+        )
 
     def start(self) -> None:
         self._send_heartbeat()
@@ -95,8 +103,13 @@ class Reporter:
         """Summarise the records completed since the last call; queue the summary."""
         if step_time_s is None:
             step_time_s = time.perf_counter() - self._step_t0
-        summary = summarize(self.buffer.drain(), rank=self.rank, step=step, time_s=time.time(),
-                            step_time_s=max(0.0, step_time_s))
+        summary = summarize(
+            self.buffer.drain(),
+            rank=self.rank,
+            step=step,
+            time_s=time.time(),
+            step_time_s=max(0.0, step_time_s),
+        )
         with self._lock:
             self._queue.append(summary)
         self._wake.set()
@@ -139,15 +152,29 @@ class Reporter:
         now = time.time()
         entered, entered_p2p = self.buffer.entered_seqs()
         in_flight = tuple(
-            InFlightOp(op=r.op, group=r.group, ranks=r.group_ranks, peer=r.peer, seq=r.seq,
-                       age_s=max(0.0, now - r.enter_s))
-            for r in self.buffer.in_flight())
+            InFlightOp(
+                op=r.op,
+                group=r.group,
+                ranks=r.group_ranks,
+                peer=r.peer,
+                seq=r.seq,
+                age_s=max(0.0, now - r.enter_s),
+            )
+            for r in self.buffer.in_flight()
+        )
         self._beat += 1
-        return Heartbeat(rank=self.rank, pid=self._pid, host=self._host, beat=self._beat,
-                         time_s=now, step=self._step, state=self._state, in_flight=in_flight,
-                         entered=tuple(sorted(entered.items())),
-                         entered_p2p=tuple(sorted((g, o, p, s)
-                                                  for (g, o, p), s in entered_p2p.items())))
+        return Heartbeat(
+            rank=self.rank,
+            pid=self._pid,
+            host=self._host,
+            beat=self._beat,
+            time_s=now,
+            step=self._step,
+            state=self._state,
+            in_flight=in_flight,
+            entered=tuple(sorted(entered.items())),
+            entered_p2p=tuple(sorted((g, o, p, s) for (g, o, p), s in entered_p2p.items())),
+        )
 
     def _send_heartbeat(self) -> None:
         try:

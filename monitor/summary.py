@@ -38,15 +38,26 @@ class GroupStat:
     last_seq: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"group": self.group, "ranks": list(self.ranks), "num_ops": self.num_ops,
-                "wait_s": self.wait_s, "num_bytes": self.num_bytes, "last_seq": self.last_seq}
+        return {
+            "group": self.group,
+            "ranks": list(self.ranks),
+            "num_ops": self.num_ops,
+            "wait_s": self.wait_s,
+            "num_bytes": self.num_bytes,
+            "last_seq": self.last_seq,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> GroupStat:
         w = "GroupStat"
-        return cls(group=_req(d, "group", str, w), ranks=tuple(_req(d, "ranks", list, w)),
-                   num_ops=_req(d, "num_ops", int, w), wait_s=_req(d, "wait_s", float, w),
-                   num_bytes=_req(d, "num_bytes", int, w), last_seq=_req(d, "last_seq", int, w))
+        return cls(
+            group=_req(d, "group", str, w),
+            ranks=tuple(_req(d, "ranks", list, w)),
+            num_ops=_req(d, "num_ops", int, w),
+            wait_s=_req(d, "wait_s", float, w),
+            num_bytes=_req(d, "num_bytes", int, w),
+            last_seq=_req(d, "last_seq", int, w),
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,14 +70,22 @@ class PeerStat:
     num_bytes: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"peer": self.peer, "num_ops": self.num_ops, "wait_s": self.wait_s,
-                "num_bytes": self.num_bytes}
+        return {
+            "peer": self.peer,
+            "num_ops": self.num_ops,
+            "wait_s": self.wait_s,
+            "num_bytes": self.num_bytes,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PeerStat:
         w = "PeerStat"
-        return cls(peer=_req(d, "peer", int, w), num_ops=_req(d, "num_ops", int, w),
-                   wait_s=_req(d, "wait_s", float, w), num_bytes=_req(d, "num_bytes", int, w))
+        return cls(
+            peer=_req(d, "peer", int, w),
+            num_ops=_req(d, "num_ops", int, w),
+            wait_s=_req(d, "wait_s", float, w),
+            num_bytes=_req(d, "num_bytes", int, w),
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,14 +119,25 @@ class StepSummary:
         if self.rank < 0:
             raise ValueError(f"StepSummary: field 'rank' must be >= 0, got {self.rank}")
         if self.step_time_s < 0:
-            raise ValueError(f"StepSummary: field 'step_time_s' must be >= 0, got {self.step_time_s}")
+            raise ValueError(
+                f"StepSummary: field 'step_time_s' must be >= 0, got {self.step_time_s}"
+            )
 
     def to_json(self) -> str:
-        return json.dumps({
-            "rank": self.rank, "step": self.step, "time_s": self.time_s,
-            "step_time_s": self.step_time_s, "wait_s": self.wait_s, "num_ops": self.num_ops,
-            "num_errors": self.num_errors, "groups": [g.to_dict() for g in self.groups],
-            "peers": [p.to_dict() for p in self.peers]}, separators=(",", ":"))
+        return json.dumps(
+            {
+                "rank": self.rank,
+                "step": self.step,
+                "time_s": self.time_s,
+                "step_time_s": self.step_time_s,
+                "wait_s": self.wait_s,
+                "num_ops": self.num_ops,
+                "num_errors": self.num_errors,
+                "groups": [g.to_dict() for g in self.groups],
+                "peers": [p.to_dict() for p in self.peers],
+            },
+            separators=(",", ":"),
+        )
 
     @classmethod
     def from_json(cls, text: str | bytes) -> StepSummary:
@@ -115,12 +145,17 @@ class StepSummary:
         w = "StepSummary"
         if not isinstance(d, dict):
             raise ValueError(f"{w}: expected a JSON object")
-        return cls(rank=_req(d, "rank", int, w), step=_req(d, "step", int, w),
-                   time_s=_req(d, "time_s", float, w), step_time_s=_req(d, "step_time_s", float, w),
-                   wait_s=_req(d, "wait_s", float, w), num_ops=_req(d, "num_ops", int, w),
-                   num_errors=_req(d, "num_errors", int, w),
-                   groups=tuple(GroupStat.from_dict(g) for g in _req(d, "groups", list, w)),
-                   peers=tuple(PeerStat.from_dict(p) for p in _req(d, "peers", list, w)))
+        return cls(
+            rank=_req(d, "rank", int, w),
+            step=_req(d, "step", int, w),
+            time_s=_req(d, "time_s", float, w),
+            step_time_s=_req(d, "step_time_s", float, w),
+            wait_s=_req(d, "wait_s", float, w),
+            num_ops=_req(d, "num_ops", int, w),
+            num_errors=_req(d, "num_errors", int, w),
+            groups=tuple(GroupStat.from_dict(g) for g in _req(d, "groups", list, w)),
+            peers=tuple(PeerStat.from_dict(p) for p in _req(d, "peers", list, w)),
+        )
 
     def group(self, name: str) -> GroupStat | None:
         for g in self.groups:
@@ -129,8 +164,9 @@ class StepSummary:
         return None
 
 
-def summarize(records: Iterable[CollectiveRecord], *, rank: int, step: int, time_s: float,
-              step_time_s: float) -> StepSummary:
+def summarize(
+    records: Iterable[CollectiveRecord], *, rank: int, step: int, time_s: float, step_time_s: float
+) -> StepSummary:
     """Fold one step's completed records into a `StepSummary`."""
     groups: dict[str, list[Any]] = {}
     peers: dict[int, list[Any]] = {}
@@ -153,12 +189,24 @@ def summarize(records: Iterable[CollectiveRecord], *, rank: int, step: int, time
         g[3] += r.num_bytes
         g[4] = max(g[4], r.seq)
     return StepSummary(
-        rank=rank, step=step, time_s=time_s, step_time_s=step_time_s, wait_s=wait,
-        num_ops=num_ops, num_errors=errors,
-        groups=tuple(GroupStat(group=k, ranks=tuple(v[0]), num_ops=v[1], wait_s=v[2],
-                               num_bytes=v[3], last_seq=v[4]) for k, v in sorted(groups.items())),
-        peers=tuple(PeerStat(peer=k, num_ops=v[0], wait_s=v[1], num_bytes=v[2])
-                    for k, v in sorted(peers.items())))
+        rank=rank,
+        step=step,
+        time_s=time_s,
+        step_time_s=step_time_s,
+        wait_s=wait,
+        num_ops=num_ops,
+        num_errors=errors,
+        groups=tuple(
+            GroupStat(
+                group=k, ranks=tuple(v[0]), num_ops=v[1], wait_s=v[2], num_bytes=v[3], last_seq=v[4]
+            )
+            for k, v in sorted(groups.items())
+        ),
+        peers=tuple(
+            PeerStat(peer=k, num_ops=v[0], wait_s=v[1], num_bytes=v[2])
+            for k, v in sorted(peers.items())
+        ),
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,15 +221,26 @@ class InFlightOp:
     age_s: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"op": self.op, "group": self.group, "ranks": list(self.ranks), "peer": self.peer,
-                "seq": self.seq, "age_s": self.age_s}
+        return {
+            "op": self.op,
+            "group": self.group,
+            "ranks": list(self.ranks),
+            "peer": self.peer,
+            "seq": self.seq,
+            "age_s": self.age_s,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> InFlightOp:
         w = "InFlightOp"
-        return cls(op=_req(d, "op", str, w), group=_req(d, "group", str, w),
-                   ranks=tuple(_req(d, "ranks", list, w)), peer=_req(d, "peer", int, w),
-                   seq=_req(d, "seq", int, w), age_s=_req(d, "age_s", float, w))
+        return cls(
+            op=_req(d, "op", str, w),
+            group=_req(d, "group", str, w),
+            ranks=tuple(_req(d, "ranks", list, w)),
+            peer=_req(d, "peer", int, w),
+            seq=_req(d, "seq", int, w),
+            age_s=_req(d, "age_s", float, w),
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -212,15 +271,26 @@ class Heartbeat:
 
     def __post_init__(self) -> None:
         if self.state not in ("running", "closed"):
-            raise ValueError(f"Heartbeat: field 'state' must be running or closed, got {self.state!r}")
+            raise ValueError(
+                f"Heartbeat: field 'state' must be running or closed, got {self.state!r}"
+            )
 
     def to_json(self) -> str:
-        return json.dumps({
-            "rank": self.rank, "pid": self.pid, "host": self.host, "beat": self.beat,
-            "time_s": self.time_s, "step": self.step, "state": self.state,
-            "in_flight": [o.to_dict() for o in self.in_flight],
-            "entered": [list(e) for e in self.entered],
-            "entered_p2p": [list(e) for e in self.entered_p2p]}, separators=(",", ":"))
+        return json.dumps(
+            {
+                "rank": self.rank,
+                "pid": self.pid,
+                "host": self.host,
+                "beat": self.beat,
+                "time_s": self.time_s,
+                "step": self.step,
+                "state": self.state,
+                "in_flight": [o.to_dict() for o in self.in_flight],
+                "entered": [list(e) for e in self.entered],
+                "entered_p2p": [list(e) for e in self.entered_p2p],
+            },
+            separators=(",", ":"),
+        )
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Heartbeat:
@@ -228,14 +298,20 @@ class Heartbeat:
         w = "Heartbeat"
         if not isinstance(d, dict):
             raise ValueError(f"{w}: expected a JSON object")
-        return cls(rank=_req(d, "rank", int, w), pid=_req(d, "pid", int, w),
-                   host=_req(d, "host", str, w), beat=_req(d, "beat", int, w),
-                   time_s=_req(d, "time_s", float, w), step=_req(d, "step", int, w),
-                   state=_req(d, "state", str, w),
-                   in_flight=tuple(InFlightOp.from_dict(o) for o in _req(d, "in_flight", list, w)),
-                   entered=tuple((str(g), int(s)) for g, s in _req(d, "entered", list, w)),
-                   entered_p2p=tuple((str(g), str(o), int(p), int(s))
-                                     for g, o, p, s in _req(d, "entered_p2p", list, w)))
+        return cls(
+            rank=_req(d, "rank", int, w),
+            pid=_req(d, "pid", int, w),
+            host=_req(d, "host", str, w),
+            beat=_req(d, "beat", int, w),
+            time_s=_req(d, "time_s", float, w),
+            step=_req(d, "step", int, w),
+            state=_req(d, "state", str, w),
+            in_flight=tuple(InFlightOp.from_dict(o) for o in _req(d, "in_flight", list, w)),
+            entered=tuple((str(g), int(s)) for g, s in _req(d, "entered", list, w)),
+            entered_p2p=tuple(
+                (str(g), str(o), int(p), int(s)) for g, o, p, s in _req(d, "entered_p2p", list, w)
+            ),
+        )
 
     def entered_seq(self, group: str) -> int:
         for g, s in self.entered:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from elastickit.monitor import register_backend
+
 from tests._dist import run_ranks
 
 BACKEND = register_backend()
@@ -19,10 +19,9 @@ def _ddp_loop(rank: int, world_size: int, events_path: str) -> dict[str, object]
     import time
     import urllib.request
 
+    import elastickit.monitor as ekm
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
-
-    import elastickit.monitor as ekm
 
     model = DDP(torch.nn.Linear(16, 16))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

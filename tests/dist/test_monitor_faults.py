@@ -7,8 +7,8 @@ import json
 import os
 
 import pytest
-
 from elastickit.monitor import register_backend
+
 from tests._dist import RankError, run_ranks
 
 BACKEND = register_backend()
@@ -16,8 +16,9 @@ BACKEND = register_backend()
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(120)]
 
 
-def _loop(rank: int, world_size: int, events_path: str, specs: list[str], steps: int,
-          abort_on_hang: bool) -> int:
+def _loop(
+    rank: int, world_size: int, events_path: str, specs: list[str], steps: int, abort_on_hang: bool
+) -> int:
     """A tiny hybrid job: ~40 ms of compute, a p2p ring, tp-pair and world all-reduces."""
     import time
 
@@ -36,8 +37,10 @@ def _loop(rank: int, world_size: int, events_path: str, specs: list[str], steps:
             for h in hooks:
                 h.on_step_start(step)
             time.sleep(0.04)
-            ops = [dist.P2POp(dist.isend, x, (rank + 1) % world_size),
-                   dist.P2POp(dist.irecv, torch.empty(256), (rank - 1) % world_size)]
+            ops = [
+                dist.P2POp(dist.isend, x, (rank + 1) % world_size),
+                dist.P2POp(dist.irecv, torch.empty(256), (rank - 1) % world_size),
+            ]
             for w in dist.batch_isend_irecv(ops):
                 w.wait()
             dist.all_reduce(x, group=mine)
@@ -59,12 +62,23 @@ def _events(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _run(tmp_path, specs: list[str], steps: int, abort_on_hang: bool = False,
-         expect_failure: bool = False) -> list[dict]:
+def _run(
+    tmp_path,
+    specs: list[str],
+    steps: int,
+    abort_on_hang: bool = False,
+    expect_failure: bool = False,
+) -> list[dict]:
     path = str(tmp_path / "events.jsonl")
     try:
-        run_ranks(_loop, world_size=4, args=(path, specs, steps, abort_on_hang), timeout_s=90,
-                  backend=BACKEND, error_grace_s=4.0)
+        run_ranks(
+            _loop,
+            world_size=4,
+            args=(path, specs, steps, abort_on_hang),
+            timeout_s=90,
+            backend=BACKEND,
+            error_grace_s=4.0,
+        )
     except RankError:
         if not expect_failure:
             raise
@@ -90,8 +104,9 @@ def test_slow_link_names_the_pair(tmp_path) -> None:
 
 
 def test_hang_is_localized_and_aborts_the_job(tmp_path) -> None:
-    events = _run(tmp_path, ["hang:rank=3:step=5"], steps=40, abort_on_hang=True,
-                  expect_failure=True)
+    events = _run(
+        tmp_path, ["hang:rank=3:step=5"], steps=40, abort_on_hang=True, expect_failure=True
+    )
     hangs = [e for e in events if e["type"] == "hang"]
     assert hangs, events
     assert hangs[0]["ranks"] == [3]

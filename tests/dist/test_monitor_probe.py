@@ -5,8 +5,8 @@ from __future__ import annotations
 import collections
 
 import pytest
-
 from elastickit.monitor import register_backend
+
 from tests._dist import run_ranks
 
 # Registered at import: the spawned ranks import this module before init_process_group.
@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.timeout(180)]
 def _fsdp_tp_and_plain(rank: int, world_size: int) -> dict[str, object]:
     import torch
     import torch.distributed as dist
+    from elastickit.monitor.probe import PROBE
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import (
@@ -25,8 +26,6 @@ def _fsdp_tp_and_plain(rank: int, world_size: int) -> dict[str, object]:
         RowwiseParallel,
         parallelize_module,
     )
-
-    from elastickit.monitor.probe import PROBE
 
     assert dist.get_backend() == BACKEND
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
@@ -52,8 +51,10 @@ def _fsdp_tp_and_plain(rank: int, world_size: int) -> dict[str, object]:
     dist.all_to_all_single(torch.zeros(4), torch.ones(4))
     dist.broadcast(t, 0)
     dist.barrier()
-    ops = [dist.P2POp(dist.isend, t, (rank + 1) % world_size),
-           dist.P2POp(dist.irecv, torch.zeros(4), (rank - 1) % world_size)]
+    ops = [
+        dist.P2POp(dist.isend, t, (rank + 1) % world_size),
+        dist.P2POp(dist.irecv, torch.zeros(4), (rank - 1) % world_size),
+    ]
     for w in dist.batch_isend_irecv(ops):
         w.wait()
     work = dist.all_reduce(torch.ones(1000), async_op=True)
@@ -62,9 +63,15 @@ def _fsdp_tp_and_plain(rank: int, world_size: int) -> dict[str, object]:
     plain = PROBE.buffer.drain()
     peers = sorted({(r.op, r.peer) for r in plain if r.is_p2p})
     allreduce_bytes = [r.num_bytes for r in plain if r.op == "allreduce"]
-    return {"fsdp_tp": dict(fsdp_tp), "groups": groups, "complete": complete,
-            "plain": dict(collections.Counter(r.op for r in plain)), "peers": peers,
-            "allreduce_bytes": allreduce_bytes, "errors": PROBE.errors}
+    return {
+        "fsdp_tp": dict(fsdp_tp),
+        "groups": groups,
+        "complete": complete,
+        "plain": dict(collections.Counter(r.op for r in plain)),
+        "peers": peers,
+        "allreduce_bytes": allreduce_bytes,
+        "errors": PROBE.errors,
+    }
 
 
 def test_probe_sees_fsdp2_tp_step_and_plain_ops() -> None:

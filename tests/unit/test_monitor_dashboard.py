@@ -8,7 +8,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from elastickit.monitor.dashboard import EventsFileSource, make_server
 
 pytestmark = pytest.mark.timeout(30)
@@ -24,8 +23,17 @@ def _get(url: str) -> tuple[int, str]:
 
 def test_events_file_page_and_json(tmp_path) -> None:
     path = tmp_path / "events.jsonl"
-    event = {"type": "hang", "ranks": [3], "step": 7, "time": 1.0, "op": "allreduce",
-             "group": "0", "seq": 12, "evidence": {"waiting_ranks": [0, 1, 2]}, "confidence": 0.9}
+    event = {
+        "type": "hang",
+        "ranks": [3],
+        "step": 7,
+        "time": 1.0,
+        "op": "allreduce",
+        "group": "0",
+        "seq": 12,
+        "evidence": {"waiting_ranks": [0, 1, 2]},
+        "confidence": 0.9,
+    }
     path.write_text(json.dumps(event) + "\n" + '{"type": "cra')  # a line still being written
     server = make_server(EventsFileSource(str(path)), port=0, token="s3cret")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -39,8 +47,10 @@ def test_events_file_page_and_json(tmp_path) -> None:
         assert status == 200 and "hang" in page and "allreduce" in page
         with open(path, "a") as f:
             f.write('sh", "ranks": [1], "step": 9, "time": 2.0}\n')
-        assert [e["type"] for e in json.loads(_get(base + "/events.json?token=s3cret")[1])] == \
-            ["hang", "crash"]
+        assert [e["type"] for e in json.loads(_get(base + "/events.json?token=s3cret")[1])] == [
+            "hang",
+            "crash",
+        ]
     finally:
         server.shutdown()
         server.server_close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from elastickit.monitor.detector import (
     AnomalyEvent,
     DetectorConfig,
@@ -22,9 +21,16 @@ DP = [(0, 2), (1, 3)]
 GROUP_NAMES = {(0, 1): "3", (2, 3): "4", (0, 2): "1", (1, 3): "2"}
 
 
-def _window(num_steps: int, *, slow_rank: int | None = None, slow_share: float = 0.3,
-            slow_pair: tuple[int, int] | None = None, slow_group: tuple[int, int] | None = None,
-            seed: int = 0, noise: float = 0.03) -> dict[int, list[StepSummary]]:
+def _window(
+    num_steps: int,
+    *,
+    slow_rank: int | None = None,
+    slow_share: float = 0.3,
+    slow_pair: tuple[int, int] | None = None,
+    slow_group: tuple[int, int] | None = None,
+    seed: int = 0,
+    noise: float = 0.03,
+) -> dict[int, list[StepSummary]]:
     """Summaries of a 4-rank job: each rank computes ~0.1 s, then a ring of p2p and two
     collectives (tp and dp pairs); everyone leaves each collective when the last arrives."""
     rng = random.Random(seed)
@@ -54,19 +60,40 @@ def _window(num_steps: int, *, slow_rank: int | None = None, slow_share: float =
             for r in pair:
                 w = arrive - compute[r] + xfer
                 waits[r] += w
-                groups[r].append(GroupStat(group=GROUP_NAMES[pair], ranks=pair, num_ops=1,
-                                           wait_s=w, num_bytes=1000, last_seq=step + 1))
+                groups[r].append(
+                    GroupStat(
+                        group=GROUP_NAMES[pair],
+                        ranks=pair,
+                        num_ops=1,
+                        wait_s=w,
+                        num_bytes=1000,
+                        last_seq=step + 1,
+                    )
+                )
         for r in range(WORLD):
-            out[r].append(StepSummary(rank=r, step=step, time_s=1000.0 + step, step_time_s=step_time,
-                                      wait_s=waits[r], num_ops=4, groups=tuple(groups[r]),
-                                      peers=tuple(sorted(peers[r], key=lambda p: p.peer))))
+            out[r].append(
+                StepSummary(
+                    rank=r,
+                    step=step,
+                    time_s=1000.0 + step,
+                    step_time_s=step_time,
+                    wait_s=waits[r],
+                    num_ops=4,
+                    groups=tuple(groups[r]),
+                    peers=tuple(sorted(peers[r], key=lambda p: p.peer)),
+                )
+            )
     return out
 
 
 def _beats(**overrides: ObservedHeartbeat) -> dict[int, ObservedHeartbeat]:
-    beats = {r: ObservedHeartbeat(heartbeat=Heartbeat(rank=r, pid=100 + r, host="h", beat=5,
-                                                      time_s=1.0, step=7), silent_s=0.1)
-             for r in range(WORLD)}
+    beats = {
+        r: ObservedHeartbeat(
+            heartbeat=Heartbeat(rank=r, pid=100 + r, host="h", beat=5, time_s=1.0, step=7),
+            silent_s=0.1,
+        )
+        for r in range(WORLD)
+    }
     beats.update({int(k[1:]): v for k, v in overrides.items()})
     return beats
 
@@ -106,20 +133,41 @@ def test_slow_group_link_from_collective_floors() -> None:
     assert events[0].group == "1"
 
 
-def _in_flight(rank: int, group_ranks: tuple[int, ...], seq: int, age_s: float, step: int,
-               entered: int, group: str = "0") -> ObservedHeartbeat:
-    hb = Heartbeat(rank=rank, pid=100 + rank, host="h", beat=9, time_s=1.0, step=step,
-                   in_flight=(InFlightOp(op="allreduce", group=group, ranks=group_ranks, peer=-1,
-                                         seq=seq, age_s=age_s),),
-                   entered=((group, entered),))
+def _in_flight(
+    rank: int,
+    group_ranks: tuple[int, ...],
+    seq: int,
+    age_s: float,
+    step: int,
+    entered: int,
+    group: str = "0",
+) -> ObservedHeartbeat:
+    hb = Heartbeat(
+        rank=rank,
+        pid=100 + rank,
+        host="h",
+        beat=9,
+        time_s=1.0,
+        step=step,
+        in_flight=(
+            InFlightOp(
+                op="allreduce", group=group, ranks=group_ranks, peer=-1, seq=seq, age_s=age_s
+            ),
+        ),
+        entered=((group, entered),),
+    )
     return ObservedHeartbeat(heartbeat=hb, silent_s=0.05)
 
 
 def test_hang_names_the_rank_that_never_entered() -> None:
     world = (0, 1, 2, 3)
     beats = {r: _in_flight(r, world, seq=12, age_s=2.0, step=6, entered=12) for r in (0, 1, 3)}
-    beats[2] = ObservedHeartbeat(heartbeat=Heartbeat(rank=2, pid=102, host="h", beat=9, time_s=1.0,
-                                                     step=6, entered=(("0", 11),)), silent_s=0.05)
+    beats[2] = ObservedHeartbeat(
+        heartbeat=Heartbeat(
+            rank=2, pid=102, host="h", beat=9, time_s=1.0, step=6, entered=(("0", 11),)
+        ),
+        silent_s=0.05,
+    )
     events = detect(_window(6), beats, world_size=WORLD, now_s=0.0)
     assert _types(events) == [("hang", (2,))]
     e = events[0]
@@ -131,8 +179,12 @@ def test_hang_names_the_rank_that_never_entered() -> None:
 def test_hang_below_the_bound_is_not_reported() -> None:
     world = (0, 1, 2, 3)
     beats = {r: _in_flight(r, world, seq=12, age_s=0.2, step=6, entered=12) for r in (0, 1, 3)}
-    beats[2] = ObservedHeartbeat(heartbeat=Heartbeat(rank=2, pid=102, host="h", beat=9, time_s=1.0,
-                                                     step=6, entered=(("0", 11),)), silent_s=0.05)
+    beats[2] = ObservedHeartbeat(
+        heartbeat=Heartbeat(
+            rank=2, pid=102, host="h", beat=9, time_s=1.0, step=6, entered=(("0", 11),)
+        ),
+        silent_s=0.05,
+    )
     assert detect(_window(6), beats, world_size=WORLD, now_s=0.0) == []
 
 
@@ -143,9 +195,12 @@ def test_hang_follows_waiters_to_the_root() -> None:
         1: _in_flight(1, (1, 3), seq=5, age_s=3.0, step=6, entered=5, group="2"),
         0: _in_flight(0, (0, 1), seq=5, age_s=2.5, step=6, entered=5, group="3"),
         2: _in_flight(2, (2, 3), seq=5, age_s=2.9, step=6, entered=5, group="4"),
-        3: ObservedHeartbeat(heartbeat=Heartbeat(rank=3, pid=103, host="h", beat=3, time_s=1.0,
-                                                 step=6, entered=(("2", 4), ("4", 4))),
-                             silent_s=0.05),
+        3: ObservedHeartbeat(
+            heartbeat=Heartbeat(
+                rank=3, pid=103, host="h", beat=3, time_s=1.0, step=6, entered=(("2", 4), ("4", 4))
+            ),
+            silent_s=0.05,
+        ),
     }
     events = detect(_window(6), beats, world_size=WORLD, now_s=0.0)
     assert _types(events) == [("hang", (3,))]
@@ -154,12 +209,19 @@ def test_hang_follows_waiters_to_the_root() -> None:
 
 def test_crash_from_exit_and_from_silence_but_not_after_clean_close() -> None:
     hb = Heartbeat(rank=1, pid=101, host="h", beat=3, time_s=1.0, step=4)
-    beats = _beats(r1=ObservedHeartbeat(heartbeat=hb, silent_s=0.2, exited=True),
-                   r3=ObservedHeartbeat(heartbeat=Heartbeat(rank=3, pid=103, host="h", beat=3,
-                                                            time_s=1.0, step=4), silent_s=5.0),
-                   r2=ObservedHeartbeat(heartbeat=Heartbeat(rank=2, pid=102, host="h", beat=3,
-                                                            time_s=1.0, step=9, state="closed"),
-                                        silent_s=50.0, exited=True))
+    beats = _beats(
+        r1=ObservedHeartbeat(heartbeat=hb, silent_s=0.2, exited=True),
+        r3=ObservedHeartbeat(
+            heartbeat=Heartbeat(rank=3, pid=103, host="h", beat=3, time_s=1.0, step=4), silent_s=5.0
+        ),
+        r2=ObservedHeartbeat(
+            heartbeat=Heartbeat(
+                rank=2, pid=102, host="h", beat=3, time_s=1.0, step=9, state="closed"
+            ),
+            silent_s=50.0,
+            exited=True,
+        ),
+    )
     events = detect({}, beats, world_size=WORLD, now_s=0.0)
     assert _types(events) == [("crash", (1,)), ("crash", (3,))]
     assert events[0].evidence["process_exited"] is True
@@ -168,15 +230,28 @@ def test_crash_from_exit_and_from_silence_but_not_after_clean_close() -> None:
 def test_crashed_rank_is_not_also_a_hang() -> None:
     world = (0, 1, 2, 3)
     beats = {r: _in_flight(r, world, seq=12, age_s=2.0, step=6, entered=12) for r in (0, 1, 3)}
-    beats[2] = ObservedHeartbeat(heartbeat=Heartbeat(rank=2, pid=102, host="h", beat=9, time_s=1.0,
-                                                     step=6, entered=(("0", 11),)),
-                                 silent_s=0.1, exited=True)
+    beats[2] = ObservedHeartbeat(
+        heartbeat=Heartbeat(
+            rank=2, pid=102, host="h", beat=9, time_s=1.0, step=6, entered=(("0", 11),)
+        ),
+        silent_s=0.1,
+        exited=True,
+    )
     assert _types(detect(_window(6), beats, world_size=WORLD, now_s=0.0)) == [("crash", (2,))]
 
 
 def test_event_json_round_trip_and_fields() -> None:
-    e = AnomalyEvent(type="hang", ranks=(2,), step=3, time_s=5.0, op="allreduce", group="0", seq=9,
-                     evidence={"waiting_ranks": [0, 1]}, confidence=0.9)
+    e = AnomalyEvent(
+        type="hang",
+        ranks=(2,),
+        step=3,
+        time_s=5.0,
+        op="allreduce",
+        group="0",
+        seq=9,
+        evidence={"waiting_ranks": [0, 1]},
+        confidence=0.9,
+    )
     d = e.to_dict()
     for field in ("type", "ranks", "step", "time", "op", "evidence", "confidence"):
         assert field in d
@@ -191,8 +266,10 @@ def test_summary_and_heartbeat_round_trip() -> None:
     hb = _in_flight(1, (0, 1), seq=3, age_s=1.5, step=2, entered=3).heartbeat
     assert Heartbeat.from_json(hb.to_json()) == hb
     with pytest.raises(ValueError, match="'wait_s'"):
-        StepSummary.from_json('{"rank": 0, "step": 1, "time_s": 0, "step_time_s": 1, "num_ops": 0,'
-                              ' "num_errors": 0, "groups": [], "peers": []}')
+        StepSummary.from_json(
+            '{"rank": 0, "step": 1, "time_s": 0, "step_time_s": 1, "num_ops": 0,'
+            ' "num_errors": 0, "groups": [], "peers": []}'
+        )
 
 
 def test_config_validation_names_the_field() -> None:
@@ -203,11 +280,25 @@ def test_config_validation_names_the_field() -> None:
 def test_no_hang_blamed_on_a_rank_that_closed_or_while_one_crashed() -> None:
     world = (0, 1, 2, 3)
     beats = {r: _in_flight(r, world, seq=12, age_s=2.0, step=6, entered=12) for r in (0, 1, 3)}
-    beats[2] = ObservedHeartbeat(heartbeat=Heartbeat(rank=2, pid=102, host="h", beat=9, time_s=1.0,
-                                                     step=6, state="closed",
-                                                     entered=(("0", 11),)), silent_s=3.0)
+    beats[2] = ObservedHeartbeat(
+        heartbeat=Heartbeat(
+            rank=2,
+            pid=102,
+            host="h",
+            beat=9,
+            time_s=1.0,
+            step=6,
+            state="closed",
+            entered=(("0", 11),),
+        ),
+        silent_s=3.0,
+    )
     assert detect(_window(6), beats, world_size=WORLD, now_s=0.0) == []
-    beats[2] = ObservedHeartbeat(heartbeat=Heartbeat(rank=2, pid=102, host="h", beat=9, time_s=1.0,
-                                                     step=6, entered=(("0", 11),)), silent_s=0.05)
+    beats[2] = ObservedHeartbeat(
+        heartbeat=Heartbeat(
+            rank=2, pid=102, host="h", beat=9, time_s=1.0, step=6, entered=(("0", 11),)
+        ),
+        silent_s=0.05,
+    )
     beats[1] = ObservedHeartbeat(heartbeat=beats[1].heartbeat, silent_s=0.1, exited=True)
     assert _types(detect(_window(6), beats, world_size=WORLD, now_s=0.0)) == [("crash", (1,))]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from elastickit.checkpoint.errors import RequestError
+
 from elastickit.faults import Crash, Hang, SlowLink, SlowRank, build_step_hooks, parse_fault
 
 pytestmark = pytest.mark.timeout(30)
@@ -19,16 +19,19 @@ def test_parse_each_kind() -> None:
     assert parse_fault("slow:rank=2:ms=50:step=4", 4).step == 4
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ("melt:rank=1", "unknown fault 'melt'"),
-    ("slow:rank=1", "field 'ms' is missing"),
-    ("slow:rank=9:ms=5", "rank=9 is outside the world of 4 ranks"),
-    ("slow:rank=x:ms=5", "rank='x' is not a number"),
-    ("slow:rank=1:ms=-5", "ms must be positive"),
-    ("hang:rank=1:step=2:ms=4", "unexpected field 'ms=4'"),
-    ("slowlink:src=1:dst=1:ms=4", "src and dst are the same rank"),
-    ("crash:rank=1:rank=2:step=1", "given twice"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("melt:rank=1", "unknown fault 'melt'"),
+        ("slow:rank=1", "field 'ms' is missing"),
+        ("slow:rank=9:ms=5", "rank=9 is outside the world of 4 ranks"),
+        ("slow:rank=x:ms=5", "rank='x' is not a number"),
+        ("slow:rank=1:ms=-5", "ms must be positive"),
+        ("hang:rank=1:step=2:ms=4", "unexpected field 'ms=4'"),
+        ("slowlink:src=1:dst=1:ms=4", "src and dst are the same rank"),
+        ("crash:rank=1:rank=2:step=1", "given twice"),
+    ],
+)
 def test_bad_specs_name_the_flag(spec: str, message: str) -> None:
     with pytest.raises(RequestError, match="--inject") as err:
         parse_fault(spec, 4)

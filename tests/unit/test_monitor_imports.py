@@ -24,8 +24,11 @@ def test_monitor_imports_only_itself_and_third_parties() -> None:
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names = [node.module]
-            offenders += [f"{path.name}: {n}" for n in names
-                          if n.split(".")[0] in ("elastickit", "checkpoint", "reshard", "monitor")]
+            offenders += [
+                f"{path.name}: {n}"
+                for n in names
+                if n.split(".")[0] in ("elastickit", "checkpoint", "reshard", "monitor")
+            ]
     assert offenders == []
 
 

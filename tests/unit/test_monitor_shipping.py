@@ -8,7 +8,6 @@ import time
 import urllib.request
 
 import pytest
-
 from elastickit.monitor import Collector, DetectorConfig, Heartbeat, InFlightOp, Reporter
 from elastickit.monitor.records import RingBuffer
 from elastickit.monitor.shipping import abort_key, heartbeat_key
@@ -44,12 +43,18 @@ def _one_step(buf: RingBuffer, wait_s: float, seq: int) -> None:
 def test_summaries_flow_and_clean_close_is_not_a_crash(tmp_path) -> None:
     store = MemStore()
     bufs = [RingBuffer(), RingBuffer()]
-    reps = [Reporter(store, rank=r, buffer=bufs[r], interval_s=0.02, on_abort=None)
-            for r in range(2)]
+    reps = [
+        Reporter(store, rank=r, buffer=bufs[r], interval_s=0.02, on_abort=None) for r in range(2)
+    ]
     events_path = str(tmp_path / "ev" / "events.jsonl")
-    col = Collector(store, world_size=2, events_path=events_path, poll_s=0.02,
-                    config=DetectorConfig(window_steps=3, min_hits=3, warmup_steps=1),
-                    on_abort=None)
+    col = Collector(
+        store,
+        world_size=2,
+        events_path=events_path,
+        poll_s=0.02,
+        config=DetectorConfig(window_steps=3, min_hits=3, warmup_steps=1),
+        on_abort=None,
+    )
     for rep in reps:
         rep.start()
     for step in range(4):
@@ -62,7 +67,8 @@ def test_summaries_flow_and_clean_close_is_not_a_crash(tmp_path) -> None:
     col.close(final_wait_s=0.5)
     assert [e.type for e in col.events] == ["slow_rank"]
     assert col.events[0].ranks == (1,)
-    lines = [json.loads(x) for x in open(events_path)]
+    with open(events_path) as f:
+        lines = [json.loads(x) for x in f]
     assert lines[0]["type"] == "slow_rank" and lines[0]["ranks"] == [1]
     assert col.settled()
     assert not any(k.startswith("ekmon/s/") for k in store.data)  # consumed summaries deleted
@@ -71,15 +77,25 @@ def test_summaries_flow_and_clean_close_is_not_a_crash(tmp_path) -> None:
 def test_silent_rank_is_reported_as_crash() -> None:
     store = MemStore()
     clock = [100.0]
-    col = Collector(store, world_size=2, poll_s=0.01, clock=lambda: clock[0], on_abort=None,
-                    config=DetectorConfig(crash_silence_s=1.0))
+    col = Collector(
+        store,
+        world_size=2,
+        poll_s=0.01,
+        clock=lambda: clock[0],
+        on_abort=None,
+        config=DetectorConfig(crash_silence_s=1.0),
+    )
     for r in range(2):
-        store.set(heartbeat_key("ekmon", r), Heartbeat(rank=r, pid=1, host="elsewhere", beat=1,
-                                                       time_s=0.0, step=3).to_json())
+        store.set(
+            heartbeat_key("ekmon", r),
+            Heartbeat(rank=r, pid=1, host="elsewhere", beat=1, time_s=0.0, step=3).to_json(),
+        )
     assert col.poll_once() == []
     clock[0] += 0.5
-    store.set(heartbeat_key("ekmon", 0), Heartbeat(rank=0, pid=1, host="elsewhere", beat=2,
-                                                   time_s=0.0, step=4).to_json())
+    store.set(
+        heartbeat_key("ekmon", 0),
+        Heartbeat(rank=0, pid=1, host="elsewhere", beat=2, time_s=0.0, step=4).to_json(),
+    )
     assert col.poll_once() == []
     clock[0] += 0.7  # rank 1 silent for 1.2 s, rank 0 for 0.7 s
     new = col.poll_once()
@@ -90,23 +106,42 @@ def test_silent_rank_is_reported_as_crash() -> None:
 def test_hang_aborts_through_the_store_and_metrics_are_served() -> None:
     store = MemStore()
     aborted: list = []
-    col = Collector(store, world_size=2, poll_s=0.01, metrics_port=0, abort_on_hang=True,
-                    on_abort=aborted.append, config=DetectorConfig(hang_initial_s=0.5))
+    col = Collector(
+        store,
+        world_size=2,
+        poll_s=0.01,
+        metrics_port=0,
+        abort_on_hang=True,
+        on_abort=aborted.append,
+        config=DetectorConfig(hang_initial_s=0.5),
+    )
     try:
-        waiting = Heartbeat(rank=0, pid=1, host="elsewhere", beat=1, time_s=0.0, step=2,
-                            in_flight=(InFlightOp(op="allreduce", group="0", ranks=(0, 1),
-                                                  peer=-1, seq=7, age_s=3.0),),
-                            entered=(("0", 7),))
-        stuck = Heartbeat(rank=1, pid=2, host="elsewhere", beat=1, time_s=0.0, step=2,
-                          entered=(("0", 6),))
+        waiting = Heartbeat(
+            rank=0,
+            pid=1,
+            host="elsewhere",
+            beat=1,
+            time_s=0.0,
+            step=2,
+            in_flight=(
+                InFlightOp(op="allreduce", group="0", ranks=(0, 1), peer=-1, seq=7, age_s=3.0),
+            ),
+            entered=(("0", 7),),
+        )
+        stuck = Heartbeat(
+            rank=1, pid=2, host="elsewhere", beat=1, time_s=0.0, step=2, entered=(("0", 6),)
+        )
         store.set(heartbeat_key("ekmon", 0), waiting.to_json())
         store.set(heartbeat_key("ekmon", 1), stuck.to_json())
         new = col.poll_once()
         assert [(e.type, e.ranks, e.seq) for e in new] == [("hang", (1,), 7)]
         assert aborted and aborted[0].ranks == (1,)
         assert "never entered" in json.loads(store.get(abort_key("ekmon")))["reason"]
-        body = urllib.request.urlopen(f"http://127.0.0.1:{col.metrics_port}/metrics",
-                                      timeout=5).read().decode()
+        body = (
+            urllib.request.urlopen(f"http://127.0.0.1:{col.metrics_port}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
         assert 'ekmon_events_total{type="hang"} 1.0' in body
     finally:
         col.close(final_wait_s=0)
