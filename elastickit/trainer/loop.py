@@ -50,8 +50,8 @@ class TrainConfig:
     """Tokens per sample."""
     grad_accum: int = 2
     """Microbatches per step on each dp rank (the pipeline microbatches under pp)."""
-    lr: float = 1e-2
-    """Peak learning rate."""
+    lr: float | None = None
+    """Peak learning rate; None: 1e-2 for models of width <= 256 (tiny), else 1e-3."""
     warmup_steps: int = 3
     """Linear warmup steps, then cosine decay to min_lr_ratio * lr at `steps`."""
     min_lr_ratio: float = 0.1
@@ -81,6 +81,8 @@ class TrainConfig:
         for name in ("steps", "global_batch", "seq_len", "grad_accum", "ckpt_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -96,16 +98,23 @@ class TrainConfig:
             self.layout if isinstance(self.layout, TrainLayout) else TrainLayout.parse(self.layout)
         )
 
+    def peak_lr(self) -> float:
+        """`lr`, or the model's default when it is None."""
+        if self.lr is not None:
+            return self.lr
+        return 1e-2 if self.model_config().dim <= 256 else 1e-3
+
     def lr_at(self, step: int) -> float:
         """LR of 0-based step `step`: linear warmup, then cosine to min_lr_ratio * lr."""
+        lr = self.peak_lr()
         if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
+            return lr * (step + 1) / self.warmup_steps
         span = max(1, self.steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / span)
         ratio = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (
             1 + math.cos(math.pi * progress)
         )
-        return self.lr * ratio
+        return lr * ratio
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -180,7 +189,11 @@ def run_training(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> TrainResul
 
     model = parallelize(mcfg, layout, mesh, seed=cfg.seed, device=device, dp_mode=cfg.dp_mode)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay
+        model.parameters(),
+        lr=cfg.peak_lr(),
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        weight_decay=cfg.weight_decay,
     )
     loader = TokenLoader(
         TokenStream(vocab_size=mcfg.vocab_size, seq_len=cfg.seq_len, seed=cfg.data_seed),

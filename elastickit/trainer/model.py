@@ -155,9 +155,9 @@ CONFIGS: dict[str, ModelConfig] = {
         n_experts=4,
         moe_top_k=2,
     ),
-    # About 100M parameters: for benchmarks.
+    # About 100M parameters: for benchmarks. V=16003 pads to 16064 (tp=1) or 16128 (tp=2).
     "small": ModelConfig(
-        vocab_size=16000,
+        vocab_size=16003,
         dim=768,
         n_layers=12,
         n_heads=12,
@@ -363,6 +363,8 @@ class Transformer(nn.Module):
         if self.output is None:
             return h
         logits = self.output(h)
+        if logits.shape[-1] == self.cfg.vocab_size:
+            return logits
         # Drop the padding rows' logits; a copy, not a view, so FSDP2's backward hook holds.
         return logits[..., : self.cfg.vocab_size].contiguous()
 

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--grad-accum", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dp-mode", default="fsdp", choices=("fsdp", "replicate"))
     p.add_argument("--pp-schedule", default="gpipe", choices=("gpipe", "1f1b"))
