@@ -9,12 +9,14 @@ Notation: V = vocab_size, Vp = padded vocab = V rounded up to a multiple of
 `vocab_multiple * tp`, D = dim, H = n_heads, K = n_kv_heads (GQA, K < H), d = D // H,
 F = ffn_hidden, E = n_experts. "over tp" means rank r of the tp axis holds chunk r of tp
 equal chunks. Under FSDP2 every tensor below is further sharded along dim 0 over dp
-(`Shard(0)`, FSDP2's own even padding; rule `shard(dim=0, axis=dp)`); under DDP-style
-replicate it is `replicate(axis=dp)`.
+(`Shard(0)` with `torch.chunk` sizes, so trailing dp ranks may hold fewer rows; when tp also
+shards dim 0, FSDP2 places dp as `_StridedShard(0)` over the tp shard; rule
+`shard(dim=0, axis=dp)` nested inside tp); under DDP-style replicate it is
+`replicate(axis=dp)`.
 
 | FQN | logical shape | local tensor on tp rank r | rule |
 | --- | --- | --- | --- |
-| tok_embeddings.weight | [V, D] | rows [r*Vp/tp, (r+1)*Vp/tp) of the padded [Vp, D] | pad(dim=0, multiple=vocab_multiple*tp), shard(dim=0, axis=tp) |
+| tok_embeddings.weight | [V, D] | rows [r*Vp/tp, (r+1)*Vp/tp) of the padded [Vp, D] | shard(dim=0, axis=tp), pad(dim=0, size=V, multiple=vocab_multiple, axis=tp) |
 | layers.{i}.attention_norm.weight | [D] | full copy | replicate(axis=tp) |
 | layers.{i}.attention.wqkv.weight | [(H+2K)*d, D] = [q; k; v] | [q_r; k_r; v_r], q_r = rows r*H*d/tp.. of q (its H/tp q heads), k_r, v_r likewise (its K/tp kv heads) | fused(dim=0, parts=q:H*d, k:K*d, v:K*d), each part shard(dim=0, axis=tp) |
 | layers.{i}.attention.wo.weight | [D, H*d] | columns r*H*d/tp.. | shard(dim=1, axis=tp) |
@@ -22,7 +24,7 @@ replicate it is `replicate(axis=dp)`.
 | layers.{i}.feed_forward.w13.weight | [2F, D] = [gate; up] | [gate_r; up_r], each rows r*F/tp.. | fused(dim=0, parts=gate:F, up:F), each part shard(dim=0, axis=tp) |
 | layers.{i}.feed_forward.w2.weight | [D, F] | columns r*F/tp.. | shard(dim=1, axis=tp) |
 | norm.weight | [D] | full copy | replicate(axis=tp) |
-| output.weight | [V, D] (untied) | rows r*Vp/tp.. of the padded [Vp, D] | pad(dim=0, multiple=vocab_multiple*tp), shard(dim=0, axis=tp) |
+| output.weight | [V, D] (untied) | rows r*Vp/tp.. of the padded [Vp, D] | shard(dim=0, axis=tp), pad(dim=0, size=V, multiple=vocab_multiple, axis=tp) |
 
 With `moe=True` every layer's `feed_forward` is a `MoE` instead:
 
@@ -31,6 +33,9 @@ With `moe=True` every layer's `feed_forward` is a `MoE` instead:
 | layers.{i}.feed_forward.router.weight | [E, D] | full copy | replicate(axis=tp) |
 | layers.{i}.feed_forward.experts.w13 | [E, 2F, D] = per expert [gate; up] | full copy | replicate(axis=tp) (expert(axis=ep) once an ep axis exists) |
 | layers.{i}.feed_forward.experts.w2 | [E, D, F] | full copy | replicate(axis=tp) |
+
+`elastickit.trainer.rules.model_rules(cfg)` builds exactly these rules (the fused and pad
+ones; the others follow from DTensor placements) for `elastickit.Checkpointer(rules=...)`.
 
 On the *DTensor* view, a fused tensor's global tensor is the tp-interleaved order
 [q_0; k_0; v_0; q_1; k_1; v_1; ...] (so that plain `Shard(0)` yields [q_r; k_r; v_r]);

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from tests._dist import run_ranks
@@ -18,11 +20,11 @@ def _train(rank: int, world_size: int, layout: str, options: dict) -> tuple[list
     return result.losses, result.local_numel
 
 
-@pytest.fixture(scope="module")
-def reference() -> tuple[list[float], int]:
+@functools.cache
+def _reference(model: str) -> tuple[list[float], int]:
     from elastickit.trainer import TrainConfig, run_training
 
-    result = run_training(TrainConfig(steps=STEPS))
+    result = run_training(TrainConfig(steps=STEPS, model=model))
     return result.losses, result.local_numel
 
 
@@ -33,16 +35,16 @@ def reference() -> tuple[list[float], int]:
         ("dp=2", {"dp_mode": "replicate"}),
         ("tp=2", {}),
         ("pp=2", {}),
-        ("pp=2", {"pp_schedule": "1f1b"}),
+        ("pp=2", {"pp_schedule": "1f1b", "model": "tiny-moe"}),
         ("dp=2,tp=2", {}),
         ("pp=2,tp=2", {}),
     ],
-    ids=["dp2-fsdp", "dp2-replicate", "tp2", "pp2-gpipe", "pp2-1f1b", "dp2tp2", "pp2tp2"],
+    ids=["dp2-fsdp", "dp2-replicate", "tp2", "pp2-gpipe", "pp2-1f1b-moe", "dp2tp2", "pp2tp2"],
 )
-def test_layout_matches_single_rank(reference, layout: str, options: dict) -> None:
+def test_layout_matches_single_rank(layout: str, options: dict) -> None:
     from elastickit.trainer import TrainLayout
 
-    ref_losses, full_numel = reference
+    ref_losses, full_numel = _reference(options.get("model", "tiny"))
     world = TrainLayout.parse(layout).world_size
     results = run_ranks(_train, world, args=(layout, options), timeout_s=120)
     for losses, _ in results:
