@@ -44,7 +44,7 @@ from .deepspeed_pickle import FragmentAddress, load_pt, to_json
 STATE_KEYS: tuple[str, ...] = ("fp32", "exp_avg", "exp_avg_sq", "step")
 """The per-parameter states of the logical view (DeepSpeed universal's names)."""
 
-KINDS: tuple[str, ...] = ("trainable", "frozen", "buffer", "tied")
+KINDS: tuple[str, ...] = ("trainable", "frozen", "buffer", "tied", "weight")
 
 _MODEL_RE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
 _OPTIM_RE = re.compile(r"^(bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_?optim_states\.pt$")
@@ -83,7 +83,9 @@ class DeepSpeedParam:
         shape: the global shape.
         kind: "trainable" (owned by the optimizer: fp32 master + moments), "frozen"
             (requires_grad False: weights only), "buffer" (persistent buffer), or "tied"
-            (the same tensor as `tied_to`, saved once).
+            (the same tensor as `tied_to`, saved once), or "weight" (ZeRO-0: a module weight;
+            DeepSpeed records neither which ones train nor which optimizer index is which, so
+            only the weights are read).
         group: the optimizer group (ZeRO-3: sub-group) of a trainable parameter.
         fragments: where its elements live (trainable; ZeRO-3 frozen).
         tied_to: for kind "tied", the name that holds the data.
@@ -304,6 +306,8 @@ class DeepSpeedCheckpoint:
                         f"{self.model_files[0]}: {name} is neither trainable, frozen, tied nor a buffer",
                         path=self.model_files[0], tensor=name)
                 params[name] = self._zero3_frozen(name, frozen_shapes[name])
+            elif self.zero_stage == 0:
+                params[name] = DeepSpeedParam(name=name, shape=tuple(module[name].shape), kind="weight")
             else:
                 shape = frozen_shapes.get(name, tuple(module[name].shape))
                 params[name] = DeepSpeedParam(name=name, shape=shape, kind="frozen")
@@ -535,7 +539,7 @@ class DeepSpeedCheckpoint:
         if p.kind == "tied":
             return self.tensors(p.tied_to or "", states)
         out: dict[str, Any] = {}
-        if p.kind != "trainable" or self.zero_stage == 0:
+        if p.kind != "trainable":
             if "fp32" in states:
                 out["fp32"] = self.model_tensor(name).to(torch.float32, copy=True)
             return out
@@ -547,7 +551,7 @@ class DeepSpeedCheckpoint:
         return out
 
     def iter_tensors(self, states: Sequence[str] = STATE_KEYS,
-                     kinds: Sequence[str] = ("trainable", "frozen", "buffer"),
+                     kinds: Sequence[str] = ("trainable", "frozen", "buffer", "weight"),
                      ) -> Iterator[tuple[DeepSpeedParam, dict[str, Any]]]:
         """Yield (param, states) one parameter at a time, in the module's order."""
         for p in self.params.values():
@@ -559,7 +563,7 @@ class DeepSpeedCheckpoint:
     def _release(self, p: DeepSpeedParam, states: Sequence[str]) -> None:
         """Give back the mapped pages up to the end of `p`'s fragments: the buffers are read
         front to back, so nothing before them is needed again (re-reading stays correct)."""
-        if p.kind != "trainable" or self.zero_stage == 0:
+        if p.kind != "trainable":
             return
         for f in p.fragments:
             for state in states:

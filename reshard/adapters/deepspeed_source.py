@@ -45,10 +45,10 @@ class DeepSpeedSource:
         for p in ck.params.values():
             src = ck.params[p.tied_to] if p.kind == "tied" and p.tied_to else p
             model_dtype = torch.float32
-            if src.kind in ("frozen", "buffer"):
+            if src.kind in ("frozen", "buffer", "weight"):
                 model_dtype = ck.model_tensor(src.name).dtype
             self._add(LogicalTensorInfo, f"model/{p.name}", p.name, "model", model_dtype, p.shape)
-            if p.kind == "trainable" and ck.zero_stage > 0:
+            if p.kind == "trainable":
                 for state in ("exp_avg", "exp_avg_sq"):
                     self._add(LogicalTensorInfo, f"optim/state/{p.name}/{state}", p.name, state,
                               torch.float32, p.shape)
@@ -76,7 +76,7 @@ class DeepSpeedSource:
         if state == "model":
             if p.kind == "tied":
                 return self.read(f"model/{p.tied_to}").clone()
-            if p.kind in ("frozen", "buffer"):
+            if p.kind in ("frozen", "buffer", "weight"):
                 return ck.model_tensor(param).clone().contiguous()
             return ck.tensors(param, ("fp32",))["fp32"]
         value = ck.tensors(param, (state,))[state]

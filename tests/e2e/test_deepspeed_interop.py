@@ -25,7 +25,9 @@ pytest.importorskip("deepspeed")
 
 pytestmark = [pytest.mark.slow, pytest.mark.deepspeed]
 
-CONFIGS = ("z1-fp32", "z2-bf16", "z3-fp32")
+CONFIGS = ("z1-fp32", "z2-bf16", "z3-fp32")  # resumed from universal and through the engine
+READ_ONLY = ("z2-fp16",)  # read and exported only
+ZERO0 = "z0-fp32"
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "fixtures", "deepspeed_make_ckpts.py")
 
 
@@ -50,7 +52,7 @@ def _torchrun(nproc: int, *args: str) -> None:
 @pytest.fixture(scope="session")
 def ds_root(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("deepspeed"))
-    _torchrun(2, "save", "--out", root, "--configs", ",".join(CONFIGS))
+    _torchrun(2, "save", "--out", root, "--configs", ",".join((*CONFIGS, *READ_ONLY, ZERO0)))
     return root
 
 
@@ -71,7 +73,7 @@ def _silently(fn, *args):
 
 
 @pytest.mark.timeout(280)
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", CONFIGS + READ_ONLY)
 def test_fp32_weights_bit_identical_to_zero_to_fp32(ds_root, name):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -93,7 +95,7 @@ def test_fp32_weights_bit_identical_to_zero_to_fp32(ds_root, name):
 
 
 @pytest.mark.timeout(280)
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", CONFIGS + READ_ONLY)
 def test_universal_export_equals_ds_to_universal(ds_root, tmp_path, name):
     """Same files, same dict/tensor structure, same values (moments included)."""
     from deepspeed.checkpoint import ds_to_universal
@@ -253,3 +255,17 @@ def test_checkpoint_engine_saves_and_resumes_like_the_default(engine_root, name)
         with open(os.path.join(tag, fname), "rb") as f:
             assert f.read(1) == b"{", fname
     assert os.path.isfile(os.path.join(folder, "elastickit", "step-00000003", "manifest.json"))
+
+
+@pytest.mark.timeout(120)
+def test_zero0_checkpoint_reads_its_weights(ds_root):
+    folder = os.path.join(ds_root, ZERO0)
+    saved = torch.load(glob.glob(os.path.join(folder, "global_step*", "mp_rank_00_model_states.pt"))[0],
+                       weights_only=False)["module"]
+    with open_deepspeed(folder) as ck:
+        assert ck.zero_stage == 0 and not ck.optim_files
+        assert {p.kind for p in ck.params.values()} == {"weight", "buffer"}
+        ours = ck.fp32_state_dict()
+    assert set(ours) == set(saved)
+    for key, value in saved.items():
+        assert torch.equal(ours[key], value.float()), key
