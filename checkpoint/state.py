@@ -138,6 +138,8 @@ class FlatState:
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     objects: dict[str, Any] = field(default_factory=dict)
+    #: entries that are modules or optimizers: on load their own tree says where tensors go.
+    owned: set[str] = field(default_factory=set)
 
 
 def flatten_state(state: Mapping[str, Any]) -> tuple[FlatState, dict[str, Any]]:
@@ -146,6 +148,8 @@ def flatten_state(state: Mapping[str, Any]) -> tuple[FlatState, dict[str, Any]]:
     flat = FlatState()
     for name, sd in sds.items():
         flat.objects[name] = _flatten(sd, name, flat.tensors)
+        if isinstance(state[name], nn.Module | torch.optim.Optimizer):
+            flat.owned.add(name)
     return flat, sds
 
 
@@ -207,7 +211,8 @@ def missing_tensors(saved_objects: Mapping[str, Any], flat_target: FlatState) ->
 
     for name in flat_target.objects:
         if name in saved_objects:
-            walk(saved_objects[name])
+            saved = saved_objects[name]
+            walk(overlay_tree(saved, flat_target.objects[name]) if name in flat_target.owned else saved)
     return found
 
 
@@ -234,7 +239,12 @@ def apply_state(
                 f"the checkpoint has no state {name!r} (it has {sorted(saved_objects)}); "
                 "restore with the names that were saved"
             )
-        sd = _rekey(_unflatten(saved_objects[name], all_tensors), sds[name])
+        saved = saved_objects[name]
+        if isinstance(obj, nn.Module | torch.optim.Optimizer):
+            # Its own tree, with the saved non-tensor values: a pipeline stage takes only its
+            # layers, a whole model takes every stage's (rank 0's tree lists only stage 0).
+            saved = overlay_tree(saved, _flatten(sds[name], name, {}))
+        sd = _rekey(_unflatten(saved, all_tensors), sds[name])
         if isinstance(obj, nn.Module):
             set_model_state_dict(obj, sd)
         elif isinstance(obj, torch.optim.Optimizer):
@@ -252,31 +262,28 @@ def apply_state(
 
 
 
-def merge_trees(trees: list[Any]) -> Any:
-    """One state tree from every rank's: the union of what each rank holds.
+def overlay_tree(saved: Any, target: Any) -> Any:
+    """The tree to load into a module's or optimizer's state: the target's own structure and
+    tensor names, with the saved non-tensor values where the checkpoint has them.
 
-    Under pipeline parallelism every stage holds other layers, so rank 0's tree alone would not
-    tag the other stages' tensors. Dicts merge key by key; equal lists stay; lists of dicts of
-    one length merge element-wise (optimizer param_groups); lists of strings become their ordered
-    union (the FQNs of a param group); for any other difference the lowest rank's value wins.
+    A pipeline stage restores only its own layers even if the checkpoint holds others, and a
+    checkpoint saved by stages restores into a whole model even though rank 0's tree lists only
+    its own stage: the tensors come from the manifest by name, the tree only says where they go.
+    Lists of strings (a param group's FQNs) are the target's.
     """
-    first = trees[0]
-    if all(isinstance(t, dict) for t in trees):
-        keys: dict[str, None] = {}
-        for t in trees:
-            keys.update(dict.fromkeys(t))
-        return {k: merge_trees([t[k] for t in trees if k in t]) for k in keys}
-    if all(isinstance(t, list) for t in trees):
-        if all(t == first for t in trees):
-            return first
-        if all(len(t) == len(first) and all(isinstance(x, dict) for x in t) for t in trees):
-            return [merge_trees([t[i] for t in trees]) for i in range(len(first))]
-        if all(isinstance(x, str) for t in trees for x in t):
-            seen: dict[str, None] = {}
-            for t in trees:
-                seen.update(dict.fromkeys(t))
-            return list(seen)
-    return first
+    if isinstance(target, dict):
+        if set(target) == {TENSOR_TAG}:
+            return target
+        s = saved if isinstance(saved, dict) and set(saved) != {TENSOR_TAG} else {}
+        out = {k: overlay_tree(s.get(k), v) for k, v in target.items()}
+        out.update({k: v for k, v in s.items() if k not in out and not _only_tags(v)})
+        return out
+    if isinstance(target, list):
+        if all(isinstance(x, str) for x in target) and target:
+            return target
+        s = saved if isinstance(saved, list) else []
+        return [overlay_tree(s[i] if i < len(s) else None, v) for i, v in enumerate(target)]
+    return target if saved is None or isinstance(saved, dict) else saved
 
 
 def _only_tags(tree: Any) -> bool:
@@ -285,18 +292,3 @@ def _only_tags(tree: Any) -> bool:
             return True
         return bool(tree) and all(_only_tags(v) for v in tree.values())
     return False
-
-
-def prune_foreign(saved: Any, target: Any) -> Any:
-    """`saved` without the dict entries the target lacks that hold only tensors (the layers of
-    other pipeline stages, their optimizer states); everything else is kept."""
-    if isinstance(saved, dict) and isinstance(target, Mapping) and not set(saved) == {TENSOR_TAG}:
-        by_str = {str(k) for k in target}
-        return {
-            k: prune_foreign(v, target.get(k))
-            for k, v in saved.items()
-            if k in by_str or not _only_tags(v)
-        }
-    if isinstance(saved, list) and isinstance(target, list | tuple):
-        return [prune_foreign(v, target[i]) if i < len(target) else v for i, v in enumerate(saved)]
-    return saved

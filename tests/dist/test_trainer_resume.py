@@ -65,10 +65,5 @@ def test_resume_dp2_tp2_is_bit_exact_and_reshards_to_other_layouts(tmp_path) -> 
         assert start == K and _close(rest, full[K:]), (rest, full)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="elastickit.api keeps rank 0's state tree only, so a pipeline stage cannot restore "
-    "its own layers (remove this marker once Checkpointer stores per-stage trees)",
-)
 def test_resume_is_bit_exact_pp2(tmp_path) -> None:
     _check("pp=2", 2, str(tmp_path / "ckpt"))
