@@ -25,7 +25,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine, spawn, write_table  # noqa: E402
+from _common import machine, spawn, write_table
 
 N_TENSORS = 16
 COLS = 4096
@@ -40,31 +40,43 @@ def _expected(i: int, offset: int, rows: int):
     import torch
 
     start = offset * COLS
-    return ((torch.arange(start, start + rows * COLS, dtype=torch.int64) % 8_388_608).float() + i).view(rows, COLS)
+    return (
+        (torch.arange(start, start + rows * COLS, dtype=torch.int64) % 8_388_608).float() + i
+    ).view(rows, COLS)
 
 
 def _save(rank: int, world: int, root: str, gib: float) -> dict:
-    import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard
-
     from elastickit.checkpoint.coord import StoreCoordinator
     from elastickit.checkpoint.state import FlatState, save_items
     from elastickit.checkpoint.writer import SaveRequest, write_checkpoint
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
 
     rows = _rows(gib)
     mesh = init_device_mesh("cpu", (world,))
     local = rows // world
     state = {
-        f"model/w{i}": DTensor.from_local(_expected(i, rank * local, local), mesh, [Shard(0)], run_check=False)
+        f"model/w{i}": DTensor.from_local(
+            _expected(i, rank * local, local), mesh, [Shard(0)], run_check=False
+        )
         for i in range(N_TENSORS)
     }
-    coord = StoreCoordinator(dist.distributed_c10d._get_default_store(), rank=rank, world_size=world, prefix="bench")
-    req = SaveRequest(root=os.path.join(root, "ek"), step=1, items=save_items(FlatState(tensors=state)), fsync=False)
+    coord = StoreCoordinator(
+        dist.distributed_c10d._get_default_store(), rank=rank, world_size=world, prefix="bench"
+    )
+    req = SaveRequest(
+        root=os.path.join(root, "ek"),
+        step=1,
+        items=save_items(FlatState(tensors=state)),
+        fsync=False,
+    )
     write_checkpoint(req, coord)
-    dcp.save({k.replace("model/", ""): v for k, v in state.items()}, checkpoint_id=os.path.join(root, "dcp"))
+    dcp.save(
+        {k.replace("model/", ""): v for k, v in state.items()},
+        checkpoint_id=os.path.join(root, "dcp"),
+    )
     dist.barrier()
     return {"rows": rows}
 
@@ -74,19 +86,21 @@ def _load(rank: int, world: int, root: str, gib: float, method: str) -> dict:
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from elastickit.checkpoint.catalog import load_manifest
+    from elastickit.checkpoint.state import FlatState, load_items
+    from elastickit.reshard.executor import execute
+    from elastickit.reshard.planner import plan_reads
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor import empty as dt_empty
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    from elastickit.checkpoint.catalog import load_manifest
-    from elastickit.checkpoint.state import FlatState, load_items
-    from elastickit.reshard.executor import execute
-    from elastickit.reshard.planner import plan_reads
-
     rows = _rows(gib)
     mesh = init_device_mesh("cpu", (world,))
-    targets = {f"model/w{i}": dt_empty((rows, COLS), device_mesh=mesh, placements=[Shard(0)]) for i in range(N_TENSORS)}
+    targets = {
+        f"model/w{i}": dt_empty((rows, COLS), device_mesh=mesh, placements=[Shard(0)])
+        for i in range(N_TENSORS)
+    }
     for t in targets.values():
         t.to_local().zero_()  # touch the pages: the targets count in the baseline, not the peak
     proc = psutil.Process()
@@ -138,35 +152,54 @@ def main() -> None:
     total = N_TENSORS * rows * COLS * 4
     runs: dict[str, list[dict]] = {"elastickit": [], "dcp.load": []}
     for _ in range(args.repeats):
-        for method in runs:
-            res = spawn(_load, 3, args.dir, args.gib, "elastickit" if method == "elastickit" else "dcp")
-            runs[method].append({
-                "seconds": max(r["seconds"] for r in res),
-                "peak_rss": max(r["peak_rss"] for r in res),
-                "growth": max(r["peak_rss"] - r["base_rss"] for r in res),
-            })
-            print(method, runs[method][-1], flush=True)
+        for method, results in runs.items():
+            res = spawn(
+                _load, 3, args.dir, args.gib, "elastickit" if method == "elastickit" else "dcp"
+            )
+            results.append(
+                {
+                    "seconds": max(r["seconds"] for r in res),
+                    "peak_rss": max(r["peak_rss"] for r in res),
+                    "growth": max(r["peak_rss"] - r["base_rss"] for r in res),
+                }
+            )
+            print(method, results[-1], flush=True)
     mib = 1 << 20
     best = {m: min(rs, key=lambda r: r["seconds"]) for m, rs in runs.items()}
     rows_md = [
-        [m, f"{b['seconds']:.2f}", f"{total / b['seconds'] / 1e9:.2f}", f"{b['peak_rss'] / mib:.0f}", f"{b['growth'] / mib:.0f}",
-         ", ".join(f"{r['seconds']:.2f}" for r in runs[m])]
+        [
+            m,
+            f"{b['seconds']:.2f}",
+            f"{total / b['seconds'] / 1e9:.2f}",
+            f"{b['peak_rss'] / mib:.0f}",
+            f"{b['growth'] / mib:.0f}",
+            ", ".join(f"{r['seconds']:.2f}" for r in runs[m]),
+        ]
         for m, b in best.items()
     ]
     ek, dc = best["elastickit"], best["dcp.load"]
     notes = [
-        f"State: {N_TENSORS} fp32 matrices [{rows}, {COLS}] = {total / (1 << 30):.2f} GiB, saved by 4 ranks "
-        "(DTensor Shard(0)), loaded by 3 ranks (Shard(0): every target shard straddles two source shards).",
-        f"Machine: {machine()}; gloo; both checkpoints in the page cache. Seconds: barrier -> load -> barrier "
-        "(slowest rank), best of the repeats. Peak RSS: the largest rank's peak sampled every 5 ms during the "
-        "load; growth: that peak minus the RSS with the targets allocated (memory-mapped file pages count).",
-        f"elastickit vs DCP: {dc['seconds'] / ek['seconds']:.2f}x DCP's speed; peak RSS "
-        f"{ek['peak_rss'] / mib:.0f} MiB vs {dc['peak_rss'] / mib:.0f} MiB. elastickit also verifies an xxh3 "
-        "checksum of every stored tensor it reads; DCP verifies nothing.",
+        (
+            f"State: {N_TENSORS} fp32 matrices [{rows}, {COLS}] = {total / (1 << 30):.2f} GiB, saved by 4 ranks "
+            "(DTensor Shard(0)), loaded by 3 ranks (Shard(0): every target shard straddles two source shards)."
+        ),
+        (
+            f"Machine: {machine()}; gloo; both checkpoints in the page cache. Seconds: barrier -> load -> barrier "
+            "(slowest rank), best of the repeats. Peak RSS: the largest rank's peak sampled every 5 ms during the "
+            "load; growth: that peak minus the RSS with the targets allocated (memory-mapped file pages count)."
+        ),
+        (
+            f"elastickit vs DCP: {dc['seconds'] / ek['seconds']:.2f}x DCP's speed; peak RSS "
+            f"{ek['peak_rss'] / mib:.0f} MiB vs {dc['peak_rss'] / mib:.0f} MiB. elastickit also verifies an xxh3 "
+            "checksum of every stored tensor it reads; DCP verifies nothing."
+        ),
     ]
     md = write_table(
-        "reshard", "Resharding restore: 4 ranks -> 3 ranks",
-        ["method", "seconds", "GB/s", "peak RSS (MiB)", "RSS growth (MiB)", "all runs (s)"], rows_md, notes,
+        "reshard",
+        "Resharding restore: 4 ranks -> 3 ranks",
+        ["method", "seconds", "GB/s", "peak RSS (MiB)", "RSS growth (MiB)", "all runs (s)"],
+        rows_md,
+        notes,
         {"total_bytes": total, "runs": runs},
     )
     print(md)

@@ -20,8 +20,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from elastickit.checkpoint.coord import LocalCoordinator
 from elastickit.checkpoint.errors import RequestError
 from elastickit.checkpoint.items import LogicalSpec, Piece, SaveItem
@@ -45,8 +43,15 @@ class ConvertReport:
     files: tuple[str, ...]
 
 
-def convert(src: str, dst: str, *, source: str = "auto", target: str = "elastickit",
-            max_shard_bytes: int = 5 * 2**30, **options: Any) -> ConvertReport:
+def convert(
+    src: str,
+    dst: str,
+    *,
+    source: str = "auto",
+    target: str = "elastickit",
+    max_shard_bytes: int = 5 * 2**30,
+    **options: Any,
+) -> ConvertReport:
     """Convert checkpoint `src` (format `source`) into `dst` (format `target`)."""
     if target not in TARGETS:
         raise RequestError(f"unknown target format {target!r}; use one of {', '.join(TARGETS)}")
@@ -67,7 +72,9 @@ def convert(src: str, dst: str, *, source: str = "auto", target: str = "elastick
             files, n, size = _to_elastickit(reader, dst)
     finally:
         reader.close()
-    return ConvertReport(source_format=fmt, target_format=target, num_tensors=n, total_bytes=size, files=tuple(files))
+    return ConvertReport(
+        source_format=fmt, target_format=target, num_tensors=n, total_bytes=size, files=tuple(files)
+    )
 
 
 def _prepare(dst: str) -> None:
@@ -79,11 +86,13 @@ def _prepare(dst: str) -> None:
 def model_weights(names: list[str]) -> dict[str, str]:
     """Exported key -> logical name: `model/x` -> `x` when any name has the prefix, else all."""
     if any(n.startswith("model/") for n in names):
-        return {n[len("model/"):]: n for n in sorted(names) if n.startswith("model/")}
+        return {n[len("model/") :]: n for n in sorted(names) if n.startswith("model/")}
     return {n: n for n in sorted(names)}
 
 
-def _to_safetensors(reader: LogicalSource, dst: str, max_shard_bytes: int) -> tuple[list[str], int, int]:
+def _to_safetensors(
+    reader: LogicalSource, dst: str, max_shard_bytes: int
+) -> tuple[list[str], int, int]:
     from safetensors.torch import save_file
 
     if max_shard_bytes < 1:
@@ -125,7 +134,9 @@ def nest(leaves: dict[str, Any]) -> dict[str, Any]:
         for p in parents:
             nxt = node.setdefault(p, {})
             if not isinstance(nxt, dict):
-                raise RequestError(f"names {p!r} and {path!r} collide when nested; the checkpoint cannot be nested")
+                raise RequestError(
+                    f"names {p!r} and {path!r} collide when nested; the checkpoint cannot be nested"
+                )
             node = nxt
         node[last] = value
     return root
@@ -174,14 +185,34 @@ def _to_elastickit(reader: LogicalSource, dst: str) -> tuple[list[str], int, int
     items = []
     for n in sorted(infos):
         t = reader.read(n)
-        spec = LogicalSpec(name=n, dtype=st_dtype(t.dtype, what=f"tensor {n!r}"), shape=tuple(t.shape))
-        items.append(SaveItem(key=n, tensor=t, pieces=(Piece.whole(n, (0,) * t.dim(), tuple(t.shape)),), specs=(spec,)))
+        spec = LogicalSpec(
+            name=n, dtype=st_dtype(t.dtype, what=f"tensor {n!r}"), shape=tuple(t.shape)
+        )
+        items.append(
+            SaveItem(
+                key=n,
+                tensor=t,
+                pieces=(Piece.whole(n, (0,) * t.dim(), tuple(t.shape)),),
+                specs=(spec,),
+            )
+        )
     # The objects tree tags every tensor where elastickit's state flattening would put it, so
     # that `Checkpointer.restore({"model": model, ...})` finds it.
     leaves: dict[str, Any] = dict(_flat_json(reader.objects()))
     leaves.update({n: {"__tensor__": n} for n in infos})
-    req = SaveRequest(root=dst, step=reader.step, items=items, objects=nest(leaves),
-                      layout=LayoutRecord(axes=(("dp", 1),)), framework={"converted": "true"})
+    req = SaveRequest(
+        root=dst,
+        step=reader.step,
+        items=items,
+        objects=nest(leaves),
+        layout=LayoutRecord(axes=(("dp", 1),)),
+        framework={"converted": "true"},
+    )
     manifest = write_checkpoint(req, LocalCoordinator())
     step_dir = f"step-{manifest.step:08d}"
-    return [os.path.join(step_dir, f) for f in sorted(manifest.files)] + [os.path.join(step_dir, "manifest.json")], len(items), manifest.total_bytes
+    return (
+        [os.path.join(step_dir, f) for f in sorted(manifest.files)]
+        + [os.path.join(step_dir, "manifest.json")],
+        len(items),
+        manifest.total_bytes,
+    )

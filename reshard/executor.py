@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-
 from elastickit.checkpoint.errors import DataError
 from elastickit.checkpoint.manifest import Manifest
 from elastickit.checkpoint.stfile import StFile

@@ -71,7 +71,9 @@ class ParallelLayout:
     def coords(self, rank: int) -> dict[str, int]:
         """The mesh coordinates of `rank`: axis -> index along that axis."""
         if not 0 <= rank < self.world_size:
-            raise ValueError(f"rank {rank} is outside this layout's world of {self.world_size} ranks ({self})")
+            raise ValueError(
+                f"rank {rank} is outside this layout's world of {self.world_size} ranks ({self})"
+            )
         out: dict[str, int] = {}
         rest = rank
         for axis in reversed(self.order):
@@ -121,16 +123,22 @@ class ParallelLayout:
             key, sep, val = part.partition("=")
             key = key.strip()
             if not sep:
-                raise ValueError(f"layout part {part!r} must look like axis=N (e.g. tp=2) in {text!r}")
+                raise ValueError(
+                    f"layout part {part!r} must look like axis=N (e.g. tp=2) in {text!r}"
+                )
             if key == "order":
                 names = tuple(v for v in val.strip().split(".") if v)
                 unknown = [n for n in names if n not in AXES]
                 if unknown or len(set(names)) != len(names):
-                    raise ValueError(f"layout order {val!r} must name distinct axes among {', '.join(AXES)}")
+                    raise ValueError(
+                        f"layout order {val!r} must name distinct axes among {', '.join(AXES)}"
+                    )
                 order = tuple(a for a in AXES if a not in names) + names
                 continue
             if key not in AXES and key != "zero":
-                raise ValueError(f"unknown layout axis {key!r} in {text!r}; use {', '.join(AXES)} or zero")
+                raise ValueError(
+                    f"unknown layout axis {key!r} in {text!r}; use {', '.join(AXES)} or zero"
+                )
             if key in values:
                 raise ValueError(f"layout axis {key!r} is given twice in {text!r}")
             try:
@@ -154,7 +162,9 @@ class ParallelLayout:
             if axis == "world":
                 axis = "dp"
             if axis not in AXES:
-                raise ValueError(f"layout record names unknown axis {axis!r}; axes are {', '.join(AXES)}")
+                raise ValueError(
+                    f"layout record names unknown axis {axis!r}; axes are {', '.join(AXES)}"
+                )
             sizes[axis] = sizes.get(axis, 1) * n
             if axis not in names:
                 names.append(axis)

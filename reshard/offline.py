@@ -17,7 +17,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-
 from elastickit.checkpoint.catalog import load_manifest
 from elastickit.checkpoint.errors import RequestError
 from elastickit.checkpoint.integrity import atomic_write_text, fsync_dir
@@ -88,13 +87,17 @@ def _physical_groups(manifest: Manifest) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
-def _global_shape(rule: Rule | None, base: str, names: list[str], manifest: Manifest, sizes: dict[str, int]) -> tuple[int, ...]:
+def _global_shape(
+    rule: Rule | None, base: str, names: list[str], manifest: Manifest, sizes: dict[str, int]
+) -> tuple[int, ...]:
     op = next((o for o in rule.ops if isinstance(o, Pad | Fused)), None) if rule else None
     if isinstance(op, Fused):
         parts = {op.name_format.format(name=base, part=p): n for p, n in op.parts}
         missing = [n for n in parts if n not in manifest.tensors]
         if missing:
-            raise RequestError(f"rule {rule.label!r} fuses {missing}, which the checkpoint lacks", tensor=base)  # type: ignore[union-attr]
+            raise RequestError(
+                f"rule {rule.label!r} fuses {missing}, which the checkpoint lacks", tensor=base
+            )  # type: ignore[union-attr]
         shape = list(manifest.tensors[next(iter(parts))].shape)
         shape[op.dim] = sum(parts.values())
         return tuple(shape)
@@ -110,7 +113,9 @@ def _global_shape(rule: Rule | None, base: str, names: list[str], manifest: Mani
     return tuple(shape)
 
 
-def target_tensors(manifest: Manifest, layout: ParallelLayout, rules: RuleSet, rank: int) -> list[PhysicalTensor]:
+def target_tensors(
+    manifest: Manifest, layout: ParallelLayout, rules: RuleSet, rank: int
+) -> list[PhysicalTensor]:
     """The physical tensors target `rank` of `layout` holds under `rules` (no bytes touched)."""
     record = layout.to_record()
     piece_rule = rules.piece_rule(record, rank)
@@ -135,14 +140,20 @@ def target_tensors(manifest: Manifest, layout: ParallelLayout, rules: RuleSet, r
         got = piece_rule(base, meta)
         if got is None:
             spec = manifest.tensors[base]
-            got = ((Piece.whole(base, (0,) * len(gshape), gshape),),
-                   (LogicalSpec(name=base, dtype=dtype, shape=gshape, merge=spec.merge),))
+            got = (
+                (Piece.whole(base, (0,) * len(gshape), gshape),),
+                (LogicalSpec(name=base, dtype=dtype, shape=gshape, merge=spec.merge),),
+            )
         pieces, specs = got
-        out.append(PhysicalTensor(key=base, shape=tuple(local), dtype=dtype, pieces=pieces, specs=specs))
+        out.append(
+            PhysicalTensor(key=base, shape=tuple(local), dtype=dtype, pieces=pieces, specs=specs)
+        )
     return out
 
 
-def plan_reshard(src: str, layout: ParallelLayout, rules: RuleSet) -> tuple[Manifest, list[RankPlan]]:
+def plan_reshard(
+    src: str, layout: ParallelLayout, rules: RuleSet
+) -> tuple[Manifest, list[RankPlan]]:
     """Plan every target rank (pure: reads only the manifest)."""
     manifest = load_manifest(src)
     plans = []
@@ -153,14 +164,21 @@ def plan_reshard(src: str, layout: ParallelLayout, rules: RuleSet) -> tuple[Mani
     return manifest, plans
 
 
-def reshard_checkpoint(src: str, dst: str, layout: ParallelLayout, rules: RuleSet, *, fsync: bool = True) -> Manifest:
+def reshard_checkpoint(
+    src: str, dst: str, layout: ParallelLayout, rules: RuleSet, *, fsync: bool = True
+) -> Manifest:
     """Write checkpoint `src` to `dst` laid out for `layout`, one target rank at a time."""
     manifest, plans = plan_reshard(src, layout, rules)
     if os.path.exists(os.path.join(dst, MANIFEST_NAME)):
-        raise RequestError(f"{dst} already holds a checkpoint; choose an empty destination", path=dst)
+        raise RequestError(
+            f"{dst} already holds a checkpoint; choose an empty destination", path=dst
+        )
     os.makedirs(dst, exist_ok=True)
     metas = [
-        [SaveItem(key=t.key, tensor=torch.empty(0), pieces=t.pieces, specs=t.specs) for t in p.tensors]
+        [
+            SaveItem(key=t.key, tensor=torch.empty(0), pieces=t.pieces, specs=t.specs)
+            for t in p.tensors
+        ]
         for p in plans
     ]
     described = [_describe(items) for items in metas]
@@ -176,12 +194,23 @@ def reshard_checkpoint(src: str, dst: str, layout: ParallelLayout, rules: RuleSe
         sub = plan_reads(manifest, [(t.key, t.pieces) for t in wanted])
         with torch.no_grad():
             execute(sub, src, manifest, targets)
-        rec = write_file(os.path.join(dst, rank_file_name(p.rank)), list(targets.items()), rank=p.rank, fsync=fsync)
+        rec = write_file(
+            os.path.join(dst, rank_file_name(p.rank)),
+            list(targets.items()),
+            rank=p.rank,
+            fsync=fsync,
+        )
         records.append(rec.to_json())
         del targets
     req = SaveRequest(
-        root=dst, step=manifest.step, items=(), objects=manifest.objects, layout=layout.to_record(),
-        rules=tuple(rules.to_json()), framework={**manifest.framework, "resharded_from": str(src)}, fsync=fsync,
+        root=dst,
+        step=manifest.step,
+        items=(),
+        objects=manifest.objects,
+        layout=layout.to_record(),
+        rules=tuple(rules.to_json()),
+        framework={**manifest.framework, "resharded_from": str(src)},
+        fsync=fsync,
     )
     out = _build_manifest(req, described, ({},) * layout.world_size, records, layout.world_size)
     if fsync:

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
 from elastickit.checkpoint.errors import RequestError
 from elastickit.checkpoint.items import LogicalSpec, Piece
 from elastickit.checkpoint.manifest import LayoutRecord
@@ -87,7 +86,9 @@ class Replicate:
     def __post_init__(self) -> None:
         _check_axis(self.axis, "replicate")
         if self.merge not in MERGES:
-            raise ValueError(f"replicate.merge must be one of {', '.join(MERGES)}, got {self.merge!r}")
+            raise ValueError(
+                f"replicate.merge must be one of {', '.join(MERGES)}, got {self.merge!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,7 +107,9 @@ class Pad:
     def __post_init__(self) -> None:
         _check_dim(self.dim, "pad")
         if self.size < 1 or self.multiple < 1:
-            raise ValueError(f"pad.size and pad.multiple must be >= 1, got {self.size}, {self.multiple}")
+            raise ValueError(
+                f"pad.size and pad.multiple must be >= 1, got {self.size}, {self.multiple}"
+            )
         if self.axis is not None:
             _check_axis(self.axis, "pad")
 
@@ -133,7 +136,9 @@ class Fused:
             raise ValueError(f"fused.parts needs at least two parts, got {list(self.parts)}")
         names = [p for p, _ in self.parts]
         if len(set(names)) != len(names) or any(n < 1 for _, n in self.parts):
-            raise ValueError(f"fused.parts must have distinct names and sizes >= 1, got {list(self.parts)}")
+            raise ValueError(
+                f"fused.parts must have distinct names and sizes >= 1, got {list(self.parts)}"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -155,11 +160,15 @@ class Rename:
         try:
             re.compile(self.src)
         except re.error as e:
-            raise ValueError(f"rename.src is not a regular expression ({e}): {self.src!r}") from None
+            raise ValueError(
+                f"rename.src is not a regular expression ({e}): {self.src!r}"
+            ) from None
         if self.axis is not None:
             _check_axis(self.axis, "rename")
             if sum(x is not None for x in (self.num_layers, self.stride, self.offsets)) != 1:
-                raise ValueError("rename with an axis needs exactly one of num_layers, stride, offsets")
+                raise ValueError(
+                    "rename with an axis needs exactly one of num_layers, stride, offsets"
+                )
 
     def offset(self, sizes: Mapping[str, int], coords: Mapping[str, int]) -> int:
         if self.axis is None:
@@ -167,7 +176,9 @@ class Rename:
         c, n = coords[self.axis], sizes[self.axis]
         if self.offsets is not None:
             if len(self.offsets) != n:
-                raise RuleError(f"rename.offsets has {len(self.offsets)} entries but axis {self.axis} has size {n}")
+                raise RuleError(
+                    f"rename.offsets has {len(self.offsets)} entries but axis {self.axis} has size {n}"
+                )
             return self.offsets[c]
         if self.stride is not None:
             return c * self.stride
@@ -249,28 +260,58 @@ def pad(dim: int, size: int, multiple: int = 1, axis: str | None = None) -> Pad:
     return Pad(dim=dim, size=size, multiple=multiple, axis=axis)
 
 
-def fused(dim: int, parts: Sequence[tuple[str, int]] | Mapping[str, int], name_format: str = "{name}:{part}") -> Fused:
+def fused(
+    dim: int,
+    parts: Sequence[tuple[str, int]] | Mapping[str, int],
+    name_format: str = "{name}:{part}",
+) -> Fused:
     """`fused(dim, parts)`: see `Fused`. `parts` is an ordered mapping or (name, size) pairs."""
     items = parts.items() if isinstance(parts, Mapping) else parts
     return Fused(dim=dim, parts=tuple((str(p), int(n)) for p, n in items), name_format=name_format)
 
 
-def rename(src: str, dst: str, *, axis: str | None = None, num_layers: int | None = None,
-           stride: int | None = None, offsets: Sequence[int] | None = None) -> Rename:
+def rename(
+    src: str,
+    dst: str,
+    *,
+    axis: str | None = None,
+    num_layers: int | None = None,
+    stride: int | None = None,
+    offsets: Sequence[int] | None = None,
+) -> Rename:
     """`rename(src, dst)` with optional layer offsets: see `Rename`."""
-    return Rename(src=src, dst=dst, axis=axis, num_layers=num_layers, stride=stride,
-                  offsets=tuple(offsets) if offsets is not None else None)
+    return Rename(
+        src=src,
+        dst=dst,
+        axis=axis,
+        num_layers=num_layers,
+        stride=stride,
+        offsets=tuple(offsets) if offsets is not None else None,
+    )
 
 
-def expert(axis: str = "ep", *, dim: int = 0, num_local: int | None = None,
-           src: str = r"experts\.(?P<i>\d+)", dst: str = "experts.{i}") -> Expert:
+def expert(
+    axis: str = "ep",
+    *,
+    dim: int = 0,
+    num_local: int | None = None,
+    src: str = r"experts\.(?P<i>\d+)",
+    dst: str = "experts.{i}",
+) -> Expert:
     """`expert(axis)`: see `Expert`."""
     return Expert(axis=axis, dim=dim, num_local=num_local, src=src, dst=dst)
 
 
-def flat(params: Sequence[tuple[str, Sequence[int]]], *, zero: int = 1, axis: str = "dp", align: int = 1) -> Flat:
+def flat(
+    params: Sequence[tuple[str, Sequence[int]]], *, zero: int = 1, axis: str = "dp", align: int = 1
+) -> Flat:
     """`flat(zero)`: see `Flat`."""
-    return Flat(params=tuple((str(n), tuple(int(x) for x in s)) for n, s in params), zero=zero, axis=axis, align=align)
+    return Flat(
+        params=tuple((str(n), tuple(int(x) for x in s)) for n, s in params),
+        zero=zero,
+        axis=axis,
+        align=align,
+    )
 
 
 # -- rules ----------------------------------------------------------------------------------------
@@ -299,7 +340,9 @@ class Rule:
             raise ValueError("rule.match needs at least one name pattern")
         transforms = [o for o in self.ops if isinstance(o, Pad | Fused)]
         if len(transforms) > 1:
-            raise ValueError(f"rule {self.label} has {len(transforms)} pad/fused operations; at most one fits")
+            raise ValueError(
+                f"rule {self.label} has {len(transforms)} pad/fused operations; at most one fits"
+            )
         if any(isinstance(o, Flat) for o in self.ops) and len(self.ops) > 1:
             raise ValueError(f"rule {self.label}: flat cannot be combined with other operations")
         merges = {o.merge for o in self.ops if isinstance(o, Replicate)} - {"first"}
@@ -318,7 +361,9 @@ class Rule:
 
     @property
     def merge(self) -> str:
-        return next((o.merge for o in self.ops if isinstance(o, Replicate) and o.merge != "first"), "first")
+        return next(
+            (o.merge for o in self.ops if isinstance(o, Replicate) and o.merge != "first"), "first"
+        )
 
     def logical_name(self, name: str, sizes: Mapping[str, int], coords: Mapping[str, int]) -> str:
         for op in self.ops:
@@ -346,14 +391,17 @@ class Rule:
         if isinstance(op, Pad):
             if op.padded(sizes) != extent:
                 raise self.fail(
-                    name, f"dim {op.dim} has {extent} rows but pad(size={op.size}, multiple={op.multiple}"
-                    f"{', axis=' + op.axis if op.axis else ''}) pads to {op.padded(sizes)}"
+                    name,
+                    f"dim {op.dim} has {extent} rows but pad(size={op.size}, multiple={op.multiple}"
+                    f"{', axis=' + op.axis if op.axis else ''}) pads to {op.padded(sizes)}",
                 )
             return [Segment(0, op.size, logical, 0)], {logical: op.size}
         if isinstance(op, Fused):
             total = sum(n for _, n in op.parts)
             if total != extent:
-                raise self.fail(name, f"fused parts add up to {total} but dim {op.dim} has {extent}")
+                raise self.fail(
+                    name, f"fused parts add up to {total} but dim {op.dim} has {extent}"
+                )
             bad = [p for p, n in op.parts if n % nblocks]
             if bad:
                 raise self.fail(name, f"fused parts {bad} do not split into {nblocks} equal shards")
@@ -361,7 +409,9 @@ class Rule:
             for r in range(nblocks):
                 for part, n in op.parts:
                     k = n // nblocks
-                    segs.append(Segment(g, k, op.name_format.format(name=logical, part=part), r * k))
+                    segs.append(
+                        Segment(g, k, op.name_format.format(name=logical, part=part), r * k)
+                    )
                     g += k
             return segs, {op.name_format.format(name=logical, part=p): n for p, n in op.parts}
         return [Segment(0, extent, logical, 0)], {logical: extent}
@@ -413,7 +463,8 @@ class Rule:
                 )
             )
         specs = tuple(
-            LogicalSpec(name=n, dtype=dtype, shape=_put(gshape, tdim, e), merge=self.merge) for n, e in extents.items()
+            LogicalSpec(name=n, dtype=dtype, shape=_put(gshape, tdim, e), merge=self.merge)
+            for n, e in extents.items()
         )
         return tuple(pieces), specs
 
@@ -433,7 +484,12 @@ def _mesh_size(t: torch.Tensor, axis: str | None, sizes: Mapping[str, int]) -> i
 
 
 def _plain_box(
-    rule: Rule, name: str, t: torch.Tensor, shards: list[Shard], sizes: Mapping[str, int], coords: Mapping[str, int]
+    rule: Rule,
+    name: str,
+    t: torch.Tensor,
+    shards: list[Shard],
+    sizes: Mapping[str, int],
+    coords: Mapping[str, int],
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """(global physical shape, local offsets, local lengths) of a plain local tensor."""
     gshape = list(t.shape)
@@ -445,7 +501,12 @@ def _plain_box(
 
 
 def _flat_pieces(
-    rule: Rule, op: Flat, name: str, t: torch.Tensor, sizes: Mapping[str, int], coords: Mapping[str, int]
+    rule: Rule,
+    op: Flat,
+    name: str,
+    t: torch.Tensor,
+    sizes: Mapping[str, int],
+    coords: Mapping[str, int],
 ) -> tuple[tuple[Piece, ...], tuple[LogicalSpec, ...]]:
     if t.dim() != 1:
         raise rule.fail(name, f"flat needs a 1-D buffer, got shape {list(t.shape)}")
@@ -455,8 +516,11 @@ def _flat_pieces(
     padded = -(-total // unit) * unit
     part = padded // n
     if t.numel() != part:
-        raise rule.fail(name, f"flat expects {part} elements per {op.axis} rank ({total} parameters padded to "
-                        f"{padded}) but the buffer has {t.numel()}")
+        raise rule.fail(
+            name,
+            f"flat expects {part} elements per {op.axis} rank ({total} parameters padded to "
+            f"{padded}) but the buffer has {t.numel()}",
+        )
     dtype = st_dtype(t.dtype, what=f"tensor {name!r}")
     lo = coords[op.axis] * part
     hi = lo + part
@@ -465,7 +529,11 @@ def _flat_pieces(
         numel = math.prod(shape)
         a, b = max(lo, start), min(hi, start + numel)
         if a < b:
-            pieces.append(Piece(logical=pname, offsets=(a - start,), lengths=(b - a,), stored_offsets=(a - lo,)))
+            pieces.append(
+                Piece(
+                    logical=pname, offsets=(a - start,), lengths=(b - a,), stored_offsets=(a - lo,)
+                )
+            )
         specs.append(LogicalSpec(name=pname, dtype=dtype, shape=(numel,)))
         start += numel
     return tuple(pieces), tuple(specs)
@@ -490,7 +558,9 @@ class RuleSet:
         sizes = axis_sizes(layout)
         coords = axis_coords(layout, rank)
 
-        def rule_fn(name: str, t: torch.Tensor) -> tuple[tuple[Piece, ...], tuple[LogicalSpec, ...]] | None:
+        def rule_fn(
+            name: str, t: torch.Tensor
+        ) -> tuple[tuple[Piece, ...], tuple[LogicalSpec, ...]] | None:
             r = self.match(name)
             return None if r is None else r.pieces(name, t, sizes, coords)
 
@@ -524,8 +594,13 @@ def rule(match: str | Sequence[str], *ops: Op) -> Rule:
 
 
 _OPS: dict[str, type] = {
-    "shard": Shard, "replicate": Replicate, "pad": Pad, "fused": Fused,
-    "rename": Rename, "expert": Expert, "flat": Flat,
+    "shard": Shard,
+    "replicate": Replicate,
+    "pad": Pad,
+    "fused": Fused,
+    "rename": Rename,
+    "expert": Expert,
+    "flat": Flat,
 }
 _NAMES = {v: k for k, v in _OPS.items()}
 
@@ -554,7 +629,9 @@ def _op_from(d: Mapping[str, Any], where: str) -> Op:
     known = set(_OPS[kind].__dataclass_fields__)
     unknown = set(kw) - known
     if unknown:
-        raise ValueError(f"{where}: {kind} has no field(s) {sorted(unknown)} (fields: {sorted(known)})")
+        raise ValueError(
+            f"{where}: {kind} has no field(s) {sorted(unknown)} (fields: {sorted(known)})"
+        )
     if kind == "fused":
         return fused(**kw)
     if kind == "flat":
@@ -570,12 +647,17 @@ def load_rules(path: str) -> RuleSet:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
-        raise RuleError(f"rules file {path} does not exist; pass an existing TOML file to --rules", path=path) from None
+        raise RuleError(
+            f"rules file {path} does not exist; pass an existing TOML file to --rules", path=path
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise RuleError(f"rules file {path} is not valid TOML ({e})", path=path) from e
     unknown = set(data) - {"rule"}
     if unknown:
-        raise RuleError(f"rules file {path} has unknown top-level key(s) {sorted(unknown)}; use [[rule]] tables", path=path)
+        raise RuleError(
+            f"rules file {path} has unknown top-level key(s) {sorted(unknown)}; use [[rule]] tables",
+            path=path,
+        )
     return RuleSet.from_json(data.get("rule", []), source=path)
 
 

@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-
 from elastickit.checkpoint.catalog import load_manifest
 from elastickit.checkpoint.manifest import Manifest
 from elastickit.checkpoint.state import FlatState, load_items, save_items
@@ -61,7 +60,9 @@ class ThreadCoordinator:
         with sh.cond:
             sh.rounds.setdefault(n, {})[self._rank] = json.dumps(value)
             sh.cond.notify_all()
-            if not sh.cond.wait_for(lambda: len(sh.rounds[n]) == sh.world_size, timeout=self._timeout):
+            if not sh.cond.wait_for(
+                lambda: len(sh.rounds[n]) == sh.world_size, timeout=self._timeout
+            ):
                 raise TimeoutError(f"virtual ranks did not all reach {phase!r}")
             return [json.loads(sh.rounds[n][r]) for r in range(sh.world_size)]
 
@@ -79,7 +80,9 @@ def save_virtual(
     """Save one checkpoint as every rank of `layout` would: `states[r]` holds rank r's physical
     tensors by name (flattened state names such as `model/w`)."""
     if len(states) != layout.world_size:
-        raise ValueError(f"states has {len(states)} ranks but layout {layout} has {layout.world_size}")
+        raise ValueError(
+            f"states has {len(states)} ranks but layout {layout} has {layout.world_size}"
+        )
     record = layout.to_record()
     coords = ThreadCoordinator.group(layout.world_size)
 
@@ -87,13 +90,19 @@ def save_virtual(
         rule = rules.piece_rule(record, rank) if rules is not None else None
         items = save_items(FlatState(tensors=dict(states[rank])), rule)
         req = SaveRequest(
-            root=root, step=step, items=items, objects=objects or {}, layout=record,
-            rules=tuple(rules.to_json()) if rules is not None else (), fsync=fsync,
+            root=root,
+            step=step,
+            items=items,
+            objects=objects or {},
+            layout=record,
+            rules=tuple(rules.to_json()) if rules is not None else (),
+            fsync=fsync,
         )
         return write_checkpoint(req, coords[rank])
 
     with ThreadPoolExecutor(layout.world_size) as pool:
-        return list(pool.map(one, range(layout.world_size)))[0]
+        manifests = list(pool.map(one, range(layout.world_size)))  # every rank's errors surface
+    return manifests[0]
 
 
 def load_virtual(

@@ -10,10 +10,19 @@ from ._errors import handled
 
 
 def _size(text: str) -> int:
-    units = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30}
+    units = {
+        "": 1,
+        "B": 1,
+        "K": 2**10,
+        "KB": 2**10,
+        "M": 2**20,
+        "MB": 2**20,
+        "G": 2**30,
+        "GB": 2**30,
+    }
     t = text.strip().upper()
     num = t.rstrip("KMGB")
-    unit = t[len(num):]
+    unit = t[len(num) :]
     if unit not in units:
         raise ValueError(text)
     return int(float(num) * units[unit])
@@ -23,10 +32,22 @@ def _size(text: str) -> int:
 def convert(
     src: str = typer.Argument(..., help="The source checkpoint directory."),
     dst: str = typer.Argument(..., help="The destination directory (new or empty)."),
-    from_: str = typer.Option("auto", "--from", help="Source format: auto, elastickit, dcp, or a registered adapter."),
-    to: str = typer.Option("elastickit", "--to", help="Target format: elastickit, dcp, safetensors or deepspeed-universal."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="With --to safetensors: the largest shard, e.g. 5GB."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="DeepSpeed sources: fully unpickle .pt files (only files you trust)."),
+    from_: str = typer.Option(
+        "auto", "--from", help="Source format: auto, elastickit, dcp, or a registered adapter."
+    ),
+    to: str = typer.Option(
+        "elastickit",
+        "--to",
+        help="Target format: elastickit, dcp, safetensors or deepspeed-universal.",
+    ),
+    max_shard_size: str = typer.Option(
+        "5GB", "--max-shard-size", help="With --to safetensors: the largest shard, e.g. 5GB."
+    ),
+    trust_pickle: bool = typer.Option(
+        False,
+        "--trust-pickle",
+        help="DeepSpeed sources: fully unpickle .pt files (only files you trust).",
+    ),
 ) -> None:
     """Convert a checkpoint to another format through elastickit's logical view."""
     from elastickit.checkpoint.errors import RequestError
@@ -35,8 +56,12 @@ def convert(
     try:
         limit = _size(max_shard_size)
     except ValueError:
-        raise RequestError(f"--max-shard-size {max_shard_size!r} is not a size such as 500MB or 5GB") from None
+        raise RequestError(
+            f"--max-shard-size {max_shard_size!r} is not a size such as 500MB or 5GB"
+        ) from None
     options = {"trust_pickle": True} if trust_pickle else {}
     report = run(src, dst, source=from_, target=to, max_shard_bytes=limit, **options)
-    out.print(f"converted {src} ({report.source_format}) -> {dst} ({report.target_format}): "
-              f"{report.num_tensors} tensors, {human_bytes(report.total_bytes)}, {len(report.files)} file(s)")
+    out.print(
+        f"converted {src} ({report.source_format}) -> {dst} ({report.target_format}): "
+        f"{report.num_tensors} tensors, {human_bytes(report.total_bytes)}, {len(report.files)} file(s)"
+    )

@@ -13,11 +13,19 @@ from ._errors import handled
 
 @handled
 def reshard(
-    src: str = typer.Argument(..., help="The source checkpoint (a step directory, or a root: its newest)."),
-    dst: str = typer.Argument(None, help="Where to write the resharded checkpoint (not needed with --dry-run)."),
+    src: str = typer.Argument(
+        ..., help="The source checkpoint (a step directory, or a root: its newest)."
+    ),
+    dst: str = typer.Argument(
+        None, help="Where to write the resharded checkpoint (not needed with --dry-run)."
+    ),
     to: str = typer.Option(..., "--to", help="The target layout, e.g. tp=2,pp=2,dp=2[,zero=1]."),
-    rules: str = typer.Option(None, "--rules", help="A TOML rules file (default: the rules stored in SRC)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print each target rank's reads, bytes and peak memory only."),
+    rules: str = typer.Option(
+        None, "--rules", help="A TOML rules file (default: the rules stored in SRC)."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print each target rank's reads, bytes and peak memory only."
+    ),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run, print the plan as JSON."),
 ) -> None:
     """Reshard a checkpoint for another layout (the target's rules say how tensors split)."""
@@ -32,7 +40,11 @@ def reshard(
     except ValueError as e:
         raise RequestError(f"--to: {e}") from None
     path = resolve(src)
-    ruleset = load_rules(rules) if rules else RuleSet.from_json(load_manifest(path).rules, source=f"{path} rules")
+    ruleset = (
+        load_rules(rules)
+        if rules
+        else RuleSet.from_json(load_manifest(path).rules, source=f"{path} rules")
+    )
     if dry_run:
         manifest, plans = plan_reshard(path, layout, ruleset)
         rows = [
@@ -50,21 +62,56 @@ def reshard(
             for p in plans
         ]
         if as_json:
-            print(json.dumps({"source": path, "source_layout": manifest.layout.to_json(), "target": str(layout), "ranks": rows}, indent=1))
+            print(
+                json.dumps(
+                    {
+                        "source": path,
+                        "source_layout": manifest.layout.to_json(),
+                        "target": str(layout),
+                        "ranks": rows,
+                    },
+                    indent=1,
+                )
+            )
             return
         from rich.table import Table
 
-        out.print(f"[bold]{path}[/bold] (step {manifest.step}, {manifest.world_size} rank(s)) -> {layout} "
-                  f"({layout.world_size} rank(s)); dry run, no tensor bytes read")
-        table = Table("rank", "coords", "tensors", "reads", "files", "needed", "read", "peak", box=None, pad_edge=False)
+        out.print(
+            f"[bold]{path}[/bold] (step {manifest.step}, {manifest.world_size} rank(s)) -> {layout} "
+            f"({layout.world_size} rank(s)); dry run, no tensor bytes read"
+        )
+        table = Table(
+            "rank",
+            "coords",
+            "tensors",
+            "reads",
+            "files",
+            "needed",
+            "read",
+            "peak",
+            box=None,
+            pad_edge=False,
+        )
         for r in rows:
-            coords = ",".join(f"{a}={i}" for a, i in r["coords"].items() if layout.size(a) > 1) or "-"
-            table.add_row(str(r["rank"]), coords, str(r["tensors"]), str(r["reads"]), str(len(r["files"])),
-                          human_bytes(r["bytes_needed"]), human_bytes(r["bytes_read"]), human_bytes(r["peak_bytes"]))
+            coords = (
+                ",".join(f"{a}={i}" for a, i in r["coords"].items() if layout.size(a) > 1) or "-"
+            )
+            table.add_row(
+                str(r["rank"]),
+                coords,
+                str(r["tensors"]),
+                str(r["reads"]),
+                str(len(r["files"])),
+                human_bytes(r["bytes_needed"]),
+                human_bytes(r["bytes_read"]),
+                human_bytes(r["peak_bytes"]),
+            )
         out.print(table)
         return
     if not dst:
         raise RequestError("reshard needs a destination DST (or --dry-run)")
     manifest = reshard_checkpoint(path, dst, layout, ruleset)
-    out.print(f"wrote {dst}: step {manifest.step} for {layout} ({len(manifest.files)} file(s), "
-              f"{human_bytes(manifest.total_bytes)} logical)")
+    out.print(
+        f"wrote {dst}: step {manifest.step} for {layout} ({len(manifest.files)} file(s), "
+        f"{human_bytes(manifest.total_bytes)} logical)"
+    )

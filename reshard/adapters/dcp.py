@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-
 from elastickit.checkpoint.errors import DataError, RequestError
 from elastickit.checkpoint.stfile import st_dtype
 
@@ -26,8 +25,14 @@ METADATA = ".metadata"
 
 _ALLOWED: dict[str, set[str]] = {
     "torch.distributed.checkpoint.metadata": {
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
     },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
@@ -61,7 +66,9 @@ def read_metadata(path: str) -> Any:
         with open(mpath, "rb") as f:
             return _MetadataUnpickler(f, mpath).load()  # type: ignore[arg-type]
     except FileNotFoundError:
-        raise RequestError(f"{path} has no {METADATA}: not a (complete) DCP checkpoint", path=path) from None
+        raise RequestError(
+            f"{path} has no {METADATA}: not a (complete) DCP checkpoint", path=path
+        ) from None
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
         raise DataError(f"{mpath} is not a readable DCP metadata file ({e})", path=mpath) from e
 
@@ -74,7 +81,10 @@ class DcpSource:
     """A DCP checkpoint directory as logical tensors, named by their state-dict path."""
 
     def __init__(self, path: str) -> None:
-        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+        from torch.distributed.checkpoint.metadata import (
+            BytesStorageMetadata,
+            TensorStorageMetadata,
+        )
 
         self.path = path
         self.meta = read_metadata(path)
@@ -87,11 +97,15 @@ class DcpSource:
         self._fqn: dict[str, str] = {}
         for fqn, md in self.meta.state_dict_metadata.items():
             path = paths.get(fqn)
-            name = "/".join(str(p) for p in path) if isinstance(path, tuple | list) and path else fqn
+            name = (
+                "/".join(str(p) for p in path) if isinstance(path, tuple | list) and path else fqn
+            )
             self._fqn[name] = fqn
             if isinstance(md, TensorStorageMetadata):
                 dtype = st_dtype(md.properties.dtype, what=f"DCP tensor {fqn!r}")
-                self._tensors[name] = LogicalTensorInfo(name=name, dtype=dtype, shape=tuple(md.size))
+                self._tensors[name] = LogicalTensorInfo(
+                    name=name, dtype=dtype, shape=tuple(md.size)
+                )
             elif isinstance(md, BytesStorageMetadata):
                 self._bytes.append(name)
         self._index: dict[str, list[tuple[Any, Any]]] = {}
@@ -100,7 +114,8 @@ class DcpSource:
                 raise DataError(
                     f"{path}: item {idx.fqn!r} is stored with transforms {info.transform_descriptors} "
                     "(compression extensions), which this reader does not support",
-                    path=path, tensor=idx.fqn,
+                    path=path,
+                    tensor=idx.fqn,
                 )
             self._index.setdefault(idx.fqn, []).append((idx, info))
         self._maps: dict[str, tuple[Any, mmap.mmap]] = {}
@@ -112,7 +127,9 @@ class DcpSource:
             try:
                 f = open(fpath, "rb")  # noqa: SIM115 - kept open with its mapping until close()
             except FileNotFoundError:
-                raise DataError(f"{fpath} is missing; the DCP checkpoint is incomplete", path=fpath) from None
+                raise DataError(
+                    f"{fpath} is missing; the DCP checkpoint is incomplete", path=fpath
+                ) from None
             self._maps[rel] = (f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
         m = self._maps[rel][1]
         if info.offset + info.length > len(m):
@@ -130,7 +147,8 @@ class DcpSource:
             raise DataError(
                 f"{self.path}: item {fqn!r} needs more than weights_only loading allows ({e}); "
                 "it cannot be read safely",
-                path=self.path, tensor=fqn,
+                path=self.path,
+                tensor=fqn,
             ) from e
 
     def tensors(self) -> dict[str, LogicalTensorInfo]:
@@ -145,7 +163,10 @@ class DcpSource:
         for idx, sinfo in self._index.get(self._fqn[name], []):
             chunk = self._load(sinfo, name)
             if not isinstance(chunk, torch.Tensor):
-                raise DataError(f"{self.path}: item {name!r} holds a {type(chunk).__name__}, not a tensor", tensor=name)
+                raise DataError(
+                    f"{self.path}: item {name!r} holds a {type(chunk).__name__}, not a tensor",
+                    tensor=name,
+                )
             view = out
             for dim, (o, n) in enumerate(zip(idx.offset, chunk.shape, strict=True)):
                 view = view.narrow(dim, o, n)
@@ -155,7 +176,8 @@ class DcpSource:
             raise DataError(
                 f"{self.path}: the chunks of {name!r} cover {covered} of its {out.numel()} elements; "
                 "the checkpoint is incomplete",
-                path=self.path, tensor=name,
+                path=self.path,
+                tensor=name,
             )
         return out
 

@@ -7,7 +7,6 @@ import os
 from typing import Any
 
 import torch
-
 from elastickit.checkpoint.catalog import is_checkpoint_dir, load_manifest, resolve
 from elastickit.checkpoint.items import Piece
 from elastickit.checkpoint.stfile import torch_dtype
@@ -36,12 +35,17 @@ class ElastickitSource:
         self.step = self.manifest.step
 
     def tensors(self) -> dict[str, LogicalTensorInfo]:
-        return {n: LogicalTensorInfo(name=n, dtype=t.dtype, shape=t.shape) for n, t in self.manifest.tensors.items()}
+        return {
+            n: LogicalTensorInfo(name=n, dtype=t.dtype, shape=t.shape)
+            for n, t in self.manifest.tensors.items()
+        }
 
     def read(self, name: str) -> torch.Tensor:
         t = self.manifest.tensors[name]
         out = torch.empty(t.shape, dtype=torch_dtype(t.dtype))
-        plan = plan_reads(self.manifest, [(name, (Piece.whole(name, (0,) * len(t.shape), t.shape),))])
+        plan = plan_reads(
+            self.manifest, [(name, (Piece.whole(name, (0,) * len(t.shape), t.shape),))]
+        )
         with torch.no_grad():
             execute(plan, self.path, self.manifest, {name: out})
         return out

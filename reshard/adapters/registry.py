@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-
 from elastickit.checkpoint.errors import RequestError
 
 
@@ -65,7 +64,9 @@ class SourceFormat:
 _SOURCES: dict[str, SourceFormat] = {}
 
 
-def register_source(name: str, *, detect: Callable[[str], bool], open: Callable[..., LogicalSource]) -> None:  # noqa: A002
+def register_source(
+    name: str, *, detect: Callable[[str], bool], open: Callable[..., LogicalSource]
+) -> None:
     """Register (or replace) the source format `name`."""
     _SOURCES[name] = SourceFormat(name, detect, open)
 
@@ -93,7 +94,9 @@ def open_source(path: str, fmt: str = "auto", **options: Any) -> LogicalSource:
     _builtin()
     name = detect_format(path) if fmt == "auto" else fmt
     if name not in _SOURCES:
-        raise RequestError(f"unknown source format {fmt!r}; use auto or one of {', '.join(_SOURCES)}")
+        raise RequestError(
+            f"unknown source format {fmt!r}; use auto or one of {', '.join(_SOURCES)}"
+        )
     return _SOURCES[name].open(path, **options)
 
 
@@ -112,11 +115,17 @@ def _builtin() -> None:
     _STATE.done = True
     from . import dcp, native
 
-    register_source("elastickit", detect=native.is_elastickit_checkpoint, open=native.open_elastickit)
+    register_source(
+        "elastickit", detect=native.is_elastickit_checkpoint, open=native.open_elastickit
+    )
     register_source("dcp", detect=dcp.is_dcp_checkpoint, open=dcp.open_dcp)
     from . import deepspeed_source
 
-    register_source("deepspeed", detect=deepspeed_source.is_deepspeed_checkpoint, open=deepspeed_source.open_deepspeed_source)
+    register_source(
+        "deepspeed",
+        detect=deepspeed_source.is_deepspeed_checkpoint,
+        open=deepspeed_source.open_deepspeed_source,
+    )
 
 
 def iter_tensors(src: LogicalSource) -> Iterator[tuple[str, torch.Tensor]]:

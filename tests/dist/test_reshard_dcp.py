@@ -17,13 +17,18 @@ pytestmark = [pytest.mark.dist, pytest.mark.timeout(200)]
 def _save_dcp(rank: int, world_size: int, path: str) -> int:
     import torch
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     from elastickit.trainer.model import model_config
     from elastickit.trainer.parallel import TrainLayout, build_mesh, parallelize
 
     layout = TrainLayout.parse("dp=2,tp=2")
-    model = parallelize(model_config("tiny"), layout, build_mesh(layout, "cpu"), seed=3, device=torch.device("cpu"))
+    model = parallelize(
+        model_config("tiny"), layout, build_mesh(layout, "cpu"), seed=3, device=torch.device("cpu")
+    )
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randint(0, 250, (2, 8))).float().pow(2).mean().backward()
     optim.step()
@@ -34,10 +39,9 @@ def _save_dcp(rank: int, world_size: int, path: str) -> int:
 
 def test_dcp_fsdp2_tp_to_safetensors_equals_dcp_to_torch_save(tmp_path) -> None:
     import torch
+    from elastickit.reshard.convert import convert
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    from elastickit.reshard.convert import convert
 
     src = str(tmp_path / "dcp")
     assert run_ranks(_save_dcp, 4, args=(src,), timeout_s=150)[0] > 0  # DTensor state indeed
@@ -51,7 +55,9 @@ def test_dcp_fsdp2_tp_to_safetensors_equals_dcp_to_torch_save(tmp_path) -> None:
     assert set(index["weight_map"]) == set(ref) and len(set(index["weight_map"].values())) > 1
     got = {}
     for f in sorted(set(index["weight_map"].values())):
-        assert os.path.getsize(tmp_path / "hf" / f) <= 64 * 1024 + 4096  # a shard: the limit plus its header
+        assert (
+            os.path.getsize(tmp_path / "hf" / f) <= 64 * 1024 + 4096
+        )  # a shard: the limit plus its header
         got.update(load_file(str(tmp_path / "hf" / f)))
     for name, t in ref.items():
         assert got[name].dtype == t.dtype and torch.equal(got[name], t), name

@@ -22,13 +22,23 @@ def _model():
     from elastickit.trainer.model import ModelConfig
 
     # tiny, but with 8 query / 4 kv heads so that tp=4 splits GQA; V=250 pads to 256.
-    return ModelConfig(vocab_size=250, dim=32, n_layers=4, n_heads=8, n_kv_heads=4, ffn_hidden=64, max_seq_len=64)
+    return ModelConfig(
+        vocab_size=250, dim=32, n_layers=4, n_heads=8, n_kv_heads=4, ffn_hidden=64, max_seq_len=64
+    )
 
 
 def _run(layout: str, ckpt: str | None):
     from elastickit.trainer import TrainConfig, run_training
 
-    cfg = TrainConfig(model=_model(), layout=layout, steps=K + 1, ckpt_dir=ckpt, ckpt_every=K, global_batch=8, seq_len=16)
+    cfg = TrainConfig(
+        model=_model(),
+        layout=layout,
+        steps=K + 1,
+        ckpt_dir=ckpt,
+        ckpt_every=K,
+        global_batch=8,
+        seq_len=16,
+    )
     return run_training(cfg)
 
 
@@ -73,4 +83,8 @@ def test_resume_at_other_layouts(tmp_path) -> None:
         dst = f"{root}/{src}-single"
         shutil.copytree(f"{root}/{src}", dst)
         r = _run("single", dst)
-        assert r.start_step == K and len(r.losses) == 1 and _close(r.losses[0], full[K]), (src, r.losses, full)
+        assert r.start_step == K and len(r.losses) == 1 and _close(r.losses[0], full[K]), (
+            src,
+            r.losses,
+            full,
+        )

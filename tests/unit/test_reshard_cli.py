@@ -8,20 +8,22 @@ import pickle
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from elastickit.cli.main import app
 from elastickit.reshard.layout import ParallelLayout
 from elastickit.reshard.rules import RuleSet, fused, replicate, rule, shard
 from elastickit.reshard.virtual import load_virtual, save_virtual
+from typer.testing import CliRunner
+
+from elastickit.cli.main import app
 
 pytestmark = pytest.mark.timeout(60)
 
-RULES = RuleSet((
-    rule("model/w", shard(0, "dp")),
-    rule("model/qkv", shard(0, "dp"), fused(0, {"q": 12, "k": 6, "v": 6})),
-    rule("model/norm", replicate("dp")),
-))
+RULES = RuleSet(
+    (
+        rule("model/w", shard(0, "dp")),
+        rule("model/qkv", shard(0, "dp"), fused(0, {"q": 12, "k": 6, "v": 6})),
+        rule("model/norm", replicate("dp")),
+    )
+)
 Q, K, V = torch.randn(12, 3), torch.randn(6, 3), torch.randn(6, 3)
 W, NORM = torch.randn(12, 2), torch.randn(5)
 
@@ -33,10 +35,6 @@ def physical(lay: ParallelLayout, r: int) -> dict[str, torch.Tensor]:
         "model/qkv": torch.cat([Q.chunk(n)[r], K.chunk(n)[r], V.chunk(n)[r]]),
         "model/norm": NORM.clone(),
     }
-
-
-
-
 
 
 def test_dry_run_4_to_3_ranks_reads_no_tensor_bytes(tmp_path):
@@ -54,7 +52,11 @@ def test_dry_run_4_to_3_ranks_reads_no_tensor_bytes(tmp_path):
     assert [r["rank"] for r in plan["ranks"]] == [0, 1, 2]
     # rank 1 of 3 needs rows 4..8 of w: rows 4,5 live on source rank 1 and 6,7 on source rank 2
     r1 = plan["ranks"][1]
-    assert r1["files"] == ["rank-00000.safetensors", "rank-00001.safetensors", "rank-00002.safetensors"]
+    assert r1["files"] == [
+        "rank-00000.safetensors",
+        "rank-00001.safetensors",
+        "rank-00002.safetensors",
+    ]
     assert r1["bytes_needed"] == 4 * 2 * 4 + 5 * 4
     assert r1["peak_bytes"] >= r1["target_bytes"] > 0
     text = CliRunner().invoke(app, ["reshard", str(ck), "--to", "dp=3", "--dry-run"])
@@ -65,10 +67,14 @@ def test_reshard_4_to_3_writes_a_loadable_checkpoint(tmp_path):
     rules = RuleSet((rule("model/w", shard(0, "dp")), rule("model/norm", replicate("dp"))))
     states = [{"model/w": W.chunk(4)[r].clone(), "model/norm": NORM.clone()} for r in range(4)]
     save_virtual(str(tmp_path / "s"), 5, ParallelLayout(dp=4), states, rules)
-    res = CliRunner().invoke(app, ["reshard", str(tmp_path / "s"), str(tmp_path / "d"), "--to", "dp=3"])
+    res = CliRunner().invoke(
+        app, ["reshard", str(tmp_path / "s"), str(tmp_path / "d"), "--to", "dp=3"]
+    )
     assert res.exit_code == 0, res.output
     man = json.loads((tmp_path / "d" / "manifest.json").read_text())
-    assert man["world_size"] == 3 and sorted(man["files"]) == [f"rank-0000{i}.safetensors" for i in range(3)]
+    assert man["world_size"] == 3 and sorted(man["files"]) == [
+        f"rank-0000{i}.safetensors" for i in range(3)
+    ]
     for r in range(3):
         got = {"model/w": torch.zeros(4, 2), "model/norm": torch.zeros(5)}
         load_virtual(str(tmp_path / "d"), ParallelLayout(dp=3), r, got, rules)
@@ -85,16 +91,36 @@ def test_convert_round_trip_through_dcp_and_safetensors(tmp_path):
     from safetensors.torch import load_file
 
     lay = ParallelLayout(dp=3)
-    save_virtual(str(tmp_path / "s"), 9, lay, [physical(lay, r) for r in range(3)], RULES,
-                 objects={"model": {"w": {"__tensor__": "model/w"}}, "meta": {"lr": 0.5}})
+    save_virtual(
+        str(tmp_path / "s"),
+        9,
+        lay,
+        [physical(lay, r) for r in range(3)],
+        RULES,
+        objects={"model": {"w": {"__tensor__": "model/w"}}, "meta": {"lr": 0.5}},
+    )
     run = CliRunner().invoke
-    assert run(app, ["convert", str(tmp_path / "s"), str(tmp_path / "dcp"), "--to", "dcp"]).exit_code == 0
+    assert (
+        run(app, ["convert", str(tmp_path / "s"), str(tmp_path / "dcp"), "--to", "dcp"]).exit_code
+        == 0
+    )
     import torch.distributed.checkpoint as dcp
 
     sd = {"model": {"w": torch.zeros(12, 2), "qkv:k": torch.zeros(6, 3)}}
     dcp.load(sd, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
     assert torch.equal(sd["model"]["w"], W) and torch.equal(sd["model"]["qkv:k"], K)
-    res = run(app, ["convert", str(tmp_path / "dcp"), str(tmp_path / "hf"), "--to", "safetensors", "--max-shard-size", "100B"])
+    res = run(
+        app,
+        [
+            "convert",
+            str(tmp_path / "dcp"),
+            str(tmp_path / "hf"),
+            "--to",
+            "safetensors",
+            "--max-shard-size",
+            "100B",
+        ],
+    )
     assert res.exit_code == 0, res.output
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == {"w", "qkv:q", "qkv:k", "qkv:v", "norm"}
@@ -103,7 +129,18 @@ def test_convert_round_trip_through_dcp_and_safetensors(tmp_path):
     for f in set(index["weight_map"].values()):
         got.update(load_file(str(tmp_path / "hf" / f)))
     assert torch.equal(got["qkv:q"], Q) and torch.equal(got["norm"], NORM)
-    res = run(app, ["convert", str(tmp_path / "dcp"), str(tmp_path / "ek"), "--from", "dcp", "--to", "elastickit"])
+    res = run(
+        app,
+        [
+            "convert",
+            str(tmp_path / "dcp"),
+            str(tmp_path / "ek"),
+            "--from",
+            "dcp",
+            "--to",
+            "elastickit",
+        ],
+    )
     assert res.exit_code == 0, res.output
     from elastickit.reshard.adapters.native import ElastickitSource
 
@@ -119,7 +156,10 @@ class Evil:
 
 def test_dcp_metadata_refuses_foreign_classes(tmp_path):
     (tmp_path / ".metadata").write_bytes(pickle.dumps(Evil()))
-    res = CliRunner().invoke(app, ["convert", str(tmp_path), str(tmp_path / "out"), "--from", "dcp", "--to", "safetensors"])
+    res = CliRunner().invoke(
+        app,
+        ["convert", str(tmp_path), str(tmp_path / "out"), "--from", "dcp", "--to", "safetensors"],
+    )
     assert res.exit_code == 1
     assert "refusing to unpickle" in res.output and "posix.system" in res.output
 

@@ -11,21 +11,27 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
-
 from elastickit.checkpoint.errors import DataError
 from elastickit.reshard.layout import ParallelLayout
 from elastickit.reshard.offline import reshard_checkpoint
 from elastickit.reshard.rules import RuleSet, expert, fused, pad, rename, replicate, rule, shard
 from elastickit.reshard.virtual import load_virtual, save_virtual
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 pytestmark = pytest.mark.timeout(240)
 
 LAYOUTS = [
-    ParallelLayout(), ParallelLayout(tp=2), ParallelLayout(dp=2), ParallelLayout(tp=4),
-    ParallelLayout(dp=2, tp=2), ParallelLayout(pp=2), ParallelLayout(pp=2, tp=2),
-    ParallelLayout(ep=2), ParallelLayout(dp=3), ParallelLayout(pp=2, ep=2, tp=2),
+    ParallelLayout(),
+    ParallelLayout(tp=2),
+    ParallelLayout(dp=2),
+    ParallelLayout(tp=4),
+    ParallelLayout(dp=2, tp=2),
+    ParallelLayout(pp=2),
+    ParallelLayout(pp=2, tp=2),
+    ParallelLayout(ep=2),
+    ParallelLayout(dp=3),
+    ParallelLayout(pp=2, ep=2, tp=2),
 ]
 
 
@@ -38,12 +44,29 @@ def stage_layers(L: int, pp: int, s: int) -> range:
 class Model:
     """Random logical tensors and their explicit per-rank physical construction."""
 
-    def __init__(self, *, d: int, D: int, H: int, K: int, V: int, L: int, E: int, F: int, dtype, seed: int, merge: str):
+    def __init__(
+        self,
+        *,
+        d: int,
+        D: int,
+        H: int,
+        K: int,
+        V: int,
+        L: int,
+        E: int,
+        F: int,
+        dtype,
+        seed: int,
+        merge: str,
+    ):
         g = torch.Generator().manual_seed(seed)
-        rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
-        self.dims = dict(d=d, D=D, H=H, K=K, V=V, L=L, E=E, F=F)
+        rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
+        self.dims = {"d": d, "D": D, "H": H, "K": K, "V": V, "L": L, "E": E, "F": F}
         self.merge = merge
-        self.logical: dict[str, torch.Tensor] = {"model/emb": rnd(V, D), "model/experts": rnd(E, F, D)}
+        self.logical: dict[str, torch.Tensor] = {
+            "model/emb": rnd(V, D),
+            "model/experts": rnd(E, F, D),
+        }
         for i in range(L):
             self.logical[f"model/layers.{i}.wqkv:q"] = rnd(H * d, D)
             self.logical[f"model/layers.{i}.wqkv:k"] = rnd(K * d, D)
@@ -54,16 +77,25 @@ class Model:
     def rules(self) -> RuleSet:
         m = self.dims
         ren = rename(r"layers\.(?P<i>\d+)", "layers.{i}", axis="pp", num_layers=m["L"])
-        return RuleSet((
-            rule("model/layers.*.wqkv", ren, shard(0, "tp"), shard(0, "dp"),
-                 fused(0, {"q": m["H"] * m["d"], "k": m["K"] * m["d"], "v": m["K"] * m["d"]})),
-            rule("model/layers.*.wo", ren, shard(1, "tp")),
-            rule("model/layers.*.norm", ren, replicate("tp", self.merge)),
-            rule("model/emb", pad(0, m["V"], multiple=4, axis="tp"), shard(0, "tp")),
-            rule("model/experts", expert("ep")),
-        ))
+        return RuleSet(
+            (
+                rule(
+                    "model/layers.*.wqkv",
+                    ren,
+                    shard(0, "tp"),
+                    shard(0, "dp"),
+                    fused(0, {"q": m["H"] * m["d"], "k": m["K"] * m["d"], "v": m["K"] * m["d"]}),
+                ),
+                rule("model/layers.*.wo", ren, shard(1, "tp")),
+                rule("model/layers.*.norm", ren, replicate("tp", self.merge)),
+                rule("model/emb", pad(0, m["V"], multiple=4, axis="tp"), shard(0, "tp")),
+                rule("model/experts", expert("ep")),
+            )
+        )
 
-    def physical(self, lay: ParallelLayout, rank: int, *, norm_delta: bool = False) -> dict[str, torch.Tensor]:
+    def physical(
+        self, lay: ParallelLayout, rank: int, *, norm_delta: bool = False
+    ) -> dict[str, torch.Tensor]:
         c, lg, m = lay.coords(rank), self.logical, self.dims
         tp, r = lay.tp, c["tp"]
         out = {}
@@ -91,16 +123,24 @@ def empty_like_all(ts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
     assert got.keys() == want.keys(), what
-    for k in want:
-        assert torch.equal(got[k], want[k]), f"{what}: {k} differs"
+    for k, w in want.items():
+        assert torch.equal(got[k], w), f"{what}: {k} differs"
 
 
-dims = st.fixed_dictionaries({
-    "d": st.sampled_from([1, 2]), "D": st.integers(1, 5), "H": st.sampled_from([4, 8]),
-    "K": st.just(4), "V": st.integers(5, 23), "L": st.integers(2, 3), "E": st.just(4),
-    "F": st.integers(1, 3), "dtype": st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
-    "seed": st.integers(0, 2**16),
-})
+dims = st.fixed_dictionaries(
+    {
+        "d": st.sampled_from([1, 2]),
+        "D": st.integers(1, 5),
+        "H": st.sampled_from([4, 8]),
+        "K": st.just(4),
+        "V": st.integers(5, 23),
+        "L": st.integers(2, 3),
+        "E": st.just(4),
+        "F": st.integers(1, 3),
+        "dtype": st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+        "seed": st.integers(0, 2**16),
+    }
+)
 
 
 def divides(m: Model, lay: ParallelLayout) -> bool:
@@ -109,7 +149,9 @@ def divides(m: Model, lay: ParallelLayout) -> bool:
     return lay.tp <= d["K"] and block % lay.dp == 0 and lay.pp <= d["L"]
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(dims=dims, a=st.sampled_from(LAYOUTS), b=st.sampled_from(LAYOUTS))
 def test_a_to_b_is_slicing_and_back_is_bit_exact(tmp_path_factory, dims, a, b):
     m = Model(**dims, merge="first")
@@ -132,7 +174,9 @@ def test_a_to_b_is_slicing_and_back_is_bit_exact(tmp_path_factory, dims, a, b):
         assert_same(got, want, f"{a} -> {b} -> {a} rank {r}")
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(dims=dims, a=st.sampled_from(LAYOUTS), b=st.sampled_from(LAYOUTS))
 def test_offline_reshard_equals_slicing(tmp_path_factory, dims, a, b):
     m = Model(**dims, merge="first")
@@ -149,21 +193,53 @@ def test_offline_reshard_equals_slicing(tmp_path_factory, dims, a, b):
         assert_same(got, want, f"offline {a} -> {b} rank {r}")
 
 
-@pytest.mark.parametrize("a, b", [(ParallelLayout(tp=2, dp=2), ParallelLayout(tp=4)), (ParallelLayout(tp=4), ParallelLayout())])
+@pytest.mark.parametrize(
+    "a, b",
+    [(ParallelLayout(tp=2, dp=2), ParallelLayout(tp=4)), (ParallelLayout(tp=4), ParallelLayout())],
+)
 def test_merge_average_and_check(tmp_path, a, b):
-    dims_ = dict(d=1, D=3, H=4, K=4, V=7, L=2, E=4, F=2, dtype=torch.float64, seed=1)
+    dims_ = {
+        "d": 1,
+        "D": 3,
+        "H": 4,
+        "K": 4,
+        "V": 7,
+        "L": 2,
+        "E": 4,
+        "F": 2,
+        "dtype": torch.float64,
+        "seed": 1,
+    }
     m = Model(**dims_, merge="average")
-    save_virtual(str(tmp_path / "avg"), 1, a, [m.physical(a, r, norm_delta=True) for r in range(a.world_size)], m.rules())
+    save_virtual(
+        str(tmp_path / "avg"),
+        1,
+        a,
+        [m.physical(a, r, norm_delta=True) for r in range(a.world_size)],
+        m.rules(),
+    )
     for r in range(b.world_size):
         got = empty_like_all(m.physical(b, r))
         load_virtual(str(tmp_path / "avg/step-00000001"), b, r, got, m.rules())
         for i in range(2):  # copies were norm + tp coordinate, over every holder
-            assert torch.allclose(got[f"model/layers.{i}.norm"], m.logical[f"model/layers.{i}.norm"] + (a.tp - 1) / 2)
+            assert torch.allclose(
+                got[f"model/layers.{i}.norm"], m.logical[f"model/layers.{i}.norm"] + (a.tp - 1) / 2
+            )
     m = Model(**dims_, merge="check")
-    save_virtual(str(tmp_path / "ok"), 1, a, [m.physical(a, r) for r in range(a.world_size)], m.rules())
+    save_virtual(
+        str(tmp_path / "ok"), 1, a, [m.physical(a, r) for r in range(a.world_size)], m.rules()
+    )
     got = empty_like_all(m.physical(b, 0))
     load_virtual(str(tmp_path / "ok/step-00000001"), b, 0, got, m.rules())
     assert torch.equal(got["model/layers.0.norm"], m.logical["model/layers.0.norm"])
-    save_virtual(str(tmp_path / "bad"), 1, a, [m.physical(a, r, norm_delta=True) for r in range(a.world_size)], m.rules())
+    save_virtual(
+        str(tmp_path / "bad"),
+        1,
+        a,
+        [m.physical(a, r, norm_delta=True) for r in range(a.world_size)],
+        m.rules(),
+    )
     with pytest.raises(DataError, match="replicas of 'model/layers.0.norm' differ"):
-        load_virtual(str(tmp_path / "bad/step-00000001"), b, 0, empty_like_all(m.physical(b, 0)), m.rules())
+        load_virtual(
+            str(tmp_path / "bad/step-00000001"), b, 0, empty_like_all(m.physical(b, 0)), m.rules()
+        )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from elastickit.checkpoint.state import overlay_tree
 
 pytestmark = pytest.mark.timeout(10)
@@ -29,11 +28,16 @@ WHOLE = {  # a whole model's optimizer (pp=1) as the target
 def test_whole_model_takes_every_stage_with_saved_hyperparameters():
     got = overlay_tree(STAGE0, WHOLE)
     assert got["state"] == WHOLE["state"]  # l1's tensors are tagged although rank 0 never saw l1
-    assert got["param_groups"] == [{"lr": 0.5, "betas": [0.9, 0.99], "params": ["l0", "l1"], "note": "kept"}]
+    assert got["param_groups"] == [
+        {"lr": 0.5, "betas": [0.9, 0.99], "params": ["l0", "l1"], "note": "kept"}
+    ]
 
 
 def test_stage_takes_only_its_own_layers():
-    stage1 = {"state": {"l1": WHOLE["state"]["l1"]}, "param_groups": [{"lr": 0.1, "betas": [0.8, 0.9], "params": ["l1"]}]}
+    stage1 = {
+        "state": {"l1": WHOLE["state"]["l1"]},
+        "param_groups": [{"lr": 0.1, "betas": [0.8, 0.9], "params": ["l1"]}],
+    }
     got = overlay_tree(WHOLE, stage1)
     assert set(got["state"]) == {"l1"} and got["param_groups"][0]["params"] == ["l1"]
     assert got["param_groups"][0]["lr"] == 0.1  # the saved value (WHOLE is the saved tree here)
