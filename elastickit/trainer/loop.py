@@ -22,13 +22,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from .data import TokenLoader, TokenStream
 from .hooks import StepHook, call_close, call_step_end, call_step_start
 from .model import ModelConfig, model_config
 from .parallel import TrainLayout, build_mesh, build_schedule, clip_grad_norm_, loss_fn, parallelize
 
-__all__ = ["TrainConfig", "TrainResult", "run_training"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingJob", "build_job", "run_training"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -166,8 +167,89 @@ def _microbatches(
     return total
 
 
-def run_training(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> TrainResult:
-    """Train `cfg` on this rank; call on every rank of the group. See the module docstring."""
+@dataclasses.dataclass(slots=True, kw_only=True)
+class TrainingJob:
+    """This rank's built job: the parallel model, optimizer, loader and schedule of `cfg`.
+
+    For code that drives steps itself (benchmarks timing a checkpoint between steps, tests):
+
+        job = build_job(cfg)
+        for step in range(cfg.steps):
+            loss = job.train_step(step)      # global mean loss, the same on every rank
+            ck.save(step + 1, job.state())
+    """
+
+    cfg: TrainConfig
+    layout: TrainLayout
+    mesh: DeviceMesh | None
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: TokenLoader
+    schedule: Any
+    pp_rank: int
+    extra: dict[str, Any]
+
+    def state(self) -> dict[str, Any]:
+        """The Checkpointer state: {"model", "optim", "data", "extra"} (the same objects)."""
+        return {
+            "model": self.model,
+            "optim": self.optimizer,
+            "data": self.loader,
+            "extra": self.extra,
+        }
+
+    def checkpointer(self) -> Any:
+        """An `elastickit.Checkpointer` at cfg.ckpt_dir with this model's layout and rules."""
+        import elastickit
+
+        from .rules import model_rules, parallel_layout
+
+        if self.cfg.ckpt_dir is None:
+            raise ValueError("TrainConfig.ckpt_dir is None; set it to checkpoint")
+        return elastickit.Checkpointer(
+            self.cfg.ckpt_dir,
+            every=self.cfg.ckpt_every,
+            layout=parallel_layout(self.layout),
+            rules=model_rules(self.cfg.model_config()),
+        )
+
+    def local_numel(self) -> int:
+        """Parameter elements held by this rank."""
+        return sum(_local(p).numel() for p in self.model.parameters())
+
+    def train_step(self, step: int) -> float:
+        """Run 0-based step `step` (LR, data, forward/backward, clip, AdamW); its global loss."""
+        cfg, layout, device = self.cfg, self.layout, self.device
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        inputs, targets = (t.to(device) for t in self.loader.next_batch())
+        if self.schedule is None:
+            local_loss = _microbatches(self.model, inputs, targets, cfg.grad_accum)
+        else:
+            is_first, is_last = self.pp_rank == 0, self.pp_rank == layout.pp - 1
+            mb_losses: list[torch.Tensor] = []
+            if is_first:
+                self.schedule.step(inputs, target=targets if is_last else None, losses=mb_losses)
+            elif is_last:
+                self.schedule.step(target=targets, losses=mb_losses)
+            else:
+                self.schedule.step()
+            local_loss = (
+                torch.stack([x.detach() for x in mb_losses]).mean()
+                if is_last
+                else torch.zeros((), device=device)
+            )
+        if cfg.max_grad_norm > 0:
+            pp_group = self.mesh["pp"].get_group() if layout.pp > 1 else None
+            clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm, pp_group)
+        self.optimizer.step()
+        return _global_loss(local_loss, layout)
+
+
+def build_job(cfg: TrainConfig) -> TrainingJob:
+    """Build this rank's part of `cfg` (call on every rank of a group of the layout's size)."""
     mcfg, layout = cfg.model_config(), cfg.train_layout()
     device = _pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -186,7 +268,6 @@ def run_training(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> TrainResul
             f"global_batch {cfg.global_batch} must be a multiple of dp*grad_accum "
             f"({layout.dp}*{cfg.grad_accum})"
         )
-
     model = parallelize(mcfg, layout, mesh, seed=cfg.seed, device=device, dp_mode=cfg.dp_mode)
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -206,28 +287,25 @@ def run_training(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> TrainResul
         schedule = build_schedule(
             model, mesh, device=device, n_microbatches=cfg.grad_accum, schedule=cfg.pp_schedule
         )
-    is_first, is_last = pp_rank == 0, pp_rank == layout.pp - 1
-    pp_group = mesh["pp"].get_group() if layout.pp > 1 else None
+    return TrainingJob(
+        cfg=cfg,
+        layout=layout,
+        mesh=mesh,
+        device=device,
+        model=model,
+        optimizer=optimizer,
+        loader=loader,
+        schedule=schedule,
+        pp_rank=pp_rank,
+        extra={"layout": str(layout), "model": str(cfg.model), **cfg.extra},
+    )
 
-    ck = None
-    state: dict[str, Any] = {
-        "model": model,
-        "optim": optimizer,
-        "data": loader,
-        "extra": {"layout": str(layout), "model": str(cfg.model), **cfg.extra},
-    }
-    if cfg.ckpt_dir is not None:
-        import elastickit
 
-        from .rules import model_rules, parallel_layout
-
-        ck = elastickit.Checkpointer(
-            cfg.ckpt_dir,
-            every=cfg.ckpt_every,
-            layout=parallel_layout(layout),
-            rules=model_rules(mcfg),
-        )
-
+def run_training(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> TrainResult:
+    """Train `cfg` on this rank; call on every rank of the group. See the module docstring."""
+    job = build_job(cfg)
+    state = job.state()
+    ck = job.checkpointer() if cfg.ckpt_dir is not None else None
     losses: list[float] = []
     times: list[float] = []
     start = 0
@@ -238,32 +316,10 @@ def run_training(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> TrainResul
         for step in range(start, end):
             call_step_start(hooks, step + 1)
             t0 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr_at(step)
-            optimizer.zero_grad(set_to_none=True)
-            inputs, targets = (t.to(device) for t in loader.next_batch())
-            if schedule is None:
-                local_loss = _microbatches(model, inputs, targets, cfg.grad_accum)
-            else:
-                mb_losses: list[torch.Tensor] = []
-                if is_first:
-                    schedule.step(inputs, target=targets if is_last else None, losses=mb_losses)
-                elif is_last:
-                    schedule.step(target=targets, losses=mb_losses)
-                else:
-                    schedule.step()
-                local_loss = (
-                    torch.stack([x.detach() for x in mb_losses]).mean()
-                    if is_last
-                    else torch.zeros((), device=device)
-                )
-            if cfg.max_grad_norm > 0:
-                clip_grad_norm_(model.parameters(), cfg.max_grad_norm, pp_group)
-            optimizer.step()
-            loss = _global_loss(local_loss, layout)
+            loss = job.train_step(step)
             if ck is not None:
                 ck.save(step + 1, state)
-            if device.type == "cuda":
+            if job.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             losses.append(loss)
@@ -282,9 +338,9 @@ def run_training(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> TrainResul
         end_step=start + len(losses),
         losses=losses,
         step_times_s=times,
-        layout=str(layout),
-        num_params=mcfg.num_params(),
-        local_numel=sum(_local(p).numel() for p in model.parameters()),
+        layout=str(job.layout),
+        num_params=cfg.model_config().num_params(),
+        local_numel=job.local_numel(),
     )
 
 

@@ -93,3 +93,21 @@ def test_checkpoint_callback_restores_and_saves(tmp_path) -> None:
     cb2.close()
     assert not torch.equal(model.weight, torch.zeros_like(model.weight))
     assert not torch.equal(model.weight, saved)  # step 2's weights, not step 3's
+
+
+def test_build_job_steps_like_run_training(tmp_path) -> None:
+    from elastickit.trainer import build_job
+
+    cfg = TrainConfig(steps=3, seq_len=8, ckpt_dir=str(tmp_path))
+    job = build_job(cfg)
+    assert set(job.state()) == {"model", "optim", "data", "extra"}
+    assert job.local_numel() == sum(p.numel() for p in job.model.parameters())
+    losses = [job.train_step(s) for s in range(3)]
+    assert job.loader.state_dict() == {"sample_index": 3 * cfg.global_batch}
+    assert losses == run_training(TrainConfig(steps=3, seq_len=8)).losses
+    ck = job.checkpointer()
+    try:
+        assert ck.save(3, job.state(), force=True).scheduled
+    finally:
+        ck.close()
+    assert run_training(cfg).start_step == 3
