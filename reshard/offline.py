@@ -15,15 +15,16 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from elastickit.checkpoint.catalog import load_manifest
 from elastickit.checkpoint.errors import RequestError
 from elastickit.checkpoint.integrity import atomic_write_text, fsync_dir
-from elastickit.checkpoint.items import LogicalSpec, Piece, SaveItem
+from elastickit.checkpoint.items import LogicalSpec, Piece
 from elastickit.checkpoint.manifest import DTYPE_SIZES, MANIFEST_NAME, Manifest, rank_file_name
 from elastickit.checkpoint.stfile import torch_dtype, write_file
-from elastickit.checkpoint.writer import SaveRequest, _build_manifest, _describe, plan_dedup
+from elastickit.checkpoint.writer import SaveRequest, _build_manifest, plan_dedup
 
 from .executor import execute
 from .layout import ParallelLayout, axis_sizes
@@ -151,6 +152,17 @@ def target_tensors(
     return out
 
 
+def _describe(t: PhysicalTensor) -> dict[str, Any]:
+    """What a rank publishes about one tensor in the writer's plan phase (its JSON form)."""
+    return {
+        "key": t.key,
+        "pieces": [
+            [p.logical, list(p.offsets), list(p.lengths), list(p.stored_offsets)] for p in t.pieces
+        ],
+        "specs": [[s.name, s.dtype, list(s.shape), s.merge] for s in t.specs],
+    }
+
+
 def plan_reshard(
     src: str, layout: ParallelLayout, rules: RuleSet
 ) -> tuple[Manifest, list[RankPlan]]:
@@ -174,14 +186,7 @@ def reshard_checkpoint(
             f"{dst} already holds a checkpoint; choose an empty destination", path=dst
         )
     os.makedirs(dst, exist_ok=True)
-    metas = [
-        [
-            SaveItem(key=t.key, tensor=torch.empty(0), pieces=t.pieces, specs=t.specs)
-            for t in p.tensors
-        ]
-        for p in plans
-    ]
-    described = [_describe(items) for items in metas]
+    described = [[_describe(t) for t in p.tensors] for p in plans]
     owned = plan_dedup(described).owned
     records: list[dict | None] = []
     for p in plans:
