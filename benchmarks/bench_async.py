@@ -1,0 +1,253 @@
+"""Training-loop blocking time per checkpoint, persist throughput and step-time overhead.
+
+    .venv/bin/python benchmarks/bench_async.py [--gib-per-rank 1.0] [--repeats 3] [--skip-small]
+
+1. Blocking time per checkpoint, 2 ranks (gloo), the same state for every method:
+   - the trainer's `small` GPT (~100M parameters, dp=2 FSDP2, AdamW) after one real step;
+   - a synthetic state of --gib-per-rank GiB per rank (parameters of an SGD optimizer).
+   elastickit's blocking time is the time inside `save()` plus the time the next
+   `optimizer.step()` waits at the fence after a real forward/backward (or, for the synthetic
+   state, a compute phase of about the same length). torch.save (+fsync) and DCP save block for
+   the whole write; DCP async_save blocks for its call (it stages a copy before returning).
+2. Persist throughput of elastickit's persistent tier vs `dd oflag=direct` of the same bytes
+   to the same disk (two writers at once, as two ranks write).
+3. Step-time overhead of checkpointing every step of the `tiny` trainer (dp=2).
+
+Writes results/async.md, results/async.json and results/async.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import bar_chart, machine, spawn, write_table  # noqa: E402
+
+METHODS = ["elastickit", "torch.save", "dcp.save", "dcp.async_save"]
+
+
+def _fsync_tree(path: str) -> None:
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+
+
+def _compute(seconds: float) -> None:
+    """Stand-in for a forward/backward of about `seconds` (real CPU work, GIL released)."""
+    import torch
+
+    a = torch.randn(256, 256)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        a = torch.tanh(a @ a)
+
+
+def _build(kind: str, rank: int, world: int, gib: float):
+    import torch
+
+    if kind == "small":
+        from elastickit.trainer.loop import TrainConfig
+        from elastickit.trainer.parallel import TrainLayout, build_mesh, loss_fn, parallelize
+
+        cfg = TrainConfig(model="small", layout=f"dp={world}")
+        layout = TrainLayout.parse(f"dp={world}")
+        mesh = build_mesh(layout, "cpu")
+        model = parallelize(cfg.model_config(), layout, mesh, seed=0, device=torch.device("cpu"), dp_mode="fsdp")
+        optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        vocab = cfg.model_config().vocab_size
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randint(0, vocab, (2, 64), generator=g)
+
+        def fwd_bwd() -> None:
+            optim.zero_grad()
+            loss_fn(model(x), x).backward()
+
+        return model, optim, fwd_bwd
+    n = 8
+    numel = int(gib * (1 << 30) / 4 / n)
+    torch.manual_seed(rank)
+    model = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(numel)) for _ in range(n)])
+    optim = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+
+    def fwd_bwd() -> None:
+        _compute(1.5)
+
+    return model, optim, fwd_bwd
+
+
+def _blocking(rank: int, world: int, kind: str, method: str, gib: float, out: str) -> dict:
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    import elastickit as ek
+
+    model, optim, fwd_bwd = _build(kind, rank, world, gib)
+    fwd_bwd()
+    optim.step()  # a real step, so optimizer state exists
+    dest = os.path.join(out, f"{kind}-{method}".replace(".", "_"))
+    if rank == 0:
+        shutil.rmtree(dest, ignore_errors=True)
+    dist.barrier()
+    state = {"model": model, "optim": optim}
+    ck = ek.Checkpointer(dest, rng=False) if method == "elastickit" else None
+    stats: dict = {}
+    dist.barrier()
+    t0 = time.perf_counter()
+    if method == "elastickit":
+        handle = ck.save(1, state)
+        in_save = time.perf_counter() - t0
+        fwd_bwd()  # the next step's compute overlaps the copy
+        t1 = time.perf_counter()
+        ck.fence()  # what optimizer.step() would wait for
+        fence = time.perf_counter() - t1
+        blocking = in_save + fence
+        optim.step()
+        durable_t = time.perf_counter()
+        handle.durable.result()
+        stats["durable_after_s"] = time.perf_counter() - t0
+        ck.close()
+        del durable_t
+        stats["in_save_s"], stats["fence_s"] = in_save, fence
+    elif method == "torch.save":
+        msd, osd = get_state_dict(model, optim)
+        os.makedirs(dest, exist_ok=True)
+        torch.save({"model": msd, "optim": osd}, os.path.join(dest, f"rank{rank}.pt"))
+        _fsync_tree(dest)
+        blocking = time.perf_counter() - t0
+    elif method == "dcp.save":
+        msd, osd = get_state_dict(model, optim)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=dest)
+        blocking = time.perf_counter() - t0
+    else:
+        msd, osd = get_state_dict(model, optim)
+        group = getattr(_blocking, "group", None) or dist.new_group(backend="gloo")
+        _blocking.group = group  # type: ignore[attr-defined]
+        t0 = time.perf_counter()
+        fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=dest, process_group=group)
+        blocking = time.perf_counter() - t0
+        fwd_bwd()
+        (fut.result() if hasattr(fut, "result") else fut.upload_completion.result())
+        stats["durable_after_s"] = time.perf_counter() - t0
+    dist.barrier()
+    return {"blocking_s": blocking, **stats}
+
+
+def _persist(rank: int, world: int, gib: float, out: str) -> dict:
+    import torch  # noqa: F401
+    import torch.distributed as dist
+
+    import elastickit as ek
+    from elastickit.checkpoint.events import read_events
+
+    model, optim, _ = _build("synthetic", rank, world, gib)
+    dest = os.path.join(out, "persist")
+    if rank == 0:
+        shutil.rmtree(dest, ignore_errors=True)
+    dist.barrier()
+    with ek.Checkpointer(dest, rng=False) as ck:
+        ck.save(1, {"model": model}).durable.result()
+    dist.barrier()
+    rec = [r for r in read_events(os.path.join(dest, "events.jsonl")) if r["type"] == "checkpoint"] if rank == 0 else []
+    return {"persist_s": rec[0]["tiers"]["persistent"]["persist_s"] if rec else None,
+            "stored_bytes": rec[0]["tiers"]["persistent"]["stored_bytes"] if rec else None}
+
+
+def _dd(out: str, gib: float, writers: int) -> float:
+    """Seconds for `writers` concurrent `dd oflag=direct` of gib GiB each."""
+    count = int(gib * 1024 / 64)
+    procs = []
+    t0 = time.perf_counter()
+    for i in range(writers):
+        procs.append(subprocess.Popen(
+            ["dd", "if=/dev/zero", f"of={os.path.join(out, f'dd{i}')}", "bs=64M", f"count={count}", "oflag=direct"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    for p in procs:
+        p.wait()
+    dt = time.perf_counter() - t0
+    for i in range(writers):
+        os.remove(os.path.join(out, f"dd{i}"))
+    return dt
+
+
+def _overhead(rank: int, world: int, ckpt: str | None, steps: int) -> dict:
+    from elastickit.trainer.loop import TrainConfig, run_training
+
+    cfg = TrainConfig(model="tiny", layout=f"dp={world}", steps=steps, ckpt_dir=ckpt, ckpt_every=1)
+    res = run_training(cfg)
+    return {"step_times_s": res.step_times_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gib-per-rank", type=float, default=1.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=40, help="tiny-trainer steps for the overhead runs")
+    ap.add_argument("--skip-small", action="store_true", help="leave out the ~100M-parameter model")
+    ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "ekbench_async"))
+    args = ap.parse_args()
+    os.makedirs(args.dir, exist_ok=True)
+    world = 2
+    kinds = (["small"] if not args.skip_small else []) + ["synthetic"]
+    data: dict = {"blocking": {}, "args": vars(args)}
+    rows = []
+    for kind in kinds:
+        res = {m: [] for m in METHODS}
+        for rep in range(args.repeats):
+            for m in METHODS:
+                r = spawn(_blocking, world, kind, m, args.gib_per_rank, args.dir)
+                res[m].append(max(x["blocking_s"] for x in r))
+                print(f"{kind} rep {rep} {m:15s} blocking {res[m][-1]:.3f} s", flush=True)
+        data["blocking"][kind] = res
+        med = {m: statistics.median(v) for m, v in res.items()}
+        for m in METHODS:
+            rows.append([kind, m, f"{med[m]:.4f}", f"{med[m] / med['torch.save']:.3f}", f"{med[m] / med['dcp.async_save']:.3f}"])
+    # Persist throughput vs dd.
+    pr = spawn(_persist, world, args.gib_per_rank, args.dir)[0]
+    dd_s = statistics.median(_dd(args.dir, args.gib_per_rank, world) for _ in range(args.repeats))
+    total = world * args.gib_per_rank * (1 << 30)
+    ek_gbs = pr["stored_bytes"] / pr["persist_s"] / 1e9
+    dd_gbs = total / dd_s / 1e9
+    data["persist"] = {"elastickit_s": pr["persist_s"], "elastickit_bytes": pr["stored_bytes"], "dd_s": dd_s, "dd_bytes": total}
+    # Step-time overhead of checkpointing every step.
+    base = spawn(_overhead, world, None, args.steps)
+    ck_dir = os.path.join(args.dir, "overhead")
+    shutil.rmtree(ck_dir, ignore_errors=True)
+    with_ck = spawn(_overhead, world, ck_dir, args.steps)
+    skip = 5  # warm-up steps
+
+    def med_step(r: list) -> float:
+        return statistics.median(max(x["step_times_s"][i] for x in r) for i in range(skip, args.steps))
+
+    b, c = med_step(base), med_step(with_ck)
+    data["overhead"] = {"no_ckpt_step_s": b, "ckpt_every_step_s": c}
+    shutil.rmtree(args.dir, ignore_errors=True)
+    notes = [
+        f"Machine: {machine()}; 2 ranks (gloo); median of {args.repeats} interleaved runs; fresh processes per run.",
+        "Blocking = time the training loop is stopped by the checkpoint (elastickit: inside save() + the fence "
+        "before the next optimizer step, after the next forward/backward ran).",
+        f"Persist throughput, persistent tier, {world} x {args.gib_per_rank:g} GiB: elastickit {ek_gbs:.2f} GB/s "
+        f"vs dd oflag=direct {dd_gbs:.2f} GB/s = **{ek_gbs / dd_gbs:.2f}x** (target >= 0.8x).",
+        f"Checkpointing every step of the tiny trainer (dp=2): median step {b * 1000:.1f} ms without, "
+        f"{c * 1000:.1f} ms with = **{(c / b - 1) * 100:+.1f}%** (target < 5%).",
+    ]
+    md = write_table("async", "Blocking time per checkpoint", ["state", "method", "median blocking s", "x torch.save", "x dcp.async_save"], rows, notes, data)
+    labels = [f"{r[0]}\n{r[1]}" for r in rows]
+    bar_chart("async", "Blocking time per checkpoint (s, lower is better)", labels, [float(r[2]) for r in rows], "seconds")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
