@@ -469,6 +469,7 @@ def main() -> int:
     )
     port = tcp.port
     t_start = time.time()
+    load_start = os.getloadavg()[0]
     ep = run_episodes(port, tcp, args, rng, backend)
     print(f"episodes done in {time.time() - t_start:.0f} s", file=sys.stderr, flush=True)
     hangs, crashes = [], []
@@ -525,6 +526,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": f"{os.cpu_count()} cores, torch {__import__('torch').__version__}, gloo, 4 ranks",
         "elapsed_s": round(elapsed, 1),
+        "load_average_1min": [round(load_start, 2), round(os.getloadavg()[0], 2)],
         "args": vars(args),
         "clean_step_time_s": step_s,
         "slow_rank_ms": ep["slow_ms"],
@@ -542,7 +544,9 @@ def main() -> int:
         "# Communication-anomaly monitor: detection quality",
         "",
         f"{summary['date']}; {summary['machine']}; `benchmarks/bench_monitor.py"
-        f"{' --quick' if args.quick else ''}` ({elapsed:.0f} s).",
+        f"{' --quick' if args.quick else ''}` ({elapsed:.0f} s; 1-min load average "
+        f"{summary['load_average_1min'][0]} at start, {summary['load_average_1min'][1]} at end: "
+        "the machine is shared).",
         f"Loop: {args.compute_s * 1000:.0f} ms compute, p2p ring (batch_isend_irecv), tp-pair and "
         f"world all_reduce; clean step time {step_s * 1000:.1f} ms. Slow rank: +{ep['slow_ms']} ms "
         f"per step (+{args.slow_share:.0%}); slow link: +{args.link_ms:.0f} ms per transfer; "
