@@ -119,13 +119,15 @@ def _builtin() -> None:
         "elastickit", detect=native.is_elastickit_checkpoint, open=native.open_elastickit
     )
     register_source("dcp", detect=dcp.is_dcp_checkpoint, open=dcp.open_dcp)
-    from . import deepspeed_source
+    from . import deepspeed_source, hf
 
     register_source(
         "deepspeed",
         detect=deepspeed_source.is_deepspeed_checkpoint,
         open=deepspeed_source.open_deepspeed_source,
     )
+    # Last: any directory of .safetensors files (a Hugging Face model) without a manifest.
+    register_source("safetensors", detect=hf.is_hf_model, open=hf.open_hf)
 
 
 def iter_tensors(src: LogicalSource) -> Iterator[tuple[str, torch.Tensor]]:

@@ -169,3 +169,28 @@ def test_convert_unknown_formats(tmp_path):
     assert res.exit_code == 2 and "not a checkpoint of any known format" in res.output
     res = CliRunner().invoke(app, ["convert", str(tmp_path), str(tmp_path / "o"), "--to", "onnx"])
     assert res.exit_code == 2
+
+
+def test_hf_model_to_elastickit_restores_into_a_module(tmp_path):
+    from safetensors.torch import save_file
+
+    import elastickit as ek
+
+    src = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    (tmp_path / "hf").mkdir()
+    save_file(
+        {k: v.contiguous() for k, v in src.state_dict().items()},
+        str(tmp_path / "hf" / "model.safetensors"),
+    )
+    res = CliRunner().invoke(app, ["convert", str(tmp_path / "hf"), str(tmp_path / "ek")])
+    assert res.exit_code == 0 and "(safetensors)" in res.output, res.output
+    dst = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    with ek.Checkpointer(str(tmp_path / "ek")) as ck:
+        assert ck.restore({"model": dst}) == 0
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
+    # an uncommitted elastickit step directory is not mistaken for a model
+    (tmp_path / "raw").mkdir()
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "raw" / "rank-00000.safetensors"))
+    res = CliRunner().invoke(app, ["convert", str(tmp_path / "raw"), str(tmp_path / "o")])
+    assert res.exit_code == 2 and "not a checkpoint of any known format" in res.output
