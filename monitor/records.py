@@ -114,9 +114,12 @@ class RingBuffer:
     the operations entered and not yet completed (what a hang detector needs).
     """
 
-    def __init__(self, capacity: int = 65536) -> None:
-        if capacity <= 0:
-            raise ValueError(f"capacity must be positive, got {capacity}")
+    def __init__(self, capacity: int = 65536, max_in_flight: int = 4096) -> None:
+        if capacity <= 0 or max_in_flight <= 0:
+            raise ValueError(
+                f"capacity and max_in_flight must be positive, got {capacity}, {max_in_flight}"
+            )
+        self.max_in_flight = max_in_flight
         self._done: collections.deque[_Pending] = collections.deque(maxlen=capacity)
         self._in_flight: dict[int, _Pending] = {}
         self._ids = itertools.count()
@@ -139,6 +142,11 @@ class RingBuffer:
     ) -> _Pending:
         p = _Pending(op, group, group_ranks, peer, num_bytes, seq, enter_s, next(self._ids))
         with self._lock:
+            if len(self._in_flight) >= self.max_in_flight:
+                # A Work nobody waits on (fire-and-forget isend on gloo) never completes here:
+                # forget the oldest rather than grow without bound.
+                self._in_flight.pop(next(iter(self._in_flight)))
+                self.dropped += 1
             self._in_flight[p.id] = p
             if peer == -1:
                 self.entered[group] = seq

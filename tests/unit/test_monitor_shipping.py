@@ -169,3 +169,16 @@ def test_reporter_survives_a_broken_store() -> None:
     rep.step_end(0, 0.1)  # must not raise
     rep.close()
     assert rep.errors > 0
+
+
+def test_ring_buffer_is_bounded() -> None:
+    buf = RingBuffer(capacity=3, max_in_flight=2)
+    pending = [buf.enter("send", "0", (0, 1), 1, 4, i + 1, 0.0) for i in range(3)]
+    assert [r.seq for r in buf.in_flight()] == [2, 3]  # the oldest was forgotten
+    for p in pending[1:]:
+        buf.complete(p, 1.0, True)
+    for i in range(3):
+        buf.complete(buf.enter("allreduce", "0", (0, 1), -1, 4, i + 1, 0.0), 1.0, True)
+    assert [r.op for r in buf.drain()] == ["allreduce"] * 3
+    assert buf.dropped == 3
+    assert buf.drain() == []
