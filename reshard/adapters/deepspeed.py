@@ -10,7 +10,8 @@ A DeepSpeed checkpoint folder (`<save_dir>/<tag>/`, `<save_dir>/latest` naming t
   rank's slice of every flat fp32 master buffer and of Adam's moments.
 
 The mapping from a rank's flat buffer back to parameters is DESIGN.md's `flat(zero)` rule, made
-explicit here as `FlatFragment`s computed from the shapes alone (no live optimizer, no DeepSpeed):
+explicit as `FlatFragment`s computed from the shapes alone (`deepspeed_layout`; no live optimizer,
+no DeepSpeed):
 
 - ZeRO-1/2: each group's parameters are laid end to end (plus `param_alignment_paddings` after
   each), padded to `world * P`, and rank r holds elements `[r*P, (r+1)*P)`; the saved fp32 slice
@@ -28,23 +29,30 @@ pages the kernel keeps mapped.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Self
 
 import torch
 
 from ...checkpoint.errors import DataError, RequestError
+from .deepspeed_layout import (
+    KINDS,
+    DeepSpeedParam,
+    FlatFragment,
+    zero3_layout,
+    zero3_partition,
+    zero12_layout,
+)
 from .deepspeed_pages import PageReleaser
 from .deepspeed_pickle import FragmentAddress, load_pt, to_json
 
+__all__ = ["KINDS", "STATE_KEYS", "DeepSpeedCheckpoint", "DeepSpeedParam", "FlatFragment",
+           "is_deepspeed_checkpoint", "open_deepspeed", "resolve_folder"]
+
 STATE_KEYS: tuple[str, ...] = ("fp32", "exp_avg", "exp_avg_sq", "step")
 """The per-parameter states of the logical view (DeepSpeed universal's names)."""
-
-KINDS: tuple[str, ...] = ("trainable", "frozen", "buffer", "tied", "weight")
 
 _MODEL_RE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
 _OPTIM_RE = re.compile(r"^(bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_?optim_states\.pt$")
@@ -56,52 +64,6 @@ _DS_MODEL_KEYS = frozenset({
     "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config", "ds_version",
     "checkpoint_parallel_dimensions", "universal_checkpoint_info", "num_experts",
 })
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FlatFragment:
-    """One instance of the `flat(zero)` rule.
-
-    Elements `[src_offset, src_offset + numel)` of rank `rank`'s flat buffer of optimizer group
-    `group` are elements `[dst_offset, dst_offset + numel)` of the flattened parameter.
-    `group == -1` means the rank's frozen-parameter fragment (ZeRO-3), not an optimizer buffer.
-    """
-
-    rank: int
-    group: int
-    src_offset: int
-    dst_offset: int
-    numel: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeepSpeedParam:
-    """One logical tensor of a DeepSpeed checkpoint.
-
-    Attributes:
-        name: the module's state-dict name.
-        shape: the global shape.
-        kind: "trainable" (owned by the optimizer: fp32 master + moments), "frozen"
-            (requires_grad False: weights only), "buffer" (persistent buffer), or "tied"
-            (the same tensor as `tied_to`, saved once), or "weight" (ZeRO-0: a module weight;
-            DeepSpeed records neither which ones train nor which optimizer index is which, so
-            only the weights are read).
-        group: the optimizer group (ZeRO-3: sub-group) of a trainable parameter.
-        fragments: where its elements live (trainable; ZeRO-3 frozen).
-        tied_to: for kind "tied", the name that holds the data.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    kind: str
-    group: int | None = None
-    fragments: tuple[FlatFragment, ...] = ()
-    tied_to: str | None = None
-
-    @property
-    def numel(self) -> int:
-        """Number of elements of the global tensor."""
-        return math.prod(self.shape)
 
 
 def resolve_folder(path: str, tag: str | None = None) -> tuple[str, str]:
@@ -325,43 +287,26 @@ class DeepSpeedCheckpoint:
         shapes = self._param_shapes()
         osds = [self.optimizer_file_state(r) for r in range(world)]
         unpadded = "zero_stage" in osds[0]  # ZeRO-1/2 save fp32 without the group padding
-        align = osds[0].get("param_alignment_paddings")
         fp32 = [o["single_partition_of_fp32_groups"] for o in osds]
         if len(fp32[0]) != len(shapes):
             raise DataError(
                 f"{self.optim_files[0]} has {len(fp32[0])} fp32 groups but param_shapes lists "
                 f"{len(shapes)}; model and optimizer files do not belong together",
                 path=self.optim_files[0])
-        out: dict[str, DeepSpeedParam] = {}
-        for g, group_shapes in enumerate(shapes):
-            sizes = []
-            for r in range(world):
-                pad = (osds[r].get("group_paddings") or [0] * len(shapes))[g] if unpadded else 0
-                sizes.append(fp32[r][g].numel() + pad)
-            part = sizes[0]
-            if any(s != part for s in sizes):
+        partition_sizes = []
+        for g in range(len(shapes)):
+            sizes = [fp32[r][g].numel() + ((osds[r].get("group_paddings") or [0] * len(shapes))[g]
+                                           if unpadded else 0) for r in range(world)]
+            if any(s != sizes[0] for s in sizes):
                 raise DataError(
                     f"{self.folder}: ranks disagree on the partition size of group {g} ({sizes})",
                     path=self.folder)
-            pads = list(align[g]) if align is not None else [0] * len(group_shapes)
-            offset = 0
-            for (name, shape), pad in zip(group_shapes.items(), pads, strict=True):
-                numel = math.prod(shape)
-                frags = []
-                start, end = offset, offset + numel
-                for r in range(start // part if part else 0, world):
-                    lo, hi = max(start, r * part), min(end, (r + 1) * part)
-                    if lo >= hi:
-                        break
-                    frags.append(FlatFragment(rank=r, group=g, src_offset=lo - r * part,
-                                              dst_offset=lo - start, numel=hi - lo))
-                if sum(f.numel for f in frags) != numel:
-                    raise DataError(
-                        f"{self.folder}: parameter {name} runs past the flat buffers of group {g}",
-                        path=self.folder, tensor=name)
-                out[name] = DeepSpeedParam(name=name, shape=shape, kind="trainable", group=g,
-                                           fragments=tuple(frags))
-                offset = end + pad
+            partition_sizes.append(sizes[0])
+        try:
+            out = zero12_layout(shapes, partition_sizes, world, osds[0].get("param_alignment_paddings"))
+        except ValueError as e:
+            raise DataError(f"{self.folder}: {e}", path=self.folder) from e
+        for g in range(len(shapes)):
             for r in range(world):
                 used = max((f.src_offset + f.numel for p in out.values() if p.group == g
                             for f in p.fragments if f.rank == r), default=0)
@@ -393,37 +338,17 @@ class DeepSpeedCheckpoint:
 
     def _zero3_params(self) -> dict[str, DeepSpeedParam]:
         world = self.dp_world_size
-        shapes = self._param_shapes()
-        out: dict[str, DeepSpeedParam] = {}
-        flat_sizes = [[t.numel() for t in self.optimizer_file_state(r)["fp32_flat_groups"]]
-                      for r in range(world)]
-        for g, group_shapes in enumerate(shapes):
-            offset = 0
-            for name, shape in group_shapes.items():
-                numel = math.prod(shape)
-                part = math.ceil(numel / world)
-                frags = tuple(
-                    FlatFragment(rank=r, group=g, src_offset=offset, dst_offset=r * part,
-                                 numel=min(part, numel - r * part))
-                    for r in range(world) if numel - r * part > 0)
-                out[name] = DeepSpeedParam(name=name, shape=shape, kind="trainable", group=g,
-                                           fragments=frags)
-                offset += part
-            for r in range(world):
-                if g >= len(flat_sizes[r]) or flat_sizes[r][g] != offset:
-                    raise DataError(
-                        f"{self.optim_files[r]}: ZeRO-3 sub-group {g} should hold {offset} values "
-                        f"for its parameters but holds {flat_sizes[r][g] if g < len(flat_sizes[r]) else 0}",
-                        path=self.optim_files[r])
+        out, sizes = zero3_layout(self._param_shapes(), world)
+        for r in range(world):
+            held = [t.numel() for t in self.optimizer_file_state(r)["fp32_flat_groups"]]
+            if held != sizes:
+                raise DataError(
+                    f"{self.optim_files[r]}: ZeRO-3 sub-groups hold {held} values but their parameters "
+                    f"need {sizes}", path=self.optim_files[r])
         return out
 
     def _zero3_frozen(self, name: str, shape: tuple[int, ...]) -> DeepSpeedParam:
-        numel = math.prod(shape)
-        part = math.ceil(numel / self.dp_world_size)
-        frags = tuple(FlatFragment(rank=r, group=-1, src_offset=0, dst_offset=r * part,
-                                   numel=min(part, numel - r * part))
-                      for r in range(self.dp_world_size) if numel - r * part > 0)
-        return DeepSpeedParam(name=name, shape=shape, kind="frozen", fragments=frags)
+        return zero3_partition(name, shape, self.dp_world_size, group=-1, kind="frozen")
 
     # -- metadata -----------------------------------------------------------------------------
 

@@ -153,3 +153,20 @@ def test_logical_source_names_values_and_groups(tmp_path):
         assert objects["deepspeed"]["zero_stage"] == 3 and src.step == 7
     finally:
         src.close()
+
+
+def test_pure_layouts_span_ranks_and_pad():
+    from elastickit.reshard.adapters.deepspeed_layout import zero3_layout, zero12_layout
+
+    # ZeRO-2, world 4, partition 3: x (2) | pad 1 | y (8) spans ranks 1, 2 and 3.
+    params = zero12_layout([{"x": (2,), "y": (2, 4)}], [3], 4, [[1, 0]])
+    assert [(f.rank, f.src_offset, f.dst_offset, f.numel) for f in params["y"].fragments] == [
+        (1, 0, 0, 3), (2, 0, 3, 3), (3, 0, 6, 2)]
+    with pytest.raises(ValueError, match="parameter y runs past"):
+        zero12_layout([{"x": (2,), "y": (2, 4)}], [2], 4, [[1, 0]])
+    # ZeRO-3, world 4: 5 elements -> pieces of 2 (rank 3 holds only padding: no fragment).
+    params, sizes = zero3_layout([{"a": (5,), "b": (1,)}], 4)
+    assert [(f.rank, f.src_offset, f.dst_offset, f.numel) for f in params["a"].fragments] == [
+        (0, 0, 0, 2), (1, 0, 2, 2), (2, 0, 4, 1)]
+    assert [(f.rank, f.src_offset, f.numel) for f in params["b"].fragments] == [(0, 2, 1)]
+    assert sizes == [3]
