@@ -27,6 +27,7 @@ from elastickit.checkpoint.manifest import DTYPE_SIZES, LayoutRecord
 from elastickit.checkpoint.writer import SaveRequest, write_checkpoint
 
 from .adapters.registry import LogicalSource, open_source
+from .rules import RuleSet
 
 TARGETS = ("elastickit", "dcp", "safetensors", "deepspeed-universal")
 INDEX_NAME = "model.safetensors.index.json"
@@ -50,9 +51,13 @@ def convert(
     source: str = "auto",
     target: str = "elastickit",
     max_shard_bytes: int = 5 * 2**30,
+    rules: RuleSet | None = None,
     **options: Any,
 ) -> ConvertReport:
-    """Convert checkpoint `src` (format `source`) into `dst` (format `target`)."""
+    """Convert checkpoint `src` (format `source`) into `dst` (format `target`).
+
+    `rules` (with target elastickit) are stored in the new manifest, so that `elastickit reshard`
+    later knows how the model's tensors split."""
     if target not in TARGETS:
         raise RequestError(f"unknown target format {target!r}; use one of {', '.join(TARGETS)}")
     from .adapters.registry import detect_format
@@ -69,7 +74,7 @@ def convert(
         elif target == "dcp":
             files, n, size = _to_dcp(reader, dst)
         else:
-            files, n, size = _to_elastickit(reader, dst)
+            files, n, size = _to_elastickit(reader, dst, rules)
     finally:
         reader.close()
     return ConvertReport(
@@ -178,7 +183,9 @@ def _flat_json(objects: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _to_elastickit(reader: LogicalSource, dst: str) -> tuple[list[str], int, int]:
+def _to_elastickit(
+    reader: LogicalSource, dst: str, rules: RuleSet | None = None
+) -> tuple[list[str], int, int]:
     from elastickit.checkpoint.stfile import st_dtype
 
     infos = reader.tensors()
@@ -206,6 +213,7 @@ def _to_elastickit(reader: LogicalSource, dst: str) -> tuple[list[str], int, int
         items=items,
         objects=nest(leaves),
         layout=LayoutRecord(axes=(("dp", 1),)),
+        rules=tuple(rules.to_json()) if rules is not None else (),
         framework={"converted": "true"},
     )
     manifest = write_checkpoint(req, LocalCoordinator())

@@ -43,6 +43,9 @@ def convert(
     max_shard_size: str = typer.Option(
         "5GB", "--max-shard-size", help="With --to safetensors: the largest shard, e.g. 5GB."
     ),
+    rules: str = typer.Option(
+        None, "--rules", help="A TOML rules file stored in the output (with --to elastickit)."
+    ),
     trust_pickle: bool = typer.Option(
         False,
         "--trust-pickle",
@@ -52,7 +55,11 @@ def convert(
     """Convert a checkpoint to another format through elastickit's logical view."""
     from elastickit.checkpoint.errors import RequestError
     from elastickit.reshard.convert import convert as run
+    from elastickit.reshard.rules import load_rules
 
+    ruleset = load_rules(rules) if rules else None
+    if ruleset is not None and to != "elastickit":
+        raise RequestError(f"--rules is stored with --to elastickit only, not --to {to}")
     try:
         limit = _size(max_shard_size)
     except ValueError:
@@ -60,7 +67,7 @@ def convert(
             f"--max-shard-size {max_shard_size!r} is not a size such as 500MB or 5GB"
         ) from None
     options = {"trust_pickle": True} if trust_pickle else {}
-    report = run(src, dst, source=from_, target=to, max_shard_bytes=limit, **options)
+    report = run(src, dst, source=from_, target=to, max_shard_bytes=limit, rules=ruleset, **options)
     out.print(
         f"converted {src} ({report.source_format}) -> {dst} ({report.target_format}): "
         f"{report.num_tensors} tensors, {human_bytes(report.total_bytes)}, {len(report.files)} file(s)"

@@ -194,3 +194,33 @@ def test_hf_model_to_elastickit_restores_into_a_module(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "raw" / "rank-00000.safetensors"))
     res = CliRunner().invoke(app, ["convert", str(tmp_path / "raw"), str(tmp_path / "o")])
     assert res.exit_code == 2 and "not a checkpoint of any known format" in res.output
+
+
+def test_convert_stores_rules_for_a_later_reshard(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "hf").mkdir()
+    save_file({"w": W.clone(), "norm": NORM.clone()}, str(tmp_path / "hf" / "model.safetensors"))
+    (tmp_path / "r.toml").write_text(
+        '[[rule]]\nmatch = "model/w"\nops = [{op = "shard", dim = 0, axis = "dp"}]\n'
+    )
+    args = [
+        "convert",
+        str(tmp_path / "hf"),
+        str(tmp_path / "ek"),
+        "--rules",
+        str(tmp_path / "r.toml"),
+    ]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    res = CliRunner().invoke(
+        app, ["reshard", str(tmp_path / "ek"), "--to", "dp=4", "--dry-run", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)
+    assert [r["bytes_needed"] for r in plan["ranks"]] == [
+        3 * 2 * 4 + 5 * 4
+    ] * 4  # w split, norm whole
+    bad = CliRunner().invoke(
+        app, [*args[:2], str(tmp_path / "x"), "--rules", str(tmp_path / "r.toml"), "--to", "dcp"]
+    )
+    assert bad.exit_code == 2 and "--rules is stored with --to elastickit only" in bad.output
