@@ -395,9 +395,10 @@ def _hangs(
             key = (op.op, op.group, op.seq) if op is not None else ("", "", -1)
             by_op.setdefault(key, []).append(m)
         for (opname, group, seq), culprits in by_op.items():
-            if not opname:  # blocked only indirectly: attach to the oldest stale op
-                r, op, _ = max(stale, key=lambda x: x[1].age_s)
-                opname, group, seq = op.op, op.group, op.seq
+            blocking_op = next((roots[m][0] for m in culprits if roots[m][0] is not None), None)
+            if blocking_op is None:  # blocked only indirectly: attach to the oldest stale op
+                _, blocking_op, _ = max(stale, key=lambda x: x[1].age_s)
+                opname, group, seq = blocking_op.op, blocking_op.group, blocking_op.seq
             waiting = sorted({w for m in culprits for w in roots[m][1]})
             waited = max(roots[m][2] for m in culprits)
             step = max((alive[w].step for w in waiting if w in alive), default=-1)
@@ -411,6 +412,7 @@ def _hangs(
                     group=group,
                     seq=seq,
                     evidence={
+                        "group_ranks": list(blocking_op.ranks),
                         "waiting_ranks": waiting,
                         "waited_s": round(waited, 3),
                         "bound_s": round(bound_s, 3),

@@ -174,6 +174,7 @@ def test_hang_names_the_rank_that_never_entered() -> None:
     assert (e.op, e.group, e.seq) == ("allreduce", "0", 12)
     assert e.evidence["waiting_ranks"] == [0, 1, 3]
     assert e.evidence["last_entered"] == {"2": 11}
+    assert e.evidence["group_ranks"] == [0, 1, 2, 3]
 
 
 def test_hang_below_the_bound_is_not_reported() -> None:
