@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -89,6 +88,3 @@ class Metrics:
             self._server.server_close()
             self._server = None
 
-
-def median_or_zero(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else 0.0

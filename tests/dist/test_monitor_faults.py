@@ -85,10 +85,11 @@ def _run(
     return _events(path)
 
 
-def test_clean_run_and_slow_rank(tmp_path) -> None:
+def test_slow_rank_is_named(tmp_path) -> None:
     events = _run(tmp_path, ["slow:rank=2:ms=30:step=2"], steps=14)
     kinds = {(e["type"], tuple(e["ranks"])) for e in events}
     assert ("slow_rank", (2,)) in kinds, events
+    assert not [e for e in events if e["type"] == "slow_rank" and e["ranks"] != [2]], events
     assert all(e["type"] != "crash" and e["type"] != "hang" for e in events), events
     first = next(e for e in events if e["type"] == "slow_rank")
     for field in ("type", "ranks", "step", "time", "op", "evidence", "confidence"):
