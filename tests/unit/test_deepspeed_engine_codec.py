@@ -12,6 +12,8 @@ from elastickit.integrations.deepspeed_engine import decode, encode
 
 ds = pytest.importorskip("deepspeed")
 
+pytestmark = pytest.mark.deepspeed
+
 
 def test_round_trip_keeps_deepspeed_objects_and_structure():
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
