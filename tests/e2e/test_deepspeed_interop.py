@@ -269,3 +269,54 @@ def test_zero0_checkpoint_reads_its_weights(ds_root):
     assert set(ours) == set(saved)
     for key, value in saved.items():
         assert torch.equal(ours[key], value.float()), key
+
+
+def _restore_into_fsdp2(rank: int, world_size: int, ckpt: str) -> dict[str, torch.Tensor]:
+    """On each rank: a wrapped Tiny (names `net.<name>`), FSDP2-sharded, restored from the
+    converted checkpoint through a rename rule; returns the full state dict."""
+    from torch import nn
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    import elastickit as ek
+    from elastickit.reshard.rules import RuleSet, rename, rule
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _tiny_model()
+
+    model = Wrapped()
+    for sub in (model.net.fc1, model.net.fc2):
+        fully_shard(sub)
+    fully_shard(model)
+    rules = RuleSet(rules=(rule("model/net.*", rename(r"^model/net\.(?P<rest>.*)$", "model/{rest}")),))
+    checkpointer = ek.Checkpointer(ckpt, rules=rules)
+    try:
+        step = checkpointer.restore({"model": model})
+    finally:
+        checkpointer.close()
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {"step": step, **{k: v.detach().clone() for k, v in full.items()}}
+
+
+@pytest.mark.timeout(200)
+def test_deepspeed_checkpoint_restores_into_fsdp2_with_rename_rules(ds_root, tmp_path):
+    import sys as _sys
+
+    from elastickit.reshard.convert import convert
+
+    _sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+    from tests._dist import run_ranks
+
+    src = os.path.join(ds_root, "z3-fp32")
+    dst = str(tmp_path / "ek")
+    convert(src, dst, source="deepspeed", target="elastickit")
+    results = run_ranks(_restore_into_fsdp2, world_size=2, args=(dst,), timeout_s=150)
+    with open_deepspeed(src) as ck:
+        ref = ck.fp32_state_dict()
+    assert [r.pop("step") for r in results] == [3, 3]
+    got = results[0]  # a full state dict with cpu_offload lands on rank 0 only
+    assert sorted(got) == sorted(f"net.{k}" for k in ref)
+    for name, tensor in got.items():
+        assert torch.equal(tensor, ref[name[len("net."):]]), name
