@@ -274,12 +274,12 @@ def test_zero0_checkpoint_reads_its_weights(ds_root):
 def _restore_into_fsdp2(rank: int, world_size: int, ckpt: str) -> dict[str, torch.Tensor]:
     """On each rank: a wrapped Tiny (names `net.<name>`), FSDP2-sharded, restored from the
     converted checkpoint through a rename rule; returns the full state dict."""
+    from elastickit.reshard.rules import RuleSet, rename, rule
     from torch import nn
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
     import elastickit as ek
-    from elastickit.reshard.rules import RuleSet, rename, rule
 
     class Wrapped(nn.Module):
         def __init__(self) -> None:
