@@ -113,16 +113,87 @@ def _owner_module(optim: torch.optim.Optimizer, state: Mapping[str, Any]) -> nn.
     return owners[0]
 
 
-def state_dicts(state: Mapping[str, Any]) -> dict[str, Any]:
+class StateDictCache:
+    """Reuses the state dicts of modules and optimizers between saves while their tensors stay
+    the same objects.
+
+    `get_model_state_dict` / `get_optimizer_state_dict` recompute every FQN on each call (tens of
+    milliseconds for a model of a few hundred tensors); their values are the live tensors, which
+    training updates in place, so the same dict serves the next save. A parameter, buffer or
+    optimizer state that is replaced (not updated in place) changes the signature and the dict is
+    rebuilt. An optimizer's param groups (learning rate, ...) are re-read on every save.
+    """
+
+    def __init__(self) -> None:
+        # The signatures hold the objects themselves (compared with `is`), so that an id can
+        # never be reused by a new tensor while an entry refers to the old one.
+        self._entries: dict[int, tuple[tuple[Any, ...], Any]] = {}
+        self._owners: dict[tuple[str, int], nn.Module] = {}
+
+    @staticmethod
+    def _module_sig(m: nn.Module) -> tuple[Any, ...]:
+        return (m, *m.parameters(), None, *m.buffers())
+
+    @staticmethod
+    def _optim_sig(o: torch.optim.Optimizer) -> tuple[Any, ...]:
+        sig: list[Any] = [o]
+        for g in o.param_groups:
+            for p in g["params"]:
+                sig.append(p)
+                sig.extend(o.state.get(p, {}).values())
+                sig.append(None)
+        return tuple(sig)
+
+    @staticmethod
+    def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+        return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+    def model(self, m: nn.Module) -> dict[str, Any]:
+        sig = self._module_sig(m)
+        hit = self._entries.get(id(m))
+        if hit is None or not self._same(hit[0], sig):
+            hit = (sig, get_model_state_dict(m))
+            self._entries[id(m)] = hit
+        return hit[1]
+
+    def owner(self, o: torch.optim.Optimizer, state: Mapping[str, Any]) -> nn.Module:
+        """The module of `state` that holds the optimizer's parameters (remembered while it is
+        still in the state and the optimizer's entry is valid)."""
+        key = ("owner", id(o))
+        hit = self._owners.get(key)
+        if hit is not None and any(m is hit for m in state.values()) and id(o) in self._entries:
+            return hit
+        found = _owner_module(o, state)
+        self._owners[key] = found
+        return found
+
+    def optimizer(self, owner: nn.Module, o: torch.optim.Optimizer) -> dict[str, Any]:
+        hit = self._entries.get(id(o))
+        sig = self._optim_sig(o)
+        if hit is None or not self._same(hit[0], sig):
+            sd = get_optimizer_state_dict(owner, o)
+            hit = (self._optim_sig(o), sd)  # get_optimizer_state_dict may create the state
+            self._entries[id(o)] = hit
+        sd = hit[1]
+        groups = []
+        for cached, live in zip(sd["param_groups"], o.param_groups, strict=True):
+            fresh = {k: v for k, v in live.items() if k != "params"}
+            fresh["params"] = cached["params"]
+            groups.append(fresh)
+        return {"state": sd["state"], "param_groups": groups}
+
+
+def state_dicts(state: Mapping[str, Any], cache: StateDictCache | None = None) -> dict[str, Any]:
     """Each state entry as a state dict (modules and optimizers by FQN), JSON values as they are."""
     out: dict[str, Any] = {}
     for name, obj in state.items():
         if "/" in name:
             raise RequestError(f"state name {name!r} contains '/'; use a plain name such as 'model'")
         if isinstance(obj, nn.Module):
-            out[name] = get_model_state_dict(obj)
+            out[name] = cache.model(obj) if cache is not None else get_model_state_dict(obj)
         elif isinstance(obj, torch.optim.Optimizer):
-            out[name] = get_optimizer_state_dict(_owner_module(obj, state), obj)
+            owner = cache.owner(obj, state) if cache is not None else _owner_module(obj, state)
+            out[name] = cache.optimizer(owner, obj) if cache is not None else get_optimizer_state_dict(owner, obj)
         elif isinstance(obj, torch.Tensor):
             out[name] = obj
         elif hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
@@ -142,9 +213,11 @@ class FlatState:
     owned: set[str] = field(default_factory=set)
 
 
-def flatten_state(state: Mapping[str, Any]) -> tuple[FlatState, dict[str, Any]]:
+def flatten_state(
+    state: Mapping[str, Any], cache: StateDictCache | None = None
+) -> tuple[FlatState, dict[str, Any]]:
     """Flatten a state; also returns the state dicts (needed again to load into them)."""
-    sds = state_dicts(state)
+    sds = state_dicts(state, cache)
     flat = FlatState()
     for name, sd in sds.items():
         flat.objects[name] = _flatten(sd, name, flat.tensors)
@@ -153,13 +226,29 @@ def flatten_state(state: Mapping[str, Any]) -> tuple[FlatState, dict[str, Any]]:
     return flat, sds
 
 
-def save_items(flat: FlatState, rule: PieceRule | None = None) -> list[SaveItem]:
-    """SaveItems for every tensor of a flattened state."""
+def save_items(
+    flat: FlatState,
+    rule: PieceRule | None = None,
+    memo: dict[str, tuple[torch.Tensor, SaveItem]] | None = None,
+) -> list[SaveItem]:
+    """SaveItems for every tensor of a flattened state.
+
+    `memo` (logical name -> (tensor, item)) reuses the items of the previous save for tensors
+    that are the same objects: their pieces cannot have changed, and the item's local view
+    shares their storage.
+    """
     items = []
     for logical, t in flat.tensors.items():
+        hit = memo.get(logical) if memo is not None else None
+        if hit is not None and hit[0] is t:
+            items.append(hit[1])
+            continue
         got = rule(logical, t) if rule is not None else None
         pieces, specs = got if got is not None else default_pieces(logical, t)
-        items.append(SaveItem(key=logical, tensor=_local(t).detach(), pieces=pieces, specs=specs))
+        item = SaveItem(key=logical, tensor=_local(t).detach(), pieces=pieces, specs=specs)
+        if memo is not None:
+            memo[logical] = (t, item)
+        items.append(item)
     return items
 
 

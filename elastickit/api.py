@@ -40,7 +40,7 @@ from elastickit.checkpoint.pipeline import AsyncWriter, RankStatus, WriterContex
 from elastickit.checkpoint.policy import IntervalPolicy
 from elastickit.checkpoint.recover import Candidate, candidates, fetch_files, local_inventory, share_manifest
 from elastickit.checkpoint.snapshot import snapshot_bytes
-from elastickit.checkpoint.state import PieceRule, flatten_state, save_items
+from elastickit.checkpoint.state import PieceRule, StateDictCache, flatten_state, save_items
 from elastickit.checkpoint.tiers import TierSpec, Tiers
 from elastickit.checkpoint.writer import SavePlan, describe
 from elastickit.loading import Loader, load_snapshot
@@ -201,6 +201,10 @@ class Checkpointer:
         self._step_time_s = 0.0
         self._cost_s = 0.0
         self._last_snap: Any = None
+        self._sd_cache = StateDictCache()
+        self._item_memo: dict[str, Any] = {}
+        self._last_items: list[Any] = []
+        self._last_described: list[Any] = []
         self._hooked: dict[int, Any] = {}
         self._closed = False
         # A script that ends without close() must not lose its last checkpoint: the background
@@ -302,23 +306,31 @@ class Checkpointer:
             return SaveHandle(step=step, scheduled=False, staged=_done(), durable=_done(""), reason="not due")
         t0 = time.perf_counter()
         self.fence()  # one snapshot in flight at a time keeps the copy order simple
-        flat, _ = flatten_state(state)
-        items = save_items(flat, self._piece_rule())
+        flat, _ = flatten_state(state, self._sd_cache)
+        items = save_items(flat, self._piece_rule(), self._item_memo)
         rank_object = {"rng": rng_state()} if self.rng else {}
         with self._writer.lock:  # workers cannot claim a job between our report and our decision
             return self._save_round(step, state, flat, items, rank_object, t0)
 
     def _save_round(self, step: int, state: Mapping[str, Any], flat: Any, items: list[Any], rank_object: dict[str, Any], t0: float) -> SaveHandle:
         status = self._writer.status()
+        # Send the description of our items only when it changed since the last save; the
+        # others keep every rank's last description.
+        same = len(items) == len(self._last_items) and all(a is b for a, b in zip(items, self._last_items, strict=True))
+        desc = None if same and self._last_described else describe(items)
         next_due = None
         if self.rank == 0 and not self.policy.step_based:
             next_due = self.policy.next_due_step(step, step_time_s=self._step_time_s, cost_s=self._cost_s)
         gathered = gather_or_raise(
             self._coord,
             None,
-            {"items": describe(items), "rank_object": rank_object, "status": status.to_json(), "next_due": next_due},
+            {"items": desc, "rank_object": rank_object, "status": status.to_json(), "next_due": next_due},
             phase="checkpoint plan",
         )
+        described = [
+            g["items"] if g["items"] is not None else self._last_described[r] for r, g in enumerate(gathered)
+        ]
+        self._last_described, self._last_items = described, items
         self._next_due = gathered[0]["next_due"]
         decision = self._writer.decide([RankStatus.from_json(g["status"]) for g in gathered])
         if decision.slot is None:
@@ -326,7 +338,7 @@ class Checkpointer:
             reason = "; ".join(sorted(set(decision.skipped.values())))
             log.warning("elastickit: checkpoint %d skipped: %s", step, reason)
             return SaveHandle(step=step, scheduled=False, staged=_done(), durable=_done(""), reason=reason)
-        plan = SavePlan(described=[g["items"] for g in gathered], rank_objects=tuple(g["rank_object"] for g in gathered))
+        plan = SavePlan(described=described, rank_objects=tuple(g["rank_object"] for g in gathered))
         if self.lazy == "never":
             eager = frozenset(it.key for it in items)
         elif self.lazy == "always":
