@@ -26,7 +26,7 @@ FORMAT_NAME = "elastickit"
 FORMAT_VERSION = (1, 0)
 MANIFEST_NAME = "manifest.json"
 STEP_DIR_RE = re.compile(r"^step-(\d{8})$")
-_CHECKSUM_SEP = ',\n "manifest_checksum": "'
+_CHECKSUM_SEP = ',"manifest_checksum":"'
 
 #: dtypes the format stores, by their safetensors names (the names used in the manifest too).
 DTYPES = (
@@ -354,10 +354,11 @@ class Manifest:
 
         A flipped byte anywhere in the file then fails either the JSON parse or the checksum.
         """
-        body = json.dumps(self.to_json(), indent=1, allow_nan=True)
-        assert body.endswith("\n}")
-        head = body[: -len("\n}")]
-        return f'{head}{_CHECKSUM_SEP}{xxhash.xxh3_64_hexdigest(head.encode())}"\n}}\n'
+        # Compact: the C encoder is ten times faster than the indenting one, and
+        # `elastickit inspect --json` is the human view.
+        body = json.dumps(self.to_json(), separators=(",", ":"), allow_nan=True)
+        head = body[:-1]
+        return f'{head}{_CHECKSUM_SEP}{xxhash.xxh3_64_hexdigest(head.encode())}"}}\n'
 
     @classmethod
     def from_json(cls, d: dict[str, Any], *, source: str = "manifest.json") -> Manifest:

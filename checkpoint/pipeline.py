@@ -28,7 +28,7 @@ from .events import EventLog
 from .integrity import atomic_write_text, fsync_dir
 from .manifest import MANIFEST_NAME, LayoutRecord, Manifest, step_dir_name
 from .snapshot import Slot, SlotPool, Snapshot
-from .tiers import TierSpec, Tiers
+from .tiers import Tiers, TierSpec
 from .writer import SavePlan, SaveRequest, write_checkpoint
 
 log = logging.getLogger("elastickit")
@@ -213,8 +213,10 @@ class TierWorker:
                 t0 = time.monotonic()
                 job.snap.staged.result()
                 t1 = time.monotonic()
+                cpu0 = time.thread_time()
                 manifest = self._write(job)
                 stats["persist_s"] = round(time.monotonic() - t1, 6)
+                stats["cpu_s"] = round(time.thread_time() - cpu0, 6)
                 stats["queued_s"] = round(t1 - t0, 6)
                 stats["stored_bytes"] = sum(f.size_bytes for f in manifest.files.values())
                 logical = manifest.total_bytes

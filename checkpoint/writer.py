@@ -132,12 +132,20 @@ def _host(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class SavePlan:
     """What every rank holds, gathered once per checkpoint, and who writes what."""
 
     described: list[list[dict[str, Any]]]
     rank_objects: tuple[dict[str, Any], ...]
+
+    def dedup(self) -> _Plan:
+        """The deduplication of `described`, computed once (every tier uses it)."""
+        got = self.__dict__.get("_dedup")
+        if got is None:
+            got = plan_dedup(self.described)
+            object.__setattr__(self, "_dedup", got)
+        return got
 
 
 def describe(items: Sequence[SaveItem]) -> list[dict[str, Any]]:
@@ -173,12 +181,12 @@ def write_checkpoint(req: SaveRequest, coord: Coordinator, *, plan: SavePlan | N
         plan = SavePlan(
             described=[g["items"] for g in gathered], rank_objects=tuple(g["rank_object"] for g in gathered)
         )
-    described, rank_objects = plan.described, plan.rank_objects
+    rank_objects = plan.rank_objects
 
     # Phase 2: write what this rank owns.
     error, record = None, None
     try:
-        mine = plan_dedup(described).owned[rank]
+        mine = plan.dedup().owned[rank]
         by_key = {it.key: it for it in req.items}
         tensors = [(key, _host(by_key[key].tensor)) for key in mine]
         path = os.path.join(step_dir, rank_file_name(rank, compressed=req.zstd_level is not None))
@@ -201,7 +209,7 @@ def write_checkpoint(req: SaveRequest, coord: Coordinator, *, plan: SavePlan | N
     error, manifest_json = None, None
     if rank == 0:
         try:
-            manifest = _build_manifest(req, described, rank_objects, records, coord.world_size)
+            manifest = _build_manifest(req, plan.dedup(), rank_objects, records, coord.world_size)
             atomic_write_text(os.path.join(step_dir, MANIFEST_NAME), manifest.dumps(), fsync=req.fsync)
             if req.fsync:
                 fsync_dir(req.root)
@@ -214,12 +222,11 @@ def write_checkpoint(req: SaveRequest, coord: Coordinator, *, plan: SavePlan | N
 
 def _build_manifest(
     req: SaveRequest,
-    described: list[list[dict[str, Any]]],
+    plan: _Plan,
     rank_objects: tuple[dict[str, Any], ...],
     records: list[Any],
     world_size: int,
 ) -> Manifest:
-    plan = plan_dedup(described)
     files: dict[str, FileRecord] = {}
     for rank, rec in enumerate(records):
         if rec is not None:

@@ -32,16 +32,27 @@ import torch
 
 import elastickit
 from elastickit.checkpoint.catalog import list_checkpoints, load_manifest
-from elastickit.checkpoint.coord import Coordinator, LocalCoordinator, StoreCoordinator, gather_or_raise
+from elastickit.checkpoint.coord import (
+    Coordinator,
+    LocalCoordinator,
+    StoreCoordinator,
+    gather_or_raise,
+)
 from elastickit.checkpoint.errors import DataError, RankFailure, RequestError
 from elastickit.checkpoint.events import EventLog
 from elastickit.checkpoint.manifest import LayoutRecord, step_dir_name
 from elastickit.checkpoint.pipeline import AsyncWriter, RankStatus, WriterContext
 from elastickit.checkpoint.policy import IntervalPolicy
-from elastickit.checkpoint.recover import Candidate, candidates, fetch_files, local_inventory, share_manifest
+from elastickit.checkpoint.recover import (
+    Candidate,
+    candidates,
+    fetch_files,
+    local_inventory,
+    share_manifest,
+)
 from elastickit.checkpoint.snapshot import snapshot_bytes
 from elastickit.checkpoint.state import PieceRule, StateDictCache, flatten_state, save_items
-from elastickit.checkpoint.tiers import TierSpec, Tiers
+from elastickit.checkpoint.tiers import Tiers, TierSpec
 from elastickit.checkpoint.writer import SavePlan, describe
 from elastickit.loading import Loader, load_snapshot
 from elastickit.rng import rng_state, set_rng_state

@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from elastickit.checkpoint.catalog import list_checkpoints, load_manifest, resolve, verify_checkpoint
+from elastickit.checkpoint.catalog import (
+    list_checkpoints,
+    load_manifest,
+    resolve,
+    verify_checkpoint,
+)
 from elastickit.checkpoint.errors import ElastickitError, RequestError
 from elastickit.checkpoint.manifest import MANIFEST_NAME
 

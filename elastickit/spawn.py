@@ -77,7 +77,10 @@ def run_ranks(fn: Callable[..., Any], world: int, args: Sequence[Any] = (), *, t
                 continue
             results.append(None)
             err = os.path.join(work, f"{r}.err")
-            causes[r] = open(err).read().strip().splitlines()[-1] if os.path.exists(err) else "did not finish"
+            causes[r] = "did not finish"
+            if os.path.exists(err):
+                with open(err) as f:
+                    causes[r] = f.read().strip().splitlines()[-1]
         if causes:
             first = min(causes)
             raise RankFailure(f"rank {first} failed: {causes[first]}", causes=causes)

@@ -142,16 +142,16 @@ def test_newer_major_version_is_refused(tmp_path):
     _train_and_save(str(tmp_path), steps=1)
     p = tmp_path / "step-00000001" / "manifest.json"
     text = p.read_text()
-    cut = text.rfind(',\n "manifest_checksum"')
-    d = json.loads(text[:cut] + "\n}")
+    cut = text.rfind(',"manifest_checksum"')
+    d = json.loads(text[:cut] + "}")
     d["version"] = "9.0"
     from elastickit.checkpoint.manifest import Manifest
 
-    body = json.dumps(d, indent=1)
+    body = json.dumps(d, separators=(",", ":"))
     import xxhash
 
-    head = body[: -len("\n}")]
-    p.write_text(f'{head},\n "manifest_checksum": "{xxhash.xxh3_64_hexdigest(head.encode())}"\n}}\n')
+    head = body[:-1]
+    p.write_text(f'{head},"manifest_checksum":"{xxhash.xxh3_64_hexdigest(head.encode())}"}}\n')
     m, o = _model(1)
     with pytest.raises(DataError, match=r"version 9\.0 .*upgrade elastickit"):
         ek.Checkpointer(str(tmp_path)).restore({"model": m}, step=1)
