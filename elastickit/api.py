@@ -403,6 +403,13 @@ class Checkpointer:
         """
         self._check_open()
         self.fence()
+        # Checkpoints still flowing down the tiers finish first: the inventory must not race
+        # with commits, and peer copies must not share the peer group with peer fetches.
+        for f in self._writer.pending():
+            try:
+                f.result()
+            except Exception:  # noqa: BLE001 - reported by wait()/the event log; restore goes on
+                pass
         local = self._writer.workers.get("local")
         persistent = self._writer.workers.get("persistent")
         mine = {

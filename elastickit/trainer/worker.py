@@ -67,8 +67,11 @@ def _backend(monitor: bool) -> str:
 def _step_hooks(args: argparse.Namespace, rank: int, world_size: int) -> list:
     from elastickit.checkpoint.errors import RequestError
 
-    if not args.inject and not args.events:
+    if not args.inject and not args.events and not args.monitor:
         return []
+    # Monitor events go under the run directory by default: the checkpoint root's event log,
+    # where the `auto` interval policy learns the failure rate from them.
+    events = args.events or os.path.join(args.ckpt or ".", "events.jsonl")
     try:
         from elastickit.faults import build_step_hooks
     except ImportError as e:
@@ -78,7 +81,7 @@ def _step_hooks(args: argparse.Namespace, rank: int, world_size: int) -> list:
         ) from e
     return list(
         build_step_hooks(
-            specs=list(args.inject), events_path=args.events, rank=rank, world_size=world_size
+            specs=list(args.inject), events_path=events, rank=rank, world_size=world_size
         )
     )
 
