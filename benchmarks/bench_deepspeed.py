@@ -41,6 +41,11 @@ NOTES = """## Notes
   `import torch`, then about 1 s for 0.52 GiB in and 0.78 GiB out, a third of which is the zip
   CRC-32 that `torch.save` computes. On this shared 2-core machine the wall times move with the
   other jobs' load and disk traffic; the CPU column moves less.
+- The engine table: elastickit's `save_checkpoint` returns after taking references (lazy) or
+  after a host copy (eager); the files are written by background threads. On this 2-core CPU
+  machine the training step itself runs on the same cores, so the background write slows the
+  next step (the "next step extra" column) instead of hiding behind GPU work as it would on a
+  GPU node.
 - DeepSpeed 0.19.8 resuming from any universal checkpoint under ZeRO-3 with several optimizer
   groups copies group 0's hyperparameters into every group and gives every sub-group the same
   `step` tensor (Adam then advances it once per sub-group per step). The tests work around the

@@ -148,6 +148,12 @@ class DeepSpeedCheckpoint:
                 f"{[int(m.group(2)) for m in optims]}); was the save interrupted?",
                 path=self.folder,
             )
+        with open(self.model_files[0], "rb") as f:
+            if f.read(1) == b"{":  # a JSON marker of elastickit's DeepSpeed checkpoint engine
+                raise RequestError(
+                    f"{self.folder} was saved through elastickit's DeepSpeed engine; its data is the "
+                    f"elastickit checkpoint under {os.path.join(os.path.dirname(self.folder), 'elastickit')}",
+                    path=self.folder)
         self._model = self._rank_model(0)
         self.dp_world_size = int(self._model.get("dp_world_size") or max(1, len(self.optim_files)))
         if self.optim_files and len(self.optim_files) != self.dp_world_size:

@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import torch
+from elastickit.checkpoint.errors import RequestError
 from elastickit.reshard.adapters.deepspeed import open_deepspeed
 from elastickit.reshard.adapters.deepspeed_universal import write_universal
 
@@ -255,6 +256,8 @@ def test_checkpoint_engine_saves_and_resumes_like_the_default(engine_root, name)
         with open(os.path.join(tag, fname), "rb") as f:
             assert f.read(1) == b"{", fname
     assert os.path.isfile(os.path.join(folder, "elastickit", "step-00000003", "manifest.json"))
+    with pytest.raises(RequestError, match="saved through elastickit's DeepSpeed engine"):
+        open_deepspeed(folder)
 
 
 @pytest.mark.timeout(120)
