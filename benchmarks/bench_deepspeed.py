@@ -237,9 +237,9 @@ def _engine_table(args: argparse.Namespace, work: str) -> list[str]:
         "",
         (f"The same model, ZeRO-3, 2 ranks ({args.params_m}M parameters); two saves per engine. Per save: "
         "wall time of `engine.save_checkpoint` on rank 0, the extra time of the next training step over a "
-        f"plain step ({eng['plain_step_s']:.2f} s; for elastickit this is the fence before the optimizer "
-        "step), and for elastickit the time until the checkpoint is durable (in the background, "
-        "overlapping the next step)."),
+        f"plain step ({eng['plain_step_s']:.2f} s; for elastickit: the fence before the optimizer step and "
+        "the background writes competing for the same cores), and for elastickit the time until the "
+        "checkpoint is durable (in the background, overlapping the next step)."),
         "",
         "| engine | save | blocking s | next step extra s | blocking + extra s | durable after s |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
