@@ -102,8 +102,7 @@ def decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
         name = node.get("__enum__") or node["__obj__"]
         if name not in DEEPSPEED_ALLOWLIST:
             raise DataError(f"checkpoint names class {name}, which is not on the DeepSpeed allowlist")
-        module, _, cls_name = name.rpartition(".")
-        cls = getattr(importlib.import_module(module), cls_name)
+        cls = _deepspeed_class(name)
         if "__enum__" in node:
             return cls(node["value"])
         obj = cls.__new__(cls)
@@ -197,10 +196,11 @@ class ElastickitCheckpointEngine(CheckpointEngine):  # type: ignore[misc,valid-t
             ck.wait()
 
     def load(self, path: str, map_location: Any = None) -> Any:
-        """One of DeepSpeed's files: from elastickit if `path` is a marker, else torch.load."""
+        """One of DeepSpeed's files: from elastickit if `path` is a marker, else a DeepSpeed
+        `.pt` read with `weights_only=True` and DeepSpeed's allowlisted classes (DESIGN.md 8)."""
         marker = _read_marker(path)
         if marker is None:  # a file DeepSpeed's default engine wrote
-            return torch.load(path, map_location=map_location, weights_only=False)
+            return _load_deepspeed_pt(path, map_location)
         tag_dir = os.path.dirname(os.path.abspath(path))
         root = os.path.join(os.path.dirname(tag_dir), marker["root"])
         step_dir = os.path.join(root, f"step-{int(marker['step']):08d}")
@@ -240,6 +240,24 @@ class ElastickitCheckpointEngine(CheckpointEngine):  # type: ignore[misc,valid-t
         for ck in self._checkpointers.values():
             ck.close()
         self._checkpointers.clear()
+
+
+def _deepspeed_class(name: str) -> type:
+    module, _, cls_name = name.rpartition(".")
+    return getattr(importlib.import_module(module), cls_name)
+
+
+def _load_deepspeed_pt(path: str, map_location: Any) -> Any:
+    """A `.pt` file of DeepSpeed's, with DeepSpeed's own allowlisted classes (not stand-ins:
+    the engine hands the objects back to DeepSpeed)."""
+    allowed = [_deepspeed_class(name) for name in DEEPSPEED_ALLOWLIST]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise DataError(
+            f"{path} cannot be read with weights_only=True and DeepSpeed's allowlisted classes ({e}); "
+            "load it with DeepSpeed's default checkpoint engine if you trust it", path=path) from e
 
 
 def _read_marker(path: str) -> dict[str, Any] | None:

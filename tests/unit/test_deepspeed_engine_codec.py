@@ -39,3 +39,20 @@ def test_unknown_objects_are_refused_both_ways():
         encode({"x": object()}, "f", {})
     with pytest.raises(DataError, match="not on the DeepSpeed allowlist"):
         decode({"__obj__": "os.system", "state": {"__dict__": []}}, {})
+
+
+def test_plain_deepspeed_files_load_with_real_classes_and_weights_only(tmp_path):
+    import fractions
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    from elastickit.integrations.deepspeed_engine import ElastickitCheckpointEngine
+
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    torch.save({"loss_scaler": LossScaler(scale=4.0), "t": torch.ones(2)}, good)
+    torch.save({"x": fractions.Fraction(1, 3)}, bad)
+    engine = ElastickitCheckpointEngine(engine=None)
+    back = engine.load(str(good))
+    assert isinstance(back["loss_scaler"], LossScaler) and back["loss_scaler"].cur_scale == 4.0
+    with pytest.raises(DataError, match="weights_only=True"):
+        engine.load(str(bad))
