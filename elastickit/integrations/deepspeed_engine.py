@@ -10,7 +10,8 @@ copied in the background and flow down elastickit's tiers (`<save_dir>/elasticki
 safetensors + a checksummed manifest, no pickle); the only wait is a fence before the next
 optimizer step. DeepSpeed's own file names under `<save_dir>/<tag>/` become small JSON markers
 pointing there, so `engine.load_checkpoint(save_dir)` and DeepSpeed's `latest` work unchanged.
-`ElastickitCheckpointEngine.wait()` blocks until every checkpoint is durable.
+`ElastickitCheckpointEngine.wait()` blocks until every checkpoint is durable; call `close()` (it
+waits) before the process exits, since DeepSpeed never tells a non-decoupled engine it is done.
 
 How DeepSpeed's state dicts fit the format: every tensor becomes a logical tensor named
 `ds/<file>/<path>` (each rank's files have their own names); everything else is a JSON skeleton
@@ -132,7 +133,7 @@ class ElastickitCheckpointEngine(CheckpointEngine):  # type: ignore[misc,valid-t
         super().__init__(None)
         self.name = "ElastickitCheckpointEngine"
         self._engine = engine
-        self._kwargs = {"rng": False, "lazy": "always", **checkpointer_kwargs}
+        self._kwargs = {"rng": False, "lazy": "always", "every": 1, **checkpointer_kwargs}
         self._checkpointers: dict[str, Any] = {}
         self._pending: dict[str, Any] = {}
         self._info: Any = None
@@ -144,7 +145,7 @@ class ElastickitCheckpointEngine(CheckpointEngine):  # type: ignore[misc,valid-t
         if root not in self._checkpointers:
             from elastickit.api import Checkpointer
 
-            self._checkpointers[root] = Checkpointer(root, every=1, **self._kwargs)
+            self._checkpointers[root] = Checkpointer(root, **self._kwargs)
         return self._checkpointers[root]
 
     # DeepSpeed's interface, in the order DeepSpeed calls it during save_checkpoint.
@@ -235,8 +236,12 @@ class ElastickitCheckpointEngine(CheckpointEngine):  # type: ignore[misc,valid-t
     def preserves_storage_sharing(self) -> bool:
         return False
 
+    def close(self) -> None:
+        """Wait until every checkpoint is durable, then stop the background writers."""
+        self.cleanup()
+
     def cleanup(self) -> None:
-        """Wait for durability and close the checkpointers."""
+        """Wait for durability and close the checkpointers (DeepSpeed's name for `close`)."""
         for ck in self._checkpointers.values():
             ck.close()
         self._checkpointers.clear()

@@ -124,6 +124,10 @@ class DeepSpeedCheckpoint:
         self._rank_models: dict[int, dict[str, Any]] = {}
         self._pages = PageReleaser()
         names = sorted(os.listdir(self.folder))
+        if any("expert_" in n and n.endswith("model_states.pt") or n.startswith("expp_rank_") for n in names):
+            raise DataError(
+                f"{self.folder} is a DeepSpeed MoE checkpoint (expert files); elastickit reads dense "
+                "ZeRO checkpoints only", path=self.folder)
         if any(n.startswith("layer_") and n.endswith("model_states.pt") for n in names):
             raise DataError(
                 f"{self.folder} is a pipeline-parallel (PipelineModule) checkpoint; elastickit reads "
