@@ -140,8 +140,13 @@ def _jsonable(value: Any) -> Any:
         return list(value)
     if isinstance(value, float) and math.isnan(value):
         return None
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if isinstance(value, bool) or value is None:
         return value
+    for plain in (int, float, str):  # enums and other subclasses become the plain value
+        if isinstance(value, plain):
+            return plain(value)
+    if hasattr(value, "__dict__"):  # a DeepSpeed object from a trusted (full) unpickle
+        return {"__class__": f"{type(value).__module__}.{type(value).__qualname__}", **_jsonable(vars(value))}
     return repr(value)
 
 
