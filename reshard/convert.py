@@ -163,6 +163,42 @@ def _to_dcp(reader: LogicalSource, dst: str) -> tuple[list[str], int, int]:
     return sorted(os.listdir(dst)), len(infos), total
 
 
+def tag_tree(objects: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """A copy of an objects tree with a tensor tag at the path of every name in `names`."""
+    import copy
+
+    # Sources give either nested trees or `a/b`-keyed leaves (DCP): nest the keys, keep lists.
+    root: dict[str, Any] = {}
+    for key, value in objects.items():
+        *parents, last = key.split("/")
+        node = root
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RequestError(f"state {key!r} collides with another entry at {p!r}; the checkpoint cannot be nested")
+        node[last] = copy.deepcopy(value)
+    for name in names:
+        *parents, last = name.split("/")
+        node: Any = root
+        for p in parents:
+            if isinstance(node, list) and p.isdigit() and int(p) < len(node):
+                node = node[int(p)]
+            elif isinstance(node, dict):
+                nxt = node.setdefault(p, {})
+                if not isinstance(nxt, dict | list) or (isinstance(nxt, dict) and set(nxt) == {"__tensor__"}):
+                    raise RequestError(f"tensor {name!r} collides with another entry at {p!r}; the checkpoint cannot be nested")
+                node = nxt
+            else:
+                raise RequestError(f"tensor {name!r} collides with another entry at {p!r}; the checkpoint cannot be nested")
+        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            node[int(last)] = {"__tensor__": name}
+        elif isinstance(node, dict):
+            node[last] = {"__tensor__": name}
+        else:
+            raise RequestError(f"tensor {name!r} collides with another entry; the checkpoint cannot be nested")
+    return root
+
+
 def _flat_json(objects: dict[str, Any]) -> dict[str, Any]:
     """Scalar JSON leaves of an objects tree, keyed by path (elastickit's tensor tags dropped)."""
     out: dict[str, Any] = {}
@@ -204,14 +240,12 @@ def _to_elastickit(
             )
         )
     # The objects tree tags every tensor where elastickit's state flattening would put it, so
-    # that `Checkpointer.restore({"model": model, ...})` finds it.
-    leaves: dict[str, Any] = dict(_flat_json(reader.objects()))
-    leaves.update({n: {"__tensor__": n} for n in infos})
+    # that `Checkpointer.restore({"model": model, ...})` finds it; lists (param groups) stay lists.
     req = SaveRequest(
         root=dst,
         step=reader.step,
         items=items,
-        objects=nest(leaves),
+        objects=tag_tree(reader.objects(), sorted(infos)),
         layout=LayoutRecord(axes=(("dp", 1),)),
         rules=tuple(rules.to_json()) if rules is not None else (),
         framework={"converted": "true"},

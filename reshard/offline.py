@@ -187,7 +187,8 @@ def reshard_checkpoint(
         )
     os.makedirs(dst, exist_ok=True)
     described = [[_describe(t) for t in p.tensors] for p in plans]
-    owned = plan_dedup(described).owned
+    dedup = plan_dedup(described)
+    owned = dedup.owned
     records: list[dict | None] = []
     for p in plans:
         mine = owned[p.rank]
@@ -217,7 +218,7 @@ def reshard_checkpoint(
         framework={**manifest.framework, "resharded_from": str(src)},
         fsync=fsync,
     )
-    out = _build_manifest(req, described, ({},) * layout.world_size, records, layout.world_size)
+    out = _build_manifest(req, dedup, ({},) * layout.world_size, records, layout.world_size)
     if fsync:
         fsync_dir(dst)
     atomic_write_text(os.path.join(dst, MANIFEST_NAME), out.dumps(), fsync=fsync)
