@@ -237,6 +237,15 @@ class TierWorker:
                     self.current = None
                     self._release(job.snap.slot, self.name)
             self._on_done(job, self.name, error, stats)
+            self._rest(stats.get("cpu_s", 0.0))
+
+    def _rest(self, cpu_s: float) -> None:
+        """Stay under `max_busy_fraction` of a core; wake early only to stop."""
+        f = self.spec.max_busy_fraction
+        if f >= 1 or cpu_s <= 0:
+            return
+        with self._wake:
+            self._wake.wait_for(lambda: self._stop, timeout=cpu_s * (1 / f - 1))
 
     def _write(self, job: _Job) -> Manifest:
         req = SaveRequest(
