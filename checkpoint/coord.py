@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -22,6 +23,7 @@ class StoreLike(Protocol):
     def set(self, key: str, value: bytes | str) -> None: ...
     def get(self, key: str) -> bytes: ...
     def wait(self, keys: list[str], timeout: timedelta) -> None: ...
+    def check(self, keys: list[str]) -> bool: ...
     def delete_key(self, key: str) -> bool: ...
 
 
@@ -82,7 +84,7 @@ class StoreCoordinator:
             self._store.set(f"{self._prefix}/{n}/{self._rank}", json.dumps(value))
             keys = [f"{self._prefix}/{n}/{r}" for r in range(self._world)]
             try:
-                self._store.wait(keys, self._timeout)
+                self._wait(keys)
             except Exception as e:  # the store's timeout error type differs across versions
                 missing = [r for r, k in enumerate(keys) if not self._has(k)]
                 raise RankFailure(
@@ -98,11 +100,23 @@ class StoreCoordinator:
                     pass
             return out
 
+    def _wait(self, keys: list[str]) -> None:
+        """Poll with `check` rather than a blocking `wait`: a TCPStore client serves one request
+        at a time, so a blocking wait from one thread (a tier committing) would hold up every
+        other thread of this process using the same store (the training thread's save round),
+        and two ranks could then wait on each other for ever."""
+        deadline = time.monotonic() + self._timeout.total_seconds()
+        pause = 0.0002
+        while not self._store.check(keys):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"keys not set within {self._timeout.total_seconds():.0f} s")
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.005)
+
     def _has(self, key: str) -> bool:
         try:
-            self._store.wait([key], timedelta(milliseconds=1))
-            return True
-        except Exception:
+            return bool(self._store.check([key]))
+        except Exception:  # a store that cannot answer: count the rank as missing
             return False
 
 

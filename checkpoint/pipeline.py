@@ -181,6 +181,7 @@ class TierWorker:
         self.pending: list[_Job] = []
         self.current: _Job | None = None
         self._stop = False
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"elastickit-{name}", daemon=True)
         self._thread.start()
 
@@ -244,8 +245,9 @@ class TierWorker:
         f = self.spec.max_busy_fraction
         if f >= 1 or cpu_s <= 0:
             return
-        with self._wake:
-            self._wake.wait_for(lambda: self._stop, timeout=cpu_s * (1 / f - 1))
+        # Its own event, not the shared lock's condition: resting must never wait for the lock
+        # that the training thread holds through a save round.
+        self._stopping.wait(timeout=cpu_s * (1 / f - 1))
 
     def _write(self, job: _Job) -> Manifest:
         req = SaveRequest(
@@ -331,6 +333,7 @@ class TierWorker:
             remove_incomplete(self.root, keep_newer_than=done[-1].step)
 
     def close(self) -> None:
+        self._stopping.set()
         with self._wake:
             self._stop = True
             self._wake.notify()

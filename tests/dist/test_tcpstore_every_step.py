@@ -1,0 +1,70 @@
+"""Checkpointing every step under a real TCPStore (as torchrun gives): no deadlock between the
+training thread's save round and a tier committing on the same store client.
+
+A regression test: a tier thread blocked in `store.wait` used to hold the TCPStore client, so
+the training thread's next round could not even `set` its key while the other rank waited for
+it (found by benchmarks/bench_async.py).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.dist]
+
+WORKER = r"""
+import json, os, sys, time
+import torch, torch.distributed as dist
+rank, world, port, root, out = int(sys.argv[1]), 2, sys.argv[2], sys.argv[3], sys.argv[4]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE="2")
+torch.set_num_threads(1)
+dist.init_process_group("gloo", rank=rank, world_size=world)
+import elastickit as ek
+from elastickit.checkpoint.tiers import Tiers, TierSpec
+torch.manual_seed(0)
+model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(8)])
+optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+# A tier that rests between commits (as by default) and commits often, overlapping save rounds.
+ck = ek.Checkpointer(root, tiers=Tiers(persistent=TierSpec(max_busy_fraction=0.5)))
+taken = 0
+for step in range(1, 41):
+    optim.zero_grad()
+    model(torch.randn(8, 64)).sum().backward()
+    for p in model.parameters():
+        dist.all_reduce(p.grad)
+    optim.step()
+    taken += ck.save(step, {"model": model, "optim": optim}).scheduled
+ck.close()
+json.dump({"taken": taken, "latest": ck.latest()}, open(out, "w"))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.timeout(180)
+def test_every_step_under_tcpstore_finishes(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    outs = [tmp_path / f"r{r}.json" for r in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WORKER, str(r), port, str(tmp_path / "ck"), str(outs[r])],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for r in range(2)
+    ]
+    try:
+        for p in procs:
+            p.wait(timeout=150)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    results = [json.loads(o.read_text()) for o in outs if o.exists()]
+    assert len(results) == 2, [p.stderr.read()[-2000:] for p in procs]
+    assert all(r["taken"] == 40 for r in results)
+    assert all(r["latest"] == 40 for r in results)
+    assert os.path.exists(tmp_path / "ck" / "step-00000040" / "manifest.json")
