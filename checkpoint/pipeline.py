@@ -211,11 +211,10 @@ class TierWorker:
             stats: dict[str, Any] = {}
             error = None
             try:
-                t0 = time.monotonic()
-                job.snap.staged.result()
-                t1 = time.monotonic()
+                t0 = t1 = time.monotonic()
                 cpu0 = time.thread_time()
-                manifest = self._write(job)
+                manifest = self._write(job)  # overlaps the copy: waits item by item
+                job.snap.staged.result()
                 stats["persist_s"] = round(time.monotonic() - t1, 6)
                 stats["cpu_s"] = round(time.thread_time() - cpu0, 6)
                 stats["queued_s"] = round(t1 - t0, 6)
@@ -262,6 +261,7 @@ class TierWorker:
             fsync=self.ctx.fsync,
             zstd_level=self.spec.zstd_level,
             zstd_threads=self.spec.zstd_threads,
+            before_item=job.snap.wait_item,
         )
         return write_checkpoint(req, self.coord, plan=job.plan)
 

@@ -125,6 +125,21 @@ class Snapshot:
     nbytes: int
     started_s: float = 0.0
     staged_s: float = 0.0
+    # Progress of the background copy, so that a tier can write item i while item i+1 is being
+    # copied: keys copied in the background -> their position in copy order.
+    lazy_order: dict[str, int] = field(default_factory=dict)
+    copied: int = 0
+    progress: threading.Condition = field(default_factory=threading.Condition)
+
+    def wait_item(self, key: str) -> None:
+        """Block until item `key` is copied (at once for items copied in `save`)."""
+        idx = self.lazy_order.get(key)
+        if idx is None:
+            return
+        with self.progress:
+            self.progress.wait_for(lambda: self.copied > idx or self.staged.done())
+        if self.copied <= idx:
+            self.staged.result()  # the copy failed: raise its error
 
 
 def snapshot_bytes(items: Sequence[SaveItem]) -> int:
@@ -194,6 +209,7 @@ class Snapshotter:
             event = torch.cuda.Event()
             event.record()
         lazy_views = [h.tensor for h, it in zip(host_items, items, strict=True) if it.key not in eager]
+        snap.lazy_order = {it.key: i for i, it in enumerate(it for it in items if it.key not in eager)}
         self._q.put((snap, list(zip(lazy_views, sources, strict=True)), event))
         return snap
 
@@ -208,6 +224,8 @@ class Snapshotter:
                 self._copy(snap, sources, event)
             except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the fence
                 snap.staged.set_exception(e)
+                with snap.progress:
+                    snap.progress.notify_all()
                 continue
             finally:
                 sources.clear()  # drop the references to live tensors
@@ -225,10 +243,16 @@ class Snapshotter:
                 for dst, src in sources:
                     dst.copy_(src.detach(), non_blocking=True)
             self._stream.synchronize()
+            with snap.progress:
+                snap.copied = len(sources)
+                snap.progress.notify_all()
         else:
             with torch.no_grad():
                 for dst, src in sources:
                     dst.copy_(src.detach())
+                    with snap.progress:
+                        snap.copied += 1
+                        snap.progress.notify_all()
 
     def close(self) -> None:
         self._q.put(None)

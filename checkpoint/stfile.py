@@ -16,7 +16,7 @@ import json
 import mmap
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -122,8 +122,12 @@ def write_file(
     zstd_level: int | None = None,
     zstd_threads: int = 0,
     metadata: dict[str, str] | None = None,
+    before_item: Callable[[str], None] | None = None,
 ) -> FileRecord:
     """Write CPU tensors as one safetensors file and return its FileRecord.
+
+    `before_item(key)` is called before a tensor's bytes are read (a snapshot still being
+    copied blocks there until that tensor is ready, so writing overlaps the copy).
 
     Each tensor is hashed and written in the same pass. With `zstd_level`, the file is one zstd
     frame of the same bytes (`.safetensors.zst`). With `fsync`, the data is durable on return (the
@@ -137,7 +141,7 @@ def write_file(
     checksums: dict[str, str] = {}
     total = len(head) + sum(t.numel() * t.element_size() for _, t in items)
     if fsync and zstd_level is None and total >= _DIRECT_MIN_BYTES:
-        direct = _write_direct(path, head, items, checksums)
+        direct = _write_direct(path, head, items, checksums, before_item)
         if direct is not None:
             return FileRecord(
                 name=os.path.basename(path),
@@ -152,6 +156,8 @@ def write_file(
         put = sink.put if sink is not None else f.write
         put(head)
         for key, t in items:
+            if before_item is not None:
+                before_item(key)
             h = new_hasher()
             view = as_bytes(t)
             for start in range(0, len(view), _CHUNK_BYTES):
@@ -186,7 +192,11 @@ def _write_all(fd: int, data: memoryview) -> None:
 
 
 def _write_direct(
-    path: str, head: bytes, items: Sequence[tuple[str, torch.Tensor]], checksums: dict[str, str]
+    path: str,
+    head: bytes,
+    items: Sequence[tuple[str, torch.Tensor]],
+    checksums: dict[str, str],
+    before_item: Callable[[str], None] | None = None,
 ) -> int | None:
     """Write a large durable file with O_DIRECT through one aligned bounce buffer.
 
@@ -225,6 +235,8 @@ def _write_direct(
         try:
             put(memoryview(head))
             for key, t in items:
+                if before_item is not None:
+                    before_item(key)
                 h = new_hasher()
                 view = as_bytes(t)
                 for start in range(0, len(view), _CHUNK_BYTES):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,7 @@ class SaveRequest:
         fsync: make files durable before the commit (off only for tests of the page cache).
         zstd_level: compress the rank file with zstd at this level (None: no compression).
         zstd_threads: zstd worker threads (0: compress on the calling thread).
+        before_item: called with a key before its tensor is read (to overlap with a copy).
     """
 
     root: str
@@ -70,6 +71,7 @@ class SaveRequest:
     fsync: bool = True
     zstd_level: int | None = None
     zstd_threads: int = 0
+    before_item: Callable[[str], None] | None = None
 
 
 def _describe(items: Sequence[SaveItem]) -> list[dict[str, Any]]:
@@ -198,6 +200,7 @@ def write_checkpoint(req: SaveRequest, coord: Coordinator, *, plan: SavePlan | N
                 fsync=req.fsync,
                 zstd_level=req.zstd_level,
                 zstd_threads=req.zstd_threads,
+                before_item=req.before_item,
             ).to_json()
             if req.fsync:
                 fsync_dir(step_dir)
