@@ -32,7 +32,8 @@ if [ "$up_to_date" = 0 ]; then
   # any looser spec makes pip download a multi-GB CUDA wheel.
   if ! "$PY" -c 'import torch, sys; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(0 if v >= (2, 6) else 1)' 2>/dev/null; then
     echo "installing torch==2.13.0 (CPU)" >&2
-    "${pipq[@]}" "torch==2.13.0"
+    "${pipq[@]}" "torch==2.13.0" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" >&2 || true
+    "$PY" -c 'import torch' || { echo "torch failed to install" >&2; exit 1; }
   fi
   spec="$ROOT"
   [ -n "${EK_EXTRAS:-}" ] && spec="$ROOT[${EK_EXTRAS}]"
