@@ -18,7 +18,7 @@ import os
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 import zstandard
@@ -155,16 +155,7 @@ def write_file(
         sink = _ZstdSink(f, zstd_level, zstd_threads) if zstd_level is not None else None
         put = sink.put if sink is not None else f.write
         put(head)
-        for key, t in items:
-            if before_item is not None:
-                before_item(key)
-            h = new_hasher()
-            view = as_bytes(t)
-            for start in range(0, len(view), _CHUNK_BYTES):
-                part = view[start : start + _CHUNK_BYTES]
-                h.update(part)
-                put(part)
-            checksums[key] = h.hexdigest()
+        _stream(items, checksums, before_item, put)
         stored = sink.close() if sink is not None else ""
         if fsync:
             os.fsync(f.fileno())
@@ -178,6 +169,26 @@ def write_file(
         stored_checksum=stored,
         rank=rank,
     )
+
+
+def _stream(
+    items: Sequence[tuple[str, torch.Tensor]],
+    checksums: dict[str, str],
+    before_item: Callable[[str], None] | None,
+    put: Callable[[memoryview], Any],
+) -> None:
+    """Hand every tensor's bytes to `put` in cache-sized pieces, hashing each piece as it goes
+    (one pass over memory), and record each tensor's checksum."""
+    for key, t in items:
+        if before_item is not None:
+            before_item(key)
+        h = new_hasher()
+        view = as_bytes(t)
+        for start in range(0, len(view), _CHUNK_BYTES):
+            part = view[start : start + _CHUNK_BYTES]
+            h.update(part)
+            put(part)
+        checksums[key] = h.hexdigest()
 
 
 _DIRECT_MIN_BYTES = 32 << 20
@@ -234,16 +245,7 @@ def _write_direct(
 
         try:
             put(memoryview(head))
-            for key, t in items:
-                if before_item is not None:
-                    before_item(key)
-                h = new_hasher()
-                view = as_bytes(t)
-                for start in range(0, len(view), _CHUNK_BYTES):
-                    part = view[start : start + _CHUNK_BYTES]
-                    h.update(part)
-                    put(part)
-                checksums[key] = h.hexdigest()
+            _stream(items, checksums, before_item, put)
             aligned = fill // _DIRECT_ALIGN * _DIRECT_ALIGN
             if aligned:
                 _write_all(fd, mv[:aligned])
