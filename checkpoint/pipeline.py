@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .catalog import list_checkpoints, remove_incomplete
-from .coord import Coordinator, gather_or_raise
+from .coord import Coordinator
 from .errors import ElastickitError
 from .events import EventLog
 from .integrity import atomic_write_text, fsync_dir
@@ -499,8 +499,3 @@ class AsyncWriter:
         for w in self.workers.values():
             w.close()
         self.snapshotter.close()
-
-
-def gather_round(coord: Coordinator, payload: dict[str, Any], *, phase: str) -> list[dict[str, Any]]:
-    """The save round: every rank's payload, or every rank raises the same RankFailure."""
-    return gather_or_raise(coord, None, payload, phase=phase)
