@@ -54,13 +54,26 @@ class LocalCoordinator:
 class StoreCoordinator:
     """All-gather through a store: rank r sets `<prefix>/<round>/<r>`, then waits for the others.
 
-    Keys of round n are deleted by their owner at round n+2, when every rank has provably read
-    them (it has reached round n+1).
+    Each coordinator talks through its own clone of the store's client when the store can be
+    cloned (TCPStore, FileStore): a blocking wait then holds up no other thread. Without a
+    clone it polls with `check`, because a shared TCPStore client serves one request at a time
+    and a blocking wait from one thread (a tier committing) would hold up every other thread of
+    the process using it (the training thread's save round): two ranks could wait on each other
+    for ever. Keys of round n are deleted by their owner at round n+2, when every rank has
+    provably read them (it has reached round n+1).
     """
 
     def __init__(
         self, store: StoreLike, *, rank: int, world_size: int, prefix: str, timeout_s: float = 600.0
     ) -> None:
+        self._private = False
+        clone = getattr(store, "clone", None)
+        if clone is not None:
+            try:
+                store = clone()
+                self._private = True
+            except Exception:  # a store that cannot clone itself: share it and poll
+                pass
         self._store = store
         self._rank = rank
         self._world = world_size
@@ -92,7 +105,9 @@ class StoreCoordinator:
                     f"{self._timeout.total_seconds():.0f} s ({e}); a rank died or hangs",
                     causes={r: f"never reached {phase}" for r in missing},
                 ) from e
-            out = [json.loads(self._store.get(k)) for k in keys]
+            multi_get = getattr(self._store, "multi_get", None)
+            raw = multi_get(keys) if multi_get is not None else [self._store.get(k) for k in keys]
+            out = [json.loads(v) for v in raw]
             if n >= 2:
                 try:
                     self._store.delete_key(f"{self._prefix}/{n - 2}/{self._rank}")
@@ -101,10 +116,9 @@ class StoreCoordinator:
             return out
 
     def _wait(self, keys: list[str]) -> None:
-        """Poll with `check` rather than a blocking `wait`: a TCPStore client serves one request
-        at a time, so a blocking wait from one thread (a tier committing) would hold up every
-        other thread of this process using the same store (the training thread's save round),
-        and two ranks could then wait on each other for ever."""
+        if self._private:
+            self._store.wait(keys, self._timeout)
+            return
         deadline = time.monotonic() + self._timeout.total_seconds()
         pause = 0.0002
         while not self._store.check(keys):

@@ -1,10 +1,12 @@
 """The asynchronous, multi-level writer: a snapshot flows down the tiers in the background.
 
-Consistency across ranks without blocking training: every decision (which host buffer a
-snapshot uses, which tiers take it, which are skipped because they fall behind) is a pure
-function (`decide`) of what every rank reported in the one store round `save()` makes anyway.
-Each tier then processes the same sequence of checkpoints on every rank, in order, on its own
-thread with its own store prefix, so its commit rounds always pair up.
+`save()` is local to its process: it picks a host buffer, starts the copy and offers the
+snapshot to the tiers; no store round, no collective. Each file tier (local, persistent) pulls
+on its own thread: when it is free it takes the newest snapshot, its ranks agree on one step
+(the newest any of them holds; every rank saves the same steps, so the others hold it too or
+will a moment later), write it and commit it. The saves it did not take are skipped on that
+tier and the event log says so. A slow tier therefore never makes training wait, and the
+newest checkpoint always reaches every tier (`flush`).
 """
 
 from __future__ import annotations
@@ -27,109 +29,23 @@ from .errors import ElastickitError
 from .events import EventLog
 from .integrity import atomic_write_text, fsync_dir
 from .manifest import MANIFEST_NAME, LayoutRecord, Manifest, step_dir_name
-from .snapshot import Slot, SlotPool, Snapshot
+from .snapshot import SlotPool, Snapshot
+from .threads import lower_priority
 from .tiers import Tiers, TierSpec
-from .writer import SavePlan, SaveRequest, write_checkpoint
+from .writer import PlanCache, SaveRequest, write_checkpoint
 
 log = logging.getLogger("elastickit")
 
 FILE_TIERS = ("local", "persistent")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RankStatus:
-    """What one rank reports in the save round.
-
-    Attributes:
-        unclaimed: tier -> steps queued on that tier that its worker has not started.
-        slots: per host buffer: [index, step held (or -1), blocked, soft tier refs, in memory].
-            `blocked`: a tier is writing from it. Soft refs are tiers that queued it without
-            starting; `in memory` means the memory tier retains it.
-        memory_steps: the steps the memory tier retains, oldest first.
-    """
-
-    unclaimed: dict[str, list[int]]
-    slots: list[list[Any]]
-    memory_steps: list[int]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"unclaimed": self.unclaimed, "slots": self.slots, "memory": self.memory_steps}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> RankStatus:
-        return cls(unclaimed=dict(d["unclaimed"]), slots=list(d["slots"]), memory_steps=list(d["memory"]))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Decision:
-    """What every rank does with one save.
-
-    Attributes:
-        slot: the host buffer for the new snapshot (None: the save is skipped).
-        tiers: the tiers that queue it.
-        drop: tier -> queued steps no worker has started anywhere, superseded by this one.
-        skipped: tier (or "all") -> why it does not take this checkpoint.
-    """
-
-    slot: int | None
-    tiers: tuple[str, ...]
-    drop: dict[str, list[int]]
-    skipped: dict[str, str]
-
-
-def decide(
-    statuses: list[RankStatus], *, max_slots: int, file_tiers: tuple[str, ...], memory_keep: int
-) -> Decision:
-    """The same decision on every rank, from every rank's status (pure).
-
-    A tier that falls behind never makes training wait: a queued checkpoint that no rank's worker
-    has started is superseded by the new one (the newest checkpoint always reaches every tier;
-    intermediate ones are skipped and logged). A save is skipped only when no host buffer can
-    be freed on every rank.
-    """
-    drop = {}
-    for t in file_tiers:
-        common = set.intersection(*(set(s.unclaimed.get(t, [])) for s in statuses))
-        if common:
-            drop[t] = sorted(common)
-    evicted: set[int] = set()
-    if memory_keep:
-        mem = statuses[0].memory_steps
-        if len(mem) >= memory_keep:
-            evicted = set(mem[: len(mem) - memory_keep + 1])
-
-    def reusable(slot: list[Any]) -> bool:
-        _index, step, blocked, soft, in_memory = slot
-        if blocked:
-            return False
-        if any(step not in drop.get(t, []) for t in soft):
-            return False
-        return not in_memory or step in evicted
-
-    per_rank = [{sl[0] for sl in s.slots if reusable(sl)} for s in statuses]
-    common_free = set.intersection(*per_rank) if per_rank else set()
-    counts = {len(s.slots) for s in statuses}
-    skipped = {t: f"superseded step(s) {steps} before tier {t} started them" for t, steps in drop.items()}
-    if common_free:
-        slot: int | None = min(common_free)
-    elif len(counts) == 1 and (n := counts.pop()) < max_slots:
-        slot = n
-    else:
-        return Decision(
-            slot=None,
-            tiers=(),
-            drop={},
-            skipped={"all": "no host buffer is free on every rank (tiers are still writing earlier checkpoints)"},
-        )
-    return Decision(slot=slot, tiers=file_tiers, drop=drop, skipped=skipped)
-
-
 @dataclass(eq=False)
 class _Job:
+    """One save, from its snapshot until every file tier committed it or moved past it."""
+
     snap: Snapshot
-    plan: SavePlan
     durable: Future[str]
-    pending: set[str]
+    waiting: set[str]  # file tiers that have neither committed it nor committed a newer one
     record: dict[str, Any]
     results: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
@@ -148,80 +64,127 @@ class WriterContext:
     framework: dict[str, str]
     fsync: bool
     peer_group: Any = None  # a dedicated gloo process group for peer copies
+    timeout_s: float = 600.0  # how long a tier waits for the other ranks
 
 
 class TierWorker:
-    """One file tier (local or persistent) on its own thread, taking checkpoints in order.
+    """One file tier (local or persistent) on its own thread, pulling the newest snapshot.
 
-    A queued job is "unclaimed" until the worker starts it; the save round may drop unclaimed
-    jobs (superseded). Claiming takes `lock`, which the save round holds while it reports and
-    applies its decision, so a rank never drops a job its worker has started.
+    When it is free (and has rested, see `TierSpec.max_busy_fraction`), the worker pins the
+    newest snapshot of its process and its ranks agree on one step: the newest any of them
+    holds. Every rank saves the same steps, so a rank behind holds it a moment later (the writer
+    pins it for the worker as it arrives). The saves in between are skipped by this tier, and the
+    event log says so. Training never takes part: `save()` only hands its snapshot over.
     """
 
-    def __init__(
-        self,
-        name: str,
-        spec: TierSpec,
-        root: str,
-        coord: Coordinator,
-        ctx: WriterContext,
-        on_done: Callable[[_Job, str, str | None, dict[str, Any]], None],
-        release: Callable[[Slot, str], None],
-        lock: threading.Lock,
-    ) -> None:
+    def __init__(self, name: str, spec: TierSpec, root: str, coord: Coordinator, ctx: WriterContext, writer: AsyncWriter) -> None:
         self.name = name
         self.spec = spec
         self.root = root
         self.coord = coord
         self.ctx = ctx
-        self._on_done = on_done
-        self._release = release
-        self.lock = lock
-        self._wake = threading.Condition(lock)
-        self.pending: list[_Job] = []
-        self.current: _Job | None = None
+        self.writer = writer
+        self.plans = PlanCache()
+        self.flush = False  # commit the newest snapshot now, without resting
+        # While the ranks agree, the writer pins for this tier every save in (after, upto].
+        self.hold: tuple[int, float] | None = None
+        self.held: list[Snapshot] = []
+        self._tried: Snapshot | None = None  # the last snapshot this tier wrote (or failed to)
+        self._rest_until = 0.0
         self._stop = False
-        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"elastickit-{name}", daemon=True)
         self._thread.start()
 
-    def unclaimed(self) -> list[int]:
-        """Steps queued and not started (call with `lock` held)."""
-        return [j.snap.step for j in self.pending]
+    def _next(self) -> Snapshot | None:
+        """Wait for a snapshot to write and pin it; None to stop (call with the writer's lock)."""
+        cond = self.writer.cond
+        while True:
+            newest = self.writer.newest
+            fresh = newest is not None and newest is not self._tried
+            if not fresh:
+                self.flush = False
+                if self._stop:
+                    return None
+                cond.wait()
+                continue
+            wait = self._rest_until - time.monotonic()
+            if self.flush or self._stop or wait <= 0:
+                assert newest is not None
+                newest.slot.refs.add(self.name)
+                return newest
+            cond.wait(wait)
 
-    def put(self, job: _Job) -> None:
-        """Queue a job (call with `lock` held)."""
-        self.pending.append(job)
-        self._wake.notify()
+    def _agree(self, mine: Snapshot) -> tuple[Snapshot | None, int]:
+        """The step every rank writes and this rank's snapshot of it, pinned; (None, step) when
+        some rank no longer holds it (rare: a rank a full step ahead of another), to try again."""
+        cond = self.writer.cond
+        snap: Snapshot | None = None
+        try:
+            got = self.coord.all_gather({"step": mine.step}, phase=f"{self.name} tier: pick a checkpoint")
+            target = max(g["step"] for g in got)
+            deadline = time.monotonic() + self.ctx.timeout_s
+            with cond:
+                snap = self.writer.find(target, [mine])
+                if snap is None and (self.writer.newest is None or self.writer.newest.step < target):
+                    # Behind the others: this rank saves `target` within a step or so.
+                    self.hold, self.held = (target - 1, target), []
+                    while not self.held and not self._stop and time.monotonic() < deadline:
+                        newest = self.writer.newest
+                        if newest is not None and newest.step > target:
+                            break  # it skipped `target` (no free buffer): the ranks try again
+                        cond.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+                    snap = self.held[0] if self.held else None
+                    self.hold, self.held = None, []
+                elif snap is not None and snap is not mine:
+                    snap.slot.refs.add(self.name)
+                if snap is not mine:
+                    self._unpin([mine])
+            have = self.coord.all_gather(snap is not None, phase=f"{self.name} tier: confirm step {target}")
+        except BaseException:
+            with cond:
+                self._unpin([s for s in {id(mine): mine, id(snap): snap}.values() if s is not None])
+            raise
+        if not all(have):
+            if snap is not None:
+                with cond:
+                    self._unpin([snap])
+            return None, target
+        return snap, target
 
-    def drop(self, steps: list[int]) -> list[_Job]:
-        """Remove unclaimed jobs of these steps (call with `lock` held); returns them."""
-        gone = [j for j in self.pending if j.snap.step in steps]
-        self.pending = [j for j in self.pending if j.snap.step not in steps]
-        return gone
+    def _unpin(self, snaps: list[Snapshot]) -> None:
+        for s in snaps:
+            self.writer.pool.release(s.slot, self.name)
 
     def _run(self) -> None:
+        lower_priority()
+        cond = self.writer.cond
         while True:
-            with self._wake:
-                while not self.pending and not self._stop:
-                    self._wake.wait()
-                if not self.pending:
-                    return
-                job = self.current = self.pending.pop(0)
+            with cond:
+                mine = self._next()
+            if mine is None:
+                return
+            t0 = time.monotonic()
+            cpu0 = time.thread_time()
             stats: dict[str, Any] = {}
-            error = None
+            snap, target, error = None, mine.step, None
             try:
-                t0 = t1 = time.monotonic()
-                cpu0 = time.thread_time()
-                manifest = self._write(job)  # overlaps the copy: waits item by item
-                job.snap.staged.result()
+                snap, target = self._agree(mine)
+                if snap is None:
+                    log.info("elastickit: tier %s: a rank no longer holds step %d; taking a newer one", self.name, target)
+                    with cond:
+                        self._tried = None  # try again at once, with the newest
+                    continue
+                stats["queued_s"] = round(time.monotonic() - t0, 6)
+                t1 = time.monotonic()
+                manifest = self._write(snap, target)  # overlaps the copy: waits item by item
+                snap.staged.result()
                 stats["persist_s"] = round(time.monotonic() - t1, 6)
-                stats["cpu_s"] = round(time.thread_time() - cpu0, 6)
-                stats["queued_s"] = round(t1 - t0, 6)
-                stats["stored_bytes"] = sum(f.size_bytes for f in manifest.files.values())
-                logical = manifest.total_bytes
-                stats["compression_ratio"] = round(logical / stats["stored_bytes"], 3) if stats["stored_bytes"] else None
+                if manifest is not None:
+                    stats["stored_bytes"] = sum(f.size_bytes for f in manifest.files.values())
+                    logical = manifest.total_bytes
+                    stats["compression_ratio"] = round(logical / stats["stored_bytes"], 3) if stats["stored_bytes"] else None
                 if self.name == "local":
+                    assert manifest is not None
                     self._share_manifest(manifest)
                     if self.ctx.tiers.peer:
                         t2 = time.monotonic()
@@ -230,40 +193,46 @@ class TierWorker:
                 self._retain()
             except ElastickitError as e:
                 error = str(e)
-            except Exception as e:  # a tier failure is reported, never raised into training
+            except Exception as e:
                 error = f"{type(e).__name__}: {e}"
-            finally:
-                with self.lock:
-                    self.current = None
-                    self._release(job.snap.slot, self.name)
-            self._on_done(job, self.name, error, stats)
-            self._rest(stats.get("cpu_s", 0.0))
+            cpu_s = time.thread_time() - cpu0
+            stats["cpu_s"] = round(cpu_s, 6)
+            with cond:
+                if snap is not None:
+                    self._unpin([snap])
+                self._tried = snap if snap is not None else mine
+                self._rest_until = time.monotonic() + self._rest_s(cpu_s, failed=error is not None)
+            self.writer.tier_done(self.name, snap, target, error, stats)
 
-    def _rest(self, cpu_s: float) -> None:
-        """Stay under `max_busy_fraction` of a core; wake early only to stop."""
+    def _rest_s(self, cpu_s: float, *, failed: bool) -> float:
+        """Stay under `max_busy_fraction` of a core (and do not retry a failure at once)."""
         f = self.spec.max_busy_fraction
-        if f >= 1 or cpu_s <= 0:
-            return
-        # Its own event, not the shared lock's condition: resting must never wait for the lock
-        # that the training thread holds through a save round.
-        self._stopping.wait(timeout=cpu_s * (1 / f - 1))
+        rest = cpu_s * (1 / f - 1) if f < 1 else 0.0
+        return max(rest, 1.0) if failed else rest
 
-    def _write(self, job: _Job) -> Manifest:
+    def _write(self, snap: Snapshot, step: int) -> Manifest | None:
         req = SaveRequest(
             root=self.root,
-            step=job.snap.step,
-            items=job.snap.items,
-            objects=job.snap.objects,
-            rank_object=job.snap.rank_object,
+            step=step,
+            items=snap.items,
+            objects=snap.objects,
+            rank_object=snap.rank_object,
             layout=self.ctx.layout,
             rules=self.ctx.rules,
             framework=self.ctx.framework,
             fsync=self.ctx.fsync,
             zstd_level=self.spec.zstd_level,
             zstd_threads=self.spec.zstd_threads,
-            before_item=job.snap.wait_item,
+            before_item=snap.wait_item,
         )
-        return write_checkpoint(req, self.coord, plan=job.plan)
+        # Only the local tier's other ranks use the manifest (a node's copy, peer copies).
+        return write_checkpoint(req, self.coord, plans=self.plans, share=self.name == "local")
+
+    def stop(self) -> None:
+        with self.writer.cond:
+            self._stop = True
+            self.writer.cond.notify_all()
+        self._thread.join(timeout=600)
 
     def _node_leader(self) -> bool:
         return self.ctx.rank % self.ctx.tiers.node_size(self.ctx.world_size) == 0
@@ -332,16 +301,13 @@ class TierWorker:
         if done:
             remove_incomplete(self.root, keep_newer_than=done[-1].step)
 
-    def close(self) -> None:
-        self._stopping.set()
-        with self._wake:
-            self._stop = True
-            self._wake.notify()
-        self._thread.join(timeout=600)
-
 
 class AsyncWriter:
-    """Owns the host buffers, the snapshot thread and the tier workers of one Checkpointer."""
+    """Owns the host buffers, the snapshot thread and the tier workers of one Checkpointer.
+
+    `submit` is local to the process (no store round): it picks a host buffer, starts the copy,
+    and offers the snapshot to the tiers, which pull it when they are free.
+    """
 
     def __init__(
         self,
@@ -353,115 +319,122 @@ class AsyncWriter:
 
         self.ctx = ctx
         self.events = events
-        self.lock = threading.Lock()  # held by the save round and by workers claiming a job
+        self.cond = threading.Condition()  # guards slot references, `newest`, `memory`, jobs
         self.pool = SlotPool(ctx.tiers.host_buffers, pin=torch.cuda.is_available())
         self.snapshotter = Snapshotter()
+        self.memory: list[Snapshot] = []  # what the memory tier retains, newest last
+        self.newest: Snapshot | None = None  # the snapshot a free tier takes next
+        self._jobs: list[_Job] = []
+        self.failures: list[ElastickitError] = []  # not yet reported by wait()
         self.workers: dict[str, TierWorker] = {}
         t = ctx.tiers
         specs = [("local", t.local, t.local_path(ctx.rank, ctx.world_size) if t.local else ""),
                  ("persistent", t.persistent, (t.persistent.path or ctx.persistent_root) if t.persistent else "")]
         for name, spec, root in specs:
             if spec is not None:
-                self.workers[name] = TierWorker(
-                    name, spec, root, coord_for(name), ctx, self._done, self.pool.release, self.lock
-                )
-        self.memory: list[Snapshot] = []  # newest last
-        self._jobs: dict[int, _Job] = {}
-        self.failures: list[ElastickitError] = []  # not yet reported by wait()
-
-    # -- the save round (the caller holds `self.lock` from status() to submit()) ----------
-
-    def status(self) -> RankStatus:
-        by_slot: dict[int, dict[str, Any]] = {}
-        for name, w in self.workers.items():
-            for j in w.pending:
-                by_slot.setdefault(j.snap.slot.index, {"soft": set()})["soft"].add(name)
-            if w.current is not None:
-                by_slot.setdefault(w.current.snap.slot.index, {"soft": set()})["blocked"] = True
-        in_memory = {s.slot.index for s in self.memory}
-        steps = {j.snap.slot.index: j.snap.step for j in self._jobs.values()}
-        steps.update({s.slot.index: s.step for s in self.memory})
-        slots = []
-        for sl in self.pool.slots:
-            info = by_slot.get(sl.index, {"soft": set()})
-            slots.append([sl.index, steps.get(sl.index, -1), bool(info.get("blocked")), sorted(info["soft"]), sl.index in in_memory])
-        return RankStatus(
-            unclaimed={n: w.unclaimed() for n, w in self.workers.items()},
-            slots=slots,
-            memory_steps=[s.step for s in self.memory],
-        )
-
-    def decide(self, statuses: list[RankStatus]) -> Decision:
-        mem = self.ctx.tiers.memory
-        return decide(
-            statuses,
-            max_slots=self.pool.max_slots,
-            file_tiers=tuple(self.workers),
-            memory_keep=(mem.keep_last or 1) if mem is not None else 0,
-        )
+                self.workers[name] = TierWorker(name, spec, root, coord_for(name), ctx, self)
 
     def submit(
         self,
         step: int,
-        decision: Decision,
         items: list[Any],
         objects: dict[str, Any],
-        rank_object: dict[str, Any],
-        plan: SavePlan,
+        rank_object: dict[str, Any] | Callable[[], dict[str, Any]],
         nbytes: int,
         blocking_s: float,
         eager: frozenset[str] = frozenset(),
-    ) -> tuple[Snapshot, Future[str]]:
-        """Apply the decision: drop superseded jobs, take the snapshot, queue it on the tiers."""
-        assert decision.slot is not None
-        for tier, steps in decision.drop.items():
-            for job in self.workers[tier].drop(steps):
-                self.pool.release(job.snap.slot, tier)
-                job.pending.discard(tier)
-                job.record["tiers"][tier] = {"status": f"superseded by step {step}"}
-                job.record["skipped_tiers"][tier] = f"superseded by step {step} before the tier started it"
-                if not job.pending:
-                    self._finish(job)
-        keep_mem = self.ctx.tiers.memory is not None
-        if keep_mem:
-            spec = self.ctx.tiers.memory
-            keep = (spec.keep_last or 1) if spec else 1
-            while len(self.memory) >= keep:
-                self.pool.release(self.memory.pop(0).slot, "memory")
-        refs = set(decision.tiers) | ({"memory"} if keep_mem else set())
-        slot = self.pool.acquire(decision.slot, nbytes, refs)
-        snap = self.snapshotter.submit(step, slot, items, objects, rank_object, eager)
-        durable: Future[str] = Future()
-        record: dict[str, Any] = {
-            "step": step,
-            "blocking_s": round(blocking_s, 6),
-            "bytes": snap.nbytes,
-            "skipped_tiers": {},
-            "tiers": {},
-        }
-        job = _Job(snap=snap, plan=plan, durable=durable, pending=set(decision.tiers), record=record)
-        if keep_mem:
-            self.memory.append(snap)
-        self._jobs[step] = job
-        if not decision.tiers:
-            snap.staged.add_done_callback(lambda _f: self._finish(job))
-        for t in decision.tiers:
-            self.workers[t].put(job)
-        return snap, durable
+    ) -> tuple[Snapshot | None, Future[str], str]:
+        """Take a snapshot of `items` into a free host buffer and offer it to the tiers.
 
-    def _done(self, job: _Job, tier: str, error: str | None, stats: dict[str, Any]) -> None:
-        with self.lock:
-            job.pending.discard(tier)
-            if error:
-                job.errors[tier] = error
-                stats["status"] = f"failed: {error}"
-                log.warning("elastickit: checkpoint %d on tier %s failed: %s", job.snap.step, tier, error)
-            else:
-                stats["status"] = "committed"
-                job.results[tier] = os.path.join(self.workers[tier].root, step_dir_name(job.snap.step))
-            job.record["tiers"][tier] = stats
-            last = not job.pending
-        if last:
+        Returns (snapshot, durable, "") or, when every host buffer is still being written by a
+        tier, (None, a done future, why the save is skipped).
+        """
+        keep_mem = self.ctx.tiers.memory is not None
+        with self.cond:
+            index = self._free_slot()
+            if index is None:
+                reason = "no host buffer is free (tiers are still writing earlier checkpoints); raise Tiers.host_buffers to keep more"
+                log.warning("elastickit: checkpoint %d skipped: %s", step, reason)
+                if self.ctx.rank == 0:
+                    self.events.emit("checkpoint_skipped", step=step, skipped_tiers={"all": reason})
+                return None, _done(""), reason
+            holders = [w for w in self.workers.values() if w.hold is not None and w.hold[0] < step <= w.hold[1]]
+            refs = {"newest", *(w.name for w in holders)} | ({"memory"} if keep_mem else set())
+            slot = self.pool.acquire(index, nbytes, refs)
+            snap = self.snapshotter.submit(step, slot, items, objects, rank_object, eager)
+            for w in holders:
+                w.held.append(snap)
+            if self.newest is not None:
+                self.pool.release(self.newest.slot, "newest")
+            self.newest = snap
+            if keep_mem:
+                spec = self.ctx.tiers.memory
+                self.memory.append(snap)
+                while len(self.memory) > max(1, spec.keep_last or 1):
+                    self.pool.release(self.memory.pop(0).slot, "memory")
+            record: dict[str, Any] = {
+                "step": step,
+                "blocking_s": round(blocking_s, 6),
+                "bytes": snap.nbytes,
+                "skipped_tiers": {},
+                "tiers": {},
+            }
+            job = _Job(snap=snap, durable=Future(), waiting=set(self.workers), record=record)
+            self._jobs.append(job)
+            self.cond.notify_all()
+        if not self.workers:
+            snap.staged.add_done_callback(lambda _f: self._finish(job))
+        return snap, job.durable, ""
+
+    def find(self, step: int, also: list[Snapshot]) -> Snapshot | None:
+        """The newest snapshot of `step` still in a host buffer (call with the lock)."""
+        for snap in reversed([*also, *self.memory, *([self.newest] if self.newest is not None else [])]):
+            if snap.step == step and snap.slot.refs:
+                return snap
+        return None
+
+    def _free_slot(self) -> int | None:
+        """The host buffer for a new snapshot (call with the lock): a free one, a new one, or
+        the oldest that only the memory tier (or "newest") still holds."""
+        for sl in self.pool.slots:
+            if not sl.refs:
+                return sl.index
+        if self.pool.count() < self.pool.max_slots:
+            return self.pool.count()
+        for snap in [*self.memory, *([self.newest] if self.newest is not None else [])]:
+            if snap.slot.refs <= {"memory", "newest"}:
+                if snap in self.memory:
+                    self.memory.remove(snap)
+                if snap is self.newest:
+                    self.newest = None
+                snap.slot.refs.clear()
+                return snap.slot.index
+        return None
+
+    def tier_done(self, tier: str, snap: Snapshot | None, step: int, error: str | None, stats: dict[str, Any]) -> None:
+        """Tier `tier` wrote `step` (or failed): it is done with every save up to that step."""
+        finished = []
+        with self.cond:
+            for job in list(self._jobs):
+                if tier not in job.waiting or job.snap.step > step:
+                    continue
+                job.waiting.discard(tier)
+                if job.snap is snap or (snap is None and job.snap.step == step):
+                    if error:
+                        job.errors[tier] = error
+                        job.record["tiers"][tier] = {**stats, "status": f"failed: {error}"}
+                        log.warning("elastickit: checkpoint %d on tier %s failed: %s", step, tier, error)
+                    else:
+                        job.record["tiers"][tier] = {**stats, "status": "committed"}
+                        job.results[tier] = os.path.join(self.workers[tier].root, step_dir_name(step))
+                else:
+                    job.record["tiers"][tier] = {"status": f"superseded by step {step}"}
+                    job.record["skipped_tiers"][tier] = f"superseded by step {step} (the tier was busy)"
+                if not job.waiting:
+                    self._jobs.remove(job)
+                    finished.append(job)
+            self.cond.notify_all()
+        for job in finished:
             self._finish(job)
 
     def _finish(self, job: _Job) -> None:
@@ -477,25 +450,37 @@ class AsyncWriter:
         elif not job.durable.done():
             best = job.results.get("persistent") or job.results.get("local") or ("memory" if self.ctx.tiers.memory else "")
             job.durable.set_result(best)
-        self._jobs.pop(snap.step, None)
+        with self.cond:
+            if job in self._jobs:
+                self._jobs.remove(job)
 
-    def skipped(self, step: int, decision: Decision) -> None:
-        if self.ctx.rank == 0:
-            self.events.emit("checkpoint_skipped", step=step, skipped_tiers=dict(decision.skipped))
+    def flush(self) -> None:
+        """Ask every tier to write the newest snapshot now, without resting."""
+        with self.cond:
+            for w in self.workers.values():
+                w.flush = True
+            self.cond.notify_all()
 
     def pending(self) -> list[Future[str]]:
-        with self.lock:
-            return [j.durable for j in self._jobs.values()]
+        with self.cond:
+            return [j.durable for j in self._jobs]
 
     def host_bytes(self) -> int:
         return self.pool.total_bytes()
 
     def close(self) -> None:
+        self.flush()
         for f in self.pending():
             try:
                 f.result()
-            except Exception:  # reported already; closing must go on
+            except Exception:
                 pass
         for w in self.workers.values():
-            w.close()
+            w.stop()
         self.snapshotter.close()
+
+
+def _done(value: Any = None) -> Future[Any]:
+    f: Future[Any] = Future()
+    f.set_result(value)
+    return f

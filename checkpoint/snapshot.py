@@ -10,10 +10,11 @@ step pre-hook: the moment the tensors are about to change.
 
 from __future__ import annotations
 
+import operator
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,11 @@ from typing import Any
 import torch
 
 from .items import SaveItem
+from .threads import lower_priority
+
+#: A tier may write a tensor once its batch is copied: batches big enough to cost little Python
+#: time per byte, small enough that the write overlaps the copy.
+_BATCH_BYTES = 8 << 20
 
 
 def _align(n: int, a: int = 64) -> int:
@@ -44,6 +50,9 @@ class Slot:
     # the same items reuses the views instead of slicing the buffer again.
     layout: list[Any] = field(default_factory=list)
     views: list[torch.Tensor] = field(default_factory=list)
+    used: int = 0  # bytes the views take
+    # (eager keys, host items, indices copied lazily, key -> lazy position) for that layout
+    cut: tuple[frozenset[str], list[SaveItem], list[int], dict[str, int]] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -83,7 +92,7 @@ class SlotPool:
             assert not slot.refs, f"slot {index} is still in use by {slot.refs}"
             if slot.nbytes < nbytes:
                 slot.buffer = self._alloc(nbytes)
-                slot.layout, slot.views = [], []
+                slot.layout, slot.views, slot.cut = [], [], None
             slot.refs = set(refs)
             return slot
 
@@ -110,7 +119,8 @@ class Snapshot:
         slot: the host buffer it lives in.
         items: SaveItems whose tensors are host views into the slot (valid once staged).
         objects: the JSON state shared by all ranks.
-        rank_object: this rank's own JSON state (RNG).
+        rank_source: this rank's own JSON state (RNG), or a function that makes it (called
+            once, when a tier or a restore first needs it: not on the training thread).
         staged: done when every tensor is copied.
         nbytes: bytes of tensor data.
         started_s / staged_s: monotonic times of the copy's start and end.
@@ -120,7 +130,7 @@ class Snapshot:
     slot: Slot
     items: list[SaveItem]
     objects: dict[str, Any]
-    rank_object: dict[str, Any]
+    rank_source: dict[str, Any] | Callable[[], dict[str, Any]]
     staged: Future[None]
     nbytes: int
     started_s: float = 0.0
@@ -130,6 +140,13 @@ class Snapshot:
     lazy_order: dict[str, int] = field(default_factory=dict)
     copied: int = 0
     progress: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def rank_object(self) -> dict[str, Any]:
+        """This rank's own JSON state."""
+        if callable(self.rank_source):
+            self.rank_source = self.rank_source()
+        return self.rank_source
 
     def wait_item(self, key: str) -> None:
         """Block until item `key` is copied (at once for items copied in `save`)."""
@@ -162,7 +179,7 @@ class Snapshotter:
         slot: Slot,
         items: Sequence[SaveItem],
         objects: dict[str, Any],
-        rank_object: dict[str, Any],
+        rank_object: dict[str, Any] | Callable[[], dict[str, Any]],
         eager: frozenset[str] = frozenset(),
     ) -> Snapshot:
         """Start copying `items` into `slot`; returns at once with the Snapshot.
@@ -170,50 +187,54 @@ class Snapshotter:
         Items whose key is in `eager` are copied before returning: tensors that may change
         before the fence (module buffers updated in forward, anything no optimizer owns).
         """
-        host_items, sources, offset = [], [], 0
-        eager_pairs = []
-        reuse = len(slot.layout) == len(items) and all(a is b for a, b in zip(slot.layout, items, strict=True))
+        reuse = len(slot.layout) == len(items) and all(map(operator.is_, slot.layout, items))
         if not reuse:
-            slot.layout, slot.views = list(items), []
-        for i, it in enumerate(items):
-            src = it.tensor
-            n = src.numel() * src.element_size()
-            if reuse:
-                view = slot.views[i]
-            else:
+            slot.layout, slot.views, slot.cut = list(items), [], None
+            offset = 0
+            for it in items:
+                src = it.tensor
+                n = src.numel() * src.element_size()
                 view = slot.buffer[offset : offset + n].view(src.dtype).view(src.shape) if n else torch.empty(
                     src.shape, dtype=src.dtype
                 )
                 slot.views.append(view)
-            offset += _align(n)
-            host_items.append(SaveItem(key=it.key, tensor=view, pieces=it.pieces, specs=it.specs))
-            if it.key in eager:
-                eager_pairs.append((view, src))
-            else:
-                sources.append(src)
-        with torch.no_grad():
-            for view, src in eager_pairs:
-                view.copy_(src.detach())
+                offset += _align(n)
+            slot.used = offset
+        if slot.cut is None or slot.cut[0] != eager:
+            host_items = [
+                SaveItem(key=it.key, tensor=v, pieces=it.pieces, specs=it.specs)
+                for it, v in zip(items, slot.views, strict=True)
+            ]
+            lazy = [i for i, it in enumerate(items) if it.key not in eager]
+            order = {items[i].key: n for n, i in enumerate(lazy)}
+            slot.cut = (eager, host_items, lazy, order)
+        _, host_items, lazy, order = slot.cut
+        if eager:
+            with torch.no_grad():
+                for view, it in zip(slot.views, items, strict=True):
+                    if it.key in eager:
+                        view.copy_(it.tensor.detach())
+        sources = [items[i].tensor for i in lazy]
         snap = Snapshot(
             step=step,
             slot=slot,
             items=host_items,
             objects=objects,
-            rank_object=rank_object,
+            rank_source=rank_object,
             staged=Future(),
-            nbytes=offset,
+            nbytes=slot.used,
         )
         event = None
         if any(src.is_cuda for src in sources):  # sources: the lazily copied live tensors
             # Marks "now" on the training stream: the copy starts after the work queued so far.
             event = torch.cuda.Event()
             event.record()
-        lazy_views = [h.tensor for h, it in zip(host_items, items, strict=True) if it.key not in eager]
-        snap.lazy_order = {it.key: i for i, it in enumerate(it for it in items if it.key not in eager)}
-        self._q.put((snap, list(zip(lazy_views, sources, strict=True)), event))
+        snap.lazy_order = order
+        self._q.put((snap, list(zip([slot.views[i] for i in lazy], sources, strict=True)), event))
         return snap
 
     def _run(self) -> None:
+        lower_priority()
         while True:
             job = self._q.get()
             if job is None:
@@ -247,11 +268,19 @@ class Snapshotter:
                 snap.copied = len(sources)
                 snap.progress.notify_all()
         else:
+            # Batches of about _BATCH_BYTES in one foreach copy (one call, GIL released), and
+            # one progress notification per batch: many small tensors cost little Python time.
+            start, size = 0, 0
             with torch.no_grad():
-                for dst, src in sources:
-                    dst.copy_(src.detach())
+                for i, (dst, _src) in enumerate(sources):
+                    size += dst.numel() * dst.element_size()
+                    if size < _BATCH_BYTES and i + 1 < len(sources):
+                        continue
+                    batch = sources[start : i + 1]
+                    torch._foreach_copy_([d for d, _ in batch], [x for _, x in batch])
+                    start, size = i + 1, 0
                     with snap.progress:
-                        snap.copied += 1
+                        snap.copied = i + 1
                         snap.progress.notify_all()
 
     def close(self) -> None:

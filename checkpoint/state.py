@@ -14,6 +14,7 @@ Non-tensor leaves are kept as JSON with tensors replaced by `{"__tensor__": logi
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +99,8 @@ def _flatten(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _flatten(v, f"{path}/{k}", tensors) for k, v in value.items()}
     if isinstance(value, list | tuple):
+        if all(type(v) is str for v in value):  # a param group's FQNs: no tensor, no recursion
+            return list(value)
         return [_flatten(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]
     return _jsonable(value, path)
 
@@ -129,10 +132,37 @@ class StateDictCache:
         # never be reused by a new tensor while an entry refers to the old one.
         self._entries: dict[int, tuple[tuple[Any, ...], Any]] = {}
         self._owners: dict[tuple[str, int], nn.Module] = {}
+        # module -> its submodules (the signature walks their own dicts, which is far cheaper
+        # than `parameters()`; a replaced submodule shows in its parent's `_modules`).
+        self._modules: dict[int, tuple[nn.Module, list[nn.Module], bool]] = {}
+        # (name, id of a cached dict) -> (the dict, its flattened tree, its tensors)
+        self._flat: dict[tuple[str, int], tuple[Any, Any, dict[str, torch.Tensor]]] = {}
+
+    def _submodules(self, m: nn.Module, *, fresh: bool = False) -> tuple[list[nn.Module], bool]:
+        hit = self._modules.get(id(m))
+        if fresh or hit is None or hit[0] is not m:
+            mods = list(m.modules())
+            # A module computing extra state (FP8 scales, ...) gives a new value on every
+            # state_dict() call: such a model is never served from the cache.
+            extra = any(type(x).get_extra_state is not nn.Module.get_extra_state for x in mods)
+            hit = (m, mods, extra)
+            self._modules[id(m)] = hit
+        return hit[1], hit[2]
 
     @staticmethod
-    def _module_sig(m: nn.Module) -> tuple[Any, ...]:
-        return (m, *m.parameters(), None, *m.buffers())
+    def _module_sig(m: nn.Module, mods: list[nn.Module]) -> tuple[Any, ...]:
+        sig: list[Any] = [m]
+        for x in mods:
+            sig.extend(x._parameters.values())
+            sig.append(None)
+            sig.extend(x._buffers.values())
+            sig.append(None)
+            sig.extend(x._modules.values())
+            sig.append(None)
+        # `p.data = t` keeps the object and swaps its storage: the state dict's detached views
+        # would then be stale, so the storages are part of the signature too.
+        ptrs = tuple(getattr(t, "_local_tensor", t).data_ptr() for t in sig if isinstance(t, torch.Tensor))
+        return (*sig, ptrs)
 
     @staticmethod
     def _optim_sig(o: torch.optim.Optimizer) -> tuple[Any, ...]:
@@ -146,14 +176,37 @@ class StateDictCache:
 
     @staticmethod
     def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-        return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+        """Same objects; a trailing tuple (storage addresses) compares by value."""
+        if len(a) != len(b):
+            return False
+        if a and isinstance(a[-1], tuple):
+            return a[-1] == b[-1] and all(map(operator.is_, a[:-1], b[:-1]))
+        return all(map(operator.is_, a, b))
 
     def model(self, m: nn.Module) -> dict[str, Any]:
-        sig = self._module_sig(m)
+        mods, extra = self._submodules(m)
+        if extra:
+            return get_model_state_dict(m)
+        sig = self._module_sig(m, mods)
         hit = self._entries.get(id(m))
         if hit is None or not self._same(hit[0], sig):
-            hit = (sig, get_model_state_dict(m))
+            mods, extra = self._submodules(m, fresh=True)
+            if extra:
+                return get_model_state_dict(m)
+            hit = (self._module_sig(m, mods), get_model_state_dict(m))
             self._entries[id(m)] = hit
+        return hit[1]
+
+    def flatten(self, sd: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+        """`_flatten` of a dict this cache returned, reusing the tree while it is the same dict."""
+        key = (path, id(sd))
+        hit = self._flat.get(key)
+        if hit is None or hit[0] is not sd:
+            mine: dict[str, torch.Tensor] = {}
+            hit = (sd, _flatten(sd, path, mine), mine)
+            self._flat = {k: v for k, v in self._flat.items() if k[0] != path}
+            self._flat[key] = hit
+        tensors.update(hit[2])
         return hit[1]
 
     def owner(self, o: torch.optim.Optimizer, state: Mapping[str, Any]) -> nn.Module:
@@ -220,8 +273,18 @@ def flatten_state(
     sds = state_dicts(state, cache)
     flat = FlatState()
     for name, sd in sds.items():
-        flat.objects[name] = _flatten(sd, name, flat.tensors)
-        if isinstance(state[name], nn.Module | torch.optim.Optimizer):
+        obj = state[name]
+        if cache is not None and isinstance(obj, nn.Module):
+            flat.objects[name] = cache.flatten(sd, name, flat.tensors)
+        elif cache is not None and isinstance(obj, torch.optim.Optimizer):
+            # The per-parameter state is the cached dict; the param groups are read afresh.
+            flat.objects[name] = {
+                "state": cache.flatten(sd["state"], f"{name}/state", flat.tensors),
+                "param_groups": _flatten(sd["param_groups"], f"{name}/param_groups", flat.tensors),
+            }
+        else:
+            flat.objects[name] = _flatten(sd, name, flat.tensors)
+        if isinstance(obj, nn.Module | torch.optim.Optimizer):
             flat.owned.add(name)
     return flat, sds
 

@@ -139,7 +139,6 @@ class SavePlan:
     """What every rank holds, gathered once per checkpoint, and who writes what."""
 
     described: list[list[dict[str, Any]]]
-    rank_objects: tuple[dict[str, Any], ...]
 
     def dedup(self) -> _Plan:
         """The deduplication of `described`, computed once (every tier uses it)."""
@@ -155,35 +154,75 @@ def describe(items: Sequence[SaveItem]) -> list[dict[str, Any]]:
     return _describe(items)
 
 
-def write_checkpoint(req: SaveRequest, coord: Coordinator, *, plan: SavePlan | None = None) -> Manifest:
+def _same_items(a: Sequence[SaveItem], b: Sequence[SaveItem]) -> bool:
+    return len(a) == len(b) and all(
+        x.key == y.key and x.pieces is y.pieces and x.specs is y.specs for x, y in zip(a, b, strict=True)
+    )
+
+
+class PlanCache:
+    """The plan of the last commit of a sequence (one per tier): a rank describes its items
+    only when they changed since, and the deduplication is computed again only then."""
+
+    def __init__(self) -> None:
+        self._items: Sequence[SaveItem] | None = None
+        self._described: list[list[dict[str, Any]]] = []
+        self._plan: SavePlan | None = None
+
+    def describe(self, items: Sequence[SaveItem]) -> list[dict[str, Any]] | None:
+        """This rank's description for the plan round, or None when unchanged."""
+        if self._items is not None and _same_items(self._items, items):
+            return None
+        return _describe(items)
+
+    def update(self, items: Sequence[SaveItem], gathered: list[list[dict[str, Any]] | None]) -> SavePlan:
+        """The plan, from every rank's description (None: the rank's previous one)."""
+        if self._plan is None or any(d is not None for d in gathered):
+            self._described = [d if d is not None else self._described[r] for r, d in enumerate(gathered)]
+            self._plan = SavePlan(described=self._described)
+        self._items = items
+        return self._plan
+
+
+def write_checkpoint(
+    req: SaveRequest,
+    coord: Coordinator,
+    *,
+    plans: PlanCache | None = None,
+    error: str | None = None,
+    share: bool = True,
+) -> Manifest | None:
     """Write this rank's part of checkpoint `req.step` and commit it with the others.
 
     Every rank of `coord` calls it with its own request; all return the committed Manifest or all
-    raise `RankFailure` naming each failing rank's cause. `plan`, when given, was gathered
-    already (the asynchronous writer gathers it once for all tiers).
+    raise `RankFailure` naming each failing rank's cause. `plans` remembers the plan between
+    commits of one tier (ranks then send their descriptions only when they changed). `error`: this
+    rank cannot take part (why); every rank then raises before anything is written. With
+    `share=False` only rank 0 gets the Manifest (the others None): it does not travel through the
+    store.
     """
     step_dir = os.path.join(req.root, step_dir_name(req.step))
     rank = coord.rank
 
     # Phase 1: plan. Rank 0 first retires an existing manifest of this step, so that a re-save
     # never leaves a manifest pointing at files being rewritten.
-    error = None
     try:
         os.makedirs(step_dir, exist_ok=True)
-        if rank == 0:
+        if rank == 0 and error is None:
             man = os.path.join(step_dir, MANIFEST_NAME)
             if os.path.exists(man):
                 os.replace(man, man + ".replaced")
                 fsync_dir(step_dir)
     except OSError as e:
-        error = f"cannot prepare {step_dir} ({e.strerror}); check the path and its permissions"
-    payload = None if plan is not None else {"items": _describe(req.items), "rank_object": req.rank_object}
+        error = error or f"cannot prepare {step_dir} ({e.strerror}); check the path and its permissions"
+    desc = plans.describe(req.items) if plans is not None else _describe(req.items)
+    payload = {"items": desc, "rank_object": req.rank_object}
     gathered = gather_or_raise(coord, error, payload, phase="checkpoint plan")
-    if plan is None:
-        plan = SavePlan(
-            described=[g["items"] for g in gathered], rank_objects=tuple(g["rank_object"] for g in gathered)
-        )
-    rank_objects = plan.rank_objects
+    if plans is not None:
+        plan = plans.update(req.items, [g["items"] for g in gathered])
+    else:
+        plan = SavePlan(described=[g["items"] for g in gathered])
+    rank_objects = tuple(g["rank_object"] for g in gathered)
 
     # Phase 2: write what this rank owns.
     error, record = None, None
@@ -209,17 +248,20 @@ def write_checkpoint(req: SaveRequest, coord: Coordinator, *, plan: SavePlan | N
     records = gather_or_raise(coord, error, record, phase="checkpoint write")
 
     # Phase 3: commit on rank 0.
-    error, manifest_json = None, None
+    error, manifest, manifest_json = None, None, None
     if rank == 0:
         try:
             manifest = _build_manifest(req, plan.dedup(), rank_objects, records, coord.world_size)
             atomic_write_text(os.path.join(step_dir, MANIFEST_NAME), manifest.dumps(), fsync=req.fsync)
             if req.fsync:
                 fsync_dir(req.root)
-            manifest_json = manifest.to_json()
+            if share and coord.world_size > 1:
+                manifest_json = manifest.to_json()
         except (OSError, ValueError) as e:
             error = f"cannot commit {step_dir}: {e}"
     committed = gather_or_raise(coord, error, manifest_json, phase="checkpoint commit")
+    if manifest is not None or not share:
+        return manifest
     return Manifest.from_json(committed[0], source=os.path.join(step_dir, MANIFEST_NAME))
 
 

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import atexit
 import logging
+import operator
 import os
+import queue
+import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,7 +43,7 @@ from elastickit.checkpoint.coord import (
 from elastickit.checkpoint.errors import DataError, RankFailure, RequestError
 from elastickit.checkpoint.events import EventLog
 from elastickit.checkpoint.manifest import LayoutRecord, step_dir_name
-from elastickit.checkpoint.pipeline import AsyncWriter, RankStatus, WriterContext
+from elastickit.checkpoint.pipeline import AsyncWriter, WriterContext
 from elastickit.checkpoint.policy import IntervalPolicy
 from elastickit.checkpoint.recover import (
     Candidate,
@@ -52,34 +54,53 @@ from elastickit.checkpoint.recover import (
 )
 from elastickit.checkpoint.snapshot import snapshot_bytes
 from elastickit.checkpoint.state import PieceRule, StateDictCache, flatten_state, save_items
+from elastickit.checkpoint.threads import lower_priority
 from elastickit.checkpoint.tiers import Tiers, TierSpec
-from elastickit.checkpoint.writer import SavePlan, describe
 from elastickit.loading import Loader, load_snapshot
-from elastickit.rng import rng_state, set_rng_state
+from elastickit.rng import rng_capture, rng_encode, set_rng_state
 
 log = logging.getLogger("elastickit")
 
 __all__ = ["Checkpointer", "IntervalPolicy", "SaveHandle", "TierSpec", "Tiers"]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class SaveHandle:
     """What `save` returns: one handle, whether or not a checkpoint is taken at this step.
 
     Attributes:
         step: the step asked for.
-        scheduled: whether a checkpoint is taken (False: not due, or skipped; see `reason`).
+        decided: done when the ranks agreed whether this checkpoint is taken; its result is
+            None when it is, else the reason it is not (not due, or skipped).
         staged: done when the snapshot is copied (the tensors may change from then on).
         durable: done when every tier that took the checkpoint committed it; its result is the
             most durable path (persistent, else local, else "memory"), or it raises the error.
-        reason: why no checkpoint was taken, when `scheduled` is False.
+        scheduled: whether a checkpoint is taken (waits for `decided`).
+        reason: why no checkpoint was taken, when `scheduled` is False (waits for `decided`).
     """
 
-    step: int
-    scheduled: bool
-    staged: Future[None]
-    durable: Future[str]
-    reason: str = ""
+    __slots__ = ("decided", "durable", "staged", "step")
+
+    def __init__(self, step: int, *, decided: Future[str | None], staged: Future[None], durable: Future[str]) -> None:
+        self.step = step
+        self.decided = decided
+        self.staged = staged
+        self.durable = durable
+
+    @classmethod
+    def not_taken(cls, step: int, reason: str) -> SaveHandle:
+        return cls(step, decided=_done(reason), staged=_done(), durable=_done(""))
+
+    @property
+    def scheduled(self) -> bool:
+        return self.decided.result() is None
+
+    @property
+    def reason(self) -> str:
+        return self.decided.result() or ""
+
+    def __repr__(self) -> str:
+        state = "deciding" if not self.decided.done() else ("taken" if self.scheduled else f"not taken: {self.reason}")
+        return f"SaveHandle(step={self.step}, {state})"
 
 
 def _done(value: Any = None) -> Future[Any]:
@@ -203,6 +224,7 @@ class Checkpointer:
                 framework={"torch": torch.__version__, "elastickit": elastickit.__version__},
                 fsync=fsync,
                 peer_group=self._peer_group,
+                timeout_s=timeout_s,
             ),
             lambda name: self._coordinator(name, timeout_s),
             self.events,
@@ -212,10 +234,18 @@ class Checkpointer:
         self._step_time_s = 0.0
         self._cost_s = 0.0
         self._last_snap: Any = None
+        self._sized: tuple[Any, int] = (None, 0)  # (items, their snapshot bytes)
+        self._prev_items: list[Any] = []
+        self._eager_memo: tuple[list[Any], tuple[Any, ...], frozenset[str]] | None = None
+        # Time-based policies agree on the next due step in a store round, off the training thread.
+        self._round: Future[None] | None = None
+        self._rounds: queue.SimpleQueue[tuple[int | None, Future[None]] | None] = queue.SimpleQueue()
+        self._round_thread: threading.Thread | None = None
+        if self.world_size > 1 and not self.policy.step_based:
+            self._round_thread = threading.Thread(target=self._round_loop, name="elastickit-round", daemon=True)
+            self._round_thread.start()
         self._sd_cache = StateDictCache()
         self._item_memo: dict[str, Any] = {}
-        self._last_items: list[Any] = []
-        self._last_described: list[Any] = []
         self._hooked: dict[int, Any] = {}
         self._closed = False
         # A script that ends without close() must not lose its last checkpoint: the background
@@ -265,6 +295,23 @@ class Checkpointer:
             if isinstance(obj, torch.optim.Optimizer) and id(obj) not in self._hooked:
                 self._hooked[id(obj)] = obj.register_step_pre_hook(lambda *_a, **_k: self.fence())
 
+    def _eager_keys(self, items: list[Any], flat: Any, state: Mapping[str, Any]) -> frozenset[str]:
+        """Keys of `items` copied before `save` returns: what no optimizer step fences."""
+        optims = tuple(
+            (o, tuple(p for g in o.param_groups for p in g["params"]))
+            for o in state.values()
+            if isinstance(o, torch.optim.Optimizer)
+        )
+        memo = self._eager_memo
+        if memo is not None and memo[0] is items and len(memo[1]) == len(optims) and all(
+            a[0] is b[0] and len(a[1]) == len(b[1]) and all(map(operator.is_, a[1], b[1]))
+            for a, b in zip(memo[1], optims, strict=True)
+        ):
+            return memo[2]
+        eager = frozenset(it.key for it in items) - self._fenced_keys(flat, state)
+        self._eager_memo = (items, optims, eager)
+        return eager
+
     @staticmethod
     def _fenced_keys(flat: Any, state: Mapping[str, Any]) -> frozenset[str]:
         """Logical names of tensors that only an optimizer step changes (copied lazily)."""
@@ -303,69 +350,94 @@ class Checkpointer:
     def save(self, step: int, state: Mapping[str, Any], *, force: bool = False) -> SaveHandle:
         """Checkpoint `state` as of `step` if the policy says it is due (or `force`).
 
-        Every rank calls it with the same step, after `optimizer.step()`. Returns at once; the
-        copy and the tiers run in the background. Never raises for a tier failure (see the
-        handle's `durable` future, `wait()` and the event log).
+        Every rank calls it with the same step, after `optimizer.step()`. Returns at once: it
+        takes references to the tensors and hands them to the background copy; no store round,
+        no collective. The tiers pull the snapshot in the background. Never raises for a tier
+        failure (see the handle's `durable` future, `wait()` and the event log).
         """
         self._check_open()
+        self._await_round()  # a time-based policy: the previous round set the next due step
         now = time.monotonic()
         if self._last_save_call is not None and step > self._last_save_call[0]:
             dt = (now - self._last_save_call[1]) / (step - self._last_save_call[0])
             self._step_time_s = dt if not self._step_time_s else 0.8 * self._step_time_s + 0.2 * dt
         self._last_save_call = (step, now)
         if not (force or self.due(step)):
-            return SaveHandle(step=step, scheduled=False, staged=_done(), durable=_done(""), reason="not due")
+            return SaveHandle.not_taken(step, "not due")
         t0 = time.perf_counter()
         self.fence()  # one snapshot in flight at a time keeps the copy order simple
         flat, _ = flatten_state(state, self._sd_cache)
         items = save_items(flat, self._piece_rule(), self._item_memo)
-        rank_object = {"rng": rng_state()} if self.rng else {}
-        with self._writer.lock:  # workers cannot claim a job between our report and our decision
-            return self._save_round(step, state, flat, items, rank_object, t0)
-
-    def _save_round(self, step: int, state: Mapping[str, Any], flat: Any, items: list[Any], rank_object: dict[str, Any], t0: float) -> SaveHandle:
-        status = self._writer.status()
-        # Send the description of our items only when it changed since the last save; the
-        # others keep every rank's last description.
-        same = len(items) == len(self._last_items) and all(a is b for a, b in zip(items, self._last_items, strict=True))
-        desc = None if same and self._last_described else describe(items)
-        next_due = None
-        if self.rank == 0 and not self.policy.step_based:
-            next_due = self.policy.next_due_step(step, step_time_s=self._step_time_s, cost_s=self._cost_s)
-        gathered = gather_or_raise(
-            self._coord,
-            None,
-            {"items": desc, "rank_object": rank_object, "status": status.to_json(), "next_due": next_due},
-            phase="checkpoint plan",
-        )
-        described = [
-            g["items"] if g["items"] is not None else self._last_described[r] for r, g in enumerate(gathered)
-        ]
-        self._last_described, self._last_items = described, items
-        self._next_due = gathered[0]["next_due"]
-        decision = self._writer.decide([RankStatus.from_json(g["status"]) for g in gathered])
-        if decision.slot is None:
-            self._writer.skipped(step, decision)
-            reason = "; ".join(sorted(set(decision.skipped.values())))
-            log.warning("elastickit: checkpoint %d skipped: %s", step, reason)
-            return SaveHandle(step=step, scheduled=False, staged=_done(), durable=_done(""), reason=reason)
-        plan = SavePlan(described=described, rank_objects=tuple(g["rank_object"] for g in gathered))
+        prev = self._prev_items
+        if len(items) == len(prev) and all(map(operator.is_, items, prev)):
+            items = prev  # the same list object: what is derived from it is reused
+        self._prev_items = items
         if self.lazy == "never":
             eager = frozenset(it.key for it in items)
         elif self.lazy == "always":
             eager = frozenset()
         else:
-            eager = frozenset(it.key for it in items) - self._fenced_keys(flat, state)
+            eager = self._eager_keys(items, flat, state)
         self._install_fence(state)
-        blocking_s = time.perf_counter() - t0
-        snap, durable = self._writer.submit(
-            step, decision, items, flat.objects, rank_object, plan, snapshot_bytes(items), blocking_s, eager
+        if items is not self._sized[0]:
+            self._sized = (items, snapshot_bytes(items))
+        rank_object: Any = {}
+        if self.rng:
+            raw = rng_capture()  # encoded only if a file tier takes this snapshot
+            rank_object = lambda: {"rng": rng_encode(raw)}
+        snap, durable, reason = self._writer.submit(
+            step, items, flat.objects, rank_object, self._sized[1], time.perf_counter() - t0, eager
         )
+        if not self.policy.step_based:
+            self._start_round(step)
+        self._cost_s = time.perf_counter() - t0 if not self._cost_s else 0.8 * self._cost_s + 0.2 * (time.perf_counter() - t0)
+        if snap is None:
+            return SaveHandle.not_taken(step, reason)
         self._last_snap = snap
         if self.lazy == "never":
             snap.staged.result()
-        self._cost_s = time.perf_counter() - t0 if not self._cost_s else 0.8 * self._cost_s + 0.2 * (time.perf_counter() - t0)
-        return SaveHandle(step=step, scheduled=True, staged=snap.staged, durable=durable)
+        return SaveHandle(step, decided=_done(None), staged=snap.staged, durable=durable)
+
+    def _start_round(self, step: int) -> None:
+        """Agree on the next due step (rank 0 chooses it from the measured costs), off the
+        training thread; the next `save` waits for it, which by then has long finished."""
+        next_due = None
+        if self.rank == 0:
+            next_due = self.policy.next_due_step(step, step_time_s=self._step_time_s, cost_s=self._cost_s)
+        done: Future[None] = Future()
+        self._round = done
+        if self._round_thread is None:
+            self._run_round(next_due, done)
+        else:
+            self._rounds.put((next_due, done))
+
+    def _await_round(self) -> None:
+        """Wait for the round in flight; raise its failure once."""
+        done = self._round
+        if done is None:
+            return
+        try:
+            done.result()
+        except BaseException:
+            self._round = None
+            raise
+
+    def _round_loop(self) -> None:
+        lower_priority()
+        while True:
+            job = self._rounds.get()
+            if job is None:
+                return
+            self._run_round(*job)
+
+    def _run_round(self, next_due: int | None, done: Future[None]) -> None:
+        try:
+            got = gather_or_raise(self._coord, None, next_due, phase="checkpoint schedule")
+        except BaseException as e:
+            done.set_exception(e)
+            return
+        self._next_due = got[0]
+        done.set_result(None)
 
     def wait(self) -> None:
         """Block until every checkpoint taken so far is durable on its tiers.
@@ -373,11 +445,13 @@ class Checkpointer:
         Raises the first failure (a checkpoint that no tier could commit).
         """
         self._check_open()
+        self._await_round()
+        self._writer.flush()
         first: BaseException | None = None
         for f in self._writer.pending():
             try:
                 f.result()
-            except BaseException as e:  # noqa: BLE001 - re-raised below, after waiting for all
+            except BaseException as e:
                 first = first or e
         failures, self._writer.failures = self._writer.failures, []
         first = first or (failures[0] if failures else None)
@@ -402,13 +476,15 @@ class Checkpointer:
         fails, logging which and why. Reshards when the saved layout differs from the running one.
         """
         self._check_open()
+        self._await_round()
         self.fence()
         # Checkpoints still flowing down the tiers finish first: the inventory must not race
         # with commits, and peer copies must not share the peer group with peer fetches.
+        self._writer.flush()
         for f in self._writer.pending():
             try:
                 f.result()
-            except Exception:  # noqa: BLE001 - reported by wait()/the event log; restore goes on
+            except Exception:
                 pass
         local = self._writer.workers.get("local")
         persistent = self._writer.workers.get("persistent")
@@ -479,6 +555,13 @@ class Checkpointer:
             return
         atexit.unregister(self.close)
         try:
+            try:
+                self._await_round()
+            except BaseException as e:
+                log.warning("elastickit: the last save round failed: %s", e)
+            if self._round_thread is not None:
+                self._rounds.put(None)
+                self._round_thread.join(timeout=60)
             self._writer.close()
         finally:
             for h in self._hooked.values():

@@ -10,10 +10,6 @@ from typing import Any
 import torch
 
 
-def _to_lists(x: Any) -> Any:
-    return [_to_lists(v) for v in x] if isinstance(x, list | tuple) else x
-
-
 def _to_tuples(x: Any) -> Any:
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
 
@@ -26,19 +22,38 @@ def _unb64(s: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states as JSON-able data."""
-    out: dict[str, Any] = {"torch": _b64(torch.get_rng_state()), "python": _to_lists(random.getstate())}
+def rng_capture() -> dict[str, Any]:
+    """This process's RNG states, captured raw (cheap: the training thread calls it every save).
+
+    `rng_encode` turns the capture into JSON, off the training thread.
+    """
+    raw: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+        raw["cuda"] = torch.cuda.get_rng_state_all()
     try:
         import numpy as np
 
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        out["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
+        raw["numpy"] = np.random.get_state()
     except ImportError:
         pass
+    return raw
+
+
+def rng_encode(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """What `rng_capture` returned, as JSON-able data."""
+    version, internal, gauss = raw["python"]  # random.getstate(): (3, 625 ints, gauss)
+    out: dict[str, Any] = {"torch": _b64(raw["torch"]), "python": [version, list(internal), gauss]}
+    if "cuda" in raw:
+        out["cuda"] = [_b64(s) for s in raw["cuda"]]
+    if "numpy" in raw:
+        kind, keys, pos, has_gauss, gauss = raw["numpy"]
+        out["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
     return out
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as JSON-able data."""
+    return rng_encode(rng_capture())
 
 
 def set_rng_state(d: Mapping[str, Any]) -> None:
