@@ -12,7 +12,9 @@
    the whole write; DCP async_save blocks for its call (it stages a copy before returning).
 2. Persist throughput of elastickit's persistent tier vs `dd oflag=direct` of the same bytes
    to the same disk (two writers at once, as two ranks write).
-3. Step-time overhead of checkpointing every step of the `tiny` trainer (dp=2).
+3. Step-time overhead of checkpointing every step of the `tiny` trainer (dp=2), with the default
+   tiers (memory + persistent) and with the memory tier alone: segments with and without a save
+   every step alternate in the same processes.
 
 Writes results/async.md, results/async.json and results/async.png.
 """
@@ -151,9 +153,9 @@ def _blocking(rank: int, world: int, kind: str, method: str, gib: float, out: st
 def _persist(rank: int, world: int, gib: float, out: str) -> dict:
     import torch  # noqa: F401
     import torch.distributed as dist
+    from elastickit.checkpoint.events import read_events
 
     import elastickit as ek
-    from elastickit.checkpoint.events import read_events
 
     model, optim, _ = _build("synthetic", rank, world, gib)
     dest = os.path.join(out, "persist")
@@ -185,19 +187,49 @@ def _dd(out: str, gib: float, writers: int) -> float:
     return dt
 
 
-def _overhead(rank: int, world: int, ckpt: str | None, steps: int) -> dict:
-    from elastickit.trainer.loop import TrainConfig, run_training
+def _overhead(rank: int, world: int, ckpt: str, tiers_name: str, seg: int, rounds: int) -> dict:
+    """Step times of the tiny trainer, alternating segments without and with a save every step.
 
-    cfg = TrainConfig(model="tiny", layout=f"dp={world}", steps=steps, ckpt_dir=ckpt, ckpt_every=1)
-    res = run_training(cfg)
-    return {"step_times_s": res.step_times_s}
+    One process for both conditions (paired): the machine's drift hits both alike. Segments of
+    `seg` steps; the first 3 steps of a segment and the first round are warm-up; the tiers are
+    flushed (`wait`) between segments, outside the timing.
+    """
+    from elastickit.checkpoint.tiers import Tiers
+
+    import elastickit as ek
+    from elastickit.trainer.loop import TrainConfig, build_job
+    from elastickit.trainer.rules import model_rules, parallel_layout
+
+    cfg = TrainConfig(model="tiny", layout=f"dp={world}", steps=10**6, ckpt_dir=ckpt, ckpt_every=1)
+    job = build_job(cfg)
+    state = job.state()
+    tiers = Tiers() if tiers_name == "default" else Tiers(persistent=None)
+    ck = ek.Checkpointer(ckpt, every=1, tiers=tiers, layout=parallel_layout(job.layout),
+                         rules=model_rules(cfg.model_config()))
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    step = 0
+    for r in range(rounds + 1):
+        for mode in ("off", "on"):
+            for i in range(seg):
+                t0 = time.perf_counter()
+                job.train_step(step)
+                step += 1
+                if mode == "on":
+                    ck.save(step, state)
+                if r > 0 and i >= 3:
+                    times[mode].append(time.perf_counter() - t0)
+            if mode == "on":
+                ck.wait()
+    ck.close()
+    return times
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gib-per-rank", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=40, help="tiny-trainer steps for the overhead runs")
+    ap.add_argument("--segment", type=int, default=20, help="tiny-trainer steps per on/off segment")
+    ap.add_argument("--rounds", type=int, default=10, help="on/off segment pairs timed")
     ap.add_argument("--skip-small", action="store_true", help="leave out the ~100M-parameter model")
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "ekbench_async"))
     ap.add_argument("--skip-blocking", action="store_true", help="reuse the blocking figures of results/async.json")
@@ -233,18 +265,20 @@ def main() -> None:
     ek_gbs = pr["stored_bytes"] / pr["persist_s"] / 1e9
     dd_gbs = total / dd_s / 1e9
     data["persist"] = {"elastickit_s": pr["persist_s"], "elastickit_bytes": pr["stored_bytes"], "dd_s": dd_s, "dd_bytes": total}
-    # Step-time overhead of checkpointing every step.
-    base = spawn(_overhead, world, None, args.steps)
-    ck_dir = os.path.join(args.dir, "overhead")
-    shutil.rmtree(ck_dir, ignore_errors=True)
-    with_ck = spawn(_overhead, world, ck_dir, args.steps)
-    skip = 5  # warm-up steps
-
-    def med_step(r: list) -> float:
-        return statistics.median(max(x["step_times_s"][i] for x in r) for i in range(skip, args.steps))
-
-    b, c = med_step(base), med_step(with_ck)
-    data["overhead"] = {"no_ckpt_step_s": b, "ckpt_every_step_s": c}
+    # Step-time overhead of checkpointing every step: default tiers (memory + persistent) and
+    # the memory tier alone, each paired with steps without checkpoints in the same processes.
+    overhead = {}
+    for tiers_name in ("default", "memory"):
+        ck_dir = os.path.join(args.dir, f"overhead-{tiers_name}")
+        shutil.rmtree(ck_dir, ignore_errors=True)
+        r = spawn(_overhead, world, ck_dir, tiers_name, args.segment, args.rounds)
+        n = len(r[0]["off"])
+        # A step takes as long as its slowest rank; medians over all timed steps.
+        off = statistics.median(max(x["off"][i] for x in r) for i in range(n))
+        on = statistics.median(max(x["on"][i] for x in r) for i in range(n))
+        overhead[tiers_name] = {"no_ckpt_step_s": off, "ckpt_every_step_s": on, "steps": n}
+        print(f"overhead {tiers_name}: {off * 1000:.1f} ms -> {on * 1000:.1f} ms ({(on / off - 1) * 100:+.1f}%)", flush=True)
+    data["overhead"] = overhead
     shutil.rmtree(args.dir, ignore_errors=True)
     notes = [
         f"Machine: {machine()}; 2 ranks (gloo); median of {args.repeats} interleaved runs; fresh processes per run.",
@@ -252,8 +286,13 @@ def main() -> None:
         "before the next optimizer step, after the next forward/backward ran).",
         f"Persist throughput, persistent tier, {world} x {args.gib_per_rank:g} GiB: elastickit {ek_gbs:.2f} GB/s "
         f"vs dd oflag=direct {dd_gbs:.2f} GB/s = **{ek_gbs / dd_gbs:.2f}x** (target >= 0.8x).",
-        f"Checkpointing every step of the tiny trainer (dp=2): median step {b * 1000:.1f} ms without, "
-        f"{c * 1000:.1f} ms with = **{(c / b - 1) * 100:+.1f}%** (target < 5%).",
+        *(
+            f"Checkpointing every step of the tiny trainer (dp=2, {name} tiers): median step "
+            f"{o['no_ckpt_step_s'] * 1000:.1f} ms without, {o['ckpt_every_step_s'] * 1000:.1f} ms with = "
+            f"**{(o['ckpt_every_step_s'] / o['no_ckpt_step_s'] - 1) * 100:+.1f}%** (target < 5%; "
+            f"{o['steps']} steps each, alternating segments of {args.segment} in the same processes)."
+            for name, o in overhead.items()
+        ),
     ]
     md = write_table("async", "Blocking time per checkpoint", ["state", "method", "median blocking s", "x torch.save", "x dcp.async_save"], rows, notes, data)
     labels = [f"{r[0]}\n{r[1]}" for r in rows]

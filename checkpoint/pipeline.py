@@ -394,8 +394,20 @@ class AsyncWriter:
         return None
 
     def _free_slot(self) -> int | None:
-        """The host buffer for a new snapshot (call with the lock): a free one, a new one, or
-        the oldest that only the memory tier (or "newest") still holds."""
+        """The host buffer for a new snapshot (call with the lock), preferring warm memory.
+
+        First a buffer this save releases anyway (the snapshot it replaces as the newest, or
+        the memory tier's oldest beyond `keep_last`) when no tier holds it: its pages are
+        mapped already. Then a free buffer, a new one, or the oldest that only the memory tier
+        still holds. None when tiers are writing from every buffer.
+        """
+        keep = self.ctx.tiers.memory
+        outgoing = self.memory[: max(0, len(self.memory) - max(1, (keep.keep_last or 1)) + 1)] if keep else []
+        if self.newest is not None and self.newest not in self.memory:
+            outgoing.append(self.newest)
+        for snap in outgoing:
+            if snap.slot.refs <= {"memory", "newest"}:
+                return self._evict(snap)
         for sl in self.pool.slots:
             if not sl.refs:
                 return sl.index
@@ -403,13 +415,17 @@ class AsyncWriter:
             return self.pool.count()
         for snap in [*self.memory, *([self.newest] if self.newest is not None else [])]:
             if snap.slot.refs <= {"memory", "newest"}:
-                if snap in self.memory:
-                    self.memory.remove(snap)
-                if snap is self.newest:
-                    self.newest = None
-                snap.slot.refs.clear()
-                return snap.slot.index
+                return self._evict(snap)
         return None
+
+    def _evict(self, snap: Snapshot) -> int:
+        """Take `snap`'s buffer back from the memory tier (call with the lock)."""
+        if snap in self.memory:
+            self.memory.remove(snap)
+        if snap is self.newest:
+            self.newest = None
+        snap.slot.refs.clear()
+        return snap.slot.index
 
     def tier_done(self, tier: str, snap: Snapshot | None, step: int, error: str | None, stats: dict[str, Any]) -> None:
         """Tier `tier` wrote `step` (or failed): it is done with every save up to that step."""

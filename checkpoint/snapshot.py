@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from .items import SaveItem
-from .threads import lower_priority
 
 #: A tier may write a tensor once its batch is copied: batches big enough to cost little Python
 #: time per byte, small enough that the write overlaps the copy.
@@ -234,7 +233,7 @@ class Snapshotter:
         return snap
 
     def _run(self) -> None:
-        lower_priority()
+        # Normal priority: the fence before the next optimizer step may wait for this copy.
         while True:
             job = self._q.get()
             if job is None:

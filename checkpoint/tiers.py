@@ -71,8 +71,9 @@ class Tiers:
         persistent: shared storage (the Checkpointer root unless `path` is set).
         ranks_per_node: ranks per node, for `{node}` and the choice of buddies (default: the
             LOCAL_WORLD_SIZE torchrun sets, else the whole world is one node).
-        host_buffers: snapshots held in host memory at once; a save that finds none free is
-            skipped (and logged) rather than blocking training.
+        host_buffers: snapshots held in host memory at once (default: one more than the file
+            tiers, so that each tier can write one while saves go on); a save that finds none
+            free is skipped (and logged) rather than blocking training.
     """
 
     memory: TierSpec | None = field(default_factory=lambda: TierSpec(keep_last=1))
@@ -80,15 +81,18 @@ class Tiers:
     peer: bool = False
     persistent: TierSpec | None = field(default_factory=TierSpec)
     ranks_per_node: int | None = None
-    host_buffers: int = 2
+    host_buffers: int = 0  # 0: the default above
 
     def __post_init__(self) -> None:
         if self.peer and self.local is None:
             raise ValueError("peer=True needs a local tier: peers hold copies of local checkpoints")
         if self.local is not None and not self.local.path:
             raise ValueError("the local tier needs a path, e.g. TierSpec(path='/dev/shm/ek/{node}')")
-        if self.host_buffers < 1:
+        if self.host_buffers < 0:
             raise ValueError(f"host_buffers must be >= 1, got {self.host_buffers}")
+        if self.host_buffers == 0:
+            files = (self.local is not None) + (self.persistent is not None)
+            object.__setattr__(self, "host_buffers", max(2, files + 1))
         if self.ranks_per_node is not None and self.ranks_per_node < 1:
             raise ValueError(f"ranks_per_node must be >= 1, got {self.ranks_per_node}")
         if self.memory is None and self.local is None and self.persistent is None:

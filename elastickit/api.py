@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,43 +65,29 @@ log = logging.getLogger("elastickit")
 __all__ = ["Checkpointer", "IntervalPolicy", "SaveHandle", "TierSpec", "Tiers"]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SaveHandle:
     """What `save` returns: one handle, whether or not a checkpoint is taken at this step.
 
     Attributes:
         step: the step asked for.
-        decided: done when the ranks agreed whether this checkpoint is taken; its result is
-            None when it is, else the reason it is not (not due, or skipped).
+        scheduled: whether a checkpoint is taken (False: not due, or skipped; see `reason`).
         staged: done when the snapshot is copied (the tensors may change from then on).
-        durable: done when every tier that took the checkpoint committed it; its result is the
-            most durable path (persistent, else local, else "memory"), or it raises the error.
-        scheduled: whether a checkpoint is taken (waits for `decided`).
-        reason: why no checkpoint was taken, when `scheduled` is False (waits for `decided`).
+        durable: done when every file tier committed it or a newer checkpoint (a tier that is
+            busy skips to the newest); its result is the most durable path it reached
+            (persistent, else local, else "memory"), or it raises the error.
+        reason: why no checkpoint was taken, when `scheduled` is False.
     """
 
-    __slots__ = ("decided", "durable", "staged", "step")
-
-    def __init__(self, step: int, *, decided: Future[str | None], staged: Future[None], durable: Future[str]) -> None:
-        self.step = step
-        self.decided = decided
-        self.staged = staged
-        self.durable = durable
+    step: int
+    scheduled: bool
+    staged: Future[None]
+    durable: Future[str]
+    reason: str = ""
 
     @classmethod
     def not_taken(cls, step: int, reason: str) -> SaveHandle:
-        return cls(step, decided=_done(reason), staged=_done(), durable=_done(""))
-
-    @property
-    def scheduled(self) -> bool:
-        return self.decided.result() is None
-
-    @property
-    def reason(self) -> str:
-        return self.decided.result() or ""
-
-    def __repr__(self) -> str:
-        state = "deciding" if not self.decided.done() else ("taken" if self.scheduled else f"not taken: {self.reason}")
-        return f"SaveHandle(step={self.step}, {state})"
+        return cls(step=step, scheduled=False, staged=_done(), durable=_done(""), reason=reason)
 
 
 def _done(value: Any = None) -> Future[Any]:
@@ -396,7 +383,7 @@ class Checkpointer:
         self._last_snap = snap
         if self.lazy == "never":
             snap.staged.result()
-        return SaveHandle(step, decided=_done(None), staged=snap.staged, durable=durable)
+        return SaveHandle(step=step, scheduled=True, staged=snap.staged, durable=durable)
 
     def _start_round(self, step: int) -> None:
         """Agree on the next due step (rank 0 chooses it from the measured costs), off the

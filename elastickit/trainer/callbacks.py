@@ -68,12 +68,8 @@ class CheckpointCallback:
     def on_step_end(self, step: int, loss: float = float("nan"), step_time_s: float = 0.0) -> None:
         """Checkpoint after step `step` (completed steps) when the policy says it is due."""
         handle = self._checkpointer().save(step, self.state())
-        # Decided in the background: reading `scheduled` now would wait for the other ranks.
-        handle.decided.add_done_callback(lambda f: self._taken(step, f))
-
-    def _taken(self, step: int, decided: Any) -> None:
-        if decided.exception() is None and decided.result() is None:
-            self.last_saved_step = max(self.last_saved_step or 0, step)
+        if handle.scheduled:
+            self.last_saved_step = step
 
     def on_train_end(self) -> None:
         """Wait until every checkpoint is durable, then close."""

@@ -75,10 +75,11 @@ def test_fence_keeps_the_snapshot_exact(tmp_path, slow_copy):
 
 
 def test_slow_persistent_tier_never_blocks_and_newest_wins(tmp_path, monkeypatch):
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
     real = writer_mod.write_file
 
     def gated(*a, **k):
+        entered.set()
         gate.wait(60)
         return real(*a, **k)
 
@@ -89,6 +90,8 @@ def test_slow_persistent_tier_never_blocks_and_newest_wins(tmp_path, monkeypatch
     for step in range(1, 7):
         _train_step(m, o)
         handles.append(ck.save(step, {"model": m, "optim": o}))
+        if step == 1:
+            assert entered.wait(10)  # the tier took step 1 and is stuck writing it
     # The tier is stuck on step 1, yet every save returned and no save was skipped.
     assert all(h.scheduled for h in handles)
     assert not handles[0].durable.done()
