@@ -1,0 +1,37 @@
+"""A time-based interval policy across 2 ranks: every rank takes exactly the same steps."""
+
+import os
+
+import pytest
+
+from tests._dist import run_ranks
+
+pytestmark = [pytest.mark.dist]
+
+
+def _train(rank: int, world: int, root: str):
+    import time
+
+    import torch
+
+    import elastickit as ek
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    taken = []
+    with ek.Checkpointer(root, every_seconds=0.05) as ck:
+        for step in range(1, 31):
+            time.sleep(0.01 if rank == 0 else 0.013)  # the ranks' clocks and speeds differ
+            if ck.save(step, {"model": model}).scheduled:
+                taken.append(step)
+    latest = ck.latest()
+    return {"taken": taken, "latest": latest}
+
+
+@pytest.mark.timeout(180)
+def test_every_seconds_takes_the_same_steps_on_every_rank(tmp_path):
+    r0, r1 = run_ranks(_train, 2, (str(tmp_path / "ck"),), timeout_s=150)
+    assert r0["taken"] == r1["taken"]  # rank 0 decides; the others follow its schedule
+    assert r0["taken"][0] == 1 and 3 <= len(r0["taken"]) <= 20
+    assert r0["latest"] == r0["taken"][-1]  # close() wrote the newest
+    assert os.path.exists(tmp_path / "ck" / f"step-{r0['taken'][-1]:08d}" / "manifest.json")
