@@ -132,6 +132,8 @@ class TierWorker:
                         newest = self.writer.newest
                         if newest is not None and newest.step > target:
                             break  # it skipped `target` (no free buffer): the ranks try again
+                        if self.writer.draining:
+                            break  # no save arrives while the training thread drains
                         cond.wait(min(1.0, max(0.0, deadline - time.monotonic())))
                     snap = self.held[0] if self.held else None
                     self.hold, self.held = None, []
@@ -139,15 +141,25 @@ class TierWorker:
                     snap.slot.refs.add(self.name)
                 if snap is not mine:
                     self._unpin([mine])
-            have = self.coord.all_gather(snap is not None, phase=f"{self.name} tier: confirm step {target}")
+            have = self.coord.all_gather(
+                {"ok": snap is not None, "draining": self.writer.draining},
+                phase=f"{self.name} tier: confirm step {target}",
+            )
         except BaseException:
             with cond:
                 self._unpin([s for s in {id(mine): mine, id(snap): snap}.values() if s is not None])
             raise
-        if not all(have):
+        if not all(h["ok"] for h in have):
             if snap is not None:
                 with cond:
                     self._unpin([snap])
+            missing = [r for r, h in enumerate(have) if not h["ok"]]
+            if any(h["draining"] for h in have):
+                # Nothing newer will come before the drain ends: trying again would not help.
+                raise ElastickitError(
+                    f"step {target} is not held by rank(s) {missing} (they skipped that save: no free "
+                    "host buffer), and no newer save came; this tier keeps its previous checkpoint"
+                )
             return None, target
         return snap, target
 
@@ -326,6 +338,7 @@ class AsyncWriter:
         self.newest: Snapshot | None = None  # the snapshot a free tier takes next
         self._jobs: list[_Job] = []
         self.failures: list[ElastickitError] = []  # not yet reported by wait()
+        self.draining = False  # the training thread waits in drain(): no save will arrive
         self.workers: dict[str, TierWorker] = {}
         t = ctx.tiers
         specs = [("local", t.local, t.local_path(ctx.rank, ctx.world_size) if t.local else ""),
@@ -477,6 +490,27 @@ class AsyncWriter:
                 w.flush = True
             self.cond.notify_all()
 
+    def drain(self) -> list[BaseException]:
+        """Flush, and wait until every save so far is resolved; returns the failures.
+
+        The training thread is blocked meanwhile, so no save arrives: a tier waiting for a step
+        that this rank skipped gives up instead of waiting for it (see `TierWorker._agree`).
+        """
+        with self.cond:
+            self.draining = True
+        try:
+            self.flush()
+            errors = []
+            for f in self.pending():
+                try:
+                    f.result()
+                except BaseException as e:  # noqa: BLE001 - returned to the caller
+                    errors.append(e)
+            return errors
+        finally:
+            with self.cond:
+                self.draining = False
+
     def pending(self) -> list[Future[str]]:
         with self.cond:
             return [j.durable for j in self._jobs]
@@ -485,12 +519,7 @@ class AsyncWriter:
         return self.pool.total_bytes()
 
     def close(self) -> None:
-        self.flush()
-        for f in self.pending():
-            try:
-                f.result()
-            except Exception:
-                pass
+        self.drain()
         for w in self.workers.values():
             w.stop()
         self.snapshotter.close()

@@ -433,15 +433,9 @@ class Checkpointer:
         """
         self._check_open()
         self._await_round()
-        self._writer.flush()
-        first: BaseException | None = None
-        for f in self._writer.pending():
-            try:
-                f.result()
-            except BaseException as e:
-                first = first or e
+        errors = self._writer.drain()
         failures, self._writer.failures = self._writer.failures, []
-        first = first or (failures[0] if failures else None)
+        first = errors[0] if errors else (failures[0] if failures else None)
         if first is not None:
             raise first
 
@@ -467,12 +461,7 @@ class Checkpointer:
         self.fence()
         # Checkpoints still flowing down the tiers finish first: the inventory must not race
         # with commits, and peer copies must not share the peer group with peer fetches.
-        self._writer.flush()
-        for f in self._writer.pending():
-            try:
-                f.result()
-            except Exception:
-                pass
+        self._writer.drain()  # failures are reported by wait() and the event log
         local = self._writer.workers.get("local")
         persistent = self._writer.workers.get("persistent")
         mine = {

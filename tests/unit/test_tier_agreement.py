@@ -5,6 +5,7 @@ exactly which snapshots each rank holds when the ranks agree.
 """
 
 import logging
+import threading
 import time
 
 import torch
@@ -136,3 +137,22 @@ def test_saves_never_wait_for_a_busy_tier_and_the_newest_lands(tmp_path):
     assert all(h.done() for h in handles)  # every save is resolved: committed or superseded
     for s in steps:
         assert _values(tmp_path, s) == {"w0": [float(s)] * 5, "w1": [float(s)] * 5}
+
+
+def test_a_final_step_one_rank_skipped_fails_clearly_instead_of_hanging(tmp_path):
+    r0, r1 = _pair(tmp_path)
+    for step in (1, 2, 3):
+        r0.save(step)
+    for step in (1, 2):
+        r1.save(step)  # rank 1 skipped step 3 (no free host buffer) and trains no further
+    results = {}
+    threads = [threading.Thread(target=lambda r=r: results.__setitem__(r.rank, r.writer.drain())) for r in (r0, r1)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert time.monotonic() - t0 < 20  # not the 30 s store timeout, nor for ever
+    assert "step 3 is not held by rank(s) [1]" in str(results[0][0])
+    assert _committed(tmp_path) == []
+    _close((r0, r1))
