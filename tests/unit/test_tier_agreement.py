@@ -10,7 +10,6 @@ import time
 
 import torch
 import torch.distributed as dist
-
 from elastickit.checkpoint.catalog import list_checkpoints, load_manifest
 from elastickit.checkpoint.coord import StoreCoordinator
 from elastickit.checkpoint.events import EventLog, read_events
@@ -19,7 +18,7 @@ from elastickit.checkpoint.manifest import LayoutRecord
 from elastickit.checkpoint.pipeline import AsyncWriter, WriterContext
 from elastickit.checkpoint.state import default_pieces
 from elastickit.checkpoint.stfile import StFile
-from elastickit.checkpoint.tiers import TierSpec, Tiers
+from elastickit.checkpoint.tiers import Tiers, TierSpec
 
 
 class _Rank:
