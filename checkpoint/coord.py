@@ -58,7 +58,7 @@ class StoreCoordinator:
     cloned (TCPStore, FileStore): a blocking wait then holds up no other thread. Without a
     clone it polls with `check`, because a shared TCPStore client serves one request at a time
     and a blocking wait from one thread (a tier committing) would hold up every other thread of
-    the process using it (the training thread's save round): two ranks could wait on each other
+    the process using it (another tier, a restore): two ranks could wait on each other
     for ever. Keys of round n are deleted by their owner at round n+2, when every rank has
     provably read them (it has reached round n+1).
     """

@@ -534,7 +534,7 @@ class Checkpointer:
             try:
                 self._await_round()
             except BaseException as e:
-                log.warning("elastickit: the last save round failed: %s", e)
+                log.warning("elastickit: the last schedule round failed: %s", e)
             if self._round_thread is not None:
                 self._rounds.put(None)
                 self._round_thread.join(timeout=60)

@@ -28,7 +28,7 @@ from elastickit.checkpoint.tiers import Tiers, TierSpec
 torch.manual_seed(0)
 model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(8)])
 optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
-# A tier that rests between commits (as by default) and commits often, overlapping save rounds.
+# A tier that rests between commits (as by default) and commits often, while saves go on.
 ck = ek.Checkpointer(root, tiers=Tiers(persistent=TierSpec(max_busy_fraction=0.5)))
 # Saves are local: the training thread never takes part in a store round.
 import threading
