@@ -12,6 +12,7 @@ import elastickit as ek
 from elastickit.checkpoint import writer as writer_mod
 from elastickit.checkpoint.errors import DataError, ElastickitError, RequestError
 from elastickit.checkpoint.catalog import list_checkpoints, verify_checkpoint
+from elastickit.checkpoint.tiers import Tiers
 
 
 class Loader:
@@ -232,3 +233,45 @@ def test_restore_unknown_state_name_is_refused(tmp_path):
         ck.save(1, {"model": m})
     with pytest.raises(RequestError, match="no state 'net'"):
         ek.Checkpointer(str(tmp_path)).restore({"net": m})
+
+
+class _Scaled(torch.nn.Module):
+    """A module with extra state that changes on every call (as FP8 scaling modules have)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.calls = 0
+
+    def get_extra_state(self):
+        return {"calls": self.calls}
+
+    def set_extra_state(self, state):
+        self.calls = state["calls"]
+
+
+def _save_change_restore(root, model, change, fresh):
+    with ek.Checkpointer(root, tiers=Tiers(persistent=None)) as ck:
+        ck.save(1, {"model": model}).staged.result()
+        change(model)
+        ck.save(2, {"model": model}).staged.result()
+        assert ck.restore({"model": fresh}) == 2
+    return fresh
+
+
+def test_cached_state_dict_follows_swapped_storage(tmp_path):
+    # The same Parameter object with new storage (`p.data = t`, as some wrappers do): the
+    # cached state dict must not serve the old storage.
+    def swap(m):
+        m.weight.data = torch.full((4, 4), 7.0)
+
+    got = _save_change_restore(str(tmp_path), torch.nn.Linear(4, 4), swap, torch.nn.Linear(4, 4))
+    assert torch.equal(got.weight, torch.full((4, 4), 7.0))
+
+
+def test_cached_state_dict_follows_extra_state(tmp_path):
+    def bump(m):
+        m.calls = 3
+
+    got = _save_change_restore(str(tmp_path), _Scaled(), bump, _Scaled())
+    assert got.calls == 3
