@@ -86,8 +86,8 @@ class TierWorker:
         self.writer = writer
         self.plans = PlanCache()
         self.flush = False  # commit the newest snapshot now, without resting
-        # While the ranks agree, the writer pins for this tier every save in (after, upto].
-        self.hold: tuple[int, float] | None = None
+        # A rank behind the others waits for this step: the writer pins its save for this tier.
+        self.want: int | None = None
         self.held: list[Snapshot] = []
         self._tried: Snapshot | None = None  # the last snapshot this tier wrote (or failed to)
         self._rest_until = 0.0
@@ -127,7 +127,7 @@ class TierWorker:
                 snap = self.writer.find(target, [mine])
                 if snap is None and (self.writer.newest is None or self.writer.newest.step < target):
                     # Behind the others: this rank saves `target` within a step or so.
-                    self.hold, self.held = (target - 1, target), []
+                    self.want, self.held = target, []
                     while not self.held and not self._stop and time.monotonic() < deadline:
                         newest = self.writer.newest
                         if newest is not None and newest.step > target:
@@ -136,7 +136,7 @@ class TierWorker:
                             break  # no save arrives while the training thread drains
                         cond.wait(min(1.0, max(0.0, deadline - time.monotonic())))
                     snap = self.held[0] if self.held else None
-                    self.hold, self.held = None, []
+                    self.want, self.held = None, []
                 elif snap is not None and snap is not mine:
                     snap.slot.refs.add(self.name)
                 if snap is not mine:
@@ -205,7 +205,7 @@ class TierWorker:
                 self._retain()
             except ElastickitError as e:
                 error = str(e)
-            except Exception as e:
+            except Exception as e:  # a tier failure is reported, never raised into training
                 error = f"{type(e).__name__}: {e}"
             cpu_s = time.thread_time() - cpu0
             stats["cpu_s"] = round(cpu_s, 6)
@@ -371,7 +371,7 @@ class AsyncWriter:
                 if self.ctx.rank == 0:
                     self.events.emit("checkpoint_skipped", step=step, skipped_tiers={"all": reason})
                 return None, _done(""), reason
-            holders = [w for w in self.workers.values() if w.hold is not None and w.hold[0] < step <= w.hold[1]]
+            holders = [w for w in self.workers.values() if w.want == step]
             refs = {"newest", *(w.name for w in holders)} | ({"memory"} if keep_mem else set())
             slot = self.pool.acquire(index, nbytes, refs)
             snap = self.snapshotter.submit(step, slot, items, objects, rank_object, eager)
@@ -381,9 +381,8 @@ class AsyncWriter:
                 self.pool.release(self.newest.slot, "newest")
             self.newest = snap
             if keep_mem:
-                spec = self.ctx.tiers.memory
                 self.memory.append(snap)
-                while len(self.memory) > max(1, spec.keep_last or 1):
+                while len(self.memory) > self._memory_keep():
                     self.pool.release(self.memory.pop(0).slot, "memory")
             record: dict[str, Any] = {
                 "step": step,
@@ -401,7 +400,7 @@ class AsyncWriter:
 
     def find(self, step: int, also: list[Snapshot]) -> Snapshot | None:
         """The newest snapshot of `step` still in a host buffer (call with the lock)."""
-        for snap in reversed([*also, *self.memory, *([self.newest] if self.newest is not None else [])]):
+        for snap in reversed([*also, *self._live()]):
             if snap.step == step and snap.slot.refs:
                 return snap
         return None
@@ -414,8 +413,7 @@ class AsyncWriter:
         mapped already. Then a free buffer, a new one, or the oldest that only the memory tier
         still holds. None when tiers are writing from every buffer.
         """
-        keep = self.ctx.tiers.memory
-        outgoing = self.memory[: max(0, len(self.memory) - max(1, (keep.keep_last or 1)) + 1)] if keep else []
+        outgoing = self.memory[: max(0, len(self.memory) - self._memory_keep() + 1)]
         if self.newest is not None and self.newest not in self.memory:
             outgoing.append(self.newest)
         for snap in outgoing:
@@ -426,10 +424,18 @@ class AsyncWriter:
                 return sl.index
         if self.pool.count() < self.pool.max_slots:
             return self.pool.count()
-        for snap in [*self.memory, *([self.newest] if self.newest is not None else [])]:
+        for snap in self._live():
             if snap.slot.refs <= {"memory", "newest"}:
                 return self._evict(snap)
         return None
+
+    def _live(self) -> list[Snapshot]:
+        """The snapshots still in host buffers for the memory tier or as the newest, oldest first."""
+        return [*self.memory, *([self.newest] if self.newest is not None and self.newest not in self.memory else [])]
+
+    def _memory_keep(self) -> int:
+        spec = self.ctx.tiers.memory
+        return max(1, spec.keep_last or 1) if spec is not None else 0
 
     def _evict(self, snap: Snapshot) -> int:
         """Take `snap`'s buffer back from the memory tier (call with the lock)."""
@@ -504,7 +510,7 @@ class AsyncWriter:
             for f in self.pending():
                 try:
                     f.result()
-                except BaseException as e:  # noqa: BLE001 - returned to the caller
+                except BaseException as e:  # returned to the caller
                     errors.append(e)
             return errors
         finally:

@@ -130,13 +130,14 @@ class StateDictCache:
     def __init__(self) -> None:
         # The signatures hold the objects themselves (compared with `is`), so that an id can
         # never be reused by a new tensor while an entry refers to the old one.
-        self._entries: dict[int, tuple[tuple[Any, ...], Any]] = {}
+        self._entries: dict[int, tuple[tuple[Any, ...], Any]] = {}  # optimizers
+        self._module_entries: dict[int, tuple[tuple[Any, ...], tuple[int, ...], Any]] = {}
         self._owners: dict[tuple[str, int], nn.Module] = {}
         # module -> its submodules (the signature walks their own dicts, which is far cheaper
         # than `parameters()`; a replaced submodule shows in its parent's `_modules`).
         self._modules: dict[int, tuple[nn.Module, list[nn.Module], bool]] = {}
-        # (name, id of a cached dict) -> (the dict, its flattened tree, its tensors)
-        self._flat: dict[tuple[str, int], tuple[Any, Any, dict[str, torch.Tensor]]] = {}
+        # path -> (the cached dict flattened there last, its tree, its tensors)
+        self._flat: dict[str, tuple[Any, Any, dict[str, torch.Tensor]]] = {}
 
     def _submodules(self, m: nn.Module, *, fresh: bool = False) -> tuple[list[nn.Module], bool]:
         hit = self._modules.get(id(m))
@@ -150,7 +151,8 @@ class StateDictCache:
         return hit[1], hit[2]
 
     @staticmethod
-    def _module_sig(m: nn.Module, mods: list[nn.Module]) -> tuple[Any, ...]:
+    def _module_sig(m: nn.Module, mods: list[nn.Module]) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+        """The objects that make up the module tree, and the storages of its tensors."""
         sig: list[Any] = [m]
         for x in mods:
             sig.extend(x._parameters.values())
@@ -162,7 +164,7 @@ class StateDictCache:
         # `p.data = t` keeps the object and swaps its storage: the state dict's detached views
         # would then be stale, so the storages are part of the signature too.
         ptrs = tuple(getattr(t, "_local_tensor", t).data_ptr() for t in sig if isinstance(t, torch.Tensor))
-        return (*sig, ptrs)
+        return tuple(sig), ptrs
 
     @staticmethod
     def _optim_sig(o: torch.optim.Optimizer) -> tuple[Any, ...]:
@@ -176,36 +178,29 @@ class StateDictCache:
 
     @staticmethod
     def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-        """Same objects; a trailing tuple (storage addresses) compares by value."""
-        if len(a) != len(b):
-            return False
-        if a and isinstance(a[-1], tuple):
-            return a[-1] == b[-1] and all(map(operator.is_, a[:-1], b[:-1]))
-        return all(map(operator.is_, a, b))
+        return len(a) == len(b) and all(map(operator.is_, a, b))
 
     def model(self, m: nn.Module) -> dict[str, Any]:
         mods, extra = self._submodules(m)
         if extra:
             return get_model_state_dict(m)
-        sig = self._module_sig(m, mods)
-        hit = self._entries.get(id(m))
-        if hit is None or not self._same(hit[0], sig):
+        objs, ptrs = self._module_sig(m, mods)
+        hit = self._module_entries.get(id(m))
+        if hit is None or not self._same(hit[0], objs) or hit[1] != ptrs:
             mods, extra = self._submodules(m, fresh=True)
             if extra:
                 return get_model_state_dict(m)
-            hit = (self._module_sig(m, mods), get_model_state_dict(m))
-            self._entries[id(m)] = hit
-        return hit[1]
+            hit = (*self._module_sig(m, mods), get_model_state_dict(m))
+            self._module_entries[id(m)] = hit
+        return hit[2]
 
     def flatten(self, sd: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
         """`_flatten` of a dict this cache returned, reusing the tree while it is the same dict."""
-        key = (path, id(sd))
-        hit = self._flat.get(key)
+        hit = self._flat.get(path)
         if hit is None or hit[0] is not sd:
             mine: dict[str, torch.Tensor] = {}
             hit = (sd, _flatten(sd, path, mine), mine)
-            self._flat = {k: v for k, v in self._flat.items() if k[0] != path}
-            self._flat[key] = hit
+            self._flat[path] = hit
         tensors.update(hit[2])
         return hit[1]
 

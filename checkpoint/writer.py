@@ -189,15 +189,13 @@ def write_checkpoint(
     coord: Coordinator,
     *,
     plans: PlanCache | None = None,
-    error: str | None = None,
     share: bool = True,
 ) -> Manifest | None:
     """Write this rank's part of checkpoint `req.step` and commit it with the others.
 
     Every rank of `coord` calls it with its own request; all return the committed Manifest or all
     raise `RankFailure` naming each failing rank's cause. `plans` remembers the plan between
-    commits of one tier (ranks then send their descriptions only when they changed). `error`: this
-    rank cannot take part (why); every rank then raises before anything is written. With
+    commits of one tier (ranks then send their descriptions only when they changed). With
     `share=False` only rank 0 gets the Manifest (the others None): it does not travel through the
     store.
     """
@@ -206,15 +204,16 @@ def write_checkpoint(
 
     # Phase 1: plan. Rank 0 first retires an existing manifest of this step, so that a re-save
     # never leaves a manifest pointing at files being rewritten.
+    error = None
     try:
         os.makedirs(step_dir, exist_ok=True)
-        if rank == 0 and error is None:
+        if rank == 0:
             man = os.path.join(step_dir, MANIFEST_NAME)
             if os.path.exists(man):
                 os.replace(man, man + ".replaced")
                 fsync_dir(step_dir)
     except OSError as e:
-        error = error or f"cannot prepare {step_dir} ({e.strerror}); check the path and its permissions"
+        error = f"cannot prepare {step_dir} ({e.strerror}); check the path and its permissions"
     desc = plans.describe(req.items) if plans is not None else _describe(req.items)
     payload = {"items": desc, "rank_object": req.rank_object}
     gathered = gather_or_raise(coord, error, payload, phase="checkpoint plan")

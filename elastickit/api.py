@@ -221,8 +221,8 @@ class Checkpointer:
         self._step_time_s = 0.0
         self._cost_s = 0.0
         self._last_snap: Any = None
-        self._sized: tuple[Any, int] = (None, 0)  # (items, their snapshot bytes)
-        self._prev_items: list[Any] = []
+        self._prev_items: list[Any] = []  # the last save's items, and their snapshot bytes
+        self._prev_bytes = 0
         self._eager_memo: tuple[list[Any], tuple[Any, ...], frozenset[str]] | None = None
         # Time-based policies agree on the next due step in a store round, off the training thread.
         self._round: Future[None] | None = None
@@ -358,7 +358,8 @@ class Checkpointer:
         prev = self._prev_items
         if len(items) == len(prev) and all(map(operator.is_, items, prev)):
             items = prev  # the same list object: what is derived from it is reused
-        self._prev_items = items
+        else:
+            self._prev_items, self._prev_bytes = items, snapshot_bytes(items)
         if self.lazy == "never":
             eager = frozenset(it.key for it in items)
         elif self.lazy == "always":
@@ -366,14 +367,12 @@ class Checkpointer:
         else:
             eager = self._eager_keys(items, flat, state)
         self._install_fence(state)
-        if items is not self._sized[0]:
-            self._sized = (items, snapshot_bytes(items))
         rank_object: Any = {}
         if self.rng:
             raw = rng_capture()  # encoded only if a file tier takes this snapshot
             rank_object = lambda: {"rng": rng_encode(raw)}
         snap, durable, reason = self._writer.submit(
-            step, items, flat.objects, rank_object, self._sized[1], time.perf_counter() - t0, eager
+            step, items, flat.objects, rank_object, self._prev_bytes, time.perf_counter() - t0, eager
         )
         if not self.policy.step_based:
             self._start_round(step)
@@ -420,7 +419,7 @@ class Checkpointer:
     def _run_round(self, next_due: int | None, done: Future[None]) -> None:
         try:
             got = gather_or_raise(self._coord, None, next_due, phase="checkpoint schedule")
-        except BaseException as e:
+        except BaseException as e:  # raised on the training thread by the next save
             done.set_exception(e)
             return
         self._next_due = got[0]
@@ -533,7 +532,7 @@ class Checkpointer:
         try:
             try:
                 self._await_round()
-            except BaseException as e:
+            except BaseException as e:  # the round failed; closing must go on
                 log.warning("elastickit: the last schedule round failed: %s", e)
             if self._round_thread is not None:
                 self._rounds.put(None)

@@ -46,18 +46,13 @@ def rng_encode(raw: Mapping[str, Any]) -> dict[str, Any]:
     if "cuda" in raw:
         out["cuda"] = [_b64(s) for s in raw["cuda"]]
     if "numpy" in raw:
-        kind, keys, pos, has_gauss, gauss = raw["numpy"]
-        out["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
+        kind, keys, pos, has_gauss, np_gauss = raw["numpy"]
+        out["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(np_gauss)]
     return out
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states as JSON-able data."""
-    return rng_encode(rng_capture())
-
-
 def set_rng_state(d: Mapping[str, Any]) -> None:
-    """Restore what `rng_state` returned."""
+    """Restore what `rng_encode` returned."""
     torch.set_rng_state(_unb64(d["torch"]))
     random.setstate(_to_tuples(d["python"]))
     if "cuda" in d and torch.cuda.is_available() and len(d["cuda"]) == torch.cuda.device_count():
