@@ -18,16 +18,14 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from elastickit.checkpoint.coord import LocalCoordinator
 from elastickit.checkpoint.errors import RequestError
-from elastickit.checkpoint.items import LogicalSpec, Piece, SaveItem
 from elastickit.checkpoint.manifest import DTYPE_SIZES, LayoutRecord
-from elastickit.checkpoint.writer import SaveRequest, write_checkpoint
 
-from .adapters.registry import LogicalSource, open_source
-from .rules import RuleSet
+if TYPE_CHECKING:
+    from .adapters.registry import LogicalSource
+    from .rules import RuleSet
 
 TARGETS = ("elastickit", "dcp", "safetensors", "deepspeed-universal")
 INDEX_NAME = "model.safetensors.index.json"
@@ -60,17 +58,15 @@ def convert(
     later knows how the model's tensors split."""
     if target not in TARGETS:
         raise RequestError(f"unknown target format {target!r}; use one of {', '.join(TARGETS)}")
-    from .adapters.registry import detect_format
+    if target == "deepspeed-universal":
+        return _to_deepspeed_universal(src, dst, source, **options)
+    from .adapters.registry import detect_format, open_source
 
     fmt = detect_format(src) if source == "auto" else source
     reader = open_source(src, fmt, **options)
     try:
         if target == "safetensors":
             files, n, size = _to_safetensors(reader, dst, max_shard_bytes)
-        elif target == "deepspeed-universal":
-            from .adapters.deepspeed_source import to_universal
-
-            files, n, size = to_universal(reader, dst)
         elif target == "dcp":
             files, n, size = _to_dcp(reader, dst)
         else:
@@ -80,6 +76,28 @@ def convert(
     return ConvertReport(
         source_format=fmt, target_format=target, num_tensors=n, total_bytes=size, files=tuple(files)
     )
+
+
+def _to_deepspeed_universal(src: str, dst: str, source: str, *, tag: str | None = None,
+                            trust_pickle: bool = False, **_: Any) -> ConvertReport:
+    """DeepSpeed's universal format straight from a DeepSpeed checkpoint (no logical detour, no
+    torch import: the CLI's `--to deepspeed-universal` starts in a fraction of a second)."""
+    from .adapters.deepspeed import DeepSpeedCheckpoint, is_deepspeed_checkpoint
+    from .adapters.deepspeed_universal import write_universal
+
+    if source not in ("auto", "deepspeed") or not is_deepspeed_checkpoint(src):
+        raise RequestError(
+            f"--to deepspeed-universal needs a DeepSpeed checkpoint (--from deepspeed); {src} is not one",
+            path=src)
+    if os.path.exists(dst) and os.listdir(dst):
+        raise RequestError(f"{dst} exists and is not empty; choose a new destination", path=dst)
+    if os.path.isdir(dst):
+        os.rmdir(dst)
+    with DeepSpeedCheckpoint(src, tag=tag, trust_pickle=trust_pickle) as ck:
+        report = write_universal(ck, dst)
+    files = sorted(os.path.relpath(os.path.join(d, f), dst) for d, _, fs in os.walk(dst) for f in fs)
+    return ConvertReport(source_format="deepspeed", target_format="deepspeed-universal",
+                         num_tensors=report.num_params, total_bytes=report.bytes_written, files=tuple(files))
 
 
 def _prepare(dst: str) -> None:
@@ -222,7 +240,10 @@ def _flat_json(objects: dict[str, Any]) -> dict[str, Any]:
 def _to_elastickit(
     reader: LogicalSource, dst: str, rules: RuleSet | None = None
 ) -> tuple[list[str], int, int]:
+    from elastickit.checkpoint.coord import LocalCoordinator
+    from elastickit.checkpoint.items import LogicalSpec, Piece, SaveItem
     from elastickit.checkpoint.stfile import st_dtype
+    from elastickit.checkpoint.writer import SaveRequest, write_checkpoint
 
     infos = reader.tensors()
     items = []

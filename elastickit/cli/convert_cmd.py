@@ -55,9 +55,12 @@ def convert(
     """Convert a checkpoint to another format through elastickit's logical view."""
     from elastickit.checkpoint.errors import RequestError
     from elastickit.reshard.convert import convert as run
-    from elastickit.reshard.rules import load_rules
 
-    ruleset = load_rules(rules) if rules else None
+    ruleset = None
+    if rules:  # the rules module imports torch; --to deepspeed-universal runs without it
+        from elastickit.reshard.rules import load_rules
+
+        ruleset = load_rules(rules)
     if ruleset is not None and to != "elastickit":
         raise RequestError(f"--rules is stored with --to elastickit only, not --to {to}")
     try:

@@ -22,9 +22,11 @@ no DeepSpeed):
 Where the file also records DeepSpeed's own `param_slice_mappings`, they are checked against the
 computed fragments; a disagreement is a `DataError`, never a silent guess.
 
-`DeepSpeedCheckpoint` opens the files memory-mapped and yields one parameter at a time
-(`iter_tensors`), so converting a checkpoint never holds more than one parameter's states plus the
-pages the kernel keeps mapped.
+`DeepSpeedCheckpoint` maps the files (`ptfile`, without importing torch) and yields one parameter
+at a time, so converting a checkpoint never holds more than one parameter's states plus the pages
+the kernel keeps mapped. Internally tensors are numpy arrays (bfloat16 through `ml_dtypes`);
+`tensors`, `iter_tensors`, `model_tensor` and `fp32_state_dict` hand out torch tensors, `arrays`
+and `pieces` numpy ones (the universal writer uses these and never imports torch).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any, Self
 
-import torch
+import numpy as np
 
 from ...checkpoint.errors import DataError, RequestError
 from .deepspeed_layout import (
@@ -45,8 +47,8 @@ from .deepspeed_layout import (
     zero3_partition,
     zero12_layout,
 )
-from .deepspeed_pages import PageReleaser
 from .deepspeed_pickle import FragmentAddress, load_pt, to_json
+from .ptfile import Pieces, forget, np_dtype, release
 
 __all__ = ["KINDS", "STATE_KEYS", "DeepSpeedCheckpoint", "DeepSpeedParam", "FlatFragment",
            "is_deepspeed_checkpoint", "open_deepspeed", "resolve_folder"]
@@ -122,7 +124,6 @@ class DeepSpeedCheckpoint:
         self._trust = trust_pickle
         self._optim: dict[int, dict[str, Any]] = {}
         self._rank_models: dict[int, dict[str, Any]] = {}
-        self._pages = PageReleaser()
         names = sorted(os.listdir(self.folder))
         if any("expert_" in n and n.endswith("model_states.pt") or n.startswith("expp_rank_") for n in names):
             raise DataError(
@@ -180,7 +181,9 @@ class DeepSpeedCheckpoint:
     # -- lifetime ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Drop the mapped files."""
+        """Drop the mapped files (their memory goes with the last array that views them)."""
+        for path in (*self.model_files, *self.optim_files):
+            forget(path)
         self._optim.clear()
         self._rank_models.clear()
 
@@ -209,7 +212,6 @@ class DeepSpeedCheckpoint:
             osd = sd.get("optimizer_state_dict") if isinstance(sd, dict) else None
             if not isinstance(osd, dict):
                 raise DataError(f"{path} has no optimizer_state_dict; not a ZeRO optimizer file", path=path)
-            self._pages.watch(path)
             self._optim[rank] = osd
         return self._optim[rank]
 
@@ -233,8 +235,8 @@ class DeepSpeedCheckpoint:
 
     def _detect_dtype(self) -> str:
         for name, t in self._model["module"].items():
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and name not in self._buffer_names():
-                return str(t.dtype).removeprefix("torch.")
+            if isinstance(t, np.ndarray) and _is_float(t) and name not in self._buffer_names():
+                return t.dtype.name
         return "float32"
 
     def _buffer_names(self) -> set[str]:
@@ -305,7 +307,7 @@ class DeepSpeedCheckpoint:
                 path=self.optim_files[0])
         partition_sizes = []
         for g in range(len(shapes)):
-            sizes = [fp32[r][g].numel() + ((osds[r].get("group_paddings") or [0] * len(shapes))[g]
+            sizes = [fp32[r][g].size + ((osds[r].get("group_paddings") or [0] * len(shapes))[g]
                                            if unpadded else 0) for r in range(world)]
             if any(s != sizes[0] for s in sizes):
                 raise DataError(
@@ -320,9 +322,9 @@ class DeepSpeedCheckpoint:
             for r in range(world):
                 used = max((f.src_offset + f.numel for p in out.values() if p.group == g
                             for f in p.fragments if f.rank == r), default=0)
-                if used > fp32[r][g].numel():
+                if used > fp32[r][g].size:
                     raise DataError(
-                        f"{self.optim_files[r]}: group {g} holds {fp32[r][g].numel()} fp32 values but "
+                        f"{self.optim_files[r]}: group {g} holds {fp32[r][g].size} fp32 values but "
                         f"the parameters need {used}", path=self.optim_files[r])
         self._check_slice_mappings(out, osds)
         return out
@@ -350,7 +352,7 @@ class DeepSpeedCheckpoint:
         world = self.dp_world_size
         out, sizes = zero3_layout(self._param_shapes(), world)
         for r in range(world):
-            held = [t.numel() for t in self.optimizer_file_state(r)["fp32_flat_groups"]]
+            held = [int(t.size) for t in self.optimizer_file_state(r)["fp32_flat_groups"]]
             if held != sizes:
                 raise DataError(
                     f"{self.optim_files[r]}: ZeRO-3 sub-groups hold {held} values but their parameters "
@@ -416,79 +418,94 @@ class DeepSpeedCheckpoint:
             state["step"] = osd["base_optimizer_state_step"]
         return state
 
-    def _flat(self, rank: int, group: int, state: str) -> torch.Tensor:
+    def _flat(self, rank: int, group: int, state: str) -> np.ndarray:
         if group == -1:
-            raise AssertionError("frozen fragments are read by _frozen_value")
+            raise AssertionError("frozen fragments are read by model_array")
         osd = self.optimizer_file_state(rank)
         if state == "fp32":
             key = "fp32_flat_groups" if self.zero_stage == 3 else "single_partition_of_fp32_groups"
-            return osd[key][group]
-        value = self._group_state(rank, group).get(state)
-        if not isinstance(value, torch.Tensor):
-            raise DataError(f"{self.optim_files[rank]}: group {group} has no optimizer state '{state}'",
+            value = osd[key][group]
+        else:
+            value = self._group_state(rank, group).get(state)
+        if not isinstance(value, np.ndarray) or value.ndim != 1:
+            raise DataError(f"{self.optim_files[rank]}: group {group} has no flat optimizer state '{state}'",
                             path=self.optim_files[rank])
         return value
 
-    def _gather(self, p: DeepSpeedParam, state: str) -> torch.Tensor:
-        src0 = self._flat(p.fragments[0].rank, p.fragments[0].group, state) if p.fragments else None
-        dtype = src0.dtype if src0 is not None else torch.float32
-        out = torch.empty(p.numel, dtype=dtype)
-        for f in p.fragments:
+    def pieces(self, name: str, state: str) -> Pieces:
+        """One state ("fp32", "exp_avg" or "exp_avg_sq") of trainable parameter `name` as the
+        slices of the ranks' flat buffers that make it up, in order, without copying them."""
+        p = self.params[name]
+        if p.kind != "trainable":
+            raise RequestError(f"{name} is {p.kind}, not a trainable parameter with optimizer state",
+                               tensor=name)
+        parts, dtype, at = [], np.dtype(np.float32), 0
+        for f in sorted(p.fragments, key=lambda f: f.dst_offset):
             src = self._flat(f.rank, f.group, state)
-            if f.src_offset + f.numel > src.numel():
+            if f.src_offset + f.numel > src.size or f.dst_offset != at:
                 raise DataError(
-                    f"{self.optim_files[f.rank]}: {state} of group {f.group} is too short for {p.name}",
+                    f"{self.optim_files[f.rank]}: {state} of group {f.group} does not hold {p.name}'s "
+                    f"elements {f.dst_offset}..{f.dst_offset + f.numel}",
                     path=self.optim_files[f.rank], tensor=p.name)
-            out[f.dst_offset:f.dst_offset + f.numel] = src[f.src_offset:f.src_offset + f.numel]
-        return out.view(p.shape)
+            parts.append(src[f.src_offset:f.src_offset + f.numel])
+            dtype, at = src.dtype, at + f.numel
+        if at != p.numel:
+            raise DataError(f"{self.folder}: the optimizer files hold {at} of {p.name}'s {p.numel} elements",
+                            path=self.folder, tensor=p.name)
+        return Pieces(tuple(p.shape), dtype, tuple(parts))
 
     def _step(self, p: DeepSpeedParam) -> Any:
         rank = p.fragments[0].rank if p.fragments else 0
         group = p.group or 0
         step = self._group_state(rank, group).get("step")
-        return step.clone() if isinstance(step, torch.Tensor) else step
+        return step.copy() if isinstance(step, np.ndarray) else step
 
-    def model_tensor(self, name: str) -> torch.Tensor:
+    def model_array(self, name: str) -> np.ndarray:
         """A frozen parameter or buffer as saved (its own dtype), or a trainable one's module copy
-        (ZeRO 0-2 only; ZeRO-3 saves placeholders)."""
+        (ZeRO 0-2 only; ZeRO-3 saves placeholders). A view of the mapped file: do not write to it."""
         p = self.params[name]
         if p.kind == "tied":
-            return self.model_tensor(p.tied_to or "")
+            return self.model_array(p.tied_to or "")
         if p.kind == "frozen" and self.zero_stage == 3:
             parts = [self._rank_model(f.rank)["frozen_param_fragments"][name].reshape(-1)[:f.numel]
                      for f in p.fragments]
-            return torch.cat(parts).view(p.shape) if parts else torch.empty(p.shape)
+            return np.concatenate(parts).reshape(p.shape) if parts else np.empty(p.shape, np.float32)
         fragments = self._model.get("frozen_param_fragments") or {}
         if p.kind == "frozen" and name in fragments:
-            return fragments[name].view(p.shape)
+            return fragments[name].reshape(p.shape)
         return self._model["module"][name]
 
-    def tensors(self, name: str, states: Sequence[str] = STATE_KEYS) -> dict[str, Any]:
-        """The requested states of one parameter, as fresh CPU tensors of its global shape.
+    def model_tensor(self, name: str) -> Any:
+        """`model_array(name)` as a new torch tensor."""
+        return to_torch(self.model_array(name).copy())
 
-        Trainable parameters have "fp32" (master weight), "exp_avg", "exp_avg_sq" (tensors) and
-        "step" (a tensor or a number, as saved). Frozen parameters, buffers and ZeRO-0 weights
+    def arrays(self, name: str, states: Sequence[str] = STATE_KEYS) -> dict[str, Any]:
+        """The requested states of one parameter, as new numpy arrays of its global shape.
+
+        Trainable parameters have "fp32" (master weight), "exp_avg", "exp_avg_sq" (arrays) and
+        "step" (an array or a number, as saved). Frozen parameters, buffers and ZeRO-0 weights
         have only "fp32" (the saved value as float32). A tied name returns its source's states.
         """
         p = self.params[name]
         if p.kind == "tied":
-            return self.tensors(p.tied_to or "", states)
+            return self.arrays(p.tied_to or "", states)
         out: dict[str, Any] = {}
         if p.kind != "trainable":
             if "fp32" in states:
-                out["fp32"] = self.model_tensor(name).to(torch.float32, copy=True)
+                out["fp32"] = self.model_array(name).astype(np.float32)
             return out
         for state in states:
-            if state == "step":
-                out["step"] = self._step(p)
-            else:
-                out[state] = self._gather(p, state)
+            out[state] = self._step(p) if state == "step" else self.pieces(name, state).join()
         return out
+
+    def tensors(self, name: str, states: Sequence[str] = STATE_KEYS) -> dict[str, Any]:
+        """`arrays(name, states)` as torch tensors (a step saved as a number stays a number)."""
+        return {k: to_torch(v) for k, v in self.arrays(name, states).items()}
 
     def iter_tensors(self, states: Sequence[str] = STATE_KEYS,
                      kinds: Sequence[str] = ("trainable", "frozen", "buffer", "weight"),
                      ) -> Iterator[tuple[DeepSpeedParam, dict[str, Any]]]:
-        """Yield (param, states) one parameter at a time, in the module's order."""
+        """Yield (param, torch states) one parameter at a time, in the module's order."""
         for p in self.params.values():
             if p.kind in kinds:
                 out = self.tensors(p.name, states)
@@ -503,12 +520,12 @@ class DeepSpeedCheckpoint:
         for f in p.fragments:
             for state in states:
                 if state != "step":
-                    self._pages.release_prefix(self._flat(f.rank, f.group, state), f.src_offset + f.numel)
+                    release(self._flat(f.rank, f.group, state), f.src_offset + f.numel)
 
     def release_pages(self, value: Any) -> None:
         """Give back the mapped pages of every tensor in `value` (a tensor or a container)."""
-        if isinstance(value, torch.Tensor):
-            self._pages.release(value)
+        if isinstance(value, np.ndarray):
+            release(value)
         elif isinstance(value, dict):
             for v in value.values():
                 self.release_pages(v)
@@ -516,10 +533,10 @@ class DeepSpeedCheckpoint:
             for v in value:
                 self.release_pages(v)
 
-    def fp32_state_dict(self) -> dict[str, torch.Tensor]:
+    def fp32_state_dict(self) -> dict[str, Any]:
         """Every weight as fp32 under its state-dict name, tied names included: what DeepSpeed's
         `get_fp32_state_dict_from_zero_checkpoint` returns, read without DeepSpeed."""
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, Any] = {}
         for p, t in self.iter_tensors(states=("fp32",)):
             out[p.name] = t["fp32"]
         for p in self.params.values():
@@ -531,3 +548,20 @@ class DeepSpeedCheckpoint:
 def open_deepspeed(path: str, *, tag: str | None = None, trust_pickle: bool = False) -> DeepSpeedCheckpoint:
     """Open a DeepSpeed checkpoint (save_dir with `latest`, or a tag folder) for reading."""
     return DeepSpeedCheckpoint(path, tag=tag, trust_pickle=trust_pickle)
+
+
+def _is_float(a: np.ndarray) -> bool:
+    return a.dtype.kind == "f" or a.dtype == np_dtype("bfloat16")
+
+
+def to_torch(value: Any) -> Any:
+    """A numpy array as a torch tensor sharing its memory (bfloat16 included); other values as
+    they are. Imports torch."""
+    if not isinstance(value, np.ndarray):
+        return value
+    import torch
+
+    a = np.ascontiguousarray(value)
+    if a.dtype == np_dtype("bfloat16"):
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)

@@ -1,11 +1,13 @@
 """Reading and writing DeepSpeed's `.pt` pickles without running DeepSpeed's code (DESIGN.md section 8).
 
 DeepSpeed saves its checkpoints with `torch.save`, and besides tensors, dicts and lists they carry a
-few of DeepSpeed's own objects. `torch.load(weights_only=True)` refuses those; this module allows
-exactly the ones listed in `DEEPSPEED_ALLOWLIST`, each mapped to an inert stand-in class defined
-here. Nothing of DeepSpeed is imported or executed while reading, so DeepSpeed need not even be
-installed. Anything outside the list fails with a `DataError` naming the file and the class,
-unless the caller passes `trust_pickle=True` (a full unpickle: only for files you trust).
+few of DeepSpeed's own objects. They are read by `ptfile.read_pt`, whose unpickler allows torch's
+tensor machinery (what `torch.load(weights_only=True)` allows) plus exactly the classes listed in
+`DEEPSPEED_ALLOWLIST`, each mapped to an inert stand-in class defined here. Nothing of DeepSpeed
+(nor torch) is imported or executed while reading, so DeepSpeed need not even be installed.
+Anything outside the list fails with a `DataError` naming the file and the class, unless the
+caller passes `trust_pickle=True` (a full unpickle: only for files you trust). Tensors come back
+as numpy arrays over a read-only-in-practice private mapping of the file.
 
 Writing (`save_pt`) turns the stand-ins back into references to DeepSpeed's real classes, so a
 file written here (e.g. the universal format's `zero/optimizer_state.pt`) loads in DeepSpeed as if
@@ -17,12 +19,13 @@ from __future__ import annotations
 import math
 import pickle
 import re
-import types
+import struct
 from typing import Any
 
-import torch
+import numpy as np
 
 from ...checkpoint.errors import DataError
+from .ptfile import read_pt, write_pt
 
 
 class _Stand_in:
@@ -90,37 +93,32 @@ DEEPSPEED_ALLOWLIST: dict[str, type] = {
 _UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
-def load_pt(path: str, *, trust_pickle: bool = False, mmap: bool = True) -> Any:
-    """Load one DeepSpeed `.pt` file onto the CPU.
+def load_pt(path: str, *, trust_pickle: bool = False) -> Any:
+    """Load one DeepSpeed `.pt` file; its tensors are numpy arrays mapping the file.
 
     Args:
         path: the file.
         trust_pickle: if True, unpickle everything (runs whatever code the file names; needs
             DeepSpeed installed for its classes). Only for files you trust.
-        mmap: map tensor data from the file instead of reading it (tensors are then read lazily).
 
     Raises:
         DataError: the file is missing, not a torch checkpoint, or needs a class outside
             `DEEPSPEED_ALLOWLIST` (and `trust_pickle` is False).
     """
     try:
-        if trust_pickle:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-        with torch.serialization.safe_globals(
-            [(cls, name) for name, cls in DEEPSPEED_ALLOWLIST.items()]
-        ):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return read_pt(path, allow=DEEPSPEED_ALLOWLIST, trust=trust_pickle)
     except FileNotFoundError as e:
         raise DataError(f"{path} does not exist; is the DeepSpeed checkpoint complete?", path=path) from e
     except pickle.UnpicklingError as e:
         found = _UNSUPPORTED_GLOBAL.search(str(e))
-        what = f"the class {found.group(1)}" if found else f"an object it cannot allow ({e})"
+        if found is None:
+            raise DataError(f"{path} is not a readable torch checkpoint: {e}", path=path) from e
         raise DataError(
-            f"{path} needs {what}, which is not on elastickit's DeepSpeed allowlist; "
-            "pass --trust-pickle (trust_pickle=True) only if you trust this file",
+            f"{path} needs the class {found.group(1)}, which is not on elastickit's DeepSpeed "
+            "allowlist; pass --trust-pickle (trust_pickle=True) only if you trust this file",
             path=path,
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (EOFError, OSError, ValueError, struct.error, AttributeError, ImportError, TypeError) as e:
         raise DataError(f"{path} is not a readable torch checkpoint: {e}", path=path) from e
 
 
@@ -134,10 +132,8 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else {"tensor_shape": list(value.shape)}
-    if isinstance(value, torch.Size):
-        return list(value)
+    if isinstance(value, np.ndarray):
+        return value.reshape(-1)[0].item() if value.size == 1 else {"tensor_shape": list(value.shape)}
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, bool) or value is None:
@@ -155,24 +151,10 @@ def to_json(value: Any) -> Any:
     return _jsonable(value)
 
 
-class _DeepSpeedPickler(pickle._Pickler):  # type: ignore[name-defined]
-    """Writes each stand-in class as a GLOBAL reference to the DeepSpeed class it replaced."""
+def save_pt(obj: Any, path: str) -> int:
+    """Write `obj` as a `torch.save` file whose pickle names DeepSpeed's classes where the
+    stand-ins stand; returns the file's size.
 
-    def save_global(self, obj: Any, name: str | None = None) -> None:
-        ds_name = getattr(obj, "ds_name", None) if isinstance(obj, type) else None
-        if ds_name and obj in DEEPSPEED_ALLOWLIST.values():
-            self.write(pickle.GLOBAL + f"{obj.ds_module}\n{ds_name}\n".encode())
-            self.memoize(obj)
-            return
-        super().save_global(obj, name)
-
-
-_PICKLE_MODULE = types.SimpleNamespace(Pickler=_DeepSpeedPickler, __name__="elastickit_ds_pickle")
-
-
-def save_pt(obj: Any, path: str) -> None:
-    """`torch.save` whose pickle names DeepSpeed's classes where the stand-ins stand.
-
-    Only objects read by `load_pt` (tensors, containers, stand-ins) are expected in `obj`.
+    Only objects read by `load_pt` (arrays, containers, stand-ins) are expected in `obj`.
     """
-    torch.save(obj, path, pickle_module=_PICKLE_MODULE)
+    return write_pt(obj, path, names={cls: name for name, cls in DEEPSPEED_ALLOWLIST.items()})

@@ -10,13 +10,12 @@ checkpoint restores with `Checkpointer.restore({"model": model, "optim": optimiz
   `torch.distributed.checkpoint.state_dict` uses) and `deepspeed` (step counters, lr scheduler,
   client state, ZeRO stage, world size) as JSON.
 
-`--to deepspeed-universal` skips the logical detour: `to_universal` writes DeepSpeed's universal
-format straight from the open checkpoint.
+`--to deepspeed-universal` skips the logical detour (and torch): `reshard.convert` calls
+`deepspeed_universal.write_universal` on the open `DeepSpeedCheckpoint`.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -24,9 +23,8 @@ import torch
 from ...checkpoint.errors import RequestError
 from ...checkpoint.stfile import st_dtype
 from .deepspeed import DeepSpeedCheckpoint, is_deepspeed_checkpoint
-from .deepspeed_universal import write_universal
 
-__all__ = ["DeepSpeedSource", "is_deepspeed_checkpoint", "open_deepspeed_source", "to_universal"]
+__all__ = ["DeepSpeedSource", "is_deepspeed_checkpoint", "open_deepspeed_source"]
 
 _OPTIM_STATES = ("exp_avg", "exp_avg_sq", "step")
 
@@ -46,7 +44,7 @@ class DeepSpeedSource:
             src = ck.params[p.tied_to] if p.kind == "tied" and p.tied_to else p
             model_dtype = torch.float32
             if src.kind in ("frozen", "buffer", "weight"):
-                model_dtype = ck.model_tensor(src.name).dtype
+                model_dtype = getattr(torch, ck.model_array(src.name).dtype.name)
             self._add(LogicalTensorInfo, f"model/{p.name}", p.name, "model", model_dtype, p.shape)
             if p.kind == "trainable":
                 for state in ("exp_avg", "exp_avg_sq"):
@@ -77,7 +75,7 @@ class DeepSpeedSource:
             if p.kind == "tied":
                 return self.read(f"model/{p.tied_to}").clone()
             if p.kind in ("frozen", "buffer", "weight"):
-                return ck.model_tensor(param).clone().contiguous()
+                return ck.model_tensor(param)
             return ck.tensors(param, ("fp32",))["fp32"]
         value = ck.tensors(param, (state,))[state]
         if state == "step":
@@ -121,20 +119,3 @@ def open_deepspeed_source(path: str, *, tag: str | None = None, trust_pickle: bo
                           **_: Any) -> DeepSpeedSource:
     """Open a DeepSpeed save_dir (with `latest`) or tag folder as a logical source."""
     return DeepSpeedSource(path, tag=tag, trust_pickle=trust_pickle)
-
-
-def to_universal(source: Any, dst: str) -> tuple[list[str], int, int]:
-    """Write DeepSpeed's universal format from an open DeepSpeed source into `dst`.
-
-    Returns (files written, relative to dst; number of parameters; bytes). `dst`'s parent
-    receives `latest_universal`, as with ds_to_universal.
-    """
-    if not isinstance(source, DeepSpeedSource):
-        raise RequestError("--to deepspeed-universal needs a DeepSpeed source (--from deepspeed)")
-    if os.path.exists(dst) and os.listdir(dst):
-        raise RequestError(f"{dst} exists and is not empty; choose a new destination", path=dst)
-    if os.path.isdir(dst):
-        os.rmdir(dst)
-    report = write_universal(source.checkpoint, dst)
-    files = sorted(os.path.relpath(os.path.join(d, f), dst) for d, _, fs in os.walk(dst) for f in fs)
-    return files, report.num_params, report.bytes_written

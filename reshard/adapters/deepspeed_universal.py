@@ -22,7 +22,9 @@ Atoms, exactly as ds_to_universal writes them:
   ZeRO-3 as saved; both with `param_groups` added.
 
 Unlike ds_to_universal it makes one pass, one parameter at a time, with no temporary fragment
-files and without importing DeepSpeed.
+files and without importing DeepSpeed or torch (`ptfile`): an atom's bytes go from the ranks'
+optimizer files straight into the atom file inside the kernel (`copy_file_range`), never through
+this process's memory.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+import numpy as np
 
 from ...checkpoint.errors import DataError, RequestError
 from .deepspeed import DeepSpeedCheckpoint
 from .deepspeed_pickle import save_pt
+from .ptfile import Pieces, write_pt
 
 _ZERO12_PARTITIONED = ("base_optimizer_state", "param_slice_mappings", "single_partition_of_fp32_groups")
 
@@ -65,8 +68,7 @@ class UniversalReport:
 
 
 def _save(obj: Any, path: str) -> int:
-    torch.save(obj, path)
-    return os.path.getsize(path)
+    return write_pt(obj, path)
 
 
 def _copy(src: str, dst: str) -> int:
@@ -103,24 +105,6 @@ class _Writer:
 
 
 def write_universal(ck: DeepSpeedCheckpoint, out_dir: str, *, overwrite: bool = False,
-                    write_latest: bool = True, threads: int = 2) -> UniversalReport:
-    """Write `ck` as a DeepSpeed universal checkpoint into `out_dir` (see `_write_universal`).
-
-    The `.pt` files are written without torch's per-record CRC32 (it costs about a third of
-    the write; `torch.load` reads such files), restored to the caller's setting afterwards.
-    """
-    get_crc = getattr(torch.serialization, "get_crc32_options", None)
-    if get_crc is None:
-        return _write_universal(ck, out_dir, overwrite=overwrite, write_latest=write_latest, threads=threads)
-    old = get_crc()
-    torch.serialization.set_crc32_options(False)
-    try:
-        return _write_universal(ck, out_dir, overwrite=overwrite, write_latest=write_latest, threads=threads)
-    finally:
-        torch.serialization.set_crc32_options(old)
-
-
-def _write_universal(ck: DeepSpeedCheckpoint, out_dir: str, *, overwrite: bool = False,
                      write_latest: bool = True, threads: int = 2) -> UniversalReport:
     """Write `ck` as a DeepSpeed universal checkpoint into `out_dir`.
 
@@ -155,22 +139,25 @@ def _write_universal(ck: DeepSpeedCheckpoint, out_dir: str, *, overwrite: bool =
         # The global state first: under ZeRO-3 it holds rank 0's whole flat buffers, whose
         # mapped pages are given back as soon as that file is written.
         global_state = _optimizer_global_state(ck)
-        size = _save_global_state(global_state, os.path.join(zero_dir, "optimizer_state.pt"))
+        size = save_pt(global_state, os.path.join(zero_dir, "optimizer_state.pt"))
         writer.num_files, writer.num_bytes = 1, size
         ck.release_pages(global_state)
         del global_state
 
-        for p, states in ck.iter_tensors(kinds=("trainable",)):
-            if p.numel == 0 and not stage3:
-                continue  # ds_to_universal has no fragment for it; the module copy below covers it
+        for p in ck.params.values():
+            if p.kind != "trainable" or (p.numel == 0 and not stage3):
+                continue  # ds_to_universal has no fragment for an empty one; the module copy covers it
             pdir = os.path.join(zero_dir, p.name)
             os.makedirs(pdir, exist_ok=True)
             for key in ("fp32", "exp_avg", "exp_avg_sq"):
-                tensor = states[key]
-                atom = tensor.reshape(-1) if stage3 else {"cat_dim": 0, "param": tensor}
+                pieces = ck.pieces(p.name, key)
+                if stage3:
+                    pieces = Pieces((p.numel,), pieces.dtype, pieces.parts)
+                atom = pieces if stage3 else {"cat_dim": 0, "param": pieces}
                 writer.submit(_save, atom, os.path.join(pdir, f"{key}.pt"))
-            if not stage3 and states.get("step") is not None:
-                writer.submit(_save, states["step"], os.path.join(pdir, "step.pt"))
+            step = ck.arrays(p.name, ("step",)).get("step")
+            if not stage3 and step is not None:
+                writer.submit(_save, step, os.path.join(pdir, "step.pt"))
             written.add(p.name)
             num_params += 1
 
@@ -178,11 +165,11 @@ def _write_universal(ck: DeepSpeedCheckpoint, out_dir: str, *, overwrite: bool =
             # As ds_to_universal: every module entry without an atom (frozen, buffers, tied
             # names) gets its saved value as fp32, so a universal load finds a complete model.
             for name, tensor in ck.model_state(0)["module"].items():
-                if name in written or not isinstance(tensor, torch.Tensor):
+                if name in written or not isinstance(tensor, np.ndarray):
                     continue
                 pdir = os.path.join(zero_dir, name)
                 os.makedirs(pdir, exist_ok=True)
-                writer.submit(_save, {"param": tensor.float()}, os.path.join(pdir, "fp32.pt"))
+                writer.submit(_save, {"param": tensor.astype(np.float32)}, os.path.join(pdir, "fp32.pt"))
 
         for src in ck.model_files:
             writer.submit(_copy, src, os.path.join(out_dir, os.path.basename(src)))
@@ -195,11 +182,6 @@ def _write_universal(ck: DeepSpeedCheckpoint, out_dir: str, *, overwrite: bool =
             f.write(name)
     return UniversalReport(out_dir=out_dir, num_params=num_params, num_files=writer.num_files,
                            bytes_written=writer.num_bytes, seconds=time.perf_counter() - start)
-
-
-def _save_global_state(state: dict[str, Any], path: str) -> int:
-    save_pt(state, path)
-    return os.path.getsize(path)
 
 
 def _optimizer_global_state(ck: DeepSpeedCheckpoint) -> dict[str, Any]:

@@ -13,11 +13,29 @@ from elastickit.reshard.adapters.deepspeed_pickle import (
     FragmentAddress,
     LossScaler,
     ZeroStage,
-    save_pt,
 )
+from elastickit.reshard.adapters.deepspeed_pickle import save_pt as _save_pt
+from elastickit.reshard.adapters.ptfile import Size
 
 SHAPES = OrderedDict(a=(5,), b=(2, 3), c=(4,))
 WORLD = 3
+
+
+def _numpy(value):
+    """The tree with torch tensors as numpy arrays and torch.Size as ptfile.Size (what save_pt takes)."""
+    if isinstance(value, torch.Size):
+        return Size(value)
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    if isinstance(value, dict):
+        return type(value)((k, _numpy(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return [_numpy(v) for v in value]
+    return value
+
+
+def save_pt(obj, path):
+    _save_pt(_numpy(obj), path)
 
 
 def _truth() -> dict[str, torch.Tensor]:
