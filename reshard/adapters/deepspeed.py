@@ -48,7 +48,7 @@ from .deepspeed_layout import (
     zero12_layout,
 )
 from .deepspeed_pickle import FragmentAddress, load_pt, to_json
-from .ptfile import Pieces, forget, np_dtype, release
+from .ptfile import Pieces, np_dtype, release
 
 __all__ = ["KINDS", "STATE_KEYS", "DeepSpeedCheckpoint", "DeepSpeedParam", "FlatFragment",
            "is_deepspeed_checkpoint", "open_deepspeed", "resolve_folder"]
@@ -182,8 +182,6 @@ class DeepSpeedCheckpoint:
 
     def close(self) -> None:
         """Drop the mapped files (their memory goes with the last array that views them)."""
-        for path in (*self.model_files, *self.optim_files):
-            forget(path)
         self._optim.clear()
         self._rank_models.clear()
 

@@ -178,8 +178,10 @@ def write_universal(ck: DeepSpeedCheckpoint, out_dir: str, *, overwrite: bool = 
 
     if write_latest:
         parent, name = os.path.split(os.path.normpath(os.path.abspath(out_dir)))
-        with open(os.path.join(parent, "latest_universal"), "w") as f:
+        marker = os.path.join(parent, "latest_universal")
+        with open(marker + ".tmp", "w") as f:  # a reader sees the old marker or the new, whole
             f.write(name)
+        os.replace(marker + ".tmp", marker)
     return UniversalReport(out_dir=out_dir, num_params=num_params, num_files=writer.num_files,
                            bytes_written=writer.num_bytes, seconds=time.perf_counter() - start)
 

@@ -34,6 +34,7 @@ import os
 import pickle
 import secrets
 import struct
+import weakref
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from typing import Any, Self
 import ml_dtypes
 import numpy as np
 
-__all__ = ["DType", "Device", "Pieces", "Size", "TorchArray", "file_span", "forget", "np_dtype",
+__all__ = ["DType", "Device", "Pieces", "Size", "TorchArray", "file_span", "np_dtype",
            "read_pt", "release", "write_pt"]
 
 _ALIGN = 64
@@ -128,9 +129,21 @@ class Pieces:
 
 # -- reading ---------------------------------------------------------------------------------------
 
-# Every live mapping made by read_pt: base address -> (end address, path, mmap). file_span uses
-# it to find where a view's bytes lie in a file.
-_MAPPED: dict[int, tuple[int, str, mmap.mmap]] = {}
+# Every mapping made by read_pt: base address -> (end address, path, the array over the whole
+# mapping, weakly: every tensor read from the file is a view of it, so the entry dies with the last
+# one). file_span uses it to find where a view's bytes lie in a file.
+_MAPPED: dict[int, tuple[int, str, weakref.ref[np.ndarray]]] = {}
+
+
+def _mapping(addr: int, nbytes: int) -> tuple[int, str, np.ndarray] | None:
+    """(base address, path, whole-mapping array) of the live mapping holding [addr, addr+nbytes)."""
+    for lo, (hi, path, ref) in list(_MAPPED.items()):
+        whole = ref()
+        if whole is None:
+            del _MAPPED[lo]
+        elif lo <= addr and addr + nbytes <= hi:
+            return lo, path, whole
+    return None
 
 
 class _StorageType:
@@ -279,7 +292,7 @@ def read_pt(path: str, *, allow: Mapping[str, Any] | None = None, trust: bool = 
         raise ValueError("the file was written on a big-endian machine")
     whole = np.frombuffer(mm, dtype=np.uint8)
     base = whole.__array_interface__["data"][0]
-    _MAPPED[base] = (base + len(mm), os.path.realpath(path), mm)
+    _MAPPED[base] = (base + len(mm), os.path.realpath(path), weakref.ref(whole))
     storages: dict[str, np.ndarray] = {}
 
     def storage(key: str, dtype: str, numel: int) -> np.ndarray:
@@ -299,11 +312,8 @@ def file_span(array: np.ndarray) -> tuple[str, int] | None:
     """(path, byte offset) where a C-contiguous `array` lies in a file `read_pt` mapped, or None."""
     if not array.flags.c_contiguous or array.nbytes == 0:
         return None
-    addr = array.__array_interface__["data"][0]
-    for lo, (hi, path, _) in _MAPPED.items():
-        if lo <= addr and addr + array.nbytes <= hi:
-            return path, addr - lo
-    return None
+    found = _mapping(array.__array_interface__["data"][0], array.nbytes)
+    return None if found is None else (found[1], array.__array_interface__["data"][0] - found[0])
 
 
 def release(array: np.ndarray, upto_elements: int | None = None) -> None:
@@ -313,20 +323,16 @@ def release(array: np.ndarray, upto_elements: int | None = None) -> None:
         return
     n = array.size if upto_elements is None else min(upto_elements, array.size)
     addr = array.__array_interface__["data"][0]
-    for lo, (hi, _, mm) in _MAPPED.items():
-        if lo <= addr < hi:
-            start = -(-(addr - lo) // _PAGE) * _PAGE
-            end = min(addr - lo + n * array.itemsize, hi - lo) // _PAGE * _PAGE
-            if end > start and hasattr(mm, "madvise"):
-                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
-            return
-
-
-def forget(path: str) -> None:
-    """Stop tracking the mappings of `path` (their memory goes when the last array does)."""
-    real = os.path.realpath(path)
-    for lo in [lo for lo, (_, p, _) in _MAPPED.items() if p == real]:
-        del _MAPPED[lo]
+    found = _mapping(addr, n * array.itemsize)
+    if found is None:
+        return
+    lo, _, whole = found
+    mm = whole.base
+    start = -(-(addr - lo) // _PAGE) * _PAGE
+    end = (addr - lo + n * array.itemsize) // _PAGE * _PAGE
+    if end > start and isinstance(mm, mmap.mmap) and hasattr(mm, "madvise"):
+        # A private file mapping we never write: dropped pages are read again from the file.
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 # -- writing ---------------------------------------------------------------------------------------
