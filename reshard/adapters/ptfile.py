@@ -66,6 +66,10 @@ def np_dtype(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
+def _dtype_name(dtype: np.dtype) -> str:
+    return "bfloat16" if dtype == np.dtype(ml_dtypes.bfloat16) else dtype.name
+
+
 class TorchArray(np.ndarray):
     """A tensor that carried Python attributes in its pickle (`_rebuild_from_type_v2`, e.g.
     DeepSpeed's `ds_id`); `torch_state` keeps them so that `write_pt` writes them back."""
@@ -382,9 +386,9 @@ class _Pickler(pickle._Pickler):  # type: ignore[name-defined]
     def reducer_override(self, obj: Any) -> Any:
         if self._global(obj) is not None:
             return "global"  # a str: pickle calls save_global(obj), which writes the mapped name
-        if isinstance(obj, (np.ndarray, Pieces)) and not isinstance(obj, np.generic):
+        if isinstance(obj, (np.ndarray, Pieces)):
             shape = tuple(int(d) for d in obj.shape)
-            dtype_name = "bfloat16" if obj.dtype == np.dtype(ml_dtypes.bfloat16) else obj.dtype.name
+            dtype_name = _dtype_name(obj.dtype)
             if dtype_name not in _STORAGE_OF:
                 raise pickle.PicklingError(f"a tensor of dtype {dtype_name} cannot be written")
             storage = _Storage(str(len(self.storages)), obj)
@@ -402,8 +406,7 @@ class _Pickler(pickle._Pickler):  # type: ignore[name-defined]
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, _Storage):
             numel = obj.value.numel if isinstance(obj.value, Pieces) else int(obj.value.size)
-            dtype_name = "bfloat16" if obj.value.dtype == np.dtype(ml_dtypes.bfloat16) else obj.value.dtype.name
-            return ("storage", _STORAGE_MARKERS[dtype_name], obj.key, "cpu", numel)
+            return ("storage", _STORAGE_MARKERS[_dtype_name(obj.value.dtype)], obj.key, "cpu", numel)
         return None
 
 
@@ -416,7 +419,7 @@ _WRITE_NAMES: dict[int, str] = {
 }
 
 
-def write_pt(obj: Any, path: str, *, names: Mapping[Any, str] | None = None, fsync: bool = False) -> int:
+def write_pt(obj: Any, path: str, *, names: Mapping[Any, str] | None = None) -> int:
     """Write `obj` as a `torch.save` file at `path`; returns the file's size.
 
     Args:
@@ -424,7 +427,6 @@ def write_pt(obj: Any, path: str, *, names: Mapping[Any, str] | None = None, fsy
             the stand-ins of this module, and objects of the classes in `names`.
         path: the file to create (replaced if it exists).
         names: extra globals: object (a class or function) -> "module.name" to write for it.
-        fsync: flush the file to stable storage before returning.
     """
     table = dict(_WRITE_NAMES)
     for o, full in (names or {}).items():
@@ -443,8 +445,6 @@ def write_pt(obj: Any, path: str, *, names: Mapping[Any, str] | None = None, fsy
         for name, value in entries:
             zw.add(f"{archive}/{name}", value)
         size = zw.finish()
-        if fsync:
-            os.fsync(fd)
     finally:
         os.close(fd)
     return size
