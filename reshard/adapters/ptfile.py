@@ -29,6 +29,7 @@ import _compat_pickle
 import codecs
 import collections
 import io
+import math
 import mmap
 import os
 import pickle
@@ -118,6 +119,13 @@ class Pieces:
     shape: tuple[int, ...]
     dtype: np.dtype
     parts: tuple[np.ndarray, ...]
+
+    def __post_init__(self) -> None:
+        want = math.prod(self.shape)
+        if self.numel != want:
+            raise ValueError(f"Pieces: shape {self.shape} needs {want} elements, its parts hold {self.numel}")
+        if any(p.dtype != self.dtype or p.ndim != 1 for p in self.parts):
+            raise ValueError(f"Pieces: every part must be a 1-D array of {self.dtype}")
 
     @property
     def numel(self) -> int:

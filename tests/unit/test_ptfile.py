@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import errno
 import fractions
 import os
 import pickle
@@ -106,6 +107,21 @@ def test_pieces_are_copied_from_the_mapped_file_by_the_kernel(tmp_path):
     assert np.array_equal(pieces.join(), want.numpy())
 
 
+def test_pieces_fall_back_to_plain_writes_where_copy_file_range_fails(tmp_path, monkeypatch):
+    def refuse(*_args):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(ptfile, "_NO_COPY_RANGE", set())
+    monkeypatch.setattr(ptfile.os, "copy_file_range", refuse)
+    src, out = str(tmp_path / "src.pt"), str(tmp_path / "out.pt")
+    torch.save({"a": torch.arange(100.0)}, src)
+    a = ptfile.read_pt(src)["a"]
+    ptfile.write_pt(ptfile.Pieces((6, 10), np.dtype(np.float32), (a[70:], a[:10], a[40:60])), out)
+    want = torch.cat([torch.arange(70.0, 100.0), torch.arange(10.0), torch.arange(40.0, 60.0)]).view(6, 10)
+    assert torch.equal(torch.load(out, weights_only=True), want)
+    assert ptfile._NO_COPY_RANGE == {os.path.realpath(src)}
+
+
 def test_released_pages_read_back_the_same(tmp_path):
     src = str(tmp_path / "src.pt")
     data = torch.randn(300_000)
@@ -142,6 +158,8 @@ def test_bad_input_is_refused(tmp_path):
     bad.write_bytes(b"not a zip at all")
     with pytest.raises(ValueError, match="not a zip file"):
         ptfile.read_pt(str(bad))
+    with pytest.raises(ValueError, match=r"shape \(2, 2\) needs 4 elements, its parts hold 3"):
+        ptfile.Pieces((2, 2), np.dtype(np.float32), (np.zeros(3, np.float32),))
     with pytest.raises(pickle.PicklingError, match="numpy arrays, not Tensor"):
         ptfile.write_pt({"t": torch.ones(2)}, str(tmp_path / "x.pt"))
 
