@@ -89,10 +89,9 @@ def _to_deepspeed_universal(src: str, dst: str, source: str, *, tag: str | None 
         raise RequestError(
             f"--to deepspeed-universal needs a DeepSpeed checkpoint (--from deepspeed); {src} is not one",
             path=src)
-    if os.path.exists(dst) and os.listdir(dst):
-        raise RequestError(f"{dst} exists and is not empty; choose a new destination", path=dst)
+    _check_new(dst)
     if os.path.isdir(dst):
-        os.rmdir(dst)
+        os.rmdir(dst)  # write_universal creates it
     with DeepSpeedCheckpoint(src, tag=tag, trust_pickle=trust_pickle) as ck:
         report = write_universal(ck, dst)
     files = sorted(os.path.relpath(os.path.join(d, f), dst) for d, _, fs in os.walk(dst) for f in fs)
@@ -100,9 +99,13 @@ def _to_deepspeed_universal(src: str, dst: str, source: str, *, tag: str | None 
                          num_tensors=report.num_params, total_bytes=report.bytes_written, files=tuple(files))
 
 
-def _prepare(dst: str) -> None:
+def _check_new(dst: str) -> None:
     if os.path.exists(dst) and os.listdir(dst):
         raise RequestError(f"{dst} exists and is not empty; choose a new destination", path=dst)
+
+
+def _prepare(dst: str) -> None:
+    _check_new(dst)
     os.makedirs(dst, exist_ok=True)
 
 

@@ -155,8 +155,8 @@ def write_universal(ck: DeepSpeedCheckpoint, out_dir: str, *, overwrite: bool = 
                     pieces = Pieces((p.numel,), pieces.dtype, pieces.parts)
                 atom = pieces if stage3 else {"cat_dim": 0, "param": pieces}
                 writer.submit(_save, atom, os.path.join(pdir, f"{key}.pt"))
-            step = ck.arrays(p.name, ("step",)).get("step")
-            if not stage3 and step is not None:
+            step = None if stage3 else ck.arrays(p.name, ("step",)).get("step")
+            if step is not None:  # ZeRO-3 keeps the step in optimizer_state.pt only
                 writer.submit(_save, step, os.path.join(pdir, "step.pt"))
             written.add(p.name)
             num_params += 1

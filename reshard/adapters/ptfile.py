@@ -36,6 +36,7 @@ import pickle
 import secrets
 import struct
 import weakref
+import zipfile
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -168,7 +169,7 @@ class _StorageType:
 def _rebuild_tensor_v2(storage: np.ndarray, offset: int, size: Sequence[int], stride: Sequence[int],
                        requires_grad: bool = False, hooks: Any = None, metadata: Any = None) -> np.ndarray:
     shape = tuple(int(s) for s in size)
-    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    numel = math.prod(shape)
     if any(s == 0 for s in shape):
         return np.empty(shape, dtype=storage.dtype)
     reach = offset + sum((d - 1) * s for d, s in zip(shape, stride, strict=True))
@@ -257,8 +258,6 @@ class _Unpickler(pickle.Unpickler):
 
 def _records(mm: mmap.mmap, path: str) -> dict[str, tuple[int, int]]:
     """name -> (data offset, size) of every record, from the zip's central directory."""
-    import zipfile
-
     with zipfile.ZipFile(path) as z:  # only the central directory is parsed here
         infos = z.infolist()
     out: dict[str, tuple[int, int]] = {}
@@ -284,8 +283,6 @@ def read_pt(path: str, *, allow: Mapping[str, Any] | None = None, trust: bool = 
         OSError: the file cannot be opened. ValueError: it is not a torch zip file.
         pickle.UnpicklingError: the pickle names a global outside the allowed set.
     """
-    import zipfile
-
     with open(path, "rb") as f:
         try:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
