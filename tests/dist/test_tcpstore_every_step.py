@@ -8,7 +8,6 @@ it (found by benchmarks/bench_async.py).
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,10 +18,21 @@ pytestmark = [pytest.mark.dist]
 WORKER = r"""
 import json, os, sys, time
 import torch, torch.distributed as dist
-rank, world, port, root, out = int(sys.argv[1]), 2, sys.argv[2], sys.argv[3], sys.argv[4]
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE="2")
+rank, world, port_file, root, out = int(sys.argv[1]), 2, sys.argv[2], sys.argv[3], sys.argv[4]
+os.environ.update(RANK=str(rank), WORLD_SIZE="2")
 torch.set_num_threads(1)
-dist.init_process_group("gloo", rank=rank, world_size=world)
+# Rank 0 hosts the store on a port the OS picks (port 0) and tells rank 1 through a file.
+if rank == 0:
+    store = dist.TCPStore("127.0.0.1", 0, world, True, wait_for_workers=False)
+    with open(port_file + ".tmp", "w") as f:
+        f.write(str(store.port))
+    os.replace(port_file + ".tmp", port_file)
+else:
+    deadline = time.monotonic() + 60
+    while not os.path.exists(port_file) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    store = dist.TCPStore("127.0.0.1", int(open(port_file).read()), world, False)
+dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
 import elastickit as ek
 from elastickit.checkpoint.tiers import Tiers, TierSpec
 torch.manual_seed(0)
@@ -57,12 +67,10 @@ dist.destroy_process_group()
 
 @pytest.mark.timeout(180)
 def test_every_step_under_tcpstore_finishes(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port_file = str(tmp_path / "port")
     outs = [tmp_path / f"r{r}.json" for r in range(2)]
     procs = [
-        subprocess.Popen([sys.executable, "-c", WORKER, str(r), port, str(tmp_path / "ck"), str(outs[r])],
+        subprocess.Popen([sys.executable, "-c", WORKER, str(r), port_file, str(tmp_path / "ck"), str(outs[r])],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for r in range(2)
     ]

@@ -42,30 +42,105 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _torchrun(nproc: int, *args: str) -> None:
+def _torchrun(nproc: int, *args: str) -> str | None:
+    """Run the fixture script under torchrun; None when it succeeded, else why it failed."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            SCRIPT, *args]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, check=False)
+    try:
+        done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, check=False)
+    except subprocess.TimeoutExpired:
+        return f"{' '.join(cmd)} timed out after 240 s"
     if done.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        return f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-4000:]}"
+    return None
+
+
+def unsupported(name: str) -> str | None:
+    """Why DeepSpeed's accelerator on this machine cannot run config `name`, or None.
+
+    DeepSpeed's CPU accelerator offers fp16 only where oneDNN has fp16 kernels for this CPU
+    (`torch.ops.mkldnn._is_mkldnn_fp16_supported()`, e.g. AVX512-FP16 or AMX); asked, never assumed.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    dtype = name.split("-")[1]
+    want = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    accel = get_accelerator()
+    have = accel.supported_dtypes()
+    if want in have:
+        return None
+    names = ", ".join(str(d).removeprefix("torch.") for d in have)
+    return (f"DeepSpeed's {accel.device_name()} accelerator does not support {dtype} on this machine "
+            f"(supported_dtypes(): {names}), so config {name} cannot be built here")
+
+
+class Checkpoints:
+    """The DeepSpeed checkpoints of the tests, each configuration built by its own torchrun job
+    on first use: one configuration that fails (or that this machine cannot run, a skip with the
+    reason) never takes the others down."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._failed: dict[str, str | None] = {}
+
+    def __call__(self, name: str) -> str:
+        """The folder of config `name`'s checkpoint (skips the test when the machine can't run it)."""
+        reason = unsupported(name)
+        if reason:
+            pytest.skip(reason)
+        if name not in self._failed:
+            failed = _torchrun(2, "save", "--out", self.root, "--configs", name)
+            err = os.path.join(self.root, name, "error_save.txt")
+            if os.path.exists(err):
+                with open(err) as f:
+                    failed = f.read()
+            self._failed[name] = failed
+        if self._failed[name]:
+            pytest.fail(f"building the DeepSpeed checkpoint {name} failed: {self._failed[name]}")
+        return os.path.join(self.root, name)
+
+    def runnable(self, names: tuple[str, ...]) -> list[str]:
+        """The configs of `names` this machine can run, each built (fails if a build failed)."""
+        names = [n for n in names if not unsupported(n)]
+        for name in names:
+            self(name)
+        return names
 
 
 @pytest.fixture(scope="session")
-def ds_root(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("deepspeed"))
-    _torchrun(2, "save", "--out", root, "--configs", ",".join((*CONFIGS, *READ_ONLY, ZERO0)))
-    return root
+def ds_ckpts(tmp_path_factory) -> Checkpoints:
+    return Checkpoints(str(tmp_path_factory.mktemp("deepspeed")))
+
+
+def _run_per_config(ds_ckpts: Checkpoints, mode: str, nproc: int, result: str) -> dict[str, str]:
+    """Run `mode` of the fixture script once over every runnable config (it isolates each config
+    and writes `result` in the config's output folder); map each config to why it failed, if so."""
+    names = ds_ckpts.runnable(CONFIGS)
+    failed = _torchrun(nproc, mode, "--out", ds_ckpts.root, "--configs", ",".join(names))
+    errors = {}
+    for name in names:
+        folder = os.path.join(ds_ckpts.root, f"{name}-{mode}" if mode != "resume" else f"{name}-universal")
+        err = os.path.join(folder, f"error_{result}.txt")
+        if os.path.exists(err):
+            with open(err) as f:
+                errors[name] = f.read()
+        elif failed:
+            errors[name] = failed
+    return errors
 
 
 @pytest.fixture(scope="session")
-def universal_root(ds_root) -> str:
-    """Our universal exports, then DeepSpeed resumed from them on 2 ranks and on 1 rank."""
-    for name in CONFIGS:
-        with open_deepspeed(os.path.join(ds_root, name)) as ck:
-            write_universal(ck, os.path.join(ds_root, f"{name}-universal", f"{ck.tag}_universal"))
-    _torchrun(2, "resume", "--out", ds_root, "--configs", ",".join(CONFIGS))
-    _torchrun(1, "resume", "--out", ds_root, "--configs", ",".join(CONFIGS))
-    return ds_root
+def universal_root(ds_ckpts) -> dict[str, str]:
+    """Our universal exports, then DeepSpeed resumed from them on 2 ranks and on 1 rank; maps each
+    config whose resume failed to the reason."""
+    errors: dict[str, str] = {}
+    for name in ds_ckpts.runnable(CONFIGS):
+        with open_deepspeed(os.path.join(ds_ckpts.root, name)) as ck:
+            write_universal(ck, os.path.join(ds_ckpts.root, f"{name}-universal", f"{ck.tag}_universal"))
+    for world in (2, 1):
+        for name, why in _run_per_config(ds_ckpts, "resume", world, f"resume_ws{world}").items():
+            errors.setdefault(name, why)
+    return errors
 
 
 def _silently(fn, *args):
@@ -75,10 +150,10 @@ def _silently(fn, *args):
 
 @pytest.mark.timeout(280)
 @pytest.mark.parametrize("name", CONFIGS + READ_ONLY)
-def test_fp32_weights_bit_identical_to_zero_to_fp32(ds_root, name):
+def test_fp32_weights_bit_identical_to_zero_to_fp32(ds_ckpts, name):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    folder = os.path.join(ds_root, name)
+    folder = ds_ckpts(name)
     ref = _silently(get_fp32_state_dict_from_zero_checkpoint, folder)
     with open_deepspeed(folder) as ck:
         ours = ck.fp32_state_dict()
@@ -97,11 +172,11 @@ def test_fp32_weights_bit_identical_to_zero_to_fp32(ds_root, name):
 
 @pytest.mark.timeout(280)
 @pytest.mark.parametrize("name", CONFIGS + READ_ONLY)
-def test_universal_export_equals_ds_to_universal(ds_root, tmp_path, name):
+def test_universal_export_equals_ds_to_universal(ds_ckpts, tmp_path, name):
     """Same files, same dict/tensor structure, same values (moments included)."""
     from deepspeed.checkpoint import ds_to_universal
 
-    src = glob.glob(os.path.join(ds_root, name, "global_step*"))[0]
+    src = glob.glob(os.path.join(ds_ckpts(name), "global_step*"))[0]
     ref, ours = str(tmp_path / "ref" / "u"), str(tmp_path / "ours" / "u")
     args = argparse.Namespace(input_folder=src, output_folder=ref, num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True,
@@ -141,7 +216,7 @@ def _assert_same(a, b, where: str) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_every_deepspeed_file_reads_as_torch_load_weights_only_reads_it(ds_root):
+def test_every_deepspeed_file_reads_as_torch_load_weights_only_reads_it(ds_ckpts):
     """DESIGN.md section 8 side by side: each file DeepSpeed wrote reads through elastickit's
     restricted unpickler (no torch) to the values torch.load(weights_only=True) gives with the
     same DeepSpeed allowlist."""
@@ -180,21 +255,26 @@ def test_every_deepspeed_file_reads_as_torch_load_weights_only_reads_it(ds_root)
         else:
             assert ours == ref or str(ours) == str(ref).removeprefix("torch."), where
 
-    files = glob.glob(os.path.join(ds_root, "*", "global_step*", "*.pt"))
-    assert len(files) >= 12
+    names = ds_ckpts.runnable((*CONFIGS, *READ_ONLY, ZERO0))
+    files = [f for n in names for f in glob.glob(os.path.join(ds_ckpts.root, n, "global_step*", "*.pt"))]
+    # Each config wrote its model and optimizer files (two ranks' optimizer files where ZeRO shards).
+    assert len(files) >= 2 * len(names)
     for path in files:
         with torch.serialization.safe_globals(real):
             ref = torch.load(path, weights_only=True, map_location="cpu")
-        same(load_pt(path), ref, os.path.relpath(path, ds_root))
+        same(load_pt(path), ref, os.path.relpath(path, ds_ckpts.root))
 
 
 @pytest.mark.timeout(280)
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("name", CONFIGS)
-def test_deepspeed_resumes_from_universal_export(universal_root, name, world):
-    with open(os.path.join(universal_root, name, "ref_resume.json")) as f:
+def test_deepspeed_resumes_from_universal_export(ds_ckpts, universal_root, name, world):
+    folder = ds_ckpts(name)
+    if name in universal_root:
+        pytest.fail(f"DeepSpeed could not resume {name} from the universal export: {universal_root[name]}")
+    with open(os.path.join(folder, "ref_resume.json")) as f:
         ref = json.load(f)
-    with open(os.path.join(universal_root, f"{name}-universal", f"resume_ws{world}.json")) as f:
+    with open(os.path.join(ds_ckpts.root, f"{name}-universal", f"resume_ws{world}.json")) as f:
         got = json.load(f)
     assert got["global_steps"] == 5 and got["world_size"] == world
     tol = 2e-2 if "bf16" in name else 1e-5
@@ -214,14 +294,14 @@ def _tiny_model():
 
 
 @pytest.mark.timeout(120)
-def test_convert_cli_deepspeed_to_elastickit_restores_the_model(ds_root, tmp_path):
+def test_convert_cli_deepspeed_to_elastickit_restores_the_model(ds_ckpts, tmp_path):
     from elastickit.reshard.adapters.registry import open_source
     from typer.testing import CliRunner
 
     import elastickit as ek
     from elastickit.cli.main import app
 
-    src = os.path.join(ds_root, "z2-bf16")
+    src = ds_ckpts("z2-bf16")
     dst = str(tmp_path / "ek")
     res = CliRunner().invoke(app, ["convert", src, dst, "--from", "auto", "--to", "elastickit"])
     assert res.exit_code == 0, res.output
@@ -252,7 +332,7 @@ def test_convert_cli_deepspeed_to_elastickit_restores_the_model(ds_root, tmp_pat
 
 
 @pytest.mark.timeout(120)
-def test_convert_cli_to_universal_and_trust_pickle(ds_root, tmp_path):
+def test_convert_cli_to_universal_and_trust_pickle(ds_ckpts, tmp_path):
     import fractions
     import shutil
 
@@ -261,7 +341,7 @@ def test_convert_cli_to_universal_and_trust_pickle(ds_root, tmp_path):
     from elastickit.cli.main import app
 
     dst = str(tmp_path / "out" / "global_step3_universal")
-    res = CliRunner().invoke(app, ["convert", os.path.join(ds_root, "z3-fp32"), dst,
+    res = CliRunner().invoke(app, ["convert", ds_ckpts("z3-fp32"), dst,
                                    "--from", "deepspeed", "--to", "deepspeed-universal"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "out" / "latest_universal").read_text() == "global_step3_universal"
@@ -269,7 +349,7 @@ def test_convert_cli_to_universal_and_trust_pickle(ds_root, tmp_path):
 
     # A client state holding a class outside the allowlist: refused (exit 1), unless trusted.
     src = tmp_path / "evil"
-    shutil.copytree(os.path.join(ds_root, "z1-fp32", "global_step3"), src)
+    shutil.copytree(os.path.join(ds_ckpts("z1-fp32"), "global_step3"), src)
     states = torch.load(src / "mp_rank_00_model_states.pt", weights_only=False)
     states["ratio"] = fractions.Fraction(1, 3)
     torch.save(states, src / "mp_rank_00_model_states.pt")
@@ -282,18 +362,20 @@ def test_convert_cli_to_universal_and_trust_pickle(ds_root, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def engine_root(ds_root) -> str:
-    """The `save` run again, through elastickit's checkpoint engine (`install(engine)`)."""
-    _torchrun(2, "engine", "--out", ds_root, "--configs", ",".join(CONFIGS))
-    return ds_root
+def engine_root(ds_ckpts) -> dict[str, str]:
+    """The `save` run again, through elastickit's checkpoint engine (`install(engine)`); maps each
+    config whose run failed to the reason."""
+    return _run_per_config(ds_ckpts, "engine", 2, "engine")
 
 
 @pytest.mark.timeout(280)
 @pytest.mark.parametrize("name", CONFIGS)
-def test_checkpoint_engine_saves_and_resumes_like_the_default(engine_root, name):
-    with open(os.path.join(engine_root, name, "ref_resume.json")) as f:
+def test_checkpoint_engine_saves_and_resumes_like_the_default(ds_ckpts, engine_root, name):
+    with open(os.path.join(ds_ckpts(name), "ref_resume.json")) as f:
         ref = json.load(f)
-    folder = os.path.join(engine_root, f"{name}-engine")
+    if name in engine_root:
+        pytest.fail(f"the elastickit checkpoint engine run of {name} failed: {engine_root[name]}")
+    folder = os.path.join(ds_ckpts.root, f"{name}-engine")
     with open(os.path.join(folder, "engine_resume.json")) as f:
         got = json.load(f)
     assert got["global_steps"] == 5
@@ -309,8 +391,8 @@ def test_checkpoint_engine_saves_and_resumes_like_the_default(engine_root, name)
 
 
 @pytest.mark.timeout(120)
-def test_zero0_checkpoint_reads_its_weights(ds_root):
-    folder = os.path.join(ds_root, ZERO0)
+def test_zero0_checkpoint_reads_its_weights(ds_ckpts):
+    folder = ds_ckpts(ZERO0)
     saved = torch.load(glob.glob(os.path.join(folder, "global_step*", "mp_rank_00_model_states.pt"))[0],
                        weights_only=False)["module"]
     with open_deepspeed(folder) as ck:
@@ -352,7 +434,7 @@ def _restore_into_fsdp2(rank: int, world_size: int, ckpt: str) -> dict[str, torc
 
 
 @pytest.mark.timeout(200)
-def test_deepspeed_checkpoint_restores_into_fsdp2_with_rename_rules(ds_root, tmp_path):
+def test_deepspeed_checkpoint_restores_into_fsdp2_with_rename_rules(ds_ckpts, tmp_path):
     import sys as _sys
 
     from elastickit.reshard.convert import convert
@@ -360,7 +442,7 @@ def test_deepspeed_checkpoint_restores_into_fsdp2_with_rename_rules(ds_root, tmp
     _sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
     from tests._dist import run_ranks
 
-    src = os.path.join(ds_root, "z3-fp32")
+    src = ds_ckpts("z3-fp32")
     dst = str(tmp_path / "ek")
     convert(src, dst, source="deepspeed", target="elastickit")
     results = run_ranks(_restore_into_fsdp2, world_size=2, args=(dst,), timeout_s=150)
