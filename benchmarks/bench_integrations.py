@@ -97,7 +97,7 @@ def _hf(mode: str, out: str, steps: int, every: int) -> dict:
     ds = [{"input_ids": r, "labels": r} for r in ids]
     args = TrainingArguments(output_dir=os.path.join(out, "hf"), max_steps=steps, per_device_train_batch_size=2,
                              save_strategy="steps" if mode == "own" else "no", save_steps=every, logging_steps=10**6,
-                             report_to=[], use_cpu=True, disable_tqdm=True, save_safetensors=True)
+                             report_to=[], use_cpu=True, disable_tqdm=True)
     callbacks = []
     cb = None
     if mode == "ek":

@@ -164,9 +164,13 @@ class ElastickitAccelerateState:
         if step == 0:
             return 0
         models = [state[k] for k in state if k.startswith("model")]
+        steps = self.steps
         for name, holder in holders.items():
             optim = state[name]
             load_optimizer_holder(self._owner(optim, models), optim, holder)
+        # Loading may run a step with zero gradients to create the optimizer state (torch's
+        # set_optimizer_state_dict does): that is no training step.
+        self.steps = steps
         return step
 
     def _marker_step(self, input_dir: str) -> int:
