@@ -75,7 +75,14 @@ class _Timing:
 
 def _hf(mode: str, out: str, steps: int, every: int) -> dict:
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        set_seed,
+    )
 
     timing = _Timing()
 

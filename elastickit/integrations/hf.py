@@ -40,7 +40,12 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from elastickit.checkpoint.errors import RequestError
-from elastickit.integrations._common import base_optimizer, find_caller, load_optimizer_holder, rng_states
+from elastickit.integrations._common import (
+    base_optimizer,
+    find_caller,
+    load_optimizer_holder,
+    rng_states,
+)
 
 __all__ = ["ElastickitCallback"]
 

@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("accelerate", reason="needs the [accelerate] extra: pip install 'elastickit[accelerate]'")
 
-from tests.integrations import _kill  # noqa: E402
+from tests.integrations import _kill
 
 pytestmark = [pytest.mark.slow]
 SCRIPT = os.path.join(os.path.dirname(__file__), "accelerate_train.py")

@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'elastickit[hf]'")
 pytest.importorskip("accelerate", reason="needs the [hf] extra: pip install 'elastickit[hf]'")
 
-from tests.integrations import _kill  # noqa: E402
+from tests.integrations import _kill
 
 pytestmark = [pytest.mark.slow]
 SCRIPT = os.path.join(os.path.dirname(__file__), "hf_train.py")

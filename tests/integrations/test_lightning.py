@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("lightning", reason="needs the [lightning] extra: pip install 'elastickit[lightning]'")
 
-from tests.integrations import _kill  # noqa: E402
+from tests.integrations import _kill
 
 pytestmark = [pytest.mark.slow]
 SCRIPT = os.path.join(os.path.dirname(__file__), "lightning_train.py")
