@@ -61,16 +61,23 @@ def convert(
     if target == "deepspeed-universal":
         return _to_deepspeed_universal(src, dst, source, **options)
     from .adapters.registry import detect_format, open_source
+    from .destination import check_destination, staged_output
 
+    if target == "safetensors" and max_shard_bytes < 1:
+        raise RequestError(f"--max-shard-size must be positive, got {max_shard_bytes} bytes")
+    check_destination(src, dst)  # before a byte of the source is read
     fmt = detect_format(src) if source == "auto" else source
     reader = open_source(src, fmt, **options)
     try:
-        if target == "safetensors":
-            files, n, size = _to_safetensors(reader, dst, max_shard_bytes)
-        elif target == "dcp":
-            files, n, size = _to_dcp(reader, dst)
-        else:
-            files, n, size = _to_elastickit(reader, dst, rules)
+        # Written into a hidden sibling and renamed onto `dst` when complete: a crash never
+        # leaves a half conversion under the destination's name.
+        with staged_output([src, getattr(reader, "path", src)], dst) as out:
+            if target == "safetensors":
+                files, n, size = _to_safetensors(reader, out, max_shard_bytes)
+            elif target == "dcp":
+                files, n, size = _to_dcp(reader, out)
+            else:
+                files, n, size = _to_elastickit(reader, out, rules)
     finally:
         reader.close()
     return ConvertReport(
@@ -89,24 +96,16 @@ def _to_deepspeed_universal(src: str, dst: str, source: str, *, tag: str | None 
         raise RequestError(
             f"--to deepspeed-universal needs a DeepSpeed checkpoint (--from deepspeed); {src} is not one",
             path=src)
-    _check_new(dst)
-    if os.path.isdir(dst):
-        os.rmdir(dst)  # write_universal creates it
+    from .destination import check_destination
+
+    final = check_destination(src, dst)
+    if os.path.isdir(final):
+        os.rmdir(final)  # write_universal creates it
     with DeepSpeedCheckpoint(src, tag=tag, trust_pickle=trust_pickle) as ck:
-        report = write_universal(ck, dst)
+        report = write_universal(ck, final)
     files = sorted(os.path.relpath(os.path.join(d, f), dst) for d, _, fs in os.walk(dst) for f in fs)
     return ConvertReport(source_format="deepspeed", target_format="deepspeed-universal",
                          num_tensors=report.num_params, total_bytes=report.bytes_written, files=tuple(files))
-
-
-def _check_new(dst: str) -> None:
-    if os.path.exists(dst) and os.listdir(dst):
-        raise RequestError(f"{dst} exists and is not empty; choose a new destination", path=dst)
-
-
-def _prepare(dst: str) -> None:
-    _check_new(dst)
-    os.makedirs(dst, exist_ok=True)
 
 
 def model_weights(names: list[str]) -> dict[str, str]:
@@ -121,9 +120,6 @@ def _to_safetensors(
 ) -> tuple[list[str], int, int]:
     from safetensors.torch import save_file
 
-    if max_shard_bytes < 1:
-        raise RequestError(f"--max-shard-size must be positive, got {max_shard_bytes} bytes")
-    _prepare(dst)
     infos = reader.tensors()
     keys = model_weights(list(infos))
     sizes = {k: math.prod(infos[n].shape) * DTYPE_SIZES[infos[n].dtype] for k, n in keys.items()}
@@ -173,7 +169,6 @@ def _to_dcp(reader: LogicalSource, dst: str) -> tuple[list[str], int, int]:
 
     import torch.distributed.checkpoint as dcp
 
-    _prepare(dst)
     infos = reader.tensors()
     leaves: dict[str, Any] = dict(_flat_json(reader.objects()))
     leaves.update({n: reader.read(n) for n in sorted(infos)})

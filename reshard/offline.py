@@ -1,6 +1,7 @@
 """Offline resharding: plan and write a checkpoint for another layout without the model.
 
-`elastickit reshard SRC DST --to LAYOUT [--rules FILE]` lands here. Without the model, the
+`elastickit reshard SRC DST --to LAYOUT [--rules FILE]` lands here; like `convert`, it writes a
+new checkpoint root `DST/step-<step>/` that a job resumes from. Without the model, the
 target's physical tensors are derived from the source manifest: every stored key of the source
 is one physical tensor (a fused key keeps its parts together); the target rules say how it is
 split over the target layout (`shard`, `pad`, `fused`, ...); a tensor no rule matches is
@@ -18,14 +19,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from elastickit.checkpoint.catalog import load_manifest
+from elastickit.checkpoint.catalog import load_manifest, resolve
 from elastickit.checkpoint.errors import RequestError
 from elastickit.checkpoint.integrity import atomic_write_text, fsync_dir
 from elastickit.checkpoint.items import LogicalSpec, Piece
-from elastickit.checkpoint.manifest import DTYPE_SIZES, MANIFEST_NAME, Manifest, rank_file_name
+from elastickit.checkpoint.manifest import (
+    DTYPE_SIZES,
+    MANIFEST_NAME,
+    Manifest,
+    rank_file_name,
+    step_dir_name,
+)
 from elastickit.checkpoint.stfile import torch_dtype, write_file
 from elastickit.checkpoint.writer import SaveRequest, _build_manifest, plan_dedup
 
+from .destination import check_destination, staged_output
 from .executor import execute
 from .layout import ParallelLayout, axis_sizes
 from .planner import ReshardPlan, plan_reads
@@ -179,13 +187,31 @@ def plan_reshard(
 def reshard_checkpoint(
     src: str, dst: str, layout: ParallelLayout, rules: RuleSet, *, fsync: bool = True
 ) -> Manifest:
-    """Write checkpoint `src` to `dst` laid out for `layout`, one target rank at a time."""
-    manifest, plans = plan_reshard(src, layout, rules)
-    if os.path.exists(os.path.join(dst, MANIFEST_NAME)):
-        raise RequestError(
-            f"{dst} already holds a checkpoint; choose an empty destination", path=dst
-        )
-    os.makedirs(dst, exist_ok=True)
+    """Write checkpoint `src` (a step directory, or a root: its newest) to the new root `dst`
+    laid out for `layout`, one target rank at a time: `dst/step-<8 digits>/`, the step of the
+    source, so that `Checkpointer(dst)` and `train --ckpt dst` resume from it.
+
+    `dst` must be new or empty and outside the source; it appears only when complete."""
+    path = resolve(src)
+    check_destination([src, path], dst)
+    manifest, plans = plan_reshard(path, layout, rules)
+    with staged_output([src, path], dst, fsync=fsync) as root:
+        step_dir = os.path.join(root, step_dir_name(manifest.step))
+        os.makedirs(step_dir)
+        out = _write_ranks(path, step_dir, manifest, plans, layout, rules, fsync=fsync)
+    return out
+
+
+def _write_ranks(
+    src: str,
+    dst: str,
+    manifest: Manifest,
+    plans: list[RankPlan],
+    layout: ParallelLayout,
+    rules: RuleSet,
+    *,
+    fsync: bool,
+) -> Manifest:
     described = [[_describe(t) for t in p.tensors] for p in plans]
     dedup = plan_dedup(described)
     owned = dedup.owned

@@ -31,7 +31,10 @@ def _size(text: str) -> int:
 @handled
 def convert(
     src: str = typer.Argument(..., help="The source checkpoint directory."),
-    dst: str = typer.Argument(..., help="The destination directory (new or empty)."),
+    dst: str = typer.Argument(
+        ...,
+        help="A new (or empty) directory outside SRC; with --to elastickit a checkpoint root.",
+    ),
     from_: str = typer.Option(
         "auto", "--from", help="Source format: auto, elastickit, dcp, or a registered adapter."
     ),
@@ -71,7 +74,9 @@ def convert(
         ) from None
     options = {"trust_pickle": True} if trust_pickle else {}
     report = run(src, dst, source=from_, target=to, max_shard_bytes=limit, rules=ruleset, **options)
+    resume = f"; resume with --ckpt {dst}" if to == "elastickit" else ""
     out.print(
         f"converted {src} ({report.source_format}) -> {dst} ({report.target_format}): "
-        f"{report.num_tensors} tensors, {human_bytes(report.total_bytes)}, {len(report.files)} file(s)"
+        f"{report.num_tensors} tensors, {human_bytes(report.total_bytes)}, "
+        f"{len(report.files)} file(s){resume}"
     )

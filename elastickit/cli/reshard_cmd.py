@@ -4,6 +4,7 @@ another parallel layout offline, or print the plan without touching tensor bytes
 from __future__ import annotations
 
 import json
+import os
 
 import typer
 
@@ -17,7 +18,8 @@ def reshard(
         ..., help="The source checkpoint (a step directory, or a root: its newest)."
     ),
     dst: str = typer.Argument(
-        None, help="Where to write the resharded checkpoint (not needed with --dry-run)."
+        None,
+        help="A new checkpoint root to write (DST/step-N/; not needed with --dry-run).",
     ),
     to: str = typer.Option(..., "--to", help="The target layout, e.g. tp=2,pp=2,dp=2[,zero=1]."),
     rules: str = typer.Option(
@@ -31,6 +33,7 @@ def reshard(
     """Reshard a checkpoint for another layout (the target's rules say how tensors split)."""
     from elastickit.checkpoint.catalog import load_manifest, resolve
     from elastickit.checkpoint.errors import RequestError
+    from elastickit.checkpoint.manifest import step_dir_name
     from elastickit.reshard.layout import ParallelLayout
     from elastickit.reshard.offline import plan_reshard, reshard_checkpoint
     from elastickit.reshard.rules import RuleSet, load_rules
@@ -110,8 +113,9 @@ def reshard(
         return
     if not dst:
         raise RequestError("reshard needs a destination DST (or --dry-run)")
-    manifest = reshard_checkpoint(path, dst, layout, ruleset)
+    manifest = reshard_checkpoint(src, dst, layout, ruleset)
     out.print(
-        f"wrote {dst}: step {manifest.step} for {layout} ({len(manifest.files)} file(s), "
-        f"{human_bytes(manifest.total_bytes)} logical)"
+        f"wrote {os.path.join(dst, step_dir_name(manifest.step))}: step {manifest.step} for "
+        f"{layout} ({len(manifest.files)} file(s), {human_bytes(manifest.total_bytes)} logical); "
+        f"resume with --ckpt {dst}"
     )

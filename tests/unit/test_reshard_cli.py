@@ -71,13 +71,16 @@ def test_reshard_4_to_3_writes_a_loadable_checkpoint(tmp_path):
         app, ["reshard", str(tmp_path / "s"), str(tmp_path / "d"), "--to", "dp=3"]
     )
     assert res.exit_code == 0, res.output
-    man = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    # a new root holding the source's step, as `convert` writes (DST/step-<step>/)
+    assert os.listdir(tmp_path / "d") == ["step-00000005"]
+    assert f"resume with --ckpt {tmp_path / 'd'}" in res.output
+    man = json.loads((tmp_path / "d" / "step-00000005" / "manifest.json").read_text())
     assert man["world_size"] == 3 and sorted(man["files"]) == [
         f"rank-0000{i}.safetensors" for i in range(3)
     ]
     for r in range(3):
         got = {"model/w": torch.zeros(4, 2), "model/norm": torch.zeros(5)}
-        load_virtual(str(tmp_path / "d"), ParallelLayout(dp=3), r, got, rules)
+        load_virtual(str(tmp_path / "d" / "step-00000005"), ParallelLayout(dp=3), r, got, rules)
         assert torch.equal(got["model/w"], W.chunk(3)[r]) and torch.equal(got["model/norm"], NORM)
 
 
@@ -155,19 +158,30 @@ class Evil:
 
 
 def test_dcp_metadata_refuses_foreign_classes(tmp_path):
-    (tmp_path / ".metadata").write_bytes(pickle.dumps(Evil()))
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / ".metadata").write_bytes(pickle.dumps(Evil()))
     res = CliRunner().invoke(
         app,
-        ["convert", str(tmp_path), str(tmp_path / "out"), "--from", "dcp", "--to", "safetensors"],
+        [
+            "convert",
+            str(tmp_path / "src"),
+            str(tmp_path / "out"),
+            "--from",
+            "dcp",
+            "--to",
+            "safetensors",
+        ],
     )
     assert res.exit_code == 1
     assert "refusing to unpickle" in res.output and "posix.system" in res.output
 
 
 def test_convert_unknown_formats(tmp_path):
-    res = CliRunner().invoke(app, ["convert", str(tmp_path), str(tmp_path / "o")])
+    (tmp_path / "src").mkdir()
+    src, dst = str(tmp_path / "src"), str(tmp_path / "o")
+    res = CliRunner().invoke(app, ["convert", src, dst])
     assert res.exit_code == 2 and "not a checkpoint of any known format" in res.output
-    res = CliRunner().invoke(app, ["convert", str(tmp_path), str(tmp_path / "o"), "--to", "onnx"])
+    res = CliRunner().invoke(app, ["convert", src, dst, "--to", "onnx"])
     assert res.exit_code == 2
 
 

@@ -189,7 +189,7 @@ def test_offline_reshard_equals_slicing(tmp_path_factory, dims, a, b):
     for r in range(b.world_size):
         want = m.physical(b, r)
         got = empty_like_all(want)
-        load_virtual(root + "/b", b, r, got, rules)
+        load_virtual(root + "/b/step-00000003", b, r, got, rules)
         assert_same(got, want, f"offline {a} -> {b} rank {r}")
 
 
