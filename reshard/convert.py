@@ -55,7 +55,9 @@ def convert(
     """Convert checkpoint `src` (format `source`) into `dst` (format `target`).
 
     `rules` (with target elastickit) are stored in the new manifest, so that `elastickit reshard`
-    later knows how the model's tensors split."""
+    later knows how the model's tensors split; without them, the source's rules are kept where
+    it has some (an elastickit checkpoint, or a DCP directory elastickit wrote). The step is
+    kept too (DCP: see `adapters.dcp`)."""
     if target not in TARGETS:
         raise RequestError(f"unknown target format {target!r}; use one of {', '.join(TARGETS)}")
     if target == "deepspeed-universal":
@@ -169,8 +171,20 @@ def _to_dcp(reader: LogicalSource, dst: str) -> tuple[list[str], int, int]:
 
     import torch.distributed.checkpoint as dcp
 
+    from .adapters.dcp import RESERVED, RULES_ENTRY, STEP_ENTRY
+
     infos = reader.tensors()
     leaves: dict[str, Any] = dict(_flat_json(reader.objects()))
+    taken = [n for n in [*leaves, *infos] if n == RESERVED or n.startswith(RESERVED + "/")]
+    if taken:
+        raise RequestError(
+            f"the source has state {taken[0]!r}, but convert --to dcp keeps the step and rules under "
+            f"{RESERVED!r}; rename that state first"
+        )
+    # DCP has no field for the step and the rules: plain non-tensor entries keep them.
+    leaves[STEP_ENTRY] = int(reader.step)
+    if reader.rules:
+        leaves[RULES_ENTRY] = json.dumps(list(reader.rules))
     leaves.update({n: reader.read(n) for n in sorted(infos)})
     total = sum(leaves[n].numel() * leaves[n].element_size() for n in infos)
     with warnings.catch_warnings():  # DCP warns that it runs without a process group: we mean it
@@ -266,7 +280,7 @@ def _to_elastickit(
         items=items,
         objects=tag_tree(reader.objects(), sorted(infos)),
         layout=LayoutRecord(axes=(("dp", 1),)),
-        rules=tuple(rules.to_json()) if rules is not None else (),
+        rules=tuple(rules.to_json()) if rules is not None else tuple(reader.rules),
         framework={"converted": "true"},
     )
     manifest = write_checkpoint(req, LocalCoordinator())

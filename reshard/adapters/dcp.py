@@ -4,11 +4,17 @@ DCP's `.metadata` is a pickle. It is read with an unpickler that allows only DCP
 classes (and torch.Size, dtypes, layouts, paths): anything else fails with a clear message
 instead of running code. Each item inside a `.distcp` file is a `torch.save` blob at (offset,
 length); it is read with `torch.load(weights_only=True)` from a memory-mapped slice.
+
+`convert --to dcp` keeps what DCP has no place for as two plain non-tensor entries under
+`elastickit`: `elastickit.step` (an int) and, when the source has rules, `elastickit.rules` (their
+JSON text). DCP readers load them like any other entry (or skip them: `dcp.load` reads only the
+keys its state dict asks for); this reader takes them back as the source's step and rules.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import mmap
 import os
 import pickle
@@ -22,6 +28,10 @@ from elastickit.checkpoint.stfile import st_dtype
 from .registry import LogicalTensorInfo
 
 METADATA = ".metadata"
+RESERVED = "elastickit"
+"""The top-level DCP entry under which `convert --to dcp` stores the step and the rules."""
+STEP_ENTRY = f"{RESERVED}/step"
+RULES_ENTRY = f"{RESERVED}/rules"
 
 _ALLOWED: dict[str, set[str]] = {
     "torch.distributed.checkpoint.metadata": {
@@ -89,6 +99,7 @@ class DcpSource:
         self.path = path
         self.meta = read_metadata(path)
         self.step = 0
+        self.rules: tuple[dict[str, Any], ...] = ()
         self._tensors: dict[str, LogicalTensorInfo] = {}
         self._bytes: list[str] = []
         # DCP flattens nested state dicts with "."; planner_data keeps each key's path, which
@@ -119,6 +130,35 @@ class DcpSource:
                 )
             self._index.setdefault(idx.fqn, []).append((idx, info))
         self._maps: dict[str, tuple[Any, mmap.mmap]] = {}
+        self._read_reserved()
+
+    def _read_reserved(self) -> None:
+        """The step and rules `convert --to dcp` stored (see the module docstring)."""
+        mine = [n for n in self._bytes if n.startswith(RESERVED + "/")]
+        self._bytes = [n for n in self._bytes if n not in mine]
+        values = {}
+        for name in mine:
+            for _, sinfo in self._index.get(self._fqn[name], []):
+                values[name] = self._load(sinfo, name)
+        step = values.get(STEP_ENTRY, 0)
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise DataError(
+                f"{self.path}: entry {STEP_ENTRY!r} holds {step!r}, not a step number", path=self.path
+            )
+        self.step = step
+        text = values.get(RULES_ENTRY)
+        if text is not None:
+            try:
+                rules = json.loads(text)
+                if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+                    raise ValueError("not a list of rules")
+            except (TypeError, ValueError) as e:
+                raise DataError(
+                    f"{self.path}: entry {RULES_ENTRY!r} is not the JSON list of rules elastickit "
+                    f"writes ({e})",
+                    path=self.path,
+                ) from e
+            self.rules = tuple(rules)
 
     def _blob(self, info: Any) -> bytes:
         rel = str(info.relative_path)

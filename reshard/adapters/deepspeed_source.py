@@ -35,6 +35,7 @@ class DeepSpeedSource:
     def __init__(self, path: str, *, tag: str | None = None, trust_pickle: bool = False) -> None:
         self.checkpoint = DeepSpeedCheckpoint(path, tag=tag, trust_pickle=trust_pickle)
         self.step = int(self.checkpoint.meta.get("global_steps") or 0)
+        self.rules: tuple[dict[str, Any], ...] = ()
         self._names: dict[str, tuple[str, str]] = {}  # logical -> (parameter, state)
         self._infos: dict[str, Any] = {}
         from .registry import LogicalTensorInfo

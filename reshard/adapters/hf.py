@@ -53,6 +53,7 @@ class HfSource:
 
         self.path = path
         self.step = 0
+        self.rules: tuple[dict[str, Any], ...] = ()
         self._where: dict[str, str] = {}
         self._tensors: dict[str, LogicalTensorInfo] = {}
         files = _files(path)

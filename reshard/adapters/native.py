@@ -33,6 +33,7 @@ class ElastickitSource:
         self.path = resolve(path)
         self.manifest = load_manifest(self.path)
         self.step = self.manifest.step
+        self.rules = tuple(self.manifest.rules)
 
     def tensors(self) -> dict[str, LogicalTensorInfo]:
         return {

@@ -32,9 +32,13 @@ class LogicalTensorInfo:
 
 class LogicalSource(Protocol):
     """A checkpoint as logical tensors. `convert` calls `tensors`, then `read` once per name
-    (in any order), `objects`, and finally `close`."""
+    (in any order), `objects`, and finally `close`.
+
+    `step` is the training step the source was saved at (0 when it does not say); `rules` are
+    the resharding rules in the manifest's JSON form (`RuleSet.to_json`), empty when unknown."""
 
     step: int
+    rules: tuple[dict[str, Any], ...]
 
     def tensors(self) -> dict[str, LogicalTensorInfo]:
         """Every logical tensor, by name."""

@@ -238,3 +238,30 @@ def test_convert_stores_rules_for_a_later_reshard(tmp_path):
         app, [*args[:2], str(tmp_path / "x"), "--rules", str(tmp_path / "r.toml"), "--to", "dcp"]
     )
     assert bad.exit_code == 2 and "--rules is stored with --to elastickit only" in bad.output
+
+
+def test_dcp_round_trip_keeps_the_step_and_the_rules(tmp_path):
+    """elastickit -> DCP -> elastickit came back as step 0 with no rules (issue 13 item 8)."""
+    import torch.distributed.checkpoint as dcp
+
+    lay = ParallelLayout(dp=3)
+    objects = {"model": {"w": {"__tensor__": "model/w"}}, "meta": {"lr": 0.5}}
+    save_virtual(str(tmp_path / "s"), 9, lay, [physical(lay, r) for r in range(3)], RULES, objects=objects)
+    run = CliRunner().invoke
+    assert run(app, ["convert", str(tmp_path / "s"), str(tmp_path / "dcp"), "--to", "dcp"]).exit_code == 0
+    # DCP itself reads the entries (and a load that does not ask for them still works)
+    sd = {"model": {"w": torch.zeros(12, 2)}, "elastickit": {"step": 0, "rules": ""}}
+    dcp.load(sd, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    assert sd["elastickit"]["step"] == 9 and json.loads(sd["elastickit"]["rules"]) == RULES.to_json()
+    res = run(app, ["convert", str(tmp_path / "dcp"), str(tmp_path / "ek")])
+    assert res.exit_code == 0, res.output
+    assert os.listdir(tmp_path / "ek") == ["step-00000009"]
+    man = json.loads((tmp_path / "ek" / "step-00000009" / "manifest.json").read_text())
+    assert man["step"] == 9 and man["rules"] == RULES.to_json()
+    assert "elastickit" not in man["objects"] and man["objects"]["meta"] == {"lr": 0.5}
+    # and the rules drive a later reshard as they did on the source
+    res = run(app, ["reshard", str(tmp_path / "ek"), "--to", "dp=2", "--dry-run", "--json"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)
+    # w split over dp=2 (6x2 fp32 each); the parts of qkv, stored apart now, and norm whole
+    assert [r["bytes_needed"] for r in plan["ranks"]] == [6 * 2 * 4 + (12 + 6 + 6) * 3 * 4 + 5 * 4] * 2
