@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,21 +172,71 @@ def _describe(t: PhysicalTensor) -> dict[str, Any]:
     }
 
 
+Progress = Callable[[str, int, int], None]
+"""`(phase, done, total)`, called as long work advances (the CLI draws a progress bar)."""
+
+
+def check_world(manifest: Manifest, layout: ParallelLayout) -> None:
+    """Refuse a target world far past what the checkpoint's tensors can use: more ranks than
+    the checkpoint has elements in all (such a plan only burns time and memory)."""
+    elements = sum(math.prod(t.shape) for t in manifest.tensors.values())
+    if layout.world_size > max(elements, 1):
+        raise RequestError(
+            f"the target layout {layout} has {layout.world_size:,} ranks, but the checkpoint holds "
+            f"only {elements:,} elements in all, so most ranks would hold nothing of it; choose a "
+            f"layout of at most {elements:,} ranks"
+        )
+
+
+def _rank_axes(rules: RuleSet, bases: Iterable[str]) -> tuple[str, ...]:
+    """The axes whose coordinate changes what a rank holds: the axes the rules matching the
+    checkpoint's tensors name (shard, expert, rename, flat, pad). Every other axis only
+    replicates, so ranks that agree on these axes hold the same tensors and share one plan."""
+    axes: set[str] = set()
+    for base in bases:
+        r = rules.match(base)
+        for op in r.ops if r is not None else ():
+            axis = getattr(op, "axis", None)
+            if axis is not None:
+                axes.add(axis)
+    return tuple(sorted(axes))
+
+
 def plan_reshard(
-    src: str, layout: ParallelLayout, rules: RuleSet
+    src: str, layout: ParallelLayout, rules: RuleSet, *, on_progress: Progress | None = None
 ) -> tuple[Manifest, list[RankPlan]]:
-    """Plan every target rank (pure: reads only the manifest)."""
+    """Plan every target rank (pure: reads only the manifest).
+
+    Ranks that differ only along axes that replicate share one plan (planned once), so a wide
+    data-parallel layout costs one plan per distinct shard, not one per rank. A world larger
+    than the checkpoint's element count is refused (`check_world`)."""
     manifest = load_manifest(src)
+    check_world(manifest, layout)
+    axes = _rank_axes(rules, _physical_groups(manifest))
+    shared: dict[tuple[int, ...], tuple[tuple[PhysicalTensor, ...], ReshardPlan]] = {}
     plans = []
-    for rank in range(layout.world_size):
-        tensors = target_tensors(manifest, layout, rules, rank)
-        plan = plan_reads(manifest, [(t.key, t.pieces) for t in tensors])
-        plans.append(RankPlan(rank=rank, tensors=tuple(tensors), plan=plan))
+    total = layout.world_size
+    for rank in range(total):
+        coords = layout.coords(rank)
+        key = tuple(coords[a] for a in axes)
+        if key not in shared:
+            tensors = tuple(target_tensors(manifest, layout, rules, rank))
+            shared[key] = (tensors, plan_reads(manifest, [(t.key, t.pieces) for t in tensors]))
+        tensors, plan = shared[key]
+        plans.append(RankPlan(rank=rank, tensors=tensors, plan=plan))
+        if on_progress is not None:
+            on_progress("planning", rank + 1, total)
     return manifest, plans
 
 
 def reshard_checkpoint(
-    src: str, dst: str, layout: ParallelLayout, rules: RuleSet, *, fsync: bool = True
+    src: str,
+    dst: str,
+    layout: ParallelLayout,
+    rules: RuleSet,
+    *,
+    fsync: bool = True,
+    on_progress: Progress | None = None,
 ) -> Manifest:
     """Write checkpoint `src` (a step directory, or a root: its newest) to the new root `dst`
     laid out for `layout`, one target rank at a time: `dst/step-<8 digits>/`, the step of the
@@ -194,11 +245,13 @@ def reshard_checkpoint(
     `dst` must be new or empty and outside the source; it appears only when complete."""
     path = resolve(src)
     check_destination([src, path], dst)
-    manifest, plans = plan_reshard(path, layout, rules)
+    manifest, plans = plan_reshard(path, layout, rules, on_progress=on_progress)
     with staged_output([src, path], dst, fsync=fsync) as root:
         step_dir = os.path.join(root, step_dir_name(manifest.step))
         os.makedirs(step_dir)
-        out = _write_ranks(path, step_dir, manifest, plans, layout, rules, fsync=fsync)
+        out = _write_ranks(
+            path, step_dir, manifest, plans, layout, rules, fsync=fsync, on_progress=on_progress
+        )
     return out
 
 
@@ -211,12 +264,16 @@ def _write_ranks(
     rules: RuleSet,
     *,
     fsync: bool,
+    on_progress: Progress | None,
 ) -> Manifest:
-    described = [[_describe(t) for t in p.tensors] for p in plans]
+    shared: dict[int, list[dict[str, Any]]] = {}  # ranks that share a plan share its description
+    described = [shared.setdefault(id(p.tensors), [_describe(t) for t in p.tensors]) for p in plans]
     dedup = plan_dedup(described)
     owned = dedup.owned
     records: list[dict | None] = []
     for p in plans:
+        if on_progress is not None:
+            on_progress("writing", p.rank, len(plans))
         mine = owned[p.rank]
         if not mine:
             records.append(None)
@@ -245,6 +302,8 @@ def _write_ranks(
         fsync=fsync,
     )
     out = _build_manifest(req, dedup, ({},) * layout.world_size, records, layout.world_size)
+    if on_progress is not None:
+        on_progress("writing", len(plans), len(plans))
     if fsync:
         fsync_dir(dst)
     atomic_write_text(os.path.join(dst, MANIFEST_NAME), out.dumps(), fsync=fsync)

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import typer
 
-from ._console import human_bytes, out
+from ._console import human_bytes, out, plural, progress
 from ._errors import handled
+
+PER_RANK_ROWS = 32
+"""Dry runs of larger worlds print one row per group of ranks that share a plan."""
 
 
 @handled
@@ -49,21 +53,9 @@ def reshard(
         else RuleSet.from_json(load_manifest(path).rules, source=f"{path} rules")
     )
     if dry_run:
-        manifest, plans = plan_reshard(path, layout, ruleset)
-        rows = [
-            {
-                "rank": p.rank,
-                "coords": layout.coords(p.rank),
-                "tensors": len(p.tensors),
-                "reads": len(p.plan.reads),
-                "files": p.plan.files,
-                "bytes_needed": p.plan.bytes_needed,
-                "bytes_read": p.plan.bytes_read,
-                "target_bytes": p.target_bytes,
-                "peak_bytes": p.peak_bytes,
-            }
-            for p in plans
-        ]
+        with progress() as bar:
+            manifest, plans = plan_reshard(path, layout, ruleset, on_progress=bar)
+        rows = [_row(p, layout) for p in plans]
         if as_json:
             print(
                 json.dumps(
@@ -77,45 +69,71 @@ def reshard(
                 )
             )
             return
-        from rich.table import Table
-
         out.print(
-            f"[bold]{path}[/bold] (step {manifest.step}, {manifest.world_size} rank(s)) -> {layout} "
-            f"({layout.world_size} rank(s)); dry run, no tensor bytes read"
+            f"[bold]{path}[/bold] (step {manifest.step}, {plural(manifest.world_size, 'rank')}) -> "
+            f"{layout} ({plural(layout.world_size, 'rank')}); dry run, no tensor bytes read"
         )
-        table = Table(
-            "rank",
-            "coords",
-            "tensors",
-            "reads",
-            "files",
-            "needed",
-            "read",
-            "peak",
-            box=None,
-            pad_edge=False,
-        )
-        for r in rows:
-            coords = (
-                ",".join(f"{a}={i}" for a, i in r["coords"].items() if layout.size(a) > 1) or "-"
-            )
-            table.add_row(
-                str(r["rank"]),
-                coords,
-                str(r["tensors"]),
-                str(r["reads"]),
-                str(len(r["files"])),
-                human_bytes(r["bytes_needed"]),
-                human_bytes(r["bytes_read"]),
-                human_bytes(r["peak_bytes"]),
-            )
-        out.print(table)
+        _print_plan(plans, rows, layout)
         return
     if not dst:
         raise RequestError("reshard needs a destination DST (or --dry-run)")
-    manifest = reshard_checkpoint(src, dst, layout, ruleset)
+    with progress() as bar:
+        manifest = reshard_checkpoint(src, dst, layout, ruleset, on_progress=bar)
     out.print(
         f"wrote {os.path.join(dst, step_dir_name(manifest.step))}: step {manifest.step} for "
         f"{layout} ({len(manifest.files)} file(s), {human_bytes(manifest.total_bytes)} logical); "
         f"resume with --ckpt {dst}"
     )
+
+
+def _row(p: Any, layout: Any) -> dict[str, Any]:
+    return {
+        "rank": p.rank,
+        "coords": layout.coords(p.rank),
+        "tensors": len(p.tensors),
+        "reads": len(p.plan.reads),
+        "files": p.plan.files,
+        "bytes_needed": p.plan.bytes_needed,
+        "bytes_read": p.plan.bytes_read,
+        "target_bytes": p.target_bytes,
+        "peak_bytes": p.peak_bytes,
+    }
+
+
+def _print_plan(plans: list[Any], rows: list[dict[str, Any]], layout: Any) -> None:
+    """One row per rank for small worlds; beyond, one row per group of ranks sharing a plan
+    (the coordinates they have in common, and how many ranks)."""
+    from rich.table import Table
+
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for p, r in zip(plans, rows, strict=True):
+        groups.setdefault(id(p.plan) if len(rows) > PER_RANK_ROWS else p.rank, []).append(r)
+    table = Table(
+        "rank" if len(rows) <= PER_RANK_ROWS else "ranks",
+        "coords",
+        "tensors",
+        "reads",
+        "files",
+        "needed",
+        "read",
+        "peak",
+        box=None,
+        pad_edge=False,
+    )
+    for members in groups.values():
+        r = members[0]
+        axes = [a for a in layout.order if layout.size(a) > 1]
+        common = [a for a in axes if all(m["coords"][a] == r["coords"][a] for m in members)]
+        coords = ",".join(f"{a}={r['coords'][a]}" for a in common) or "-"
+        who = str(r["rank"]) if len(members) == 1 else plural(len(members), "rank")
+        table.add_row(
+            who,
+            coords,
+            str(r["tensors"]),
+            str(r["reads"]),
+            str(len(r["files"])),
+            human_bytes(r["bytes_needed"]),
+            human_bytes(r["bytes_read"]),
+            human_bytes(r["peak_bytes"]),
+        )
+    out.print(table)
