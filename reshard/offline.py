@@ -109,6 +109,7 @@ def _global_shape(
                 f"rule {rule.label!r} fuses {missing}, which the checkpoint lacks", tensor=base
             )  # type: ignore[union-attr]
         shape = list(manifest.tensors[next(iter(parts))].shape)
+        _check_dims(rule, base, shape)  # type: ignore[arg-type]
         shape[op.dim] = sum(parts.values())
         return tuple(shape)
     if base not in manifest.tensors:
@@ -118,9 +119,26 @@ def _global_shape(
             tensor=base,
         )
     shape = list(manifest.tensors[base].shape)
+    if rule is not None:
+        _check_dims(rule, base, shape)
     if isinstance(op, Pad):
         shape[op.dim] = op.padded(sizes)
     return tuple(shape)
+
+
+def _check_dims(rule: Rule, base: str, shape: list[int]) -> None:
+    """Every dim a rule names exists in the tensor it matched (else one sentence, not an
+    IndexError)."""
+    for op in rule.ops:
+        dim = getattr(op, "dim", None)
+        if dim is not None and dim >= len(shape):
+            kind = type(op).__name__.lower()
+            raise rule.fail(
+                base,
+                f"{kind}.dim is {dim} but the tensor has {len(shape)} dim(s) (shape {shape}); "
+                f"use a dim from 0 to {len(shape) - 1}" if shape else
+                f"{kind}.dim is {dim} but the tensor is a scalar; drop the {kind} operation",
+            )
 
 
 def target_tensors(

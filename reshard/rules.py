@@ -27,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import string
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -163,6 +164,17 @@ class Rename:
             raise ValueError(
                 f"rename.src is not a regular expression ({e}): {self.src!r}"
             ) from None
+        groups = set(re.compile(self.src).groupindex)
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(self.dst) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"rename.dst is not a format template ({e}): {self.dst!r}") from None
+        unknown = sorted(f for f in fields if f not in groups)
+        if unknown:
+            raise ValueError(
+                f"rename.dst {self.dst!r} uses {{{unknown[0]}}}, which is not a named group "
+                f"(?P<{unknown[0]}>...) of rename.src {self.src!r}"
+            )
         if self.axis is not None:
             _check_axis(self.axis, "rename")
             if sum(x is not None for x in (self.num_layers, self.stride, self.offsets)) != 1:
@@ -574,12 +586,23 @@ class RuleSet:
     def from_json(cls, data: Iterable[Mapping[str, Any]], *, source: str = "rules") -> RuleSet:
         """Parse the JSON (or TOML-table) form; ValueError naming the rule and field otherwise."""
         rules = []
+        if isinstance(data, str | bytes | Mapping) or not isinstance(data, Iterable):
+            raise RuleError(f"{source}: the rules must be a list of [[rule]] tables, got {data!r}")
         for i, d in enumerate(data):
             where = f"{source}: rule {i}"
             if not isinstance(d, Mapping) or "match" not in d:
                 raise RuleError(f"{where} needs a 'match' pattern (or list of patterns)")
             match = d["match"]
-            match = (match,) if isinstance(match, str) else tuple(str(m) for m in match)
+            if isinstance(match, str):
+                match = (match,)
+            elif isinstance(match, list | tuple) and all(isinstance(m, str) for m in match):
+                match = tuple(match)
+            else:
+                raise RuleError(
+                    f"{where}: 'match' must be a name pattern or a list of them, got {match!r}"
+                )
+            if not isinstance(d.get("ops", []), list | tuple):
+                raise RuleError(f"{where} ({'|'.join(match)}): 'ops' must be a list of tables")
             try:
                 ops = tuple(_op_from(o, f"{where} op {j}") for j, o in enumerate(d.get("ops", [])))
                 rules.append(Rule(match=match, ops=ops))
@@ -652,6 +675,11 @@ def load_rules(path: str) -> RuleSet:
         ) from None
     except tomllib.TOMLDecodeError as e:
         raise RuleError(f"rules file {path} is not valid TOML ({e})", path=path) from e
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise RuleError(
+            f"rules file {path} cannot be read ({why}); pass a TOML file to --rules", path=path
+        ) from e
     unknown = set(data) - {"rule"}
     if unknown:
         raise RuleError(

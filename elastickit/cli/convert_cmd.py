@@ -68,7 +68,7 @@ def convert(
         raise RequestError(f"--rules is stored with --to elastickit only, not --to {to}")
     try:
         limit = _size(max_shard_size)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise RequestError(
             f"--max-shard-size {max_shard_size!r} is not a size such as 500MB or 5GB"
         ) from None

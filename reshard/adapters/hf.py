@@ -63,14 +63,23 @@ class HfSource:
             fpath = os.path.join(path, name)
             if not os.path.isfile(fpath):
                 raise DataError(f"{fpath} is listed in {INDEX} but missing", path=fpath)
-            with safe_open(fpath, framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    sl = f.get_slice(key)
-                    logical = PREFIX + key
-                    self._where[logical] = fpath
-                    self._tensors[logical] = LogicalTensorInfo(
-                        name=logical, dtype=sl.get_dtype(), shape=tuple(sl.get_shape())
-                    )
+            try:
+                with safe_open(fpath, framework="pt") as f:
+                    for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                        sl = f.get_slice(key)
+                        logical = PREFIX + key
+                        self._where[logical] = fpath
+                        self._tensors[logical] = LogicalTensorInfo(
+                            name=logical, dtype=sl.get_dtype(), shape=tuple(sl.get_shape())
+                        )
+            except Exception as e:  # safetensors raises its own SafetensorError (and OSError)
+                if isinstance(e, DataError):
+                    raise
+                raise DataError(
+                    f"{fpath} is not a readable safetensors file ({e}); it may be truncated or "
+                    "not a safetensors file at all",
+                    path=fpath,
+                ) from e
 
     def tensors(self) -> dict[str, LogicalTensorInfo]:
         return dict(self._tensors)
