@@ -12,7 +12,11 @@ from elastickit.checkpoint.catalog import (
     verify_checkpoint,
 )
 from elastickit.checkpoint.errors import ElastickitError, RequestError
+from elastickit.checkpoint.events import read_events
 from elastickit.checkpoint.manifest import MANIFEST_NAME
+
+EVENTS_NAME = "events.jsonl"
+"""The event log a `Checkpointer` keeps under its root (its default `events` path)."""
 
 
 def inspect_checkpoint(path: str) -> dict[str, Any]:
@@ -68,23 +72,82 @@ def verify(path: str) -> dict[str, Any]:
 
 
 def list_root(root: str) -> list[dict[str, Any]]:
-    """Every checkpoint directory under `root` with its status."""
+    """Every checkpoint under `root` with its status, oldest first.
+
+    One row per `step-*` directory: `complete`; `incomplete` (never committed, or a file the
+    manifest lists is missing); `damaged` (a file of the wrong size: run verify); `unreadable`
+    (the manifest itself). Then one row per save that the root's `events.jsonl` records as
+    skipped for a tier (`skipped`: superseded by a newer step while the tier was busy, or no
+    host buffer was free) and that left no directory. Rows that are not `complete` carry a
+    `reason`, whole.
+    """
     if not os.path.exists(root):
         raise RequestError(f"{root} does not exist", path=root)
     rows = []
     for c in list_checkpoints(root):
-        row: dict[str, Any] = {"step": c.step, "path": c.path, "status": "incomplete", "tier": "persistent"}
-        if c.complete:
-            try:
-                m = load_manifest(c.path)
-                row.update(
-                    status="complete",
-                    created_s=m.created_s,
-                    world_size=m.world_size,
-                    stored_bytes=sum(f.size_bytes for f in m.files.values()),
-                    num_tensors=len(m.tensors),
-                )
-            except ElastickitError as e:  # shown in the listing, not raised
-                row.update(status=f"unreadable {MANIFEST_NAME}: {e}")
+        row: dict[str, Any] = {"step": c.step, "path": c.path, "tier": "persistent"}
+        if not c.complete:
+            row.update(
+                status="incomplete",
+                reason=f"no {MANIFEST_NAME}: the save never committed (or is still being written)",
+            )
+            rows.append(row)
+            continue
+        try:
+            m = load_manifest(c.path)
+        except ElastickitError as e:  # shown in the listing, not raised
+            row.update(status="unreadable", reason=str(e))
+            rows.append(row)
+            continue
+        row.update(
+            status="complete",
+            created_s=m.created_s,
+            world_size=m.world_size,
+            stored_bytes=sum(f.size_bytes for f in m.files.values()),
+            num_tensors=len(m.tensors),
+        )
+        missing, wrong = _file_problems(c.path, m)
+        if missing or wrong:
+            row.update(
+                status="incomplete" if missing else "damaged",
+                reason="; ".join(missing + wrong) + f"; run elastickit verify {c.path}",
+            )
         rows.append(row)
-    return rows
+    have = {r["step"] for r in rows}
+    rows += [r for r in _skipped(root) if r["step"] not in have]
+    return sorted(rows, key=lambda r: (r["step"], r["tier"]))
+
+
+def _file_problems(path: str, m: Any) -> tuple[list[str], list[str]]:
+    """(missing files, files of the wrong size) of a committed checkpoint: a stat per file, so
+    `ls` stays fast; `verify` reads every byte."""
+    missing, wrong = [], []
+    for name, rec in sorted(m.files.items()):
+        try:
+            size = os.path.getsize(os.path.join(path, name))
+        except FileNotFoundError:
+            missing.append(f"{name} is missing")
+            continue
+        if size != rec.size_bytes:
+            wrong.append(f"{name} has {size} bytes but the manifest says {rec.size_bytes}")
+    return missing, wrong
+
+
+def _skipped(root: str) -> list[dict[str, Any]]:
+    """Saves the event log records as skipped, per tier (the newest record of a step wins)."""
+    out: dict[tuple[int, str], dict[str, Any]] = {}
+    for e in read_events(os.path.join(root, EVENTS_NAME)):
+        if e.get("type") not in ("checkpoint", "checkpoint_skipped"):
+            continue
+        step, skipped = e.get("step"), e.get("skipped_tiers")
+        if not isinstance(step, int) or not isinstance(skipped, dict):
+            continue
+        for tier, why in skipped.items():
+            out[(step, str(tier))] = {
+                "step": step,
+                "tier": str(tier),
+                "status": "skipped",
+                "reason": str(why),
+                **({"created_s": e["time"]} if isinstance(e.get("time"), int | float) else {}),
+            }
+    return list(out.values())

@@ -39,3 +39,7 @@ def ls(
             str(r.get("world_size", "-")),
         )
     out.print(table)
+    # Reasons go below the table, whole (a table column would cut them at the terminal's width).
+    for r in rows:
+        if r.get("reason"):
+            out.print(f"step {r['step']} ({r['tier']}, {r['status']}): {r['reason']}", markup=False)
