@@ -239,7 +239,8 @@ def plan_reshard(
         key = tuple(coords[a] for a in axes)
         if key not in shared:
             tensors = tuple(target_tensors(manifest, layout, rules, rank))
-            shared[key] = (tensors, plan_reads(manifest, [(t.key, t.pieces) for t in tensors]))
+            wants = [(t.key, t.pieces) for t in tensors]
+            shared[key] = (tensors, plan_reads(manifest, wants, who=f"rank {rank} of {layout}"))
         tensors, plan = shared[key]
         plans.append(RankPlan(rank=rank, tensors=tensors, plan=plan))
         if on_progress is not None:

@@ -70,12 +70,14 @@ def plan_reads(
     wants: Sequence[tuple[str, Sequence[Piece]]],
     *,
     strict: bool = True,
+    who: str = "",
 ) -> ReshardPlan:
     """Plan the reads that fill each wanted box from the checkpoint `manifest` describes.
 
     `wants` pairs a target tensor's key with the logical boxes it needs. Strict by default: a
     box that the checkpoint does not cover completely raises DataError naming the tensor; with
-    `strict=False` the uncovered parts are left alone (the caller reports them).
+    `strict=False` the uncovered parts are left alone (the caller reports them). `who` names
+    the target in messages (e.g. "rank 1 of tp=2").
     """
     reads: list[ReadOp] = []
     needed = 0
@@ -90,19 +92,10 @@ def plan_reads(
                         tensor=want.logical,
                     )
                 continue
-            if len(want.offsets) != len(entry.shape):
-                raise DataError(
-                    f"tensor {want.logical!r} has {len(entry.shape)} dims in the checkpoint but "
-                    f"{target!r} wants {len(want.offsets)}",
-                    tensor=want.logical,
-                )
-            for o, n, g in zip(want.offsets, want.lengths, entry.shape, strict=True):
-                if o + n > g:
-                    raise DataError(
-                        f"{target!r} wants rows up to {o + n} of {want.logical!r} whose global "
-                        f"shape is {list(entry.shape)}; the model and the checkpoint disagree",
-                        tensor=want.logical,
-                    )
+            if len(want.offsets) != len(entry.shape) or any(
+                o + n > g for o, n, g in zip(want.offsets, want.lengths, entry.shape, strict=True)
+            ):
+                raise DataError(_misfit(target, want, list(entry.shape), who), tensor=want.logical)
             esize = DTYPE_SIZES[entry.dtype]
             covered = 0
             for s in entry.shards:
@@ -150,6 +143,23 @@ def plan_reads(
     bytes_read = sum(key_bytes.get(k, 0) for k in touched)
     peak = max((key_bytes.get(k, 0) for k in touched), default=0)
     return ReshardPlan(reads=tuple(reads), bytes_needed=needed, bytes_read=bytes_read, peak_bytes=peak)
+
+
+def _misfit(target: str, want: Piece, shape: list[int], who: str) -> str:
+    """One sentence for a target box that the checkpoint's tensor cannot hold."""
+    holder = f"on {who}, the target" if who else "the model's"
+    part = "" if target == want.logical else f" (its part {want.logical!r})"
+    box = "[" + ", ".join(f"{o}:{o + n}" for o, n in zip(want.offsets, want.lengths, strict=True)) + "]"
+    if len(want.offsets) != len(shape):
+        found = f"is {len(want.offsets)}-dimensional ({box})"
+    else:
+        least = [max(g, o + n) for o, n, g in zip(want.offsets, want.lengths, shape, strict=True)]
+        found = f"needs elements {box}, so a shape of at least {least}"
+    return (
+        f"{holder} tensor {target!r}{part} {found}, but the checkpoint's {want.logical!r} has shape "
+        f"{shape}: they are different models (size or config); restore into the model that saved "
+        "the checkpoint, or check the model's config and the rules"
+    )
 
 
 def _stored_sizes(manifest: Manifest) -> dict[tuple[str, str], int]:

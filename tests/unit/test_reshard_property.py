@@ -243,3 +243,42 @@ def test_merge_average_and_check(tmp_path, a, b):
         load_virtual(
             str(tmp_path / "bad/step-00000001"), b, 0, empty_like_all(m.physical(b, 0)), m.rules()
         )
+
+
+def test_a_model_larger_than_the_checkpoint_is_named_plainly(tmp_path):
+    """Was: `'model/0.weight' wants rows up to 64 of 'model/0.weight' whose global shape is
+    [32, 16]` (issue 13 item 16)."""
+    import elastickit as ek
+    from elastickit.checkpoint.catalog import load_manifest
+    from elastickit.checkpoint.errors import DataError
+    from elastickit.checkpoint.items import Piece
+    from elastickit.reshard.planner import plan_reads
+
+    with ek.Checkpointer(str(tmp_path)) as ck:
+        ck.save(1, {"model": torch.nn.Sequential(torch.nn.Linear(16, 32))})
+    manifest = load_manifest(str(tmp_path / "step-00000001"))
+    tail = (
+        "but the checkpoint's 'model/0.weight' has shape [32, 16]: they are different models "
+        "(size or config); restore into the model that saved the checkpoint, or check the "
+        "model's config and the rules"
+    )
+    with pytest.raises(DataError) as e:
+        plan_reads(manifest, [("model/0.weight", (Piece.whole("model/0.weight", (0, 0), (64, 16)),))])
+    assert str(e.value) == (
+        "the model's tensor 'model/0.weight' needs elements [0:64, 0:16], so a shape of at least "
+        f"[64, 16], {tail}"
+    )
+    box = Piece(logical="model/0.weight", offsets=(32, 0), lengths=(32, 16), stored_offsets=(0, 0))
+    with pytest.raises(DataError) as e:
+        plan_reads(manifest, [("model/0.weight", (box,))], who="rank 1 of tp=2")
+    assert str(e.value).startswith(
+        "on rank 1 of tp=2, the target tensor 'model/0.weight' needs elements [32:64, 0:16]"
+    )
+    with pytest.raises(DataError) as e:
+        plan_reads(manifest, [("model/0.weight", (Piece.whole("model/0.weight", (0,), (512,)),))])
+    assert str(e.value) == f"the model's tensor 'model/0.weight' is 1-dimensional ([0:512]), {tail}"
+    # and a restore into the larger model says the same
+    with pytest.raises(DataError) as e:
+        ek.Checkpointer(str(tmp_path)).restore({"model": torch.nn.Sequential(torch.nn.Linear(16, 64))})
+    assert "the model's tensor 'model/0.weight' needs elements [0:64, 0:16]" in str(e.value)
+    assert "has shape [32, 16]: they are different models" in str(e.value)
