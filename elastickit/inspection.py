@@ -11,7 +11,7 @@ from elastickit.checkpoint.catalog import (
     resolve,
     verify_checkpoint,
 )
-from elastickit.checkpoint.errors import ElastickitError, RequestError
+from elastickit.checkpoint.errors import ElastickitError, IncompleteCheckpointError, RequestError
 from elastickit.checkpoint.events import read_events
 from elastickit.checkpoint.manifest import MANIFEST_NAME
 
@@ -19,9 +19,48 @@ EVENTS_NAME = "events.jsonl"
 """The event log a `Checkpointer` keeps under its root (its default `events` path)."""
 
 
+FORMAT_NAMES = {
+    "dcp": "PyTorch DCP",
+    "deepspeed": "DeepSpeed",
+    "safetensors": "Hugging Face safetensors",
+}
+
+
+def foreign_format(path: str) -> str | None:
+    """The registered source format other than elastickit that `path` is (None if none)."""
+    from elastickit.reshard.adapters.registry import detect_format
+
+    try:
+        fmt = detect_format(path)
+    except RequestError:
+        return None
+    return None if fmt == "elastickit" else fmt
+
+
+def not_elastickit(path: str, fmt: str) -> RequestError:
+    """The one sentence for a checkpoint of another format where elastickit's is expected."""
+    return RequestError(
+        f"{path} is a {FORMAT_NAMES.get(fmt, fmt)} checkpoint, not an elastickit one; convert it "
+        f"first: elastickit convert {path} DST --from {fmt}",
+        path=path,
+    )
+
+
+def resolve_elastickit(path: str) -> str:
+    """`resolve` (a step directory, or a root's newest), naming the format and the conversion
+    when `path` holds another format's checkpoint (DCP, DeepSpeed, safetensors)."""
+    try:
+        return resolve(path)
+    except (IncompleteCheckpointError, RequestError):
+        fmt = foreign_format(path) if os.path.isdir(path) else None
+        if fmt is not None:
+            raise not_elastickit(path, fmt) from None
+        raise
+
+
 def inspect_checkpoint(path: str) -> dict[str, Any]:
     """A JSON-able summary of one checkpoint (a root resolves to its newest committed one)."""
-    ckpt = resolve(path)
+    ckpt = resolve_elastickit(path)
     m = load_manifest(ckpt)
     present = {}
     for name, rec in m.files.items():
@@ -58,7 +97,7 @@ def inspect_checkpoint(path: str) -> dict[str, Any]:
 
 def verify(path: str) -> dict[str, Any]:
     """Verify every checksum; returns the report (`ok` False with problems when corrupt)."""
-    ckpt = resolve(path)
+    ckpt = resolve_elastickit(path)
     problems = verify_checkpoint(ckpt)
     m = load_manifest(ckpt)
     return {
@@ -115,6 +154,10 @@ def list_root(root: str) -> list[dict[str, Any]]:
         rows.append(row)
     have = {r["step"] for r in rows}
     rows += [r for r in _skipped(root) if r["step"] not in have]
+    if not rows and os.path.isdir(root):
+        fmt = foreign_format(root)
+        if fmt is not None:
+            raise not_elastickit(root, fmt)
     return sorted(rows, key=lambda r: (r["step"], r["tier"]))
 
 

@@ -35,9 +35,10 @@ def reshard(
     as_json: bool = typer.Option(False, "--json", help="With --dry-run, print the plan as JSON."),
 ) -> None:
     """Reshard a checkpoint for another layout (the target's rules say how tensors split)."""
-    from elastickit.checkpoint.catalog import load_manifest, resolve
+    from elastickit.checkpoint.catalog import load_manifest
     from elastickit.checkpoint.errors import RequestError
     from elastickit.checkpoint.manifest import step_dir_name
+    from elastickit.inspection import resolve_elastickit
     from elastickit.reshard.layout import ParallelLayout
     from elastickit.reshard.offline import plan_reshard, reshard_checkpoint
     from elastickit.reshard.rules import RuleSet, load_rules
@@ -46,7 +47,7 @@ def reshard(
         layout = ParallelLayout.parse(to)
     except ValueError as e:
         raise RequestError(f"--to: {e}") from None
-    path = resolve(src)
+    path = resolve_elastickit(src)
     ruleset = (
         load_rules(rules)
         if rules
