@@ -33,13 +33,19 @@ INDEX_NAME = "model.safetensors.index.json"
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConvertReport:
-    """What a conversion wrote."""
+    """What a conversion wrote.
+
+    Attributes:
+        left_out: the source's logical tensors the target has no place for (a safetensors
+            model keeps the model weights only: the optimizer state is left out).
+    """
 
     source_format: str
     target_format: str
     num_tensors: int
     total_bytes: int
     files: tuple[str, ...]
+    left_out: tuple[str, ...] = ()
 
 
 def convert(
@@ -73,9 +79,12 @@ def convert(
     try:
         # Written into a hidden sibling and renamed onto `dst` when complete: a crash never
         # leaves a half conversion under the destination's name.
+        left_out: tuple[str, ...] = ()
         with staged_output([src, getattr(reader, "path", src)], dst) as out:
             if target == "safetensors":
                 files, n, size = _to_safetensors(reader, out, max_shard_bytes)
+                kept = set(model_weights(list(reader.tensors())).values())
+                left_out = tuple(sorted(set(reader.tensors()) - kept))
             elif target == "dcp":
                 files, n, size = _to_dcp(reader, out)
             else:
@@ -83,7 +92,12 @@ def convert(
     finally:
         reader.close()
     return ConvertReport(
-        source_format=fmt, target_format=target, num_tensors=n, total_bytes=size, files=tuple(files)
+        source_format=fmt,
+        target_format=target,
+        num_tensors=n,
+        total_bytes=size,
+        files=tuple(files),
+        left_out=left_out,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from ._console import human_bytes, out
+from ._console import err, human_bytes, out
 from ._errors import handled
 
 
@@ -74,6 +74,20 @@ def convert(
         ) from None
     options = {"trust_pickle": True} if trust_pickle else {}
     report = run(src, dst, source=from_, target=to, max_shard_bytes=limit, rules=ruleset, **options)
+    if report.left_out:
+        groups: dict[str, int] = {}
+        for name in report.left_out:
+            top = name.partition("/")[0]
+            groups[top] = groups.get(top, 0) + 1
+        what = ", ".join(f"{top}/: {n}" for top, n in sorted(groups.items()))
+        err.print(
+            f"note: left out {len(report.left_out)} of "
+            f"{report.num_tensors + len(report.left_out)} tensors ({what}) and the step: a "
+            "Hugging Face safetensors model holds the model weights only; use --to elastickit "
+            "or --to dcp to keep the optimizer state",
+            markup=False,
+            soft_wrap=True,
+        )
     resume = f"; resume with --ckpt {dst}" if to == "elastickit" else ""
     out.print(
         f"converted {src} ({report.source_format}) -> {dst} ({report.target_format}): "

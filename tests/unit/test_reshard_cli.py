@@ -265,3 +265,24 @@ def test_dcp_round_trip_keeps_the_step_and_the_rules(tmp_path):
     plan = json.loads(res.output)
     # w split over dp=2 (6x2 fp32 each); the parts of qkv, stored apart now, and norm whole
     assert [r["bytes_needed"] for r in plan["ranks"]] == [6 * 2 * 4 + (12 + 6 + 6) * 3 * 4 + 5 * 4] * 2
+
+
+def test_convert_to_safetensors_says_what_it_left_out(tmp_path):
+    """144 tensors -> 39 without a word (issue 13 item 18)."""
+    import elastickit as ek
+
+    m = torch.nn.Linear(4, 3)
+    o = torch.optim.AdamW(m.parameters())
+    m(torch.ones(1, 4)).sum().backward()
+    o.step()
+    with ek.Checkpointer(str(tmp_path / "ck")) as ck:
+        ck.save(7, {"model": m, "optim": o})
+    res = CliRunner().invoke(app, ["convert", str(tmp_path / "ck"), str(tmp_path / "hf"), "--to", "safetensors"])
+    assert res.exit_code == 0, res.output
+    assert (
+        "note: left out 6 of 8 tensors (optim/: 6) and the step: a Hugging Face safetensors model "
+        "holds the model weights only; use --to elastickit or --to dcp to keep the optimizer state"
+    ) in res.output
+    assert "2 tensors" in res.output
+    res = CliRunner().invoke(app, ["convert", str(tmp_path / "ck"), str(tmp_path / "d"), "--to", "dcp"])
+    assert res.exit_code == 0 and "left out" not in res.output
