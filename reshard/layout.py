@@ -145,6 +145,15 @@ class ParallelLayout:
                 values[key] = int(val)
             except ValueError:
                 raise ValueError(f"layout axis {key!r} needs an integer, got {val!r}") from None
+            # Checked here (not only in __post_init__) so the message names the text given.
+            if key == "zero" and not 0 <= values[key] <= 3:
+                raise ValueError(f"zero must be 0, 1, 2 or 3, got {values[key]} in {text!r}")
+            if key != "zero" and values[key] < 1:
+                raise ValueError(
+                    f"layout axis {key!r} must be at least 1, got {values[key]} in {text!r}"
+                )
+        if not values and order is None:
+            raise ValueError(f"layout {text!r} names no axis; give one such as tp=2 or dp=4")
         return cls(**values, **({"order": order} if order else {}))
 
     # -- the format's record --------------------------------------------------------------

@@ -4,6 +4,7 @@ engine function and registers itself here."""
 from __future__ import annotations
 
 import importlib
+import sys
 
 import typer
 
@@ -32,6 +33,24 @@ COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
+def _bare_flags() -> None:
+    """Show flags bare in help: Typer 0.29 labels them `<bool>`, as if they took a value."""
+    from typer.core import TyperOption
+
+    show = getattr(TyperOption, "display_type_rich", None)
+    if show is None or getattr(show, "elastickit", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: typer.Context) -> str | None:
+        return None if self.is_flag else show(self, ctx)
+
+    display_type_rich.elastickit = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_bare_flags()
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"elastickit {elastickit.__version__}")
@@ -58,9 +77,18 @@ for _name, _module, _func in COMMANDS:
     app.command(_name)(getattr(_mod, _func))
 
 
+def global_flags(argv: list[str]) -> list[str]:
+    """`--debug` is global: accept it after the subcommand too (up to a `--`) by moving it to
+    the front, where the top-level option reads it."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    if "--debug" not in argv[:end]:
+        return argv
+    return ["--debug", *(a for i, a in enumerate(argv) if not (i < end and a == "--debug"))]
+
+
 def main() -> None:
     """Entry point of the `elastickit` console script."""
-    app()
+    app(args=global_flags(sys.argv[1:]))
 
 
 if __name__ == "__main__":

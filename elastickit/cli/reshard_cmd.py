@@ -32,7 +32,9 @@ def reshard(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print each target rank's reads, bytes and peak memory only."
     ),
-    as_json: bool = typer.Option(False, "--json", help="With --dry-run, print the plan as JSON."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the plan (--dry-run) or what was written as JSON."
+    ),
 ) -> None:
     """Reshard a checkpoint for another layout (the target's rules say how tensors split)."""
     from elastickit.checkpoint.catalog import load_manifest
@@ -80,6 +82,23 @@ def reshard(
         raise RequestError("reshard needs a destination DST (or --dry-run)")
     with progress() as bar:
         manifest = reshard_checkpoint(src, dst, layout, ruleset, on_progress=bar)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "source": path,
+                    "destination": dst,
+                    "checkpoint": os.path.join(dst, step_dir_name(manifest.step)),
+                    "step": manifest.step,
+                    "target": str(layout),
+                    "world_size": manifest.world_size,
+                    "files": sorted(manifest.files),
+                    "total_bytes": manifest.total_bytes,
+                },
+                indent=1,
+            )
+        )
+        return
     out.print(
         f"wrote {os.path.join(dst, step_dir_name(manifest.step))}: step {manifest.step} for "
         f"{layout} ({len(manifest.files)} file(s), {human_bytes(manifest.total_bytes)} logical); "

@@ -58,7 +58,8 @@ class TrainRequest:
         n = self.resolved_layout().world_size
         if self.nproc is not None and self.nproc != n:
             raise RequestError(
-                f"--nproc {self.nproc} does not match --layout {self.layout} ({n} ranks); "
+                f"--nproc {self.nproc} does not match --layout {self.layout} "
+                f"({n} rank{'' if n == 1 else 's'}); "
                 f"pass --nproc {n} or change the layout"
             )
         return n

@@ -71,6 +71,8 @@ class TrainLayout:
                 raise ValueError(f"layout axis {axis!r} in {text!r} is not one of pp, dp, tp")
             if axis in degrees:
                 raise ValueError(f"layout {text!r} names {axis} twice")
+            if n < 1:  # checked here, so the message names the layout text, not this class
+                raise ValueError(f"layout axis {axis!r} in {text!r} must be at least 1, got {n}")
             degrees[axis] = n
         return cls(**degrees)
 

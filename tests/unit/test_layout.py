@@ -34,11 +34,12 @@ def test_declared_order():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("tp=0", "ParallelLayout.tp must be an integer >= 1"),
+        ("tp=0", "layout axis 'tp' must be at least 1, got 0 in 'tp=0'"),
         ("xp=2", "unknown layout axis 'xp'"),
         ("tp=two", "layout axis 'tp' needs an integer"),
         ("tp", "must look like axis=N"),
-        ("zero=4", "ParallelLayout.zero must be 0, 1, 2 or 3"),
+        ("zero=4", "zero must be 0, 1, 2 or 3, got 4 in 'zero=4'"),
+        ("", "names no axis"),
         ("tp=2,tp=2", "given twice"),
         ("order=tp.qq", "layout order"),
     ],
