@@ -20,8 +20,11 @@ def inspect(
     """Show a checkpoint's step, layout, tensors, files and integrity."""
     from rich.table import Table
 
+    from elastickit.checkpoint.errors import RequestError
     from elastickit.inspection import inspect_checkpoint
 
+    if tensors < 0:
+        raise RequestError(f"--tensors {tensors}: give how many tensors to list, or 0 for all")
     info = inspect_checkpoint(ckpt)
     if as_json:
         print(json.dumps(info, indent=1))

@@ -94,3 +94,9 @@ def test_convert_size_and_unreadable_safetensors(ck, tmp_path):
         f"error: {tmp_path / 'hf' / 'model.safetensors'} is not a readable safetensors file ("
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_inspect_negative_tensor_count(ck):
+    res = _run("inspect", ck, "--tensors", "-5")
+    assert res.exit_code == 2
+    assert res.output == "error: --tensors -5: give how many tensors to list, or 0 for all\n"
