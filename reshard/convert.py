@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,9 +57,12 @@ def convert(
     target: str = "elastickit",
     max_shard_bytes: int = 5 * 2**30,
     rules: RuleSet | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
     **options: Any,
 ) -> ConvertReport:
     """Convert checkpoint `src` (format `source`) into `dst` (format `target`).
+
+    `on_progress("reading", done, total)` is called after each tensor read (for a progress bar).
 
     `rules` (with target elastickit) are stored in the new manifest, so that `elastickit reshard`
     later knows how the model's tensors split; without them, the source's rules are kept where
@@ -76,11 +80,15 @@ def convert(
     check_destination(src, dst)  # before a byte of the source is read
     fmt = detect_format(src) if source == "auto" else source
     reader = open_source(src, fmt, **options)
+    if on_progress is not None:
+        names = list(reader.tensors())
+        total = len(model_weights(names)) if target == "safetensors" else len(names)
+        reader = _Counting(reader, on_progress, total)
     try:
         # Written into a hidden sibling and renamed onto `dst` when complete: a crash never
         # leaves a half conversion under the destination's name.
         left_out: tuple[str, ...] = ()
-        with staged_output([src, getattr(reader, "path", src)], dst) as out:
+        with staged_output([src, getattr(reader, "path", None) or src], dst) as out:
             if target == "safetensors":
                 files, n, size = _to_safetensors(reader, out, max_shard_bytes)
                 kept = set(model_weights(list(reader.tensors())).values())
@@ -101,6 +109,32 @@ def convert(
     )
 
 
+class _Counting:
+    """A `LogicalSource` that reports each tensor it reads to `on_progress`."""
+
+    def __init__(
+        self, inner: LogicalSource, on_progress: Callable[[str, int, int], None], total: int
+    ) -> None:
+        self.inner, self.on_progress, self.total, self.done = inner, on_progress, total, 0
+        self.step, self.rules = inner.step, inner.rules
+        self.path = getattr(inner, "path", None)
+
+    def tensors(self) -> dict[str, Any]:
+        return self.inner.tensors()
+
+    def read(self, name: str) -> Any:
+        t = self.inner.read(name)
+        self.done += 1
+        self.on_progress("reading", self.done, self.total)
+        return t
+
+    def objects(self) -> dict[str, Any]:
+        return self.inner.objects()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def _to_deepspeed_universal(src: str, dst: str, source: str, *, tag: str | None = None,
                             trust_pickle: bool = False, **_: Any) -> ConvertReport:
     """DeepSpeed's universal format straight from a DeepSpeed checkpoint (no logical detour, no
@@ -112,9 +146,13 @@ def _to_deepspeed_universal(src: str, dst: str, source: str, *, tag: str | None 
         raise RequestError(
             f"--to deepspeed-universal needs a DeepSpeed checkpoint (--from deepspeed); {src} is not one",
             path=src)
+    from .adapters.deepspeed import resolve_folder
     from .destination import check_destination
 
-    final = check_destination(src, dst)
+    # DeepSpeed keeps a universal checkpoint next to its tag, in the save_dir (with
+    # `latest_universal`): only the tag folder read is off limits, not the save_dir.
+    folder, _ = resolve_folder(src, tag)
+    final = check_destination(folder, dst)
     if os.path.isdir(final):
         os.rmdir(final)  # write_universal creates it
     with DeepSpeedCheckpoint(src, tag=tag, trust_pickle=trust_pickle) as ck:

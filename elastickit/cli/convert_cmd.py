@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from ._console import err, human_bytes, out
+from ._console import err, human_bytes, out, progress
 from ._errors import handled
 
 
@@ -73,7 +73,17 @@ def convert(
             f"--max-shard-size {max_shard_size!r} is not a size such as 500MB or 5GB"
         ) from None
     options = {"trust_pickle": True} if trust_pickle else {}
-    report = run(src, dst, source=from_, target=to, max_shard_bytes=limit, rules=ruleset, **options)
+    with progress() as bar:
+        report = run(
+            src,
+            dst,
+            source=from_,
+            target=to,
+            max_shard_bytes=limit,
+            rules=ruleset,
+            on_progress=bar,
+            **options,
+        )
     if report.left_out:
         groups: dict[str, int] = {}
         for name in report.left_out:

@@ -172,3 +172,18 @@ def test_a_crash_mid_convert_leaves_no_destination(c1, tmp_path, to):
     res = _run(*args)  # the next run is not blocked, and removes the dead run's partial output
     assert res.exit_code == 0, res.output
     assert not any(n.startswith(".out.partial-") for n in os.listdir(tmp_path))
+
+
+def test_deepspeed_universal_goes_next_to_its_tag_not_into_it(tmp_path):
+    from tests.unit.test_deepspeed_layout import _zero3
+
+    tag = tmp_path / "ds" / "global_step7"
+    tag.mkdir(parents=True)
+    _zero3(tag)
+    (tmp_path / "ds" / "latest").write_text("global_step7")
+    res = _run("convert", tmp_path / "ds", tag / "u", "--to", "deepspeed-universal")
+    assert res.exit_code == 2 and f"{tag / 'u'} lies inside the source {tag}" in res.output
+    # DeepSpeed's own layout: the universal folder beside the tag, in the save_dir
+    res = _run("convert", tmp_path / "ds", tmp_path / "ds" / "global_step7_universal", "--to", "deepspeed-universal")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "ds" / "latest_universal").read_text().strip() == "global_step7_universal"

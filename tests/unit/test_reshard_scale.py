@@ -79,3 +79,7 @@ def test_long_work_shows_progress_on_a_terminal(ck, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     text = buf.getvalue()
     assert "planning" in text and "writing" in text and "6/6" in text
+    buf.truncate(0)
+    res = CliRunner().invoke(app, ["convert", ck, str(tmp_path / "v"), "--to", "dcp"])
+    assert res.exit_code == 0, res.output
+    assert "reading" in buf.getvalue() and "2/2" in buf.getvalue()
