@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from elastickit.reshard.layout import ParallelLayout
+from elastickit.reshard.virtual import save_virtual
 from typer.testing import CliRunner
 
 from elastickit.cli.main import app
-from elastickit.reshard.layout import ParallelLayout
-from elastickit.reshard.virtual import save_virtual
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,20 +42,26 @@ SHARD = '[[rule]]\nmatch = "model/w"\nops = [{{op = "shard", dim = {dim}, axis =
     [
         (
             SHARD.format(dim=5),
-            "rule 'model/w' does not fit tensor 'model/w': shard.dim is 5 but the tensor has 2 "
-            "dim(s) (shape [32, 16]); use a dim from 0 to 1",
+            (
+                "rule 'model/w' does not fit tensor 'model/w': shard.dim is 5 but the tensor "
+                "has 2 dim(s) (shape [32, 16]); use a dim from 0 to 1"
+            ),
         ),
         (
             '[[rule]]\nmatch = "model/w"\nops = [{op = "pad", dim = 3, size = 30}]\n',
-            "rule 'model/w' does not fit tensor 'model/w': pad.dim is 3 but the tensor has 2 "
-            "dim(s) (shape [32, 16]); use a dim from 0 to 1",
+            (
+                "rule 'model/w' does not fit tensor 'model/w': pad.dim is 3 but the tensor has "
+                "2 dim(s) (shape [32, 16]); use a dim from 0 to 1"
+            ),
         ),
         ('[[rule]]\nmatch = 5\n', "{p}: rule 0: 'match' must be a name pattern or a list of them, got 5"),
         ("rule = 5\n", "{p}: the rules must be a list of [[rule]] tables, got 5"),
         (
             '[[rule]]\nmatch = "model/w"\nops = [{op = "rename", src = "w", dst = "{zz}"}]\n',
-            "{p}: rule 0 (model/w) is malformed: rename.dst '{{zz}}' uses {{zz}}, which is not a "
-            "named group (?P<zz>...) of rename.src 'w'",
+            (
+                "{p}: rule 0 (model/w) is malformed: rename.dst '{{zz}}' uses {{zz}}, which is "
+                "not a named group (?P<zz>...) of rename.src 'w'"
+            ),
         ),
         ('[[rule]]\nmatch = "model/w"\nops = 3\n', "{p}: rule 0 (model/w): 'ops' must be a list of tables"),
     ],

@@ -9,11 +9,11 @@ import threading
 
 import pytest
 import torch
+from elastickit.checkpoint import writer as writer_mod
+from elastickit.checkpoint.tiers import Tiers
 from typer.testing import CliRunner
 
 import elastickit as ek
-from elastickit.checkpoint import writer as writer_mod
-from elastickit.checkpoint.tiers import Tiers
 from elastickit.cli.main import app
 
 pytestmark = pytest.mark.timeout(90)

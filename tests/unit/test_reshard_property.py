@@ -248,11 +248,12 @@ def test_merge_average_and_check(tmp_path, a, b):
 def test_a_model_larger_than_the_checkpoint_is_named_plainly(tmp_path):
     """Was: `'model/0.weight' wants rows up to 64 of 'model/0.weight' whose global shape is
     [32, 16]` (issue 13 item 16)."""
-    import elastickit as ek
     from elastickit.checkpoint.catalog import load_manifest
     from elastickit.checkpoint.errors import DataError
     from elastickit.checkpoint.items import Piece
     from elastickit.reshard.planner import plan_reads
+
+    import elastickit as ek
 
     with ek.Checkpointer(str(tmp_path)) as ck:
         ck.save(1, {"model": torch.nn.Sequential(torch.nn.Linear(16, 32))})

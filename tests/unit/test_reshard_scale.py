@@ -8,15 +8,15 @@ import json
 
 import pytest
 import torch
+from elastickit.reshard import offline
+from elastickit.reshard.layout import ParallelLayout
+from elastickit.reshard.rules import RuleSet, rule, shard
+from elastickit.reshard.virtual import save_virtual
 from rich.console import Console
 from typer.testing import CliRunner
 
 from elastickit.cli import _console
 from elastickit.cli.main import app
-from elastickit.reshard import offline
-from elastickit.reshard.layout import ParallelLayout
-from elastickit.reshard.rules import RuleSet, rule, shard
-from elastickit.reshard.virtual import save_virtual
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,7 +52,7 @@ def test_ranks_that_only_replicate_share_one_plan(ck, monkeypatch):
 
     monkeypatch.setattr(offline, "target_tensors", counted)
     seen = []
-    manifest, plans = offline.plan_reshard(
+    _, plans = offline.plan_reshard(
         ck + "/step-00000003", ParallelLayout(dp=4096, tp=2), RULES,
         on_progress=lambda phase, done, total: seen.append((phase, done, total)),
     )
