@@ -86,7 +86,7 @@ def parse_fault(text: str, world_size: int) -> FaultSpec:
         if key in values and not 0 <= values[key] < world_size:
             raise RequestError(
                 f"--inject {text!r}: {key}={values[key]} is outside the world of "
-                f"{world_size} ranks; use 0..{world_size - 1}."
+                f"{world_size} rank{'' if world_size == 1 else 's'}; use 0..{world_size - 1}."
             )
     if "ms" in values and values["ms"] <= 0:
         raise RequestError(f"--inject {text!r}: ms must be positive; give the delay in ms.")

@@ -54,7 +54,8 @@ def train(
         inject=tuple(inject or ()),
         events=events,
         monitor=monitor,
-        extra_args=("--pp-schedule", pp_schedule, "--dp-mode", dp_mode),
+        pp_schedule=pp_schedule,
+        dp_mode=dp_mode,
     )
     code = launch(req)
     if code != 0:

@@ -1,8 +1,10 @@
 """Launch the reference trainer under torchrun (the logic behind `elastickit train`).
 
-`TrainRequest` is checked before anything starts (layout, rank count, model name, whether
-fault injection exists in this build); `torchrun_command` is pure, so tests see the exact
-command; `launch` runs it with stdout/stderr passed through and returns torchrun's exit code.
+`TrainRequest.check` finds, before anything starts, whatever the workers would otherwise
+fail on one error per rank: the layout, rank count, model, parallel modes, the `--inject`
+faults (`preflight`). `TrainRequest.check_paths` then looks at the disk: the checkpoint root
+must hold the same model. `torchrun_command` is pure, so tests see the exact command; `launch`
+runs it with stdout/stderr passed through and returns torchrun's exit code.
 """
 
 from __future__ import annotations
@@ -10,15 +12,22 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 from elastickit.checkpoint.errors import RequestError
 
 from .model import CONFIGS
 from .parallel import TrainLayout
+from .preflight import plural
+
+if TYPE_CHECKING:
+    from .loop import TrainConfig
 
 __all__ = ["TrainRequest", "launch", "torchrun_command"]
+
+PP_SCHEDULES = ("gpipe", "1f1b")
+DP_MODES = ("fsdp", "replicate")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,11 +49,15 @@ class TrainRequest:
     inject: tuple[str, ...] = ()
     """Fault specs for elastickit.faults."""
     events: str | None = None
-    """Events file for the monitor."""
+    """Events file for the monitor (None: `<ckpt>/events.jsonl`, or ./events.jsonl)."""
     monitor: bool | None = None
     """Probe the collectives; None: on when inject or events is given."""
+    pp_schedule: str = "gpipe"
+    """Pipeline schedule: gpipe or 1f1b."""
+    dp_mode: str = "fsdp"
+    """Data parallel: fsdp (FSDP2) or replicate."""
     extra_args: tuple[str, ...] = ()
-    """More worker flags, passed through verbatim (e.g. ("--pp-schedule", "1f1b"))."""
+    """More worker flags, passed through verbatim (e.g. ("--global-batch", "16"))."""
 
     def resolved_layout(self) -> TrainLayout:
         """The layout; RequestError if it does not parse."""
@@ -59,8 +72,7 @@ class TrainRequest:
         if self.nproc is not None and self.nproc != n:
             raise RequestError(
                 f"--nproc {self.nproc} does not match --layout {self.layout} "
-                f"({n} rank{'' if n == 1 else 's'}); "
-                f"pass --nproc {n} or change the layout"
+                f"({plural(n, 'rank')}); pass --nproc {n} or change the layout"
             )
         return n
 
@@ -68,25 +80,100 @@ class TrainRequest:
         """--monitor/--no-monitor, defaulting to on when faults or events are asked for."""
         return bool(self.inject or self.events) if self.monitor is None else self.monitor
 
+    def events_path(self) -> str:
+        """Where the monitor writes its events (the checkpoint root's log by default, where
+        the `auto` interval policy learns the failure rate from them)."""
+        return self.events or os.path.join(self.ckpt or ".", "events.jsonl")
+
+    def worker_flags(self) -> list[str]:
+        """The flags every worker gets (after `-m elastickit.trainer.worker`)."""
+        flags = ["--layout", str(self.resolved_layout()), "--steps", str(self.steps)]
+        flags += ["--model", self.model, "--every", str(self.every)]
+        flags += ["--pp-schedule", self.pp_schedule, "--dp-mode", self.dp_mode]
+        if self.ckpt:
+            flags += ["--ckpt", self.ckpt]
+        for spec in self.inject:
+            flags += ["--inject", spec]
+        if self.monitor_on():
+            # Not `--monitor`: torchrun would take it as an abbreviation of its --monitor-interval.
+            flags += ["--collective-monitor", "--events", self.events_path()]
+        elif self.events:
+            flags += ["--events", self.events]
+        return flags + list(self.extra_args)
+
     def check(self) -> None:
-        """Raise RequestError for anything that would fail after launch."""
-        self.resolved_nproc()
+        """Raise RequestError for anything in the request that would fail after launch."""
+        world = self.resolved_nproc()
         if self.model not in CONFIGS:
             raise RequestError(
                 f"--model {self.model!r} is unknown; choose one of {', '.join(CONFIGS)}"
             )
         if self.steps < 1 or self.every < 1:
             raise RequestError("--steps and --every must be positive")
+        for flag, value, choices in (
+            ("--pp-schedule", self.pp_schedule, PP_SCHEDULES),
+            ("--dp-mode", self.dp_mode, DP_MODES),
+        ):
+            if value not in choices:
+                raise RequestError(f"{flag} {value!r} is unknown; choose {' or '.join(choices)}")
         if (self.inject or self.events) and importlib.util.find_spec("elastickit.faults") is None:
             raise RequestError(
                 "fault injection is not available in this build; drop --inject/--events"
             )
+        cfg = self._config()
+        from .preflight import check_faults, check_layout
+
+        check_layout(
+            self.model,
+            cfg.model_config(),
+            cfg.train_layout(),
+            global_batch=cfg.global_batch,
+            grad_accum=cfg.grad_accum,
+            dp_mode=cfg.dp_mode,
+        )
+        check_faults(
+            self.inject, world_size=world, steps=self.steps, first_step=0, monitor=self.monitor_on()
+        )
+
+    def check_paths(self) -> int:
+        """Check what the job will read and write; return the step it resumes after (0: a fresh
+        run). RequestError if the root's newest checkpoint holds another model, or if an
+        `--inject` step falls before the resumed step."""
+        from .preflight import check_checkpoint_model, check_faults, model_tensors
+
+        if not self.ckpt:
+            return 0
+        cfg = CONFIGS[self.model]
+        start = check_checkpoint_model(self.ckpt, self.model, model_tensors(cfg))
+        check_faults(
+            self.inject,
+            world_size=self.resolved_nproc(),
+            steps=self.steps,
+            first_step=start,
+            monitor=self.monitor_on(),
+        )
+        return start
+
+    def _config(self) -> TrainConfig:
+        """The TrainConfig the workers will build from `worker_flags`."""
+        from .worker import build_parser, config_from_args
+
+        parser = build_parser()
+
+        def refuse(message: str) -> None:
+            raise RequestError(f"worker flags {' '.join(self.extra_args)!r}: {message}")
+
+        parser.error = refuse  # type: ignore[method-assign] - a sentence, not usage + exit 2
+        try:
+            return config_from_args(parser.parse_args(self.worker_flags()))
+        except ValueError as e:
+            raise RequestError(f"{e}; check --steps, --every and the worker flags") from e
 
 
 def torchrun_command(req: TrainRequest, python: str = sys.executable) -> list[str]:
     """The torchrun command line for `req` (standalone rendezvous on a free local port)."""
     req.check()
-    cmd = [
+    return [
         python,
         "-m",
         "torch.distributed.run",
@@ -95,30 +182,19 @@ def torchrun_command(req: TrainRequest, python: str = sys.executable) -> list[st
         str(req.resolved_nproc()),
         "-m",
         "elastickit.trainer.worker",
-        "--layout",
-        str(req.resolved_layout()),
-        "--steps",
-        str(req.steps),
-        "--model",
-        req.model,
-        "--every",
-        str(req.every),
+        *req.worker_flags(),
     ]
-    if req.ckpt:
-        cmd += ["--ckpt", req.ckpt]
-    for spec in req.inject:
-        cmd += ["--inject", spec]
-    if req.events:
-        cmd += ["--events", req.events]
-    if req.monitor_on():
-        # Not `--monitor`: torchrun would take it as an abbreviation of its --monitor-interval.
-        cmd.append("--collective-monitor")
-    return cmd + list(req.extra_args)
 
 
 def launch(req: TrainRequest) -> int:
-    """Run the job; stream its output; return torchrun's exit code."""
+    """Check the request, run the job with stdout/stderr passed through; torchrun's exit code.
+
+    RequestError (before anything starts) for a request that would fail after launch.
+    """
+    import subprocess
+
     cmd = torchrun_command(req)
+    req.check_paths()
     env = dict(os.environ)
     # Each worker opens its own store client instead of sharing torchrun's rendezvous store:
     # avoids a teardown race of the shared TCPStore on some torch versions.

@@ -71,8 +71,10 @@ class TrainLayout:
                 raise ValueError(f"layout axis {axis!r} in {text!r} is not one of pp, dp, tp")
             if axis in degrees:
                 raise ValueError(f"layout {text!r} names {axis} twice")
-            if n < 1:  # checked here, so the message names the layout text, not this class
-                raise ValueError(f"layout axis {axis!r} in {text!r} must be at least 1, got {n}")
+            if n < 1:
+                raise ValueError(
+                    f"{axis}={n}: an axis needs at least 1 rank (write {axis}=1 or leave it out)"
+                )
             degrees[axis] = n
         return cls(**degrees)
 

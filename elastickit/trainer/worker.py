@@ -18,8 +18,12 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-__all__ = ["build_parser", "main"]
+if TYPE_CHECKING:
+    from .loop import TrainConfig
+
+__all__ = ["build_parser", "config_from_args", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +47,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collective-monitor", action="store_true", dest="monitor")
     p.add_argument("--result", default=None, help="rank 0 writes the TrainResult here as JSON")
     return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig the worker flags describe (ValueError for a bad value)."""
+    from .loop import TrainConfig
+
+    return TrainConfig(
+        model=args.model,
+        layout=args.layout,
+        steps=args.steps,
+        stop_after=args.stop_after,
+        global_batch=args.global_batch,
+        seq_len=args.seq_len,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        seed=args.seed,
+        dp_mode=args.dp_mode,
+        pp_schedule=args.pp_schedule,
+        ckpt_dir=args.ckpt,
+        ckpt_every=args.every,
+    )
 
 
 def _backend(monitor: bool) -> str:
@@ -92,26 +117,13 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from .hooks import PrintHook
-    from .loop import TrainConfig, run_training
+    from .loop import run_training
+    from .preflight import plural
 
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cfg = TrainConfig(
-        model=args.model,
-        layout=args.layout,
-        steps=args.steps,
-        stop_after=args.stop_after,
-        global_batch=args.global_batch,
-        seq_len=args.seq_len,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        seed=args.seed,
-        dp_mode=args.dp_mode,
-        pp_schedule=args.pp_schedule,
-        ckpt_dir=args.ckpt,
-        ckpt_every=args.every,
-    )
+    cfg = config_from_args(args)
     layout = cfg.train_layout()
     if layout.world_size != world_size:
         raise ValueError(
@@ -126,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         mcfg = cfg.model_config()
         print(
             f"elastickit train: model {args.model} ({mcfg.num_params():,} params), layout {layout} "
-            f"on {world_size} rank(s), {args.steps} steps, global batch {cfg.global_batch}x{cfg.seq_len}",
+            f"on {plural(world_size, 'rank')}, {args.steps} steps, global batch {cfg.global_batch}x{cfg.seq_len}",
             flush=True,
         )
         hooks.append(PrintHook(cfg.steps))
