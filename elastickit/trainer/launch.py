@@ -3,8 +3,8 @@
 `TrainRequest.check` finds, before anything starts, whatever the workers would otherwise
 fail on one error per rank: the layout, rank count, model, parallel modes, the `--inject`
 faults (`preflight`). `TrainRequest.check_paths` then looks at the disk: the checkpoint root
-must hold the same model. `torchrun_command` is pure, so tests see the exact command; `launch`
-runs it with stdout/stderr passed through and returns torchrun's exit code.
+must be writable and hold the same model. `torchrun_command` is pure, so tests see the exact
+command; `launch` runs it with stdout/stderr passed through and returns torchrun's exit code.
 """
 
 from __future__ import annotations
@@ -137,12 +137,16 @@ class TrainRequest:
 
     def check_paths(self) -> int:
         """Check what the job will read and write; return the step it resumes after (0: a fresh
-        run). RequestError if the root's newest checkpoint holds another model, or if an
-        `--inject` step falls before the resumed step."""
-        from .preflight import check_checkpoint_model, check_faults, model_tensors
+        run). RequestError if the checkpoint root or events file cannot be written, if the
+        root's newest checkpoint holds another model, or if an `--inject` step falls before
+        the resumed step."""
+        from .preflight import check_checkpoint_model, check_faults, check_writable, model_tensors
 
+        if self.monitor_on() or self.events:
+            check_writable(os.path.dirname(os.path.abspath(self.events_path())), "--events")
         if not self.ckpt:
             return 0
+        check_writable(self.ckpt, "--ckpt")
         cfg = CONFIGS[self.model]
         start = check_checkpoint_model(self.ckpt, self.model, model_tensors(cfg))
         check_faults(

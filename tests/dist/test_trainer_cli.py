@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from elastickit.checkpoint.catalog import list_checkpoints
@@ -67,3 +69,41 @@ def test_train_refuses_a_checkpoint_of_another_model(tmp_path) -> None:
         f"error: --ckpt {ckpt}: its checkpoint of step 2 holds another model: "
     ), r.stderr
     assert r.stderr.rstrip().endswith("pass --model tiny, or another --ckpt")
+
+
+def _unprivileged() -> list[str]:
+    """A command prefix that runs as a user who cannot write a 0o555 directory (root can)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: cannot make a directory unwritable")
+    prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run(
+        [*prefix, sys.executable, "-c", "import elastickit.trainer.launch"],
+        capture_output=True, env=_env(), cwd=tempfile.gettempdir(), check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"cannot run this Python as user nobody: {probe.stderr.decode()[-300:]}")
+    return prefix
+
+
+def test_train_refuses_a_read_only_checkpoint_root_before_launch() -> None:
+    prefix = _unprivileged()
+    base = tempfile.mkdtemp(prefix="ek-ro-")  # not under pytest's 0o700 tmp: nobody must reach it
+    ro = os.path.join(base, "ckpt")
+    try:
+        os.chmod(base, 0o755)
+        os.mkdir(ro)
+        os.chmod(ro, 0o555)
+        r = subprocess.run(
+            [*prefix, *CLI, "--layout", "dp=2", "--steps", "3", "--ckpt", ro, "--every", "1"],
+            capture_output=True, text=True, timeout=200, env=_env(), cwd=base, check=False,
+        )
+        assert (r.returncode, r.stdout) == (2, ""), r.stdout + r.stderr
+        assert r.stderr == (
+            f"error: --ckpt {ro} cannot be written (Permission denied); pass a writable directory\n"
+        )
+    finally:
+        os.chmod(ro, 0o755)
+        shutil.rmtree(base)

@@ -139,3 +139,15 @@ def test_a_fault_before_the_resumed_step_is_refused(tiny_root: str) -> None:
     with pytest.raises(RequestError, match=r"resumes after step 2 .* so step 2 never runs; use a step from 3 to 4"):
         TrainRequest(ckpt=tiny_root, steps=4, inject=("crash:rank=0:step=2",)).check_paths()
     TrainRequest(ckpt=tiny_root, steps=4, inject=("crash:rank=0:step=3",)).check_paths()
+
+
+def test_a_checkpoint_root_that_cannot_be_written_is_refused(tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(RequestError, match=r"^--ckpt \S+/file is a file, not a directory"):
+        TrainRequest(ckpt=str(blocker)).check_paths()
+    with pytest.raises(RequestError, match=r"^--ckpt \S+/file/ckpt cannot be written \(Not a directory\)"):
+        TrainRequest(ckpt=str(blocker / "ckpt")).check_paths()
+    fresh = tmp_path / "a" / "b"
+    assert TrainRequest(ckpt=str(fresh)).check_paths() == 0
+    assert fresh.is_dir() and not list(fresh.iterdir())  # the probe file is gone
