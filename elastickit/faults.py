@@ -142,10 +142,16 @@ class Hang(_NoOp):
 
 
 class Crash(_NoOp):
-    """At `step`, exit the process at once (no cleanup, like a killed node)."""
+    """At `step`, exit the process at once (no cleanup, like a killed node).
 
-    def __init__(self, spec: FaultSpec) -> None:
+    With the monitor's hook given, its heartbeat is sent first: the monitor ships heartbeats
+    every 0.2 s, so the last one would otherwise often name the step before, and the crash
+    event would not say the step this hook announces.
+    """
+
+    def __init__(self, spec: FaultSpec, monitor: MonitorHook | None = None) -> None:
         self.spec = spec
+        self.monitor = monitor
 
     def on_step_start(self, step: int) -> None:
         if step >= self.spec.step:
@@ -154,6 +160,8 @@ class Crash(_NoOp):
                 file=sys.stderr,
                 flush=True,
             )
+            if self.monitor is not None:
+                self.monitor.beat()
             os._exit(CRASH_EXIT_CODE)
 
 
@@ -251,6 +259,11 @@ class MonitorHook(_NoOp):
     def on_step_end(self, step: int, loss: float, step_time_s: float) -> None:
         self._ensure().on_step_end(step, loss, step_time_s)
 
+    def beat(self) -> None:
+        """Send this rank's heartbeat (its current step) now."""
+        if self.monitor is not None:
+            self.monitor.reporter.beat()
+
     def close(self) -> None:
         if self.monitor is not None:
             self.monitor.close()
@@ -280,10 +293,10 @@ def build_step_hooks(
     if abort_on_hang is None:
         abort_on_hang = any(p.kind == "hang" for p in parsed)
     hooks: list[StepHook] = []
+    monitor = None
     if events_path:
-        hooks.append(
-            MonitorHook(events_path, abort_on_hang=abort_on_hang, metrics_port=metrics_port)
-        )
+        monitor = MonitorHook(events_path, abort_on_hang=abort_on_hang, metrics_port=metrics_port)
+        hooks.append(monitor)
     for spec in parsed:
         if spec.kind == "slowlink":  # on every rank: all members of a shared group delay
             hooks.append(SlowLink(spec, rank))
@@ -294,5 +307,5 @@ def build_step_hooks(
         elif spec.kind == "hang":
             hooks.append(Hang(spec))
         elif spec.kind == "crash":
-            hooks.append(Crash(spec))
+            hooks.append(Crash(spec, monitor))
     return hooks

@@ -176,6 +176,10 @@ class Reporter:
             entered_p2p=tuple(sorted((g, o, p, s) for (g, o, p), s in entered_p2p.items())),
         )
 
+    def beat(self) -> None:
+        """Send a heartbeat now (with the current step), from the calling thread."""
+        self._send_heartbeat()
+
     def _send_heartbeat(self) -> None:
         try:
             self.store.set(heartbeat_key(self.prefix, self.rank), self.heartbeat().to_json())
