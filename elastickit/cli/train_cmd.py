@@ -57,7 +57,10 @@ def train(
         pp_schedule=pp_schedule,
         dp_mode=dp_mode,
     )
-    code = launch(req)
-    if code != 0:
-        print(f"error: the training job exited with code {code}", file=sys.stderr)
-        raise typer.Exit(code if code in (1, 2) else 1)
+    outcome = launch(req)
+    for line in outcome.summary:
+        print(line, flush=True)
+    for i, line in enumerate(outcome.errors):
+        print(f"error: {line}" if i == 0 else line, file=sys.stderr, flush=True)
+    if outcome.exit_code:
+        raise typer.Exit(outcome.exit_code)

@@ -4,7 +4,7 @@
 fail on one error per rank: the layout, rank count, model, parallel modes, the `--inject`
 faults (`preflight`). `TrainRequest.check_paths` then looks at the disk: the checkpoint root
 must be writable and hold the same model. `torchrun_command` is pure, so tests see the exact
-command; `launch` runs it with stdout/stderr passed through and returns torchrun's exit code.
+command; `launch` runs it under `supervise.run_job` and returns what happened.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .preflight import plural
 if TYPE_CHECKING:
     from .loop import TrainConfig
 
-__all__ = ["TrainRequest", "launch", "torchrun_command"]
+__all__ = ["TrainOutcome", "TrainRequest", "launch", "log_path", "torchrun_command"]
 
 PP_SCHEDULES = ("gpipe", "1f1b")
 DP_MODES = ("fsdp", "replicate")
@@ -190,12 +190,43 @@ def torchrun_command(req: TrainRequest, python: str = sys.executable) -> list[st
     ]
 
 
-def launch(req: TrainRequest) -> int:
-    """Check the request, run the job with stdout/stderr passed through; torchrun's exit code.
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TrainOutcome:
+    """How a launched job ended, and what to tell the user."""
+
+    exit_code: int
+    """0 done, 1 the job failed, 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM)."""
+    summary: tuple[str, ...]
+    """Lines for stdout after the job's own (its checkpoints)."""
+    errors: tuple[str, ...]
+    """Lines for stderr: what happened and how to resume (empty when it succeeded)."""
+    log_path: str
+    """Where the workers' and torchrun's stderr went."""
+
+
+def log_path(req: TrainRequest) -> str:
+    """The job's log: `<ckpt>/train.log` (appended across runs), else a new temporary file."""
+    if req.ckpt:
+        return os.path.join(req.ckpt, "train.log")
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="elastickit-train-", suffix=".log")
+    os.close(fd)
+    return path
+
+
+def launch(req: TrainRequest) -> TrainOutcome:
+    """Check the request, run the job under `supervise.run_job`, say how it ended.
 
     RequestError (before anything starts) for a request that would fail after launch.
     """
-    import subprocess
+    import time
+
+    from elastickit.checkpoint.catalog import list_checkpoints
+    from elastickit.checkpoint.events import read_events
+
+    from . import report
+    from .supervise import run_job
 
     cmd = torchrun_command(req)
     req.check_paths()
@@ -204,4 +235,38 @@ def launch(req: TrainRequest) -> int:
     # avoids a teardown race of the shared TCPStore on some torch versions.
     env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.run(cmd, env=env, check=False).returncode
+    log = log_path(req)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    result = run_job(cmd, env=env, log_path=log, header=f"=== {stamp} {' '.join(cmd)}")
+    # This run's records: the monitor's events and the Checkpointer's (<ckpt>/events.jsonl).
+    paths = {req.events_path()} | ({os.path.join(req.ckpt, "events.jsonl")} if req.ckpt else set())
+    events = [
+        e
+        for path in sorted(paths)
+        for e in read_events(path)
+        if float(e.get("time", 0)) >= result.started_s
+    ]
+    summary: list[str] = []
+    if result.returncode == 0 and result.stopped_by is None:
+        if not req.ckpt:  # a temporary log nobody was pointed to
+            os.unlink(log)
+        return TrainOutcome(exit_code=0, summary=tuple(summary), errors=(), log_path=log)
+    with open(log, encoding="utf-8", errors="replace") as f:
+        f.seek(result.log_offset)
+        text = f.read()
+    done = [c.step for c in list_checkpoints(req.ckpt) if c.complete] if req.ckpt else []
+    errors = (
+        report.failure_line(
+            returncode=result.returncode,
+            stopped_by=result.stopped_by,
+            events=events,
+            log_text=text,
+            world_size=req.resolved_nproc(),
+            inject=req.inject,
+        ),
+        report.resume_line(
+            ckpt=req.ckpt, last_step=done[-1] if done else None, inject=req.inject, log_path=log
+        ),
+    )
+    code = 128 + result.stopped_by if result.stopped_by is not None else 1
+    return TrainOutcome(exit_code=code, summary=tuple(summary), errors=errors, log_path=log)

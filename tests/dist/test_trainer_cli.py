@@ -1,17 +1,20 @@
 """`elastickit train` end to end: torchrun starts the ranks, rank 0 prints each step; a bad
-request ends in one sentence before launch."""
+request, a crash, a signal each end in one sentence, and no worker outlives the command."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 
+import psutil
 import pytest
 from elastickit.checkpoint.catalog import list_checkpoints
+from elastickit.checkpoint.events import read_events
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -45,6 +48,7 @@ def test_train_prints_steps_and_resumes_from_its_checkpoint(tmp_path) -> None:
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     assert re.findall(r"^step (\d+)/6", again.stdout, re.MULTILINE) == ["5", "6"]
     assert "(resumed from step 4)" in again.stdout, again.stdout
+    assert again.stderr == ""
 
 
 def test_train_rejects_a_bad_request_with_exit_2(tmp_path) -> None:
@@ -107,3 +111,85 @@ def test_train_refuses_a_read_only_checkpoint_root_before_launch() -> None:
     finally:
         os.chmod(ro, 0o755)
         shutil.rmtree(base)
+
+
+def test_an_injected_crash_is_one_line_with_how_to_resume(tmp_path) -> None:
+    ckpt = str(tmp_path / "ckpt")
+    spec = "crash:rank=1:step=5"
+    r = _cli("--layout", "dp=2", "--steps", "8", "--ckpt", ckpt, "--every", "2", "--inject", spec)
+    assert r.returncode == 1, r.stdout + r.stderr
+    # Rank 0's step lines stay on the console; the ranks' noise goes to the log.
+    assert re.findall(r"^step (\d+)/8", r.stdout, re.MULTILINE) == ["1", "2", "3", "4"]
+    log = os.path.join(ckpt, "train.log")
+    last = _committed(ckpt)[-1] if _committed(ckpt) else None
+    assert r.stderr.splitlines() == [
+        f"error: rank 1 crashed at step 5: its process exited (injected by --inject {spec})",
+        (
+            f"last checkpoint: step {last} in {ckpt}; run the same command without --inject to "
+            f"resume (details: {log})"
+        ),
+    ]
+    with open(log) as f:
+        text = f.read()
+    assert f"elastickit.faults: {spec}: crashing at step 5" in text and "Traceback" in text
+    # The monitor logs the crash at the step the fault announced (when it saw it before
+    # torchrun stopped rank 0, which runs it).
+    crashes = [e for e in read_events(os.path.join(ckpt, "events.jsonl")) if e["type"] == "crash"]
+    assert all((e["ranks"], e["step"]) == ([1], 5) for e in crashes), crashes
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_signal_stops_every_worker_and_says_how_to_resume(tmp_path, sig) -> None:
+    ckpt = str(tmp_path / "ckpt")
+    proc = subprocess.Popen(
+        [*CLI, "--layout", "dp=2", "--steps", "100000", "--ckpt", ckpt, "--every", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=True,  # a process group of its own, as a terminal gives a command
+    )
+    try:
+        out = []
+        while not _committed(ckpt) or not out or not out[-1].startswith("step "):
+            line = proc.stdout.readline()
+            assert line, f"the job ended early: {proc.stderr.read()[-3000:]}"
+            out.append(line)
+        job = psutil.Process(proc.pid).children(recursive=True)
+        cmds = [" ".join(p.cmdline()) for p in job]
+        workers = [c for c in cmds if "-m elastickit.trainer.worker" in c and "torch.distributed.run" not in c]
+        assert len(workers) == 2 and len(job) == 3, cmds
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)  # Ctrl-C: the terminal signals the whole foreground group
+        else:
+            proc.send_signal(sig)  # `kill PID`, as a scheduler stops a job
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, err
+    left = [p.pid for p in job if _alive(p.pid)]
+    assert not left, f"processes of the job outlived the command: {left}"
+    steps = _committed(ckpt)
+    log = os.path.join(ckpt, "train.log")
+    assert err.splitlines() == [
+        f"error: interrupted ({signal.Signals(sig).name}): stopped the training job and its 2 ranks",
+        (
+            f"last checkpoint: step {steps[-1]} in {ckpt}; run the same command to resume "
+            f"(details: {log})"
+        ),
+    ], err
+    assert "Traceback" not in rest + err and "KeyboardInterrupt" not in rest + err
+    assert os.path.getsize(log) > 0
+    # Nothing writes checkpoints any more: every process of the job is gone (checked above),
+    # and the step directories on disk are those the command reported.
+    assert _committed(ckpt) == steps and not [
+        c for c in list_checkpoints(ckpt) if not c.complete and c.step > steps[-1] + 2
+    ]
