@@ -246,7 +246,7 @@ def launch(req: TrainRequest) -> TrainOutcome:
         for e in read_events(path)
         if float(e.get("time", 0)) >= result.started_s
     ]
-    summary: list[str] = []
+    summary = report.checkpoint_lines(events, req.ckpt) if req.ckpt else []
     if result.returncode == 0 and result.stopped_by is None:
         if not req.ckpt:  # a temporary log nobody was pointed to
             os.unlink(log)

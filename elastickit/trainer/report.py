@@ -1,8 +1,9 @@
 """What `elastickit train` says once its job has ended: one line on what happened, one on how
-to resume.
+to resume, and the run's checkpoints (committed, superseded, skipped, failed).
 
 It reads what the job left behind, never the processes: the event log (the monitor's
-`crash`/`hang` events), the checkpoint root, and the job's log (the `error (rank R): ...` lines of the workers, torchrun's root-cause block).
+`crash`/`hang` events, the Checkpointer's `checkpoint` records), the checkpoint root, and the
+job's log (the `error (rank R): ...` lines of the workers, torchrun's root-cause block).
 Every function is pure over those inputs, so tests feed it real files.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 from .preflight import plural
 
 __all__ = [
+    "checkpoint_lines",
     "compact_steps",
     "failure_line",
     "resume_line",
@@ -26,6 +28,7 @@ _ERROR_LINE = re.compile(r"^error \(rank (\d+)\): (.*)$", re.MULTILINE)
 _ANNOUNCED = re.compile(
     r"^elastickit\.faults: ((crash|hang):\S*): (?:crashing|hanging) at step (\d+)$", re.MULTILINE
 )
+_SUPERSEDED = re.compile(r"superseded by step (\d+)")
 _ROOT_CAUSE = re.compile(r"Root Cause.*?\brank\s*:\s*(\d+).*?\bexitcode\s*:\s*(-?\d+)", re.DOTALL)
 
 
@@ -149,3 +152,45 @@ def resume_line(
     if not last_step:
         return f"no checkpoint was committed in {ckpt} yet; {again} starts over{details}"
     return f"last checkpoint: step {last_step} in {ckpt}; run {again} to resume{details}"
+
+
+def checkpoint_lines(records: Sequence[Mapping[str, Any]], ckpt: str) -> list[str]:
+    """The run's checkpoints from its `checkpoint` / `checkpoint_skipped` records: which were
+    committed, and every one that was superseded, skipped or failed (else only in the log)."""
+    committed: set[int] = set()
+    superseded: dict[str, set[int]] = {}
+    failed: list[tuple[int, str, str]] = []
+    skipped: list[tuple[int, str]] = []
+    for r in records:
+        step = int(r.get("step", -1))
+        if r.get("type") == "checkpoint_skipped":
+            reasons = r.get("skipped_tiers") or {}
+            skipped.append((step, "; ".join(str(v) for v in reasons.values()) or "no reason given"))
+            continue
+        if r.get("type") != "checkpoint":
+            continue
+        for tier, info in (r.get("tiers") or {}).items():
+            status = str((info or {}).get("status", ""))
+            if status == "committed":
+                committed.add(step)
+            elif _SUPERSEDED.match(status):
+                superseded.setdefault(tier, set()).add(step)
+            elif status.startswith("failed"):
+                failed.append((step, tier, status.removeprefix("failed: ")))
+    lines = []
+    if committed:
+        lines.append(f"checkpoints: {_step_word(sorted(committed))} committed in {ckpt}")
+    elif records:
+        lines.append(f"checkpoints: none committed in {ckpt}")
+    for tier, steps in sorted(superseded.items()):
+        lines.append(
+            f"checkpoints superseded on the {tier} tier: {_step_word(sorted(steps))} (the tier "
+            "was busy with an earlier checkpoint and wrote the newest one when free)"
+        )
+    for step, reason in skipped:
+        lines.append(f"checkpoint {step} skipped: {reason}")
+    for step, tier, why in failed[:3]:
+        lines.append(f"checkpoint {step} failed on the {tier} tier: {why}")
+    if len(failed) > 3:
+        lines.append(f"... and {plural(len(failed) - 3, 'more failed checkpoint')}")
+    return lines

@@ -16,6 +16,8 @@ import pytest
 from elastickit.checkpoint.catalog import list_checkpoints
 from elastickit.checkpoint.events import read_events
 
+from elastickit.trainer.report import checkpoint_lines
+
 pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.timeout(240)]
 
 CLI = [sys.executable, "-m", "elastickit.cli.main", "train"]
@@ -44,6 +46,11 @@ def test_train_prints_steps_and_resumes_from_its_checkpoint(tmp_path) -> None:
     )
     assert [int(s) for s, _, _ in lines] == [1, 2, 3, 4], first.stdout
     assert "layout dp=2 on 2 ranks" in first.stdout
+    # The run's checkpoints, as its event log records them (superseded ones included).
+    summary = checkpoint_lines(read_events(os.path.join(ckpt, "events.jsonl")), ckpt)
+    committed = ", ".join(map(str, _committed(ckpt)))
+    assert summary[0] == f"checkpoints: steps {committed} committed in {ckpt}"
+    assert first.stdout.rstrip("\n").splitlines()[-len(summary) :] == summary
     again = _cli("--layout", "tp=2", "--steps", "6", "--ckpt", ckpt, "--every", "2")
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     assert re.findall(r"^step (\d+)/6", again.stdout, re.MULTILINE) == ["5", "6"]

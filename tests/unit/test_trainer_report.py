@@ -1,13 +1,18 @@
-"""What `elastickit train` says after its job: one line on what happened, one on resuming, from
-the files the job left behind."""
+"""What `elastickit train` says after its job: one line on what happened, one on resuming, and
+the checkpoints (superseded ones included) from the files the job left behind."""
 
 from __future__ import annotations
 
 import signal
 
 import pytest
+import torch
+from elastickit.checkpoint.events import read_events
+from elastickit.checkpoint.tiers import Tiers, TierSpec
 
+import elastickit as ek
 from elastickit.trainer.report import (
+    checkpoint_lines,
     compact_steps,
     failure_line,
     resume_line,
@@ -43,6 +48,53 @@ Root Cause (first observed failure):
 def test_compact_steps() -> None:
     assert compact_steps([8, 2, 4, 5, 6, 10, 2]) == "2, 4-6, 8, 10"
     assert compact_steps([]) == ""
+
+
+def test_superseded_checkpoints_are_reported(tmp_path) -> None:
+    # A tier that rests long after its first write supersedes the saves made meanwhile; close()
+    # writes the newest at once. The records are the real Checkpointer's.
+    root = str(tmp_path / "ck")
+    ck = ek.Checkpointer(root, every=1, tiers=Tiers(persistent=TierSpec(max_busy_fraction=1e-4)))
+    m = torch.nn.Linear(8, 8)
+    for step in range(1, 6):
+        ck.save(step, {"model": m})
+    ck.close()
+    records = read_events(f"{root}/events.jsonl")
+    superseded = sorted(r["step"] for r in records if r.get("skipped_tiers"))
+    assert superseded and 5 not in superseded
+    lines = checkpoint_lines(records, root)
+    committed = sorted(set(range(1, 6)) - set(superseded))
+    assert (
+        lines[0]
+        == f"checkpoints: step{'s' * (len(committed) > 1)} {compact_steps(committed)} committed in {root}"
+    )
+    assert lines[1].startswith(
+        f"checkpoints superseded on the persistent tier: step{'s' * (len(superseded) > 1)} "
+        f"{compact_steps(superseded)} (the tier was busy"
+    )
+    assert len(lines) == 2
+
+
+def test_failed_and_skipped_checkpoints_are_reported() -> None:
+    records = [
+        {"type": "checkpoint", "step": 2, "tiers": {"persistent": {"status": "committed"}}},
+        {
+            "type": "checkpoint",
+            "step": 4,
+            "tiers": {"persistent": {"status": "failed: [Errno 28] No space left on device"}},
+        },
+        {
+            "type": "checkpoint_skipped",
+            "step": 6,
+            "skipped_tiers": {"all": "no host buffer is free"},
+        },
+        {"type": "crash", "ranks": [1], "step": 5},
+    ]
+    assert checkpoint_lines(records, "R") == [
+        "checkpoints: step 2 committed in R",
+        "checkpoint 6 skipped: no host buffer is free",
+        "checkpoint 4 failed on the persistent tier: [Errno 28] No space left on device",
+    ]
 
 
 def test_one_line_says_what_happened() -> None:
