@@ -56,7 +56,8 @@ class Reporter:
     """One per rank: turns steps into summaries and ships them with heartbeats.
 
     Call order: `start()`, then per step `step_start(step)` ... `step_end(step)`, then
-    `close()`. All methods return at once; store traffic happens on the reporter's thread.
+    `close()`. All methods return at once; store traffic happens on the reporter's thread
+    (except `beat()`, which sends a heartbeat from the caller, for a process about to exit).
     """
 
     def __init__(
