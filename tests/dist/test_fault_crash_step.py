@@ -51,7 +51,9 @@ def _job(rank: int, world_size: int, events_path: str) -> int:
 def test_crash_event_names_the_announced_step(tmp_path) -> None:
     path = str(tmp_path / "events.jsonl")
     with pytest.raises(RankError, match="rank 1"):
-        run_ranks(_job, world_size=2, args=(path,), timeout_s=90, backend=BACKEND, error_grace_s=40.0)
+        run_ranks(
+            _job, world_size=2, args=(path,), timeout_s=90, backend=BACKEND, error_grace_s=40.0
+        )
     with open(path) as f:
         crashes = [e for e in map(json.loads, f) if e["type"] == "crash"]
     assert [(e["ranks"], e["step"]) for e in crashes] == [([1], 3)], crashes

@@ -62,7 +62,10 @@ def test_bad_requests_fail_before_launch(req: TrainRequest, message: str) -> Non
             TrainRequest(layout="dp=2", inject=("crash:rank=9:step=5",)),
             r"rank=9 is outside the world of 2 ranks; use 0\.\.1",
         ),
-        (TrainRequest(pp_schedule="foo"), r"^--pp-schedule 'foo' is unknown; choose gpipe or 1f1b$"),
+        (
+            TrainRequest(pp_schedule="foo"),
+            r"^--pp-schedule 'foo' is unknown; choose gpipe or 1f1b$",
+        ),
         (TrainRequest(dp_mode="foo"), r"^--dp-mode 'foo' is unknown; choose fsdp or replicate$"),
         (
             TrainRequest(layout="dp=2,tp=2", dp_mode="replicate"),
@@ -109,7 +112,9 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> str:
     from elastickit.trainer import TrainConfig, run_training
 
     root = str(tmp_path_factory.mktemp("tiny") / "ckpt")
-    run_training(TrainConfig(model="tiny", steps=4, stop_after=2, seq_len=8, ckpt_dir=root, ckpt_every=2))
+    run_training(
+        TrainConfig(model="tiny", steps=4, stop_after=2, seq_len=8, ckpt_dir=root, ckpt_every=2)
+    )
     return root
 
 
@@ -124,7 +129,9 @@ def test_a_checkpoint_of_another_model_is_refused_from_its_manifest(tiny_root: s
         TrainRequest(model="tiny-moe", ckpt=tiny_root).check_paths()
     msg = str(e.value)
     assert msg.startswith(f"--ckpt {tiny_root}: its checkpoint of step 2 holds another model: ")
-    assert "model/layers.0.feed_forward" in msg and msg.endswith("pass --model tiny, or another --ckpt")
+    assert "model/layers.0.feed_forward" in msg and msg.endswith(
+        "pass --model tiny, or another --ckpt"
+    )
     # Shapes too, not only names: the same names at another width.
     import dataclasses
 
@@ -136,7 +143,9 @@ def test_a_checkpoint_of_another_model_is_refused_from_its_manifest(tiny_root: s
 
 
 def test_a_fault_before_the_resumed_step_is_refused(tiny_root: str) -> None:
-    with pytest.raises(RequestError, match=r"resumes after step 2 .* so step 2 never runs; use a step from 3 to 4"):
+    with pytest.raises(
+        RequestError, match=r"resumes after step 2 .* so step 2 never runs; use a step from 3 to 4"
+    ):
         TrainRequest(ckpt=tiny_root, steps=4, inject=("crash:rank=0:step=2",)).check_paths()
     TrainRequest(ckpt=tiny_root, steps=4, inject=("crash:rank=0:step=3",)).check_paths()
 
@@ -146,7 +155,9 @@ def test_a_checkpoint_root_that_cannot_be_written_is_refused(tmp_path) -> None:
     blocker.write_text("x")
     with pytest.raises(RequestError, match=r"^--ckpt \S+/file is a file, not a directory"):
         TrainRequest(ckpt=str(blocker)).check_paths()
-    with pytest.raises(RequestError, match=r"^--ckpt \S+/file/ckpt cannot be written \(Not a directory\)"):
+    with pytest.raises(
+        RequestError, match=r"^--ckpt \S+/file/ckpt cannot be written \(Not a directory\)"
+    ):
         TrainRequest(ckpt=str(blocker / "ckpt")).check_paths()
     fresh = tmp_path / "a" / "b"
     assert TrainRequest(ckpt=str(fresh)).check_paths() == 0
