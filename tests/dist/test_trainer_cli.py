@@ -79,8 +79,10 @@ def test_train_rejects_a_bad_request_with_exit_2(tmp_path) -> None:
 
 
 def test_train_refuses_a_checkpoint_of_another_model(tmp_path) -> None:
-    ckpt = str(tmp_path / "ckpt")
-    assert _cli("--steps", "2", "--ckpt", ckpt, "--every", "2").returncode == 0
+    from elastickit.trainer import TrainConfig, run_training
+
+    ckpt = str(tmp_path / "ckpt")  # what `train --steps 2 --ckpt CKPT` leaves, made in-process
+    run_training(TrainConfig(model="tiny", steps=2, seq_len=8, ckpt_dir=ckpt, ckpt_every=2))
     r = _cli("--model", "tiny-moe", "--layout", "dp=2", "--ckpt", ckpt)
     assert (r.returncode, r.stdout) == (2, ""), r.stderr
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(
