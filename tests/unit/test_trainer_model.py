@@ -91,7 +91,7 @@ def test_layout_parsing_and_stage_split() -> None:
         ("dp=2,dp=2", "names dp twice"),
         ("zz=2", "not one of pp, dp, tp"),
         ("dp2", "not AXIS=N"),
-        ("dp=0", "layout axis 'dp' in 'dp=0' must be at least 1, got 0"),
+        ("dp=0", "dp=0: an axis needs at least 1 rank"),
     ]:
         with pytest.raises(ValueError, match=msg):
             TrainLayout.parse(bad)
