@@ -59,7 +59,7 @@ def test_reshard_to_names_the_flag(ck, to, message):
 def test_train_layout_errors_name_the_flag_and_count_ranks():
     with pytest.raises(RequestError) as e:
         TrainRequest(layout="tp=0").resolved_layout()
-    assert str(e.value) == "--layout 'tp=0': layout axis 'tp' in 'tp=0' must be at least 1, got 0"
+    assert str(e.value) == "--layout 'tp=0': tp=0: an axis needs at least 1 rank (write tp=1 or leave it out)"
     with pytest.raises(RequestError) as e:
         TrainRequest(layout="single", nproc=2).resolved_nproc()
     assert str(e.value) == (
