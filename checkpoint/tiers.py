@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from .paths import local_path
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TierSpec:
@@ -20,7 +22,8 @@ class TierSpec:
 
     Attributes:
         path: the directory (`{node}` and `{rank}` are filled in; empty for the persistent tier
-            means the Checkpointer's root). Paths are strings so that URLs can be added later.
+            means the Checkpointer's root); `~` is expanded. Paths are strings so that URLs can
+            be added later; today a `scheme://` URL is refused.
         keep_last: keep the newest N committed checkpoints (None: all).
         keep_every: also keep every checkpoint whose step is a multiple of this (None: none).
         zstd_level: compress rank files with zstd at this level (None: no compression).
@@ -43,6 +46,8 @@ class TierSpec:
     max_busy_fraction: float = 0.02
 
     def __post_init__(self) -> None:
+        if self.path:  # a URL is refused here, before any run starts; `~` is expanded
+            object.__setattr__(self, "path", local_path(self.path, what="the tier path"))
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None, got {self.keep_last}")
         if self.keep_every is not None and self.keep_every < 1:

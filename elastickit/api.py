@@ -44,6 +44,7 @@ from elastickit.checkpoint.coord import (
 from elastickit.checkpoint.errors import DataError, RankFailure, RequestError
 from elastickit.checkpoint.events import EventLog
 from elastickit.checkpoint.manifest import LayoutRecord, step_dir_name
+from elastickit.checkpoint.paths import local_path
 from elastickit.checkpoint.pipeline import AsyncWriter, WriterContext
 from elastickit.checkpoint.policy import IntervalPolicy
 from elastickit.checkpoint.recover import (
@@ -165,8 +166,8 @@ class Checkpointer:
         events: str | None = None,
         timeout_s: float = 600.0,
     ) -> None:
-        self.root = os.fspath(root)
-        events = events or os.path.join(self.root, "events.jsonl")
+        self.root = local_path(root, what="the Checkpointer root")
+        events = local_path(events, what="the events path") if events else os.path.join(self.root, "events.jsonl")
         try:
             self.policy = IntervalPolicy(
                 every=every, every_seconds=every_seconds, auto=auto, mtbf_s=mtbf_s, events_path=events

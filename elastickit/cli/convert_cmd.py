@@ -57,8 +57,10 @@ def convert(
 ) -> None:
     """Convert a checkpoint to another format through elastickit's logical view."""
     from elastickit.checkpoint.errors import RequestError
+    from elastickit.checkpoint.paths import local_path
     from elastickit.reshard.convert import convert as run
 
+    src, dst = local_path(src, what="SRC"), local_path(dst, what="DST")
     ruleset = None
     if rules:  # the rules module imports torch; --to deepspeed-universal runs without it
         from elastickit.reshard.rules import load_rules

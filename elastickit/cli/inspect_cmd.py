@@ -21,11 +21,12 @@ def inspect(
     from rich.table import Table
 
     from elastickit.checkpoint.errors import RequestError
+    from elastickit.checkpoint.paths import local_path
     from elastickit.inspection import inspect_checkpoint
 
     if tensors < 0:
         raise RequestError(f"--tensors {tensors}: give how many tensors to list, or 0 for all")
-    info = inspect_checkpoint(ckpt)
+    info = inspect_checkpoint(local_path(ckpt, what="CKPT"))
     if as_json:
         print(json.dumps(info, indent=1))
         return

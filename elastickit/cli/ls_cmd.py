@@ -21,7 +21,9 @@ def ls(
 
     from elastickit.inspection import list_root
 
-    rows = list_root(root)
+    from elastickit.checkpoint.paths import local_path
+
+    rows = list_root(local_path(root, what="ROOT"))
     if as_json:
         print(json.dumps(rows, indent=1))
         return

@@ -40,6 +40,7 @@ def reshard(
     from elastickit.checkpoint.catalog import load_manifest
     from elastickit.checkpoint.errors import RequestError
     from elastickit.checkpoint.manifest import step_dir_name
+    from elastickit.checkpoint.paths import local_path
     from elastickit.inspection import resolve_elastickit
     from elastickit.reshard.layout import ParallelLayout
     from elastickit.reshard.offline import plan_reshard, reshard_checkpoint
@@ -49,6 +50,7 @@ def reshard(
         layout = ParallelLayout.parse(to)
     except ValueError as e:
         raise RequestError(f"--to: {e}") from None
+    src = local_path(src, what="SRC")
     path = resolve_elastickit(src)
     ruleset = (
         load_rules(rules)
@@ -80,6 +82,7 @@ def reshard(
         return
     if not dst:
         raise RequestError("reshard needs a destination DST (or --dry-run)")
+    dst = local_path(dst, what="DST")
     with progress() as bar:
         manifest = reshard_checkpoint(src, dst, layout, ruleset, on_progress=bar)
     if as_json:

@@ -42,6 +42,7 @@ def train(
     ),
 ) -> None:
     """Train the reference GPT under torchrun; print each step's loss and time."""
+    from elastickit.checkpoint.paths import local_path
     from elastickit.trainer.launch import TrainRequest, launch
 
     req = TrainRequest(
@@ -49,7 +50,7 @@ def train(
         nproc=nproc,
         steps=steps,
         model=model,
-        ckpt=ckpt,
+        ckpt=local_path(ckpt, what="--ckpt") if ckpt else None,
         every=every,
         inject=tuple(inject or ()),
         events=events,

@@ -18,7 +18,9 @@ def verify(
     """Check every byte of a checkpoint against its manifest; exit 1 on any corruption."""
     from elastickit.inspection import verify as run
 
-    report = run(ckpt)
+    from elastickit.checkpoint.paths import local_path
+
+    report = run(local_path(ckpt, what="CKPT"))
     if as_json:
         print(json.dumps(report, indent=1))
     elif report["ok"]:
