@@ -64,6 +64,7 @@ class WriterContext:
     framework: dict[str, str]
     fsync: bool
     peer_group: Any = None  # a dedicated gloo process group for peer copies
+    local_root: str = ""  # this rank's directory in the local tier (the run's, see runs.py)
     timeout_s: float = 600.0  # how long a tier waits for the other ranks
 
 
@@ -341,7 +342,7 @@ class AsyncWriter:
         self.draining = False  # the training thread waits in drain(): no save will arrive
         self.workers: dict[str, TierWorker] = {}
         t = ctx.tiers
-        specs = [("local", t.local, t.local_path(ctx.rank, ctx.world_size) if t.local else ""),
+        specs = [("local", t.local, (ctx.local_root or t.local_path(ctx.rank, ctx.world_size)) if t.local else ""),
                  ("persistent", t.persistent, (t.persistent.path or ctx.persistent_root) if t.persistent else "")]
         for name, spec, root in specs:
             if spec is not None:

@@ -47,6 +47,7 @@ from elastickit.checkpoint.manifest import LayoutRecord, step_dir_name
 from elastickit.checkpoint.paths import local_path
 from elastickit.checkpoint.pipeline import AsyncWriter, WriterContext
 from elastickit.checkpoint.policy import IntervalPolicy
+from elastickit.checkpoint.runs import RootClaim, claim_root, join_run
 from elastickit.checkpoint.recover import (
     Candidate,
     candidates,
@@ -198,8 +199,26 @@ class Checkpointer:
         self.rank, self.world_size = _dist()
         self._layout = _layout_record(layout, self.world_size)
         self._rules = rules
-        self._nonce, self._peer_group = self._agree()
+        # Rank 0 claims the root (a writable root, not a checkpoint; its writer lock; the run's
+        # key); every rank then checks what it writes, and all raise together if any failed.
+        persistent = (tiers.persistent.path or self.root) if tiers.persistent is not None else None
+        self._claim: RootClaim | None = None
+        first: dict[str, str] = {}
+        if self.rank == 0:
+            try:
+                self._claim = claim_root(self.root, persistent=persistent, events_dir=os.path.dirname(os.path.abspath(events)))
+                first = {"key": self._claim.key, "anchor": self._claim.anchor}
+            except RequestError as e:
+                first = {"error": str(e)}
+        self._nonce, self._peer_group, first = self._agree(first)
         self._coord = self._coordinator("main", timeout_s)
+        try:
+            local_base = tiers.local_path(self.rank, self.world_size) if tiers.local is not None else None
+            local_root = join_run(self._coord, first, persistent=persistent, local_base=local_base)
+        except BaseException:
+            if self._claim is not None:
+                self._claim.release()
+            raise
         self.events = EventLog(events if self.rank == 0 else None)
         self._writer = AsyncWriter(
             WriterContext(
@@ -207,6 +226,7 @@ class Checkpointer:
                 world_size=self.world_size,
                 tiers=tiers,
                 persistent_root=self.root,
+                local_root=local_root,
                 layout=self._layout,
                 rules=tuple(rules.to_json()) if rules is not None else (),
                 framework={"torch": torch.__version__, "elastickit": elastickit.__version__},
@@ -242,18 +262,20 @@ class Checkpointer:
 
     # -- plumbing -------------------------------------------------------------------------
 
-    def _agree(self) -> tuple[str, Any]:
+    def _agree(self, first: dict[str, str]) -> tuple[str, Any, dict[str, str]]:
+        """A fresh store key prefix, the peer group, and rank 0's claim of the root, on every rank."""
         if self.world_size == 1:
-            return "local", None
+            return "local", None, first
         import torch.distributed as dist
 
         # Every rank builds its Checkpointer at the same point, so one broadcast agrees on a
         # fresh key prefix: a restarted job never reads a previous incarnation's keys.
-        nonce = [os.urandom(8).hex() if self.rank == 0 else None]
-        dist.broadcast_object_list(nonce, src=0)
+        got = [(os.urandom(8).hex(), first) if self.rank == 0 else None]
+        dist.broadcast_object_list(got, src=0)
         # Peer copies and peer fetches travel on their own gloo group, never the training one.
         group = dist.new_group(backend="gloo") if self.tiers.local is not None else None
-        return str(nonce[0]), group
+        nonce, first = got[0]
+        return str(nonce), group, dict(first)
 
     def _coordinator(self, name: str, timeout_s: float) -> Coordinator:
         if self.world_size == 1:
@@ -544,6 +566,8 @@ class Checkpointer:
                 h.remove()
             self._hooked.clear()
             self._closed = True
+            if self._claim is not None:
+                self._claim.release()  # after the last write: the next writer may start
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -55,9 +55,11 @@ def _restore(rank: int, world: int, base: str):
 def test_restore_from_peers_after_a_node_is_wiped(tmp_path):
     base = str(tmp_path)
     saved = run_ranks(_save, 4, (base,), timeout_s=150)
-    # Each node's local directory holds its own ranks' files and its buddy node's.
+    # Each node's local directory holds its own ranks' files and its buddy node's, in the run's
+    # own directory (a local tier path shared by two runs never mixes them).
     for node, (own, ward) in {0: ((0, 1), (2, 3)), 1: ((2, 3), (0, 1))}.items():
-        names = sorted(os.listdir(os.path.join(base, f"node{node}", "step-00000002")))
+        (run,) = [d for d in os.listdir(os.path.join(base, f"node{node}")) if d.startswith("run-")]
+        names = sorted(os.listdir(os.path.join(base, f"node{node}", run, "step-00000002")))
         assert names == ["manifest.json"] + sorted(f"rank-{r:05d}.safetensors" for r in own + ward)
     shutil.rmtree(os.path.join(base, "node1"))  # node 1 lost its memory and local storage
     restored = run_ranks(_restore, 4, (base,), timeout_s=150)

@@ -58,3 +58,234 @@ def test_cli_refuses_urls(tmp_path, monkeypatch, args):
     assert r.output.startswith("error: ") and f"'{url}' is a" in r.output and "URL" in r.output
     assert len(r.output.strip().splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == ["c1"]  # nothing written under ./gs:, ./y
+
+
+# -- item 13 and item 2 (construction): a root that cannot be written fails before training ------
+
+UNPRIVILEGED = r"""
+import json, sys
+import elastickit as ek
+from elastickit.checkpoint.tiers import Tiers, TierSpec
+out = []
+for root, local in json.loads(sys.argv[1]):
+    try:
+        ek.Checkpointer(root, tiers=Tiers(local=TierSpec(path=local)) if local else None).close()
+        out.append({"error": None})
+    except Exception as e:
+        out.append({"error": type(e).__name__, "message": str(e)})
+print(json.dumps(out))
+"""
+
+
+def _drop_dac_override():  # root writes anywhere; without these capabilities, modes bind it too
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH: gone from the bounding set at exec
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def _construct_unprivileged(*cases):
+    """Construct Checkpointers (root, local tier path) in a process that file modes bind, even
+    when the tests run as root; one result per case."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", UNPRIVILEGED, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        preexec_fn=_drop_dac_override if os.geteuid() == 0 else None,
+    )
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_a_file_root_is_refused_with_one_sentence(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(RequestError, match=rf"^the checkpoint root {f} is a file, not a directory; give a directory$"):
+        ek.Checkpointer(str(f))
+    with pytest.raises(RequestError, match=rf"^the checkpoint root {f}/sub cannot be created: {f} is a file"):
+        ek.Checkpointer(str(f / "sub"))
+
+
+def test_a_read_only_root_or_parent_fails_at_construction(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        got = _construct_unprivileged(
+            (str(ro), ""),  # a read-only root
+            (str(ro / "ckpt"), ""),  # a read-only parent
+            (str(tmp_path / "ok"), str(ro / "{node}")),  # a read-only local tier
+            (str(tmp_path / "ok"), ""),  # the check itself lets a writable root through
+        )
+    finally:
+        ro.chmod(0o755)
+    assert [g["error"] for g in got] == ["RequestError", "RequestError", "RequestError", None], got
+    assert got[0]["message"] == (
+        f"the checkpoint root {ro} is not writable (Permission denied); choose a writable "
+        "directory or fix its permissions"
+    )
+    assert got[1]["message"].startswith(f"the checkpoint root {ro}/ckpt is not writable (Permission denied)")
+    assert got[2]["message"].startswith(f"the local tier path {ro}/0 is not writable (Permission denied)")
+    assert os.listdir(ro) == []
+
+
+# -- item 5: one writer per root ---------------------------------------------------------------
+
+HOLDER = r"""
+import sys
+import torch
+import elastickit as ek
+ck = ek.Checkpointer(sys.argv[1])
+ck.save(1, {"model": torch.nn.Linear(2, 2)}).durable.result()
+print("ready", flush=True)
+sys.stdin.read()  # holds the root until the test kills it
+"""
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_one_blocks_nothing(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    root = str(tmp_path / "root")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, root], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(
+            RequestError,
+            match=rf"^the checkpoint root {root} is in use by pid {holder.pid} on host "
+            rf"{socket.gethostname()}, since [0-9-]+ [0-9:]+: two writers on one root interleave "
+            r"their checkpoints; stop that writer, or give this job another root$",
+        ):
+            ek.Checkpointer(root)
+    finally:
+        holder.kill()  # SIGKILL: no close(), no atexit; the kernel drops the lock with the process
+        holder.wait(timeout=60)
+    m = torch.nn.Linear(2, 2)
+    with ek.Checkpointer(root) as ck:  # the restart is not blocked by a stale lock
+        assert ck.restore({"model": m}) == 1
+        ck.save(2, {"model": m})
+    assert [c.step for c in list_checkpoints(root)] == [1, 2]
+
+
+def test_checkpointers_of_one_process_share_the_lock_and_forked_children_do_not_hold_it(tmp_path):
+    from elastickit.checkpoint.lock import RootLock
+
+    root = str(tmp_path)
+    a, b = ek.Checkpointer(root), ek.Checkpointer(root)  # one process is one writer, as before
+    go_r, go_w = os.pipe()
+    res_r, res_w = os.pipe()
+    pid = os.fork()  # a worker forked while the root is locked (a DataLoader worker, say)
+    if pid == 0:
+        for _ in range(2):  # while the parent holds the root, then after it let go
+            os.read(go_r, 1)
+            try:
+                RootLock.acquire(root).release()
+                os.write(res_w, b"free".ljust(200))
+            except RequestError as e:
+                os.write(res_w, str(e).encode()[:200].ljust(200))
+        os._exit(0)
+    try:
+        os.write(go_w, b"x")
+        while_held = os.read(res_r, 200).decode().strip()
+        a.close()
+        b.close()
+        os.write(go_w, b"x")
+        after = os.read(res_r, 200).decode().strip()
+    finally:
+        os.waitpid(pid, 0)
+    assert while_held.startswith(f"the checkpoint root {root} is in use by pid {os.getpid()} on host")
+    assert after == "free"  # the child, alive, does not hold the root: a restart is not blocked
+
+
+# -- item 1: a node-local tier only ever offers checkpoints of its own run -----------------------
+
+
+def _linear(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(3, 3)
+
+
+def test_two_runs_sharing_a_local_tier_path_never_see_each_other(tmp_path):
+    tiers = Tiers(local=TierSpec(path=str(tmp_path / "shm" / "{node}")))  # the README's example
+    a, b = _linear(1), _linear(2)
+    with ek.Checkpointer(str(tmp_path / "A"), tiers=tiers) as ck_a, ek.Checkpointer(str(tmp_path / "B"), tiers=tiers) as ck_b:
+        ck_a.save(5, {"model": a})  # both at once, with the same step numbers
+        ck_b.save(5, {"model": b})
+    fresh = _linear(3)
+    before = fresh.weight.detach().clone()
+    with ek.Checkpointer(str(tmp_path / "C"), tiers=tiers) as ck:  # a new run on a fresh root
+        assert ck.restore({"model": fresh}) == 0
+    assert torch.equal(fresh.weight, before)
+    for root, want in (("A", a), ("B", b)):
+        got = _linear(4)
+        with ek.Checkpointer(str(tmp_path / root), tiers=tiers) as ck:
+            assert ck.restore({"model": got}) == 5
+        assert torch.equal(got.weight, want.weight), f"run {root} got another run's weights"
+
+
+def test_a_restart_resumes_from_the_local_tier_and_a_remade_root_is_a_new_run(tmp_path):
+    import shutil
+
+    from elastickit.checkpoint.events import read_events
+
+    shm = tmp_path / "shm"
+    tiers = Tiers(local=TierSpec(path=str(shm / "{node}")), persistent=None)  # the local tier only
+    root = str(tmp_path / "A")
+    m = _linear(1)
+    with ek.Checkpointer(root, tiers=tiers) as ck:
+        ck.save(5, {"model": m})
+    got = _linear(2)
+    with ek.Checkpointer(root, tiers=tiers) as ck:  # the same root, restarted
+        assert ck.restore({"model": got}) == 5
+    assert torch.equal(got.weight, m.weight)
+    assert [e["tier"] for e in read_events(os.path.join(root, "events.jsonl")) if e["type"] == "restore"] == ["local"]
+    shutil.copytree(root, str(tmp_path / "copy"))  # a copy of a root is another run
+    with ek.Checkpointer(str(tmp_path / "copy"), tiers=tiers) as ck:
+        assert ck.restore({"model": _linear(3)}) == 0
+    old = sorted(os.listdir(shm / "0"))
+    shutil.rmtree(root)  # deleting the root starts a new run: the old one's local files go
+    with ek.Checkpointer(root, tiers=tiers) as ck:
+        assert ck.restore({"model": _linear(3)}) == 0
+    now = sorted(os.listdir(shm / "0"))
+    assert len(old) == 2 and len(now) == 2 and len(set(old) & set(now)) == 1  # the copy's run stays
+
+
+# -- item 7: a checkpoint directory is not a root -----------------------------------------------
+
+
+def test_a_checkpoint_directory_as_root_is_refused_naming_the_root(tmp_path):
+    import shutil
+
+    root = tmp_path / "ckpt"
+    m = _linear(1)
+    with ek.Checkpointer(str(root), every=40) as ck:
+        ck.save(40, {"model": m})
+    step_dir = root / "step-00000040"
+    with pytest.raises(
+        RequestError,
+        match=rf"^{step_dir} is one checkpoint \(step 40\), not a checkpoint root that holds step-\* "
+        rf"directories; give its root {root} \(and restore\(step=40\) to resume from this step\)$",
+    ):
+        ek.Checkpointer(str(step_dir))
+    assert sorted(os.listdir(step_dir)) == ["manifest.json", "rank-00000.safetensors"]  # nothing written inside
+    bare = tmp_path / "c1r"  # a checkpoint directory under any name (what `reshard` writes)
+    shutil.move(str(step_dir), str(bare))
+    with pytest.raises(RequestError, match=rf"^{bare} is one checkpoint \(step 40\), .*mv {bare} ROOT/step-00000040"):
+        ek.Checkpointer(str(bare))
+    new_root = tmp_path / "ROOT"
+    new_root.mkdir()
+    shutil.move(str(bare), str(new_root / "step-00000040"))  # the advice works
+    got = _linear(2)
+    with ek.Checkpointer(str(new_root)) as ck:
+        assert ck.restore({"model": got}) == 40
+    assert torch.equal(got.weight, m.weight)
