@@ -52,6 +52,20 @@ class UnsupportedFormatError(DataError):
     """A manifest of a format or major version this build cannot read."""
 
 
+class NotDurableError(ElastickitError):
+    """A checkpoint did not reach every tier it was meant for (`wait()` and `close()` raise it).
+
+    Attributes:
+        step: the checkpoint's step.
+        tiers: the tiers that failed to commit it.
+    """
+
+    def __init__(self, message: str, *, step: int, tiers: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.step = step
+        self.tiers = tiers
+
+
 class RequestError(ElastickitError):
     """The request is bad: a wrong flag, an unknown layout, a path that does not exist."""
 

@@ -25,7 +25,7 @@ import torch
 
 from .catalog import list_checkpoints, remove_incomplete
 from .coord import Coordinator
-from .errors import ElastickitError
+from .errors import ElastickitError, NotDurableError
 from .events import EventLog
 from .integrity import atomic_write_text, fsync_dir
 from .manifest import MANIFEST_NAME, LayoutRecord, Manifest, step_dir_name
@@ -339,6 +339,8 @@ class AsyncWriter:
         self.newest: Snapshot | None = None  # the snapshot a free tier takes next
         self._jobs: list[_Job] = []
         self.failures: list[ElastickitError] = []  # not yet reported by wait()
+        # The newest save that every tier is done with: (step, tier -> why it failed there).
+        self.newest_outcome: tuple[int, dict[str, str]] | None = None
         self.draining = False  # the training thread waits in drain(): no save will arrive
         self.workers: dict[str, TierWorker] = {}
         t = ctx.tiers
@@ -489,6 +491,24 @@ class AsyncWriter:
         with self.cond:
             if job in self._jobs:
                 self._jobs.remove(job)
+            if self.newest_outcome is None or snap.step >= self.newest_outcome[0]:
+                self.newest_outcome = (snap.step, dict(job.errors))
+
+    def not_durable(self) -> ElastickitError | None:
+        """Why the newest save every tier is done with did not reach every file tier (None if it
+        did). Call after `drain`, when that save is the newest one."""
+        with self.cond:
+            outcome = self.newest_outcome
+        if outcome is None or not outcome[1]:
+            return None
+        step, errors = outcome
+        parts = []
+        for tier, why in sorted(errors.items()):
+            root = self.workers[tier].root
+            kept = [c.step for c in list_checkpoints(root) if c.complete]
+            last = f"its newest checkpoint is step {kept[-1]}" if kept else "it holds no checkpoint"
+            parts.append(f"the {tier} tier at {root} failed ({why}; {last})")
+        return NotDurableError(f"checkpoint {step} is not durable: {'; '.join(parts)}", step=step, tiers=tuple(sorted(errors)))
 
     def flush(self) -> None:
         """Ask every tier to write the newest snapshot now, without resting."""

@@ -41,7 +41,7 @@ from elastickit.checkpoint.coord import (
     StoreCoordinator,
     gather_or_raise,
 )
-from elastickit.checkpoint.errors import DataError, RankFailure, RequestError
+from elastickit.checkpoint.errors import DataError, ElastickitError, RankFailure, RequestError
 from elastickit.checkpoint.events import EventLog
 from elastickit.checkpoint.manifest import LayoutRecord, step_dir_name
 from elastickit.checkpoint.paths import local_path
@@ -256,9 +256,10 @@ class Checkpointer:
         self._item_memo: dict[str, Any] = {}
         self._hooked: dict[int, Any] = {}
         self._closed = False
+        self._reported: int | None = None  # the step whose failure wait() or close() raised
         # A script that ends without close() must not lose its last checkpoint: the background
         # threads are daemons, so wait for them at interpreter exit (close() unregisters this).
-        atexit.register(self.close)
+        atexit.register(self._close_at_exit)
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -451,15 +452,24 @@ class Checkpointer:
     def wait(self) -> None:
         """Block until every checkpoint taken so far is durable on its tiers.
 
-        Raises the first failure (a checkpoint that no tier could commit).
+        Raises NotDurableError naming each tier that failed when the newest checkpoint did not
+        reach every tier, else the first earlier checkpoint that no tier could commit.
         """
         self._check_open()
         self._await_round()
         errors = self._writer.drain()
         failures, self._writer.failures = self._writer.failures, []
-        first = errors[0] if errors else (failures[0] if failures else None)
+        first = self._not_durable() or (errors[0] if errors else (failures[0] if failures else None))
         if first is not None:
             raise first
+
+    def _not_durable(self) -> ElastickitError | None:
+        """Why the newest checkpoint is not on every tier, once (wait() and close() both ask)."""
+        error = self._writer.not_durable()
+        if error is None or self._reported == error.step:
+            return None
+        self._reported = error.step
+        return error
 
     def latest(self) -> int | None:
         """The newest step committed on the persistent tier (or the local one), or None."""
@@ -548,10 +558,16 @@ class Checkpointer:
         return path
 
     def close(self) -> None:
-        """Wait for pending checkpoints, stop the background threads, remove the fence hooks."""
+        """Make the newest checkpoint durable on every tier, stop the background threads, remove
+        the fence hooks, and let the root go.
+
+        Raises NotDurableError naming the tier and the cause when the newest checkpoint could
+        not be written to a tier (unless `wait()` already said so).
+        """
         if self._closed:
             return
-        atexit.unregister(self.close)
+        atexit.unregister(self._close_at_exit)
+        failure = None
         try:
             try:
                 self._await_round()
@@ -561,6 +577,7 @@ class Checkpointer:
                 self._rounds.put(None)
                 self._round_thread.join(timeout=60)
             self._writer.close()
+            failure = self._not_durable()
         finally:
             for h in self._hooked.values():
                 h.remove()
@@ -568,11 +585,25 @@ class Checkpointer:
             self._closed = True
             if self._claim is not None:
                 self._claim.release()  # after the last write: the next writer may start
+        if failure is not None:
+            raise failure
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close()
+        except ElastickitError as e:  # nobody to raise to at exit: say it instead
+            log.error("elastickit: %s", e)
 
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except ElastickitError as e:  # the error in flight says more; do not replace it
+            log.error("elastickit: %s", e)
 
 

@@ -171,7 +171,8 @@ def test_local_and_persistent_tiers(tmp_path):
     with ek.Checkpointer(str(tmp_path / "p"), tiers=Tiers(local=TierSpec(path=local, keep_last=1))) as ck:
         for step in (1, 2):
             ck.save(step, {"model": m}).durable.result()
-    assert [c.step for c in list_checkpoints(str(tmp_path / "shm" / "0"))] == [2]
+    (run,) = os.listdir(tmp_path / "shm" / "0")  # the run's own directory in the shared path
+    assert [c.step for c in list_checkpoints(str(tmp_path / "shm" / "0" / run))] == [2]
     assert [c.step for c in list_checkpoints(str(tmp_path / "p"))] == [1, 2]
     m2, _ = _setup(5)
     ck2 = ek.Checkpointer(str(tmp_path / "p"), tiers=Tiers(local=TierSpec(path=local)))

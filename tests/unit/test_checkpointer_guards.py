@@ -63,13 +63,18 @@ def test_cli_refuses_urls(tmp_path, monkeypatch, args):
 # -- item 13 and item 2 (construction): a root that cannot be written fails before training ------
 
 UNPRIVILEGED = r"""
-import json, sys
+import json, os, sys
+import torch
 import elastickit as ek
 from elastickit.checkpoint.tiers import Tiers, TierSpec
 out = []
-for root, local in json.loads(sys.argv[1]):
+for root, local, then_read_only in json.loads(sys.argv[1]):
     try:
-        ek.Checkpointer(root, tiers=Tiers(local=TierSpec(path=local)) if local else None).close()
+        ck = ek.Checkpointer(root, tiers=Tiers(local=TierSpec(path=local)) if local else None)
+        if then_read_only:  # the root goes read-only under a running job
+            os.chmod(root, 0o555)
+            ck.save(1, {"model": torch.nn.Linear(2, 2)})
+        ck.close()
         out.append({"error": None})
     except Exception as e:
         out.append({"error": type(e).__name__, "message": str(e)})
@@ -119,14 +124,16 @@ def test_a_read_only_root_or_parent_fails_at_construction(tmp_path):
     ro.chmod(0o555)
     try:
         got = _construct_unprivileged(
-            (str(ro), ""),  # a read-only root
-            (str(ro / "ckpt"), ""),  # a read-only parent
-            (str(tmp_path / "ok"), str(ro / "{node}")),  # a read-only local tier
-            (str(tmp_path / "ok"), ""),  # the check itself lets a writable root through
+            (str(ro), "", False),  # a read-only root
+            (str(ro / "ckpt"), "", False),  # a read-only parent
+            (str(tmp_path / "ok"), str(ro / "{node}"), False),  # a read-only local tier
+            (str(tmp_path / "ok"), "", False),  # the check itself lets a writable root through
+            (str(tmp_path / "late"), "", True),  # item 2: writable at first, read-only later
         )
     finally:
         ro.chmod(0o755)
-    assert [g["error"] for g in got] == ["RequestError", "RequestError", "RequestError", None], got
+        (tmp_path / "late").chmod(0o755)
+    assert [g["error"] for g in got] == ["RequestError"] * 3 + [None, "NotDurableError"], got
     assert got[0]["message"] == (
         f"the checkpoint root {ro} is not writable (Permission denied); choose a writable "
         "directory or fix its permissions"
@@ -134,6 +141,60 @@ def test_a_read_only_root_or_parent_fails_at_construction(tmp_path):
     assert got[1]["message"].startswith(f"the checkpoint root {ro}/ckpt is not writable (Permission denied)")
     assert got[2]["message"].startswith(f"the local tier path {ro}/0 is not writable (Permission denied)")
     assert os.listdir(ro) == []
+    # close() says the newest checkpoint is not durable, naming the tier and the cause
+    assert got[4]["message"].startswith(
+        f"checkpoint 1 is not durable: the persistent tier at {tmp_path / 'late'} failed ("
+    )
+    assert "Permission denied" in got[4]["message"] and got[4]["message"].endswith("it holds no checkpoint)")
+
+
+def test_close_raises_when_the_newest_checkpoint_misses_a_tier(tmp_path, monkeypatch):
+    from elastickit.checkpoint import writer as writer_mod
+    from elastickit.checkpoint.errors import NotDurableError
+
+    root = str(tmp_path / "root")
+    real = writer_mod.write_file
+
+    def full_disk(path, items, **kw):  # the persistent tier's disk is full; the local one is fine
+        if path.startswith(root):
+            raise OSError(28, "No space left on device")
+        return real(path, items, **kw)
+
+    m = _linear(1)
+    ck = ek.Checkpointer(root, tiers=Tiers(local=TierSpec(path=str(tmp_path / "shm"))))
+    ck.save(1, {"model": m}).durable.result()
+    monkeypatch.setattr(writer_mod, "write_file", full_disk)
+    ck.save(2, {"model": m})  # never raises into training
+    with pytest.raises(NotDurableError, match=rf"^checkpoint 2 is not durable: the persistent tier at {root} failed \(.*No space left on device; its newest checkpoint is step 1\)$") as e:
+        ck.close()
+    assert e.value.step == 2 and e.value.tiers == ("persistent",)
+    ck.close()  # closed: it said so once
+    monkeypatch.undo()
+    with ek.Checkpointer(root, tiers=Tiers(local=TierSpec(path=str(tmp_path / "shm")))) as ck:
+        assert ck.restore({"model": _linear(2)}) == 2  # the local tier has it
+        ck.save(3, {"model": m})
+        ck.wait()
+    # wait() says it first; close() does not say it again
+    monkeypatch.setattr(writer_mod, "write_file", full_disk)
+    ck = ek.Checkpointer(root, tiers=Tiers(local=TierSpec(path=str(tmp_path / "shm"))))
+    ck.save(4, {"model": m})
+    with pytest.raises(NotDurableError, match="checkpoint 4 is not durable"):
+        ck.wait()
+    ck.close()
+
+
+def test_a_context_manager_does_not_hide_the_error_in_flight(tmp_path, monkeypatch, caplog):
+    from elastickit.checkpoint import writer as writer_mod
+
+    def full_disk(path, items, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer_mod, "write_file", full_disk)
+    with pytest.raises(KeyError, match="boom"), caplog.at_level("ERROR", logger="elastickit"):
+        with ek.Checkpointer(str(tmp_path)) as ck:
+            ck.save(1, {"model": _linear(1)})
+            raise KeyError("boom")
+    assert "checkpoint 1 is not durable" in caplog.text
 
 
 # -- item 5: one writer per root ---------------------------------------------------------------
