@@ -40,6 +40,12 @@ class DataError(ElastickitError):
     exit_code = 1
 
 
+class MismatchError(DataError):
+    """The checkpoint and the state it is restored into disagree (tensor names, shapes, dtype
+    kinds). Not corruption: an older checkpoint of the same run would not fit either, so restore
+    raises it at once instead of falling back."""
+
+
 class CorruptCheckpointError(DataError):
     """A file's bytes do not match the checksum the manifest recorded, or a file is missing."""
 

@@ -82,8 +82,11 @@ class LoadItem:
         key: the physical name (for messages).
         tensor: the destination, written in place.
         pieces: the boxes to read.
+        specs: the logical tensors the pieces belong to, as the target sees them (global shape,
+            dtype), to check against the checkpoint before anything is read.
     """
 
     key: str
     tensor: torch.Tensor
     pieces: tuple[Piece, ...]
+    specs: tuple[LogicalSpec, ...] = ()

@@ -315,8 +315,8 @@ def load_items(flat: FlatState, rule: PieceRule | None = None) -> list[LoadItem]
     items = []
     for logical, t in flat.tensors.items():
         got = rule(logical, t) if rule is not None else None
-        pieces, _ = got if got is not None else default_pieces(logical, t)
-        items.append(LoadItem(key=logical, tensor=_local(t).detach(), pieces=pieces))
+        pieces, specs = got if got is not None else default_pieces(logical, t)
+        items.append(LoadItem(key=logical, tensor=_local(t).detach(), pieces=pieces, specs=specs))
     return items
 
 

@@ -34,33 +34,26 @@ from typing import Any
 import torch
 
 import elastickit
-from elastickit.checkpoint.catalog import list_checkpoints, load_manifest
+from elastickit.checkpoint.catalog import list_checkpoints
 from elastickit.checkpoint.coord import (
     Coordinator,
     LocalCoordinator,
     StoreCoordinator,
     gather_or_raise,
 )
-from elastickit.checkpoint.errors import DataError, ElastickitError, RankFailure, RequestError
+from elastickit.checkpoint.errors import ElastickitError, RequestError
 from elastickit.checkpoint.events import EventLog
-from elastickit.checkpoint.manifest import LayoutRecord, step_dir_name
+from elastickit.checkpoint.manifest import LayoutRecord
 from elastickit.checkpoint.paths import local_path
 from elastickit.checkpoint.pipeline import AsyncWriter, WriterContext
 from elastickit.checkpoint.policy import IntervalPolicy
 from elastickit.checkpoint.runs import RootClaim, claim_root, join_run
-from elastickit.checkpoint.recover import (
-    Candidate,
-    candidates,
-    fetch_files,
-    local_inventory,
-    share_manifest,
-)
 from elastickit.checkpoint.snapshot import snapshot_bytes
 from elastickit.checkpoint.state import PieceRule, StateDictCache, flatten_state, save_items
 from elastickit.checkpoint.threads import lower_priority
 from elastickit.checkpoint.tiers import Tiers, TierSpec
-from elastickit.loading import Loader, load_snapshot
-from elastickit.rng import rng_capture, rng_encode, set_rng_state
+from elastickit.restoring import RestoreReport, Sources, restore_state
+from elastickit.rng import rng_capture, rng_encode
 
 log = logging.getLogger("elastickit")
 
@@ -257,6 +250,7 @@ class Checkpointer:
         self._hooked: dict[int, Any] = {}
         self._closed = False
         self._reported: int | None = None  # the step whose failure wait() or close() raised
+        self.last_restore: RestoreReport | None = None  # what the last restore loaded and skipped
         # A script that ends without close() must not lose its last checkpoint: the background
         # threads are daemons, so wait for them at interpreter exit (close() unregisters this).
         atexit.register(self._close_at_exit)
@@ -481,12 +475,18 @@ class Checkpointer:
         """Host memory held by snapshot buffers (bounded by `Tiers.host_buffers`)."""
         return self._writer.host_bytes()
 
-    def restore(self, state: Mapping[str, Any], *, step: int | None = None) -> int:
+    def restore(self, state: Mapping[str, Any], *, step: int | None = None, strict: bool = True) -> int:
         """Load the freshest loadable checkpoint (or `step`) into `state`; return its step, 0 if none.
 
         Looks at every tier (memory, local with peer copies, persistent), freshest first and the
         fastest tier first; falls back to the next candidate when a file is missing or a checksum
         fails, logging which and why. Reshards when the saved layout differs from the running one.
+
+        Strict: a checkpoint that does not fit `state` raises MismatchError at once, naming the
+        tensors (no fallback: an older checkpoint would not fit either): a global shape or dtype
+        kind that differs, checkpoint tensors of the restored names that no rank loads, or
+        tensors of `state` the checkpoint lacks. `strict=False` loads what matches, keeps the
+        rest as it is, and reports the skipped tensors (the log, the event log, `last_restore`).
         """
         self._check_open()
         self._await_round()
@@ -494,68 +494,18 @@ class Checkpointer:
         # Checkpoints still flowing down the tiers finish first: the inventory must not race
         # with commits, and peer copies must not share the peer group with peer fetches.
         self._writer.drain()  # failures are reported by wait() and the event log
-        local = self._writer.workers.get("local")
-        persistent = self._writer.workers.get("persistent")
-        mine = {
-            "memory": [s.step for s in self._writer.memory],
-            "local": local_inventory(local.root) if local else {},
-            "persistent": [c.step for c in list_checkpoints(persistent.root) if c.complete]
-            if persistent and self.rank == 0
-            else [],
-        }
-        gathered = self._coord.all_gather(mine, phase="restore inventory")
-        found = candidates(gathered)
-        if step is not None:
-            found = [c for c in found if c.step == step]
-            if not found:
-                raise RequestError(f"no tier holds a committed checkpoint of step {step} under {self.root}")
-        reasons = []
-        for cand in found:
-            error = None
-            try:
-                where = self._restore_from(cand, state)
-            except DataError as e:
-                error, where = str(e), ""
-            try:
-                gather_or_raise(self._coord, error, None, phase=f"restore of step {cand.step} ({cand.tier})")
-            except RankFailure as e:
-                reasons.append(f"step {cand.step} on the {cand.tier} tier: {e}")
-                log.warning("elastickit: cannot restore step %d from the %s tier (%s); trying the next", cand.step, cand.tier, e)
-                if self.rank == 0:
-                    self.events.emit("restore_fallback", step=cand.step, tier=cand.tier, reason=str(e))
-                continue
-            if self.rank == 0:
-                self.events.emit("restore", step=cand.step, tier=cand.tier, path=where, skipped=reasons)
-            log.info("elastickit: restored step %d from the %s tier (%s)", cand.step, cand.tier, where)
-            return cand.step
-        if reasons:
-            raise DataError(f"no checkpoint under {self.root} could be restored: {'; '.join(reasons)}", path=self.root)
-        return 0
-
-    def _restore_from(self, cand: Candidate, state: Mapping[str, Any]) -> str:
-        rule = self._piece_rule()
-        if cand.tier == "memory":
-            snap = next(s for s in self._writer.memory if s.step == cand.step)
-            load_snapshot(snap, state, rule)
-            rank_objects = snap.rank_object and [snap.rank_object]
-            if self.rng and rank_objects and rank_objects[0].get("rng"):
-                set_rng_state(rank_objects[0]["rng"])
-            return "memory"
-        worker = self._writer.workers[cand.tier]
-        path = os.path.join(worker.root, step_dir_name(cand.step))
-        if cand.tier == "local":
-            manifest = share_manifest(self._coord, worker.root, cand.step)
-            loader = Loader(manifest, state, rule, path)
-            fetch_files(self._coord, self._peer_group, worker.root, manifest, loader.files())
-        else:
-            manifest = load_manifest(path)
-            loader = Loader(manifest, state, rule, path)
-        loader.run(path)
-        if self.rng and manifest.rank_objects and manifest.world_size == self.world_size:
-            rng = manifest.rank_objects[self.rank].get("rng")
-            if rng:
-                set_rng_state(rng)
-        return path
+        sources = Sources(
+            coord=self._coord,
+            peer_group=self._peer_group,
+            memory=list(self._writer.memory),
+            roots={name: w.root for name, w in self._writer.workers.items()},
+            rule=self._piece_rule(),
+            rng=self.rng,
+            root=self.root,
+            events=self.events,
+        )
+        self.last_restore = restore_state(sources, state, step=step, strict=strict)
+        return self.last_restore.step if self.last_restore is not None else 0
 
     def close(self) -> None:
         """Make the newest checkpoint durable on every tier, stop the background threads, remove

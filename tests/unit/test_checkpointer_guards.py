@@ -350,3 +350,110 @@ def test_a_checkpoint_directory_as_root_is_refused_naming_the_root(tmp_path):
     with ek.Checkpointer(str(new_root)) as ck:
         assert ck.restore({"model": got}) == 40
     assert torch.equal(got.weight, m.weight)
+
+
+# -- item 9: strict restore; item 15: a mismatch is not corruption -------------------------------
+
+
+def _mlp(widths, seed):
+    torch.manual_seed(seed)
+    layers = [torch.nn.Linear(a, b) for a, b in zip(widths, widths[1:])]
+    return torch.nn.Sequential(*layers)
+
+
+def _saved_root(tmp_path, widths=(4, 6, 5, 3), steps=(1, 2)):
+    m = _mlp(widths, 0)
+    o = torch.optim.AdamW(m.parameters())
+    root = str(tmp_path / "ckpt")
+    with ek.Checkpointer(root) as ck:
+        for s in steps:
+            ck.save(s, {"model": m, "optim": o})
+    return root, m
+
+
+def _params(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def test_restoring_into_a_smaller_model_is_refused_naming_both_sides(tmp_path):
+    from elastickit.checkpoint.errors import MismatchError
+
+    root, _ = _saved_root(tmp_path)
+    small = _mlp((4, 6, 5), 1)  # the last layer is gone
+    before = _params(small)
+    with ek.Checkpointer(root) as ck, pytest.raises(
+        MismatchError,
+        match=r"^step 2 on the persistent tier \(.*step-00000002\) does not fit the state restored into it: "
+        r"2 checkpoint tensor\(s\) are not in the state \(model/2\.bias, model/2\.weight\); restore into "
+        r"the model that was saved, or pass strict=False to load what matches$",
+    ):
+        ck.restore({"model": small})
+    assert all(torch.equal(v, before[k]) for k, v in small.state_dict().items())  # untouched
+    big = _mlp((4, 6, 5, 3, 2), 1)  # one layer more: the checkpoint lacks it
+    with ek.Checkpointer(root) as ck, pytest.raises(
+        MismatchError, match=r"2 tensor\(s\) of the state are not in the checkpoint \(model/3\.bias, model/3\.weight\)"
+    ):
+        ck.restore({"model": big})
+
+
+def test_strict_false_loads_what_matches_and_reports_the_rest(tmp_path, caplog):
+    from elastickit.checkpoint.events import read_events
+
+    root, saved = _saved_root(tmp_path)
+    small = _mlp((4, 6, 5), 1)
+    with ek.Checkpointer(root) as ck, caplog.at_level("WARNING", logger="elastickit"):
+        assert ck.restore({"model": small}, strict=False) == 2
+        report = ck.last_restore
+    assert report.unused == ("model/2.bias", "model/2.weight") and report.missing == ()
+    assert torch.equal(small[0].weight, saved[0].weight) and torch.equal(small[1].bias, saved[1].bias)
+    assert "strict=False: 2 checkpoint tensor(s) are not in the state (model/2.bias, model/2.weight)" in caplog.text
+    (event,) = [e for e in read_events(os.path.join(root, "events.jsonl")) if e["type"] == "restore"]
+    assert (event["unused"], event["missing"]) == (2, 0)
+    big = _mlp((4, 6, 5, 3, 2), 1)
+    kept = big[3].weight.detach().clone()
+    with ek.Checkpointer(root) as ck:
+        assert ck.restore({"model": big}, strict=False) == 2
+        assert ck.last_restore.missing == ("model/3.bias", "model/3.weight")
+    assert torch.equal(big[3].weight, kept) and torch.equal(big[2].weight, saved[2].weight)
+
+
+def test_a_subset_of_the_saved_state_names_is_not_a_mismatch(tmp_path):
+    root, saved = _saved_root(tmp_path)
+    m = _mlp((4, 6, 5, 3), 1)
+    with ek.Checkpointer(root) as ck:
+        assert ck.restore({"model": m}) == 2  # the optimizer's tensors are simply not asked for
+    assert torch.equal(m[2].weight, saved[2].weight)
+
+
+@pytest.mark.parametrize("rows", [5, 7])  # fewer rows used to load a slice silently; more, to fall back
+def test_a_shape_mismatch_raises_once_without_falling_back(tmp_path, caplog, rows):
+    from elastickit.checkpoint.errors import MismatchError
+    from elastickit.checkpoint.events import read_events
+
+    root, _ = _saved_root(tmp_path)
+    other = _mlp((4, rows, 5, 3), 1)
+    with ek.Checkpointer(root) as ck, caplog.at_level("WARNING", logger="elastickit"), pytest.raises(
+        MismatchError,
+        match=rf"^tensor 'model/0\.weight' is F32 \[6, 4\] in {root}/step-00000002 but F32 \[{rows}, 4\] in "
+        r"the state restored into it; restore into the model that was saved",
+    ) as e:
+        ck.restore({"model": other})
+    assert e.value.tensor == "model/0.weight"
+    assert "trying the next" not in caplog.text  # step 1 was not tried: it would not fit either
+    assert not [x for x in read_events(os.path.join(root, "events.jsonl")) if x["type"] == "restore_fallback"]
+
+
+def test_a_mismatch_against_the_memory_tier_is_a_mismatch_too(tmp_path):
+    from elastickit.checkpoint.errors import MismatchError
+
+    m = _mlp((4, 6, 3), 0)
+    with ek.Checkpointer(str(tmp_path), tiers=Tiers(persistent=None)) as ck:  # the memory tier only
+        ck.save(1, {"model": m})
+        with pytest.raises(MismatchError, match=r"tensor 'model/0\.weight' is F32 \[6, 4\] in the in-memory snapshot of step 1"):
+            ck.restore({"model": _mlp((4, 7, 3), 1)})
+        with pytest.raises(MismatchError, match=r"2 checkpoint tensor\(s\) are not in the state \(model/1\.bias, model/1\.weight\)"):
+            ck.restore({"model": _mlp((4, 6), 1)})
+        small = _mlp((4, 6), 1)
+        assert ck.restore({"model": small}, strict=False) == 1
+        assert ck.last_restore.tier == "memory" and ck.last_restore.unused == ("model/1.bias", "model/1.weight")
+        assert torch.equal(small[0].weight, m[0].weight)
