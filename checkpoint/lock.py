@@ -14,6 +14,12 @@ file drops the process's lock, so each process opens the file once per root and 
 holders (several Checkpointers of one process may share a root, as they always could; the lock
 is against other processes). On filesystems without locks (some Lustre mounts) the writer goes
 on unlocked, saying so once.
+
+One holder is let through: a worker of an earlier incarnation of the same elastic job (the
+same `TORCHELASTIC_RUN_ID`, which torchrun gives every worker of one job) that is still alive
+because its node hangs or was stopped. torchrun has given up on it and restarted the job
+elsewhere; it cannot commit a checkpoint without its peers, which are gone, and refusing would
+stop the recovery this library exists for. The new incarnation goes on unlocked, saying so.
 """
 
 from __future__ import annotations
@@ -80,9 +86,21 @@ class RootLock:
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
-                holder = _describe(_read_holder(fd)) if e.errno in (errno.EACCES, errno.EAGAIN) else ""
+                found = _read_holder(fd) if e.errno in (errno.EACCES, errno.EAGAIN) else None
                 os.close(fd)
-                if holder:
+                job = os.environ.get("TORCHELASTIC_RUN_ID", "")
+                if found is not None and job not in ("", "none") and found.get("job") == job:
+                    log.warning(
+                        "elastickit: the checkpoint root %s is still held by %s, a worker of an earlier "
+                        "incarnation of this job (TORCHELASTIC_RUN_ID=%s) that torchrun gave up on; "
+                        "going on without the lock (that worker cannot commit without its peers)",
+                        root,
+                        _describe(found),
+                        job,
+                    )
+                    return cls(path, locked=False)
+                if found is not None:
+                    holder = _describe(found)
                     raise RequestError(
                         f"the checkpoint root {root} is in use by {holder}: two writers on one root "
                         "interleave their checkpoints; stop that writer, or give this job another root",
@@ -97,7 +115,12 @@ class RootLock:
                     )
                     return cls(path, locked=False)
                 raise
-            record = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+            record = {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "since": time.time(),
+                "job": os.environ.get("TORCHELASTIC_RUN_ID", ""),
+            }
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
             _held[path] = [fd, 1]

@@ -494,7 +494,7 @@ class AsyncWriter:
             if self.newest_outcome is None or snap.step >= self.newest_outcome[0]:
                 self.newest_outcome = (snap.step, dict(job.errors))
 
-    def not_durable(self) -> ElastickitError | None:
+    def not_durable(self) -> NotDurableError | None:
         """Why the newest save every tier is done with did not reach every file tier (None if it
         did). Call after `drain`, when that save is the newest one."""
         with self.cond:

@@ -41,7 +41,7 @@ from elastickit.checkpoint.coord import (
     StoreCoordinator,
     gather_or_raise,
 )
-from elastickit.checkpoint.errors import ElastickitError, RequestError
+from elastickit.checkpoint.errors import ElastickitError, NotDurableError, RequestError
 from elastickit.checkpoint.events import EventLog
 from elastickit.checkpoint.manifest import LayoutRecord
 from elastickit.checkpoint.paths import local_path
@@ -457,7 +457,7 @@ class Checkpointer:
         if first is not None:
             raise first
 
-    def _not_durable(self) -> ElastickitError | None:
+    def _not_durable(self) -> NotDurableError | None:
         """Why the newest checkpoint is not on every tier, once (wait() and close() both ask)."""
         error = self._writer.not_durable()
         if error is None or self._reported == error.step:

@@ -210,24 +210,36 @@ sys.stdin.read()  # holds the root until the test kills it
 """
 
 
-def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_one_blocks_nothing(tmp_path):
+def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_one_blocks_nothing(tmp_path, monkeypatch, caplog):
     import socket
     import subprocess
     import sys
 
     root = str(tmp_path / "root")
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, root], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLDER, root],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TORCHELASTIC_RUN_ID": "job-1"},  # a worker of an elastic job
     )
     try:
         assert holder.stdout.readline().strip() == "ready"
-        with pytest.raises(
-            RequestError,
-            match=rf"^the checkpoint root {root} is in use by pid {holder.pid} on host "
-            rf"{socket.gethostname()}, since [0-9-]+ [0-9:]+: two writers on one root interleave "
-            r"their checkpoints; stop that writer, or give this job another root$",
-        ):
-            ek.Checkpointer(root)
+        for job in ("", "job-2"):  # another job: refused, naming the holder
+            monkeypatch.setenv("TORCHELASTIC_RUN_ID", job)
+            with pytest.raises(
+                RequestError,
+                match=rf"^the checkpoint root {root} is in use by pid {holder.pid} on host "
+                rf"{socket.gethostname()}, since [0-9-]+ [0-9:]+: two writers on one root interleave "
+                r"their checkpoints; stop that writer, or give this job another root$",
+            ):
+                ek.Checkpointer(root)
+        # A later incarnation of the same elastic job (the holder's node hangs): it goes on.
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+        with caplog.at_level("WARNING", logger="elastickit"):
+            ek.Checkpointer(root).close()
+        assert f"still held by pid {holder.pid}" in caplog.text and "earlier incarnation of this job" in caplog.text
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     finally:
         holder.kill()  # SIGKILL: no close(), no atexit; the kernel drops the lock with the process
         holder.wait(timeout=60)
