@@ -19,9 +19,8 @@ def ls(
     """List the checkpoints under ROOT: step, tier, status, size, time."""
     from rich.table import Table
 
-    from elastickit.inspection import list_root
-
     from elastickit.checkpoint.paths import local_path
+    from elastickit.inspection import list_root
 
     rows = list_root(local_path(root, what="ROOT"))
     if as_json:

@@ -16,9 +16,8 @@ def verify(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Check every byte of a checkpoint against its manifest; exit 1 on any corruption."""
-    from elastickit.inspection import verify as run
-
     from elastickit.checkpoint.paths import local_path
+    from elastickit.inspection import verify as run
 
     report = run(local_path(ckpt, what="CKPT"))
     if as_json:

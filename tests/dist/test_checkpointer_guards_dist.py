@@ -20,8 +20,9 @@ sys.stdin.read()
 
 
 def _construct(rank: int, world: int, root: str):
-    import elastickit as ek
     from elastickit.checkpoint.errors import RequestError
+
+    import elastickit as ek
 
     try:
         ek.Checkpointer(root).close()
@@ -60,10 +61,10 @@ def _stage(rank: int, seed: int, layers: int = 2, rows: int = 4):
 
 def _strict(rank: int, world: int, root: str):
     import torch
-
-    import elastickit as ek
     from elastickit.checkpoint.errors import MismatchError
     from elastickit.checkpoint.events import read_events
+
+    import elastickit as ek
 
     def attempt(model, **kw):
         with ek.Checkpointer(root) as ck:

@@ -1,18 +1,18 @@
 """What a new user gets wrong with a Checkpointer (issue 13): each guard names the problem in
 one sentence instead of losing data or resuming someone else's state."""
 
+import itertools
 import os
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
-import elastickit as ek
 from elastickit.checkpoint.catalog import list_checkpoints
 from elastickit.checkpoint.errors import RequestError
 from elastickit.checkpoint.tiers import Tiers, TierSpec
-from elastickit.cli.main import app
+from typer.testing import CliRunner
 
+import elastickit as ek
+from elastickit.cli.main import app
 
 # -- item 3: URLs are not relative paths; `~` is the home directory ------------------------------
 
@@ -102,6 +102,7 @@ def _construct_unprivileged(*cases):
         [sys.executable, "-c", UNPRIVILEGED, json.dumps(cases)],
         capture_output=True,
         text=True,
+        check=False,
         timeout=180,
         preexec_fn=_drop_dac_override if os.geteuid() == 0 else None,
     )
@@ -190,10 +191,13 @@ def test_a_context_manager_does_not_hide_the_error_in_flight(tmp_path, monkeypat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(writer_mod, "write_file", full_disk)
-    with pytest.raises(KeyError, match="boom"), caplog.at_level("ERROR", logger="elastickit"):
-        with ek.Checkpointer(str(tmp_path)) as ck:
-            ck.save(1, {"model": _linear(1)})
-            raise KeyError("boom")
+    with (
+        pytest.raises(KeyError, match="boom"),
+        caplog.at_level("ERROR", logger="elastickit"),
+        ek.Checkpointer(str(tmp_path)) as ck,
+    ):
+        ck.save(1, {"model": _linear(1)})
+        raise KeyError("boom")
     assert "checkpoint 1 is not durable" in caplog.text
 
 
@@ -369,7 +373,7 @@ def test_a_checkpoint_directory_as_root_is_refused_naming_the_root(tmp_path):
 
 def _mlp(widths, seed):
     torch.manual_seed(seed)
-    layers = [torch.nn.Linear(a, b) for a, b in zip(widths, widths[1:])]
+    layers = [torch.nn.Linear(a, b) for a, b in itertools.pairwise(widths)]
     return torch.nn.Sequential(*layers)
 
 
