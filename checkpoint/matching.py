@@ -69,10 +69,12 @@ def compare_specs(saved: Mapping[str, tuple[str, tuple[int, ...]]], specs: Itera
             continue
         dtype, shape = have
         if tuple(shape) != tuple(spec.shape) or _kind(dtype) != _kind(spec.dtype):
+            # The planner's wording for the same misfit (reshard/planner.py), with global shapes.
             raise MismatchError(
-                f"tensor {spec.name!r} is {dtype} {list(shape)} in {where} but {spec.dtype} "
-                f"{list(spec.shape)} in the state restored into it; restore into the model that "
-                "was saved (the same configuration), or convert the checkpoint",
+                f"the model's tensor {spec.name!r} has shape {list(spec.shape)} ({spec.dtype}), but in "
+                f"{where} it has shape {list(shape)} ({dtype}): they are different models (size or "
+                "config); restore into the model that saved the checkpoint, or check the model's "
+                "config and the rules",
                 tensor=spec.name,
             )
     return sorted(missing)

@@ -103,6 +103,7 @@ def test_strictness_counts_all_ranks_and_a_mismatch_raises_once_everywhere(tmp_p
         )
         assert got[r]["lenient"] == (2, ("model/r1.1.bias", "model/r1.1.weight"))
         assert got[r]["shape"].startswith(
-            f"rank 0: tensor 'model/r0.0.weight' is F32 [4, 4] in {root}/step-00000002 but F32 [5, 4] in the state"
+            f"rank 0: the model's tensor 'model/r0.0.weight' has shape [5, 4] (F32), but in "
+            f"{root}/step-00000002 it has shape [4, 4] (F32): they are different models"
         )
     assert got[0]["fallbacks"] == []  # step 1 was never tried for a mismatch

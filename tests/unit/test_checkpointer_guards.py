@@ -450,8 +450,8 @@ def test_a_shape_mismatch_raises_once_without_falling_back(tmp_path, caplog, row
     other = _mlp((4, rows, 5, 3), 1)
     with ek.Checkpointer(root) as ck, caplog.at_level("WARNING", logger="elastickit"), pytest.raises(
         MismatchError,
-        match=rf"^tensor 'model/0\.weight' is F32 \[6, 4\] in {root}/step-00000002 but F32 \[{rows}, 4\] in "
-        r"the state restored into it; restore into the model that was saved",
+        match=rf"^the model's tensor 'model/0\.weight' has shape \[{rows}, 4\] \(F32\), but in "
+        rf"{root}/step-00000002 it has shape \[6, 4\] \(F32\): they are different models",
     ) as e:
         ck.restore({"model": other})
     assert e.value.tensor == "model/0.weight"
@@ -465,7 +465,7 @@ def test_a_mismatch_against_the_memory_tier_is_a_mismatch_too(tmp_path):
     m = _mlp((4, 6, 3), 0)
     with ek.Checkpointer(str(tmp_path), tiers=Tiers(persistent=None)) as ck:  # the memory tier only
         ck.save(1, {"model": m})
-        with pytest.raises(MismatchError, match=r"tensor 'model/0\.weight' is F32 \[6, 4\] in the in-memory snapshot of step 1"):
+        with pytest.raises(MismatchError, match=r"but in the in-memory snapshot of step 1 it has shape \[6, 4\]"):
             ck.restore({"model": _mlp((4, 7, 3), 1)})
         with pytest.raises(MismatchError, match=r"2 checkpoint tensor\(s\) are not in the state \(model/1\.bias, model/1\.weight\)"):
             ck.restore({"model": _mlp((4, 6), 1)})
