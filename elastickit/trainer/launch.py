@@ -140,13 +140,17 @@ class TrainRequest:
         run). RequestError if the checkpoint root or events file cannot be written, if the
         root's newest checkpoint holds another model, or if an `--inject` step falls before
         the resumed step."""
-        from .preflight import check_checkpoint_model, check_faults, check_writable, model_tensors
+        from elastickit.checkpoint.paths import writable_dir
+        from elastickit.checkpoint.runs import refuse_checkpoint_dir
+
+        from .preflight import check_checkpoint_model, check_faults, model_tensors
 
         if self.monitor_on() or self.events:
-            check_writable(os.path.dirname(os.path.abspath(self.events_path())), "--events")
+            writable_dir(os.path.dirname(os.path.abspath(self.events_path())), what="--events")
         if not self.ckpt:
             return 0
-        check_writable(self.ckpt, "--ckpt")
+        refuse_checkpoint_dir(self.ckpt)
+        writable_dir(self.ckpt, what="--ckpt")
         cfg = CONFIGS[self.model]
         start = check_checkpoint_model(self.ckpt, self.model, model_tensors(cfg))
         check_faults(

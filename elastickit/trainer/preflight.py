@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 
 from elastickit.checkpoint.errors import DataError, RequestError
@@ -23,7 +22,6 @@ __all__ = [
     "check_checkpoint_model",
     "check_faults",
     "check_layout",
-    "check_writable",
     "model_tensors",
     "plural",
 ]
@@ -117,29 +115,6 @@ def check_faults(
                 f"({'it aborts the hung job' if spec.kind == 'hang' else 'it delays the link'}); "
                 "drop --no-monitor"
             )
-
-
-def check_writable(path: str, flag: str) -> None:
-    """Create directory `path` if needed and write a probe file in it; RequestError naming
-    `flag` if that fails (a read-only directory or file system, a file in the way).
-
-    A real write, not `os.access`: root passes every permission check yet cannot write to a
-    read-only mount, and the job would find out only at its first save.
-    """
-    try:
-        os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".elastickit-write-check-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except FileExistsError:
-        raise RequestError(
-            f"{flag} {path} is a file, not a directory; pass a directory", path=path
-        ) from None
-    except OSError as e:
-        raise RequestError(
-            f"{flag} {path} cannot be written ({e.strerror or e}); pass a writable directory",
-            path=path,
-        ) from None
 
 
 def model_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

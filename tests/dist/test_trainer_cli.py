@@ -130,7 +130,8 @@ def test_train_refuses_a_read_only_checkpoint_root_before_launch() -> None:
         )
         assert (r.returncode, r.stdout) == (2, ""), r.stdout + r.stderr
         assert r.stderr == (
-            f"error: --ckpt {ro} cannot be written (Permission denied); pass a writable directory\n"
+            f"error: --ckpt {ro} is not writable (Permission denied); "
+            "choose a writable directory or fix its permissions\n"
         )
     finally:
         os.chmod(ro, 0o755)

@@ -156,9 +156,13 @@ def test_a_checkpoint_root_that_cannot_be_written_is_refused(tmp_path) -> None:
     with pytest.raises(RequestError, match=r"^--ckpt \S+/file is a file, not a directory"):
         TrainRequest(ckpt=str(blocker)).check_paths()
     with pytest.raises(
-        RequestError, match=r"^--ckpt \S+/file/ckpt cannot be written \(Not a directory\)"
+        RequestError, match=r"^--ckpt \S+/file/ckpt cannot be created: \S+/file is a file, not a directory"
     ):
         TrainRequest(ckpt=str(blocker / "ckpt")).check_paths()
+    step_dir = tmp_path / "run" / "step-00000040"
+    step_dir.mkdir(parents=True)
+    with pytest.raises(RequestError, match=r"step-00000040 is one checkpoint \(step 40\), not a checkpoint root"):
+        TrainRequest(ckpt=str(step_dir)).check_paths()
     fresh = tmp_path / "a" / "b"
     assert TrainRequest(ckpt=str(fresh)).check_paths() == 0
     assert fresh.is_dir() and not list(fresh.iterdir())  # the probe file is gone
