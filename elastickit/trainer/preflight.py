@@ -10,7 +10,6 @@ The checks are functions of the request's values so the launcher and its tests s
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 from elastickit.checkpoint.errors import DataError, RequestError
