@@ -228,7 +228,9 @@ def _install_links() -> None:
 
 class MonitorHook(_NoOp):
     """The monitor as a step hook: reporter on every rank, collector on rank 0. It attaches
-    at the first step (the process group must be up by then)."""
+    at the first step (the process group must be up by then). Findings go to `events_path`;
+    every rank's step summaries to `ranks.jsonl` beside it (the run directory's per-rank log,
+    which `elastickit dashboard` draws its heatmap and link matrix from)."""
 
     def __init__(self, events_path: str, *, abort_on_hang: bool, metrics_port: int | None) -> None:
         self.events_path = events_path
@@ -242,6 +244,9 @@ class MonitorHook(_NoOp):
 
             self.monitor = attach(
                 events_path=self.events_path,
+                ranks_path=os.path.join(
+                    os.path.dirname(os.path.abspath(self.events_path)), "ranks.jsonl"
+                ),
                 abort_on_hang=self.abort_on_hang,
                 metrics_port=self.metrics_port,
             )

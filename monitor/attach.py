@@ -32,6 +32,8 @@ class MonitorOptions:
 
     Attributes:
         events_path: JSON-lines file the collector appends findings to (None: keep in memory).
+        ranks_path: JSON-lines file the collector appends every rank's step summary to
+            (the dashboard's heatmap and links; None: not recorded).
         collector_rank: the rank that runs the collector thread (None: no collector here,
             e.g. the launcher runs one).
         metrics_port: Prometheus port on 127.0.0.1 (0: any free port; None: no metrics).
@@ -43,6 +45,7 @@ class MonitorOptions:
     """
 
     events_path: str | None = None
+    ranks_path: str | None = None
     collector_rank: int | None = 0
     metrics_port: int | None = None
     abort_on_hang: bool = False
@@ -85,6 +88,7 @@ class Monitor:
                 world_size=world_size,
                 prefix=options.prefix,
                 events_path=options.events_path,
+                ranks_path=options.ranks_path,
                 config=options.config,
                 poll_s=options.poll_s,
                 metrics_port=options.metrics_port,

@@ -2,7 +2,9 @@
 
 It runs on rank 0 (a daemon thread) or in any process that can reach the store (a launcher).
 Each new finding is appended to the events file as one JSON line (flushed at once), counted
-in the Prometheus metrics and passed to `on_event`. On a hang, with `abort_on_hang`, it sets
+in the Prometheus metrics and passed to `on_event`. With `ranks_path`, every step summary it
+reads is appended there too (one JSON line per rank and step: what the dashboard's step-time
+heatmap and link matrix are drawn from after the job is gone). On a hang, with `abort_on_hang`, it sets
 the store's abort key (every rank's reporter exits with ABORT_EXIT_CODE when it sees it) and
 calls `on_abort`, so torchrun restarts the job now instead of after the collective timeout.
 """
@@ -71,6 +73,7 @@ class Collector:
         world_size: int,
         prefix: str = "ekmon",
         events_path: str | None = None,
+        ranks_path: str | None = None,
         config: DetectorConfig | None = None,
         poll_s: float = 0.1,
         metrics_port: int | None = None,
@@ -108,6 +111,10 @@ class Collector:
         if events_path:
             os.makedirs(os.path.dirname(os.path.abspath(events_path)), exist_ok=True)
             self._file = open(events_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._ranks_file = None
+        if ranks_path:
+            os.makedirs(os.path.dirname(os.path.abspath(ranks_path)), exist_ok=True)
+            self._ranks_file = open(ranks_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self.metrics = (
             Metrics(port=metrics_port, host=metrics_host) if metrics_port is not None else None
         )
@@ -131,6 +138,7 @@ class Collector:
 
     def _read(self) -> None:
         now = self.clock()
+        recorded: list[str] = []
         for r in range(self.world_size):
             key = heartbeat_key(self.prefix, r)
             try:
@@ -148,6 +156,7 @@ class Collector:
                     if not self.store.check([key]):
                         break
                     summary = StepSummary.from_json(self.store.get(key))
+                    recorded.append(summary.to_json())
                     if self._next[r] >= self.config.warmup_steps:
                         self._summaries[r].append(summary)
                 except Exception:  # noqa: BLE001
@@ -158,6 +167,13 @@ class Collector:
                     self.store.delete_key(key)  # type: ignore[attr-defined]
                 except Exception:  # noqa: BLE001 - a store without delete keeps the key
                     pass
+        if recorded and self._ranks_file is not None:
+            # Advisory, like the metrics: written (not fsynced) once per poll, never raised.
+            try:
+                self._ranks_file.write("".join(line + "\n" for line in recorded))
+                self._ranks_file.flush()
+            except OSError:
+                self.errors += 1
 
     def observed(self) -> dict[int, ObservedHeartbeat]:
         now = self.clock()
@@ -254,5 +270,8 @@ class Collector:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._ranks_file is not None:
+            self._ranks_file.close()
+            self._ranks_file = None
         if self.metrics is not None:
             self.metrics.close()
