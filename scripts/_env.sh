@@ -43,3 +43,14 @@ if [ "$up_to_date" = 0 ]; then
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
+# The dashboard's browser tests drive Debian's chromium through chromium-driver (Selenium). CI
+# runs as root on a fresh machine: install them once when missing; elsewhere the tests skip.
+if [[ ",${EK_EXTRAS:-}," == *",dev,"* ]] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "installing chromium and chromium-driver (apt-get) for the dashboard's browser tests" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+      >/dev/null 2>&1 || echo "apt-get could not install chromium; the browser tests will be skipped" >&2
+  else
+    echo "chromium/chromedriver are missing and apt-get is not usable here; the browser tests will be skipped" >&2
+  fi
+fi

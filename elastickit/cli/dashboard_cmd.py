@@ -1,102 +1,96 @@
-"""`elastickit dashboard`: a live page of the monitor's findings (events file or live store)."""
+"""`elastickit dashboard`: the cluster health page of a run (its directory, an events file, and/or
+the live store of a running job)."""
 
 from __future__ import annotations
+
+import sys
 
 import typer
 
 from elastickit.cli._errors import handled
 
 
-@handled
-def dashboard(
-    events: str | None = typer.Option(None, "--events", help="Events file (JSON lines) to show."),
-    store: str | None = typer.Option(
-        None, "--store", help="HOST:PORT of the job's TCPStore: run a read-only collector on it."
-    ),
-    world_size: int = typer.Option(
-        0, "--world-size", help="Ranks of the job (--store; 0: discover)."
-    ),
-    prefix: str = typer.Option(
-        "auto",
-        "--prefix",
-        help="Store key prefix of the monitor (--store; auto: try the usual ones).",
-    ),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
-    port: int = typer.Option(8765, "--port", help="Port to bind (0: any free port)."),
-    token: str | None = typer.Option(
-        None, "--token", help="Required to bind beyond 127.0.0.1; clients pass ?token=..."
-    ),
-) -> None:
-    """Serve a live dashboard of anomaly events (slow rank, slow link, hang, crash)."""
-    import sys
+def sources_from(run: str | None, events: str | None, ckpt: str | None, local: str | None,
+                 store: str | None) -> object:
+    """The RunSources for the flags (shared with `elastickit top`); RequestError on bad ones."""
+    import os
 
     from elastickit.checkpoint.errors import RequestError
-    from elastickit.monitor.dashboard import CollectorSource, EventsFileSource, make_server
+    from elastickit.dashboard.logs import RunSources
 
-    if (events is None) == (store is None):
-        raise RequestError("give exactly one of --events FILE or --store HOST:PORT.")
+    if run is not None and events is not None:
+        raise RequestError("give either RUN (a run directory) or --events FILE, not both.")
+    if run is None and events is None and store is None:
+        raise RequestError("give RUN (a run directory), --events FILE or --store HOST:PORT.")
+    if run is not None:
+        if not os.path.isdir(run):
+            what = "a file" if os.path.exists(run) else "not there"
+            hint = " (use --events for an events file)" if os.path.isfile(run) else ""
+            raise RequestError(f"{run} is {what}: RUN must be a run directory{hint}.")
+        if local and "{node}" not in local:
+            raise RequestError(f"--local {local!r} must contain {{node}}, e.g. /dev/shm/ek/{{node}}.")
+        return RunSources.from_run_dir(run, ckpt=ckpt or "", local_pattern=local or "")
     if events is not None:
-        source = EventsFileSource(events)
-        title = f"elastickit monitor: {events}"
-    else:
-        source = CollectorSource(_collector(store, world_size, prefix))
-        title = f"elastickit monitor: store {store}"
+        if os.path.isdir(events):
+            raise RequestError(f"--events {events} is a directory: pass it as RUN instead.")
+        return RunSources.from_events_file(events)
+    return RunSources(label=f"store {store}")
+
+
+def live_view(store: str | None, prefix: str, world_size: int) -> object:
+    """A StoreView of the job at `store`, or None; RequestError when it cannot be reached."""
+    if store is None:
+        return None
+    from elastickit.checkpoint.errors import RequestError
+    from elastickit.dashboard.store import connect
+
     try:
-        server = make_server(source, host=host, port=port, token=token, title=title)
+        return connect(store, prefix=prefix, world_size=world_size)
     except ValueError as e:
-        raise RequestError(f"--host {host}: {e} with --token.") from e
+        raise RequestError(str(e)) from e
+
+
+@handled
+def dashboard(
+    run: str | None = typer.Argument(None, help="The run directory (events.jsonl, steps.jsonl, ckpt/, ...)."),
+    events: str | None = typer.Option(None, "--events", help="An events file (JSON lines) instead of RUN."),
+    store: str | None = typer.Option(
+        None, "--store", help="HOST:PORT of a running job's TCPStore: adds each rank's live heartbeat."
+    ),
+    ckpt: str | None = typer.Option(None, "--ckpt", help="The checkpoint root, when not RUN/ckpt."),
+    local: str | None = typer.Option(
+        None, "--local", help="Node-local tier directories not named in nodes.json, e.g. /dev/shm/ek/{node}."
+    ),
+    world_size: int = typer.Option(0, "--world-size", help="Ranks of the job (--store; 0: discover)."),
+    prefix: str = typer.Option("auto", "--prefix", help="The monitor's store key prefix (--store)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (beyond loopback needs --token)."),
+    port: int = typer.Option(8765, "--port", help="Port to bind (0: any free port)."),
+    token: str | None = typer.Option(
+        None, "--token", envvar="ELASTICKIT_DASHBOARD_TOKEN",
+        help="Required to bind beyond 127.0.0.1; open the page once as /?token=...",
+    ),
+) -> None:
+    """Serve the cluster health page: job, step-time heatmap, links, incidents, checkpoints
+    (with what each node's loss would cost), curves and events, live."""
+    from elastickit.checkpoint.errors import RequestError
+    from elastickit.dashboard.server import make_server
+    from elastickit.dashboard.summary import Dashboard
+
+    sources = sources_from(run, events, ckpt, local, store)
+    if not 0 <= port < 65536:
+        raise RequestError(f"--port {port} is not a port number; give 0..65535.")
+    board = Dashboard(sources, live=live_view(store, prefix, world_size))  # type: ignore[arg-type]
+    board.summary()  # read everything once (and import torch) before the first page asks
+    try:
+        server = make_server(board, host=host, port=port, token=token)
+    except ValueError as e:
+        raise RequestError(f"--host {host}: {e} with --token (or ELASTICKIT_DASHBOARD_TOKEN).") from e
     except OSError as e:
-        raise RequestError(
-            f"--port {port}: cannot bind {host}:{port} ({e}); pick another port."
-        ) from e
-    print(
-        f"dashboard on http://{host}:{server.server_port}/ (Ctrl-C to stop)",
-        file=sys.stderr,
-        flush=True,
-    )
+        raise RequestError(f"--port {port}: cannot bind {host}:{port} ({e}); pick another port or 0.") from e
+    suffix = "?token=<your token>" if token else ""
+    print(f"dashboard of {sources.label} on {server.url}{suffix} (Ctrl-C to stop)",  # type: ignore[attr-defined]
+          file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     finally:
         server.server_close()
-
-
-def _collector(store: str, world_size: int, prefix: str):
-    import datetime
-
-    import torch.distributed as dist
-
-    from elastickit.checkpoint.errors import RequestError
-    from elastickit.monitor import Collector
-
-    host, _, port_text = store.rpartition(":")
-    if not host or not port_text.isdigit():
-        raise RequestError(f"--store {store!r}: expected HOST:PORT, e.g. 127.0.0.1:29500.")
-    try:
-        tcp = dist.TCPStore(
-            host, int(port_text), is_master=False, timeout=datetime.timedelta(seconds=10)
-        )
-    except Exception as e:
-        raise RequestError(f"--store {store}: cannot connect ({e}); is the job running?") from e
-    if prefix == "auto":
-        # The job's default store is the TCPStore behind PrefixStores: "<group>/" (explicit
-        # store) or "default_pg" + "<group>/" (env:// rendezvous, as under torchrun).
-        candidates = ["default_pg/0//ekmon", "0//ekmon", "ekmon"]
-        prefix = next((c for c in candidates if tcp.check([f"{c}/hb/0"])), "")
-        if not prefix:
-            raise RequestError(
-                f"--store {store}: no monitor heartbeats under {candidates}; give --prefix."
-            )
-    if world_size <= 0:
-        world_size = 0
-        while tcp.check([f"{prefix}/hb/{world_size}"]):
-            world_size += 1
-        if world_size == 0:
-            raise RequestError(
-                f"--store {store}: no monitor heartbeats under {prefix!r}; check "
-                "--prefix or give --world-size."
-            )
-    collector = Collector(
-        tcp, world_size=world_size, prefix=prefix, abort_on_hang=False, on_abort=None
-    )
-    collector.start()
-    return collector

@@ -30,6 +30,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("reshard", "reshard_cmd", "reshard"),
     ("convert", "convert_cmd", "convert"),
     ("dashboard", "dashboard_cmd", "dashboard"),
+    ("top", "top_cmd", "top"),
 ]
 
 

@@ -1,10 +1,13 @@
 """The step-time heatmap: ranks x recent steps, slow ranks marked with their straggler score.
 
-A cell is a rank's busy time in a step: its step time minus the time it spent waiting inside
-collectives, coloured by its share of the step. In a synchronous job every rank's step time is about the same (the others wait
-for the slowest), so the raw step time hides the culprit; the busy time shows it (MegaScale's
-heatmap colours whole machines by step time; this one names the rank). The straggler score is
-the monitor detector's: the mean over steps of (median wait - own wait) / step time.
+A cell is how long the other ranks waited for this rank in that step: the step's median wait
+inside collectives minus this rank's own wait (at least 0). In a synchronous job every rank's
+step time is about the same (the others wait for the slowest), so the step time hides the
+culprit; the rank the others wait for is the one that waited least (DESIGN.md section 5).
+MegaScale's heatmap colours whole machines by step time; this one names the rank and measures
+its cost in seconds. Step time, wait and busy time (step time minus wait) come along for the
+tooltip. The straggler score is the monitor detector's: the mean over the last steps of the
+same gap divided by the step time.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ SCORE_STEPS = 10
 
 
 def heatmap_panel(logs: RunLogs, *, window: int = WINDOW_STEPS) -> dict[str, Any]:
-    """The heatmap's data: columns (step, segment), rows (ranks), cells busy seconds."""
+    """The heatmap's data: columns (step, segment), rows (ranks), cells: seconds the others
+    waited for the rank (`held_s`), with its step time, wait and busy time."""
     recoveries, _ = parse_all(logs.events, "recovery", Recovery.from_dict)
     cols = columns(logs.summaries, recoveries)[-window:]
     if not cols:
@@ -43,17 +47,16 @@ def heatmap_panel(logs: RunLogs, *, window: int = WINDOW_STEPS) -> dict[str, Any
         busy.append(b)
         step_s.append(t)
         wait_s.append(w)
-    # Colour: the share of the step (its median step time over ranks) the rank was busy.
-    # Bounded (about 0..1) and meaningful with any number of ranks: the straggler is near 1,
-    # the ranks waiting for it lower.
-    share: list[list[float | None]] = [[None] * len(cols) for _ in ranks]
+    held: list[list[float | None]] = [[None] * len(cols) for _ in ranks]
     for j in range(len(cols)):
-        times = [step_s[i][j] for i in range(len(ranks)) if step_s[i][j] is not None]
-        med = statistics.median(times) if times else 0.0
+        waits = [wait_s[i][j] for i in range(len(ranks)) if wait_s[i][j] is not None]
+        if len(waits) < 2:
+            continue
+        med = statistics.median(waits)
         for i in range(len(ranks)):
-            v = busy[i][j]
-            if v is not None and med > 0:
-                share[i][j] = round(min(v / med, 9.99), 3)
+            w = wait_s[i][j]
+            if w is not None:
+                held[i][j] = round(max(0.0, med - w), 6)
     current = latest_segment(cols)
     scores = straggler_scores(complete(current)[-SCORE_STEPS:])
     threshold = DetectorConfig().slow_rank_min_gap
@@ -73,7 +76,7 @@ def heatmap_panel(logs: RunLogs, *, window: int = WINDOW_STEPS) -> dict[str, Any
         "busy_s": busy,
         "step_s": step_s,
         "wait_s": wait_s,
-        "share": share,
+        "held_s": held,
         "scores": {str(r): round(scores[r], 4) for r in sorted(scores)},
         "threshold": threshold,
         "slow": slow,

@@ -143,9 +143,9 @@ function quantile(values, q) {
 
 function renderHeatmap(body, hm) {
   if (!hm.available) return unavailable(body, hm.why);
-  // One colour scale for the whole window (MegaScale-style): a rank busy longer than the others
-  // step after step stands out as a darker row.
-  const top95 = quantile(hm.busy_s.flat(), 0.95) || 1e-9;
+  // One colour scale for the whole window: a rank the others wait on step after step stands out
+  // as a dark row.
+  const top95 = Math.max(quantile(hm.held_s.flat(), 0.95), 1e-3);
   const width = body.clientWidth || 600;
   const left = 120, top = 18;
   const cell = Math.max(10, Math.min(26, Math.floor((width - left - 10) / Math.max(1, hm.steps.length))));
@@ -166,17 +166,18 @@ function renderHeatmap(body, hm) {
     const label = `rank ${rank}` + (score !== undefined ? ` · ${score.toFixed(2)}` : "") + (slow ? " slow" : "");
     svg.append(s("text", { x: left - 6, y: top + i * cell + cell - 3, "text-anchor": "end", class: slow ? "slow-label" : "row-label", "data-rank": rank }, label));
     hm.steps.forEach((step, j) => {
-      const v = hm.busy_s[i][j];
+      const v = hm.held_s[i][j];
       if (v === null) return;
       const t = Math.max(0, Math.min(1, v / top95));
       const color = `hsl(${Math.round(210 - 210 * t)}, 70%, ${Math.round(92 - 42 * t)}%)`;
       svg.append(s("rect", { x: left + j * cell, y: top + i * cell, width: cell - 1, height: cell - 1, fill: color, class: slow ? "slow-cell" : null },
-        title(`rank ${rank}, step ${step}: busy ${fmtS(hm.busy_s[i][j])} of ${fmtS(hm.step_s[i][j])} (waited ${fmtS(hm.wait_s[i][j])})`)));
+        title(`rank ${rank}, step ${step}: the others waited ${fmtS(v)} for it; step ${fmtS(hm.step_s[i][j])}, `
+          + `its own wait ${fmtS(hm.wait_s[i][j])}, busy ${fmtS(hm.busy_s[i][j])}`)));
     });
   });
   body.replaceChildren(
-    h("p", { class: "muted" }, `Busy time per rank and step (step time minus waiting in collectives; darker is longer, `
-      + `scale to ${fmtS(top95)}); rows: rank · straggler score (slow past ${hm.threshold}). Slow: `, hm.slow.length ? hm.slow.map((r) => `rank ${r}`).join(", ") : "none", "."),
+    h("p", { class: "muted" }, `How long the other ranks waited for each rank, per step (darker is longer; `
+      + `scale to ${fmtS(top95)}); rows: rank · straggler score (slow past ${hm.threshold}); dashed: restarts. Slow: `, hm.slow.length ? hm.slow.map((r) => `rank ${r}`).join(", ") : "none", "."),
     h("div", { class: "scroll" }, svg));
 }
 
