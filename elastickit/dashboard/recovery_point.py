@@ -12,14 +12,10 @@ live inside the processes and are not counted: a lost node takes its ranks' with
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from .logs import RunSources
-
-_RANK_FILE = re.compile(r"^rank-(\d+)\.")
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeTier:
@@ -90,26 +86,10 @@ def scan_tiers(sources: RunSources, nodes: tuple[dict[str, Any], ...]) -> TierCo
     )
 
 
-def _home_nodes(step: str, holders: list[NodeTier], needs: dict[str, int]) -> dict[str, int]:
-    """File name -> the node that wrote it: the nodes holding the step's manifest, in order,
-    each with world_size / len(holders) consecutive ranks (the node-local tier's layout)."""
-    if not holders:
-        return {}
-    per_node = max(1, len(needs) // len(holders))
-    out = {}
-    for name in needs:
-        m = _RANK_FILE.match(name)
-        if m:
-            i = int(m.group(1)) // per_node
-            if i < len(holders):
-                out[name] = holders[i].node
-    return out
-
-
 def restore_point(contents: TierContents, lost: set[int]) -> dict[str, Any]:
     """The checkpoint the nodes not in `lost` would restore: {"step", "tier", "from_nodes"}
-    (step None when nothing survives). tier is "local", "peer" (the lost nodes' shards come
-    from copies on their buddies) or "persistent"."""
+    (step None when nothing survives). tier is "persistent", "peer" (a lost node took part in
+    that checkpoint: its shards come from the copies on its buddy) or "local"."""
     from elastickit.checkpoint.recover import candidates
 
     survivors = [n for n in contents.nodes if n.up and n.node not in lost]
@@ -124,13 +104,16 @@ def restore_point(contents: TierContents, lost: set[int]) -> dict[str, Any]:
     if best.tier == "persistent":
         return {"step": best.step, "tier": "persistent", "from_nodes": []}
     key = str(best.step)
-    holders = [n for n in contents.nodes if "needs" in n.inventory.get(key, {})]
-    needs = holders[0].inventory[key]["needs"] if holders else {}
-    home = _home_nodes(key, holders, needs)
+    needs: dict[str, int] = next(
+        (n.inventory[key]["needs"] for n in survivors if "needs" in n.inventory.get(key, {})), {}
+    )
     serving = sorted(
         {n.node for n in survivors if set(n.inventory.get(key, {}).get("files", {})) & set(needs)}
     )
-    tier = "peer" if any(home.get(name) in lost for name in needs) else "local"
+    # A lost node that took part in that checkpoint had its own shards in it: they now come
+    # from the copies its buddy holds.
+    took_part = any(key in n.inventory for n in contents.nodes if n.node in lost)
+    tier = "peer" if took_part else "local"
     return {"step": best.step, "tier": tier, "from_nodes": serving}
 
 
