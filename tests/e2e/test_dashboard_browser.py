@@ -1,0 +1,194 @@
+"""The dashboard in a real browser (Debian's chromium, driven by Selenium through chromium-driver)
+on the recorded run with a crash and its recovery: every panel renders, the incident names the
+crashed rank and its node, appended log lines show up without a reload, no request leaves
+127.0.0.1, and the token is enforced. A screenshot is kept in tests/artifacts/ (and replaces
+docs/dashboard.png, the README's, when EK_UPDATE_SCREENSHOT=1).
+
+chromium and chromium-driver are installed by scripts/_env.sh (apt-get); where they are missing
+the tests are skipped, saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import socket
+import threading
+
+import pytest
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+RUN = ROOT / "tests" / "fixtures" / "dashboard" / "run"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+if not (CHROMIUM and DRIVER):
+    pytest.skip("chromium and chromium-driver are not installed (scripts/_env.sh installs them with "
+                "apt-get where it can run as root)", allow_module_level=True)
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[dev])")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+from elastickit.dashboard.logs import RunSources  # noqa: E402
+from elastickit.dashboard.server import make_server  # noqa: E402
+from elastickit.dashboard.summary import PANELS, Dashboard  # noqa: E402
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: connections to it are refused
+
+
+@pytest.fixture(scope="module")
+def browser():
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1400,1000", "--no-first-run", "--disable-extensions",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-default-apps", "--disable-domain-reliability", "--metrics-recording-only",
+                # Every request that is not for 127.0.0.1 goes to a proxy that refuses it: a page
+                # that needed a CDN or a web font could not draw at all.
+                f"--proxy-server=http://127.0.0.1:{_closed_port()}"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(DRIVER), options=opts)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def run(tmp_path) -> pathlib.Path:
+    dst = tmp_path / "run"
+    shutil.copytree(RUN, dst)
+    return dst
+
+
+def _serve(run: pathlib.Path, token: str | None = None):
+    server = make_server(Dashboard(RunSources.from_run_dir(str(run)), min_interval_s=0.2), port=0, token=token)
+    server.dashboard.summary()  # read once before the page asks (imports torch once)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _wait(driver, condition, timeout: float = 20.0):
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+
+
+def _panel(driver, name: str):
+    return driver.find_element(By.CSS_SELECTOR, f'section[data-panel="{name}"]')
+
+
+def test_every_panel_renders_and_updates_live_from_127_0_0_1_only(browser, run) -> None:
+    server = _serve(run)
+    try:
+        browser.get(server.url)
+        _wait(browser, lambda d: all(_panel(d, p).get_attribute("data-version") for p in PANELS))
+        for name in PANELS:
+            section = _panel(browser, name)
+            assert "broken" not in (section.get_attribute("class") or ""), name
+            assert section.find_element(By.CSS_SELECTOR, ".body").text.strip(), name
+        assert browser.find_element(By.ID, "health").text == "degraded"
+        job = _panel(browser, "job").text
+        assert "pp=2,dp=2" in job and "rank 1 is slowing the job" in job
+        # Heatmap: one row per rank, the slow one labelled, cells drawn.
+        heat = _panel(browser, "heatmap")
+        slow = heat.find_elements(By.CSS_SELECTOR, "text.slow-label")
+        assert [e.get_attribute("data-rank") for e in slow] == ["1"] and slow[0].text.endswith(" slow")
+        assert len(heat.find_elements(By.CSS_SELECTOR, "text.row-label")) == 3
+        assert len(heat.find_elements(By.CSS_SELECTOR, "rect")) > 100
+        # Links: the slow pair outlined, both directions.
+        links = _panel(browser, "links")
+        assert {g.get_attribute("data-pair") for g in links.find_elements(By.CSS_SELECTOR, "g.slow-link")} == {"0-2", "2-0"}
+        # Incidents: the crash names rank 3 on node 1, with its cost by phase.
+        crash = _panel(browser, "incidents").find_element(By.CSS_SELECTOR, "li.incident.failure")
+        assert crash.get_attribute("data-ranks") == "3" and crash.get_attribute("data-node") == "1"
+        assert "crash: rank 3 on node 1" in crash.text and "restored step 12 from peer" in crash.text
+        phases = {r.get_attribute("data-phase") for r in crash.find_elements(By.CSS_SELECTOR, "rect[data-phase]")}
+        assert {"abort", "rendezvous", "start", "restore", "first_step", "lost_work"} <= phases
+        # Checkpoints: each node's what-if.
+        whatif = {li.get_attribute("data-node"): li for li in _panel(browser, "checkpoints").find_elements(By.CSS_SELECTOR, "li.whatif")}
+        assert whatif["0"].get_attribute("data-tier") == "peer" and whatif["0"].get_attribute("data-step") == "40"
+        assert "if node 1 died now, the run would restore step 40 from peer copies on node 0" in whatif["1"].text
+        # Curves: three incarnations on each chart, restarts marked.
+        loss = _panel(browser, "curves").find_element(By.CSS_SELECTOR, 'svg[data-curve="loss"]')
+        assert len(loss.find_elements(By.CSS_SELECTOR, "path")) == 3
+        assert len(loss.find_elements(By.CSS_SELECTOR, "line.restart")) == 2
+        # Events: the filter keeps only what is asked for.
+        events = _panel(browser, "events")
+        Select(events.find_element(By.NAME, "type")).select_by_value("crash")
+        rows = _panel(browser, "events").find_elements(By.CSS_SELECTOR, "tbody tr")
+        assert [r.get_attribute("data-type") for r in rows] == ["crash"] and "rank 3 crashed" in rows[0].text
+        Select(_panel(browser, "events").find_element(By.NAME, "type")).select_by_value("")
+        _wait(browser, lambda d: len(_panel(d, "events").find_elements(By.CSS_SELECTOR, "tbody tr")) > 1)
+        _screenshot(browser)  # the recorded run as a newcomer sees it
+
+        # Append to the logs: a new crash (rank 0, node 0) and a step; the page follows without a reload.
+        loaded_at = browser.execute_script("return window.__ekLoadedAt")
+        updates = browser.execute_script("return window.__ekUpdates")
+        last_time = max(json.loads(x)["time"] for x in (run / "steps.jsonl").read_text().splitlines())
+        with open(run / "steps.jsonl", "a") as f:
+            f.write(json.dumps({"step": 41, "loss": 3.5, "world_size": 4, "layout": "pp=2,dp=2,tp=1",
+                                "grad_accum": 2, "step_s": 0.3, "time": last_time + 0.3}) + "\n")
+        with open(run / "events.jsonl", "a") as f:
+            f.write(json.dumps({"type": "crash", "ranks": [0], "step": 41, "time": last_time + 0.5, "op": "",
+                                "group": "", "seq": -1, "confidence": 0.95,
+                                "evidence": {"process_exited": True, "pid": 4242, "host": "vm",
+                                             "heartbeat_silent_s": 0.01}}) + "\n")
+        _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, 'li.incident.failure[data-ranks="0"]')) == 1)
+        assert browser.find_element(By.ID, "health").text == "failing"
+        assert "no recovery and no step since" in _panel(browser, "job").text
+        assert "STEP\n41\n" in _panel(browser, "job").text  # labels are upper-cased by the style sheet
+        assert browser.execute_script("return window.__ekLoadedAt") == loaded_at  # the same page
+        assert browser.execute_script("return window.__ekUpdates") > updates
+        assert browser.execute_script("return performance.getEntriesByType('navigation').length") == 1
+
+        # Nothing the page asked for left 127.0.0.1 (and the refusing proxy would have failed it).
+        urls = browser.execute_script(
+            "return performance.getEntriesByType('resource').map(e => e.name)"
+            ".concat(performance.getEntriesByType('navigation').map(e => e.name))")
+        origin = server.url.rstrip("/")
+        assert urls and all(u.startswith(origin + "/") for u in urls), urls
+        assert {u.split("?")[0] for u in urls} >= {origin + "/static/app.js", origin + "/static/style.css",
+                                                   origin + "/api/summary"}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _screenshot(driver) -> None:
+    driver.execute_script("window.scrollTo(0, 0)")
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1400, min(height + 40, 4000))
+    out = ROOT / "tests" / "artifacts"
+    out.mkdir(exist_ok=True)
+    path = out / "dashboard.png"
+    driver.save_screenshot(str(path))
+    if os.environ.get("EK_UPDATE_SCREENSHOT") == "1":
+        shutil.copyfile(path, ROOT / "docs" / "dashboard.png")
+    driver.set_window_size(1400, 1000)
+
+
+def test_the_token_is_enforced(browser, run) -> None:
+    server = _serve(run, token="s3cret-token")
+    try:
+        browser.delete_all_cookies()
+        browser.get(server.url + "api/job")
+        assert "unauthorized" in browser.find_element(By.TAG_NAME, "body").text
+        browser.get(server.url)
+        assert not browser.find_elements(By.CSS_SELECTOR, "section[data-panel]")
+        browser.get(server.url + "?token=s3cret-token")
+        # The token became a cookie and left the address bar; the panels load with it.
+        assert browser.current_url == server.url
+        _wait(browser, lambda d: _panel(d, "incidents").get_attribute("data-version"))
+        assert "crash: rank 3 on node 1" in _panel(browser, "incidents").text
+        cookie = browser.get_cookie("ek_token")
+        assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+        assert browser.execute_script("return document.cookie") == ""  # scripts cannot read it
+    finally:
+        browser.delete_all_cookies()
+        server.shutdown()
+        server.server_close()
