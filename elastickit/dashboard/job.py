@@ -12,6 +12,7 @@ the last failure, nodes, ranks (live heartbeats with --store), and alerts:
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -65,7 +66,7 @@ def _checkpoint_alerts(records: Sequence[CheckpointRecord], recoveries: Sequence
                           "no checkpoint progress across restarts"))
     committed = sorted({r.step for r in records if any(t.committed for t in r.tiers)})
     if committed and step is not None:
-        gaps = [b - a for a, b in zip(committed, committed[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(committed)]
         interval = statistics.median(gaps) if gaps else committed[0]
         behind = step - committed[-1]
         if interval > 0 and behind > STALE_FACTOR * interval:

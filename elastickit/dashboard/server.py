@@ -120,7 +120,7 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # quiet: the terminal shows the dashboard's address, not every poll
 
     # -- plumbing ----------------------------------------------------------------------
@@ -162,13 +162,13 @@ class _Handler(BaseHTTPRequestHandler):
         cookie = SimpleCookie()
         try:
             cookie.load(self.headers.get("Cookie", ""))
-        except Exception:  # noqa: BLE001 - a malformed cookie header is no token
+        except Exception:
             return ""
         return cookie[COOKIE].value if COOKIE in cookie else ""
 
     # -- requests ----------------------------------------------------------------------
 
-    def do_GET(self) -> None:  # noqa: N802 - the base's name
+    def do_GET(self) -> None:
         raw = self.path
         if len(raw) > MAX_PATH or not raw.startswith("/"):
             self._error(400, "bad request: malformed path")
@@ -215,11 +215,11 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._error(404, "not found")
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self.do_GET()
 
     def _refuse(self) -> None:
         self._send(405, "text/plain; charset=utf-8", b"method not allowed: the dashboard is read-only\n",
                    {"Allow": "GET, HEAD"})
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse  # noqa: N815
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse

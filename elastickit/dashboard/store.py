@@ -50,7 +50,7 @@ class StoreView:
                             continue
                         break
                     hb = Heartbeat.from_json(self.store.get(key))
-                except Exception:  # noqa: BLE001 - a store gone away or a torn value
+                except Exception:
                     self.errors += 1
                     old = self._beats.get(r)
                     if old is not None:
@@ -91,7 +91,7 @@ def connect(address: str, *, prefix: str = "auto", world_size: int = 0,
     try:
         tcp = dist.TCPStore(host.strip("[]"), int(port_text), is_master=False,
                             timeout=datetime.timedelta(seconds=timeout_s))
-    except Exception as e:  # noqa: BLE001 - torch raises several kinds
+    except Exception as e:
         raise ValueError(f"--store {address}: cannot connect ({e}); is the job running?") from e
     if prefix == "auto":
         prefix = next((p for p in PREFIXES if tcp.check([heartbeat_key(p, 0)])), "")

@@ -28,12 +28,12 @@ if not (CHROMIUM and DRIVER):
     pytest.skip("chromium and chromium-driver are not installed (scripts/_env.sh installs them with "
                 "apt-get where it can run as root)", allow_module_level=True)
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[dev])")
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from elastickit.dashboard.logs import RunSources  # noqa: E402
-from elastickit.dashboard.server import make_server  # noqa: E402
-from elastickit.dashboard.summary import PANELS, Dashboard  # noqa: E402
+from elastickit.dashboard.logs import RunSources
+from elastickit.dashboard.server import make_server
+from elastickit.dashboard.summary import PANELS, Dashboard
 
 
 def _closed_port() -> int:

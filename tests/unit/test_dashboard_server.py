@@ -136,3 +136,16 @@ def test_binding_beyond_loopback_needs_a_token(board) -> None:
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("example.org")
     with pytest.raises(ValueError, match="token"):
         make_server(board, host="0.0.0.0", port=0)
+
+
+def test_every_static_file_is_package_data() -> None:
+    """An installed wheel carries the page: pyproject's package-data covers every static file."""
+    import fnmatch
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "elastickit.dashboard"]
+    static = root / "elastickit" / "dashboard" / "static"
+    files = [f"static/{p.name}" for p in static.iterdir()]
+    assert files and all(any(fnmatch.fnmatch(f, g) for g in globs) for f in files), (files, globs)
