@@ -4,14 +4,19 @@ the live store of a running job)."""
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import typer
 
 from elastickit.cli._errors import handled
 
+if TYPE_CHECKING:
+    from elastickit.dashboard.logs import RunSources
+    from elastickit.dashboard.store import StoreView
+
 
 def sources_from(run: str | None, events: str | None, ckpt: str | None, local: str | None,
-                 store: str | None) -> object:
+                 store: str | None) -> RunSources:
     """The RunSources for the flags (shared with `elastickit top`); RequestError on bad ones."""
     import os
 
@@ -37,7 +42,7 @@ def sources_from(run: str | None, events: str | None, ckpt: str | None, local: s
     return RunSources(label=f"store {store}")
 
 
-def live_view(store: str | None, prefix: str, world_size: int) -> object:
+def live_view(store: str | None, prefix: str, world_size: int) -> StoreView | None:
     """A StoreView of the job at `store`, or None; RequestError when it cannot be reached."""
     if store is None:
         return None
@@ -79,7 +84,7 @@ def dashboard(
     sources = sources_from(run, events, ckpt, local, store)
     if not 0 <= port < 65536:
         raise RequestError(f"--port {port} is not a port number; give 0..65535.")
-    board = Dashboard(sources, live=live_view(store, prefix, world_size))  # type: ignore[arg-type]
+    board = Dashboard(sources, live=live_view(store, prefix, world_size))
     board.summary()  # read everything once (and import torch) before the first page asks
     try:
         server = make_server(board, host=host, port=port, token=token)
@@ -88,8 +93,7 @@ def dashboard(
     except OSError as e:
         raise RequestError(f"--port {port}: cannot bind {host}:{port} ({e}); pick another port or 0.") from e
     suffix = "?token=<your token>" if token else ""
-    print(f"dashboard of {sources.label} on {server.url}{suffix} (Ctrl-C to stop)",  # type: ignore[attr-defined]
-          file=sys.stderr, flush=True)
+    print(f"dashboard of {sources.label} on {server.url}{suffix} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     finally:

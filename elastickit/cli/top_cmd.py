@@ -134,7 +134,7 @@ def top(
     if interval <= 0:
         raise RequestError(f"--interval {interval}: give a positive number of seconds.")
     sources = sources_from(run, events, ckpt, local, store)
-    board = Dashboard(sources, live=live_view(store, prefix, world_size), min_interval_s=0.0)  # type: ignore[arg-type]
+    board = Dashboard(sources, live=live_view(store, prefix, world_size), min_interval_s=0.0)
     if as_json:
         print(json.dumps(board.summary(), default=str))
         return
