@@ -34,7 +34,9 @@ class RunSources:
             recoveries); a run directory has `events.jsonl`, plus `ckpt/events.jsonl` when the
             checkpoint root keeps its own log (the Checkpointer's default).
         steps: `steps.jsonl` (one line per completed step, rank 0).
-        ranks: `ranks.jsonl` (every rank's step summary, written by the monitor's collector).
+        ranks: `ranks.jsonl` (every rank's step summary, written by the monitor's collector
+            beside its events file: `RUN/ranks.jsonl`, or `ckpt/ranks.jsonl` when only that
+            exists, as after `elastickit train --inject ...` without `--events`).
         nodes: `nodes.json` (the simulated nodes of `elastickit train --nodes`).
         ckpt_root: the persistent tier's root (committed `step-*` directories).
         local: node-local tier directories by node, when known (`nodes.json` "local" fields or
@@ -59,13 +61,17 @@ class RunSources:
         own = os.path.join(ckpt, "events.jsonl")
         if os.path.realpath(own) != os.path.realpath(events[0]):
             events.append(own)
+        ranks = os.path.join(run, "ranks.jsonl")
+        beside_ckpt = os.path.join(ckpt, "ranks.jsonl")
+        if not os.path.exists(ranks) and os.path.exists(beside_ckpt):
+            ranks = beside_ckpt  # the monitor wrote its events (and so this) into the ckpt root
         local: tuple[tuple[int, str], ...] = ()
         if local_pattern:
             local = tuple((n, local_pattern.format(node=n)) for n in range(_num_nodes(run, local_pattern)))
         return cls(
             events=tuple(events),
             steps=os.path.join(run, "steps.jsonl"),
-            ranks=os.path.join(run, "ranks.jsonl"),
+            ranks=ranks,
             nodes=os.path.join(run, "nodes.json"),
             ckpt_root=ckpt,
             local=local,

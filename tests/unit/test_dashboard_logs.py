@@ -99,3 +99,11 @@ def test_an_events_file_alone_brings_the_per_rank_log_beside_it(tmp_path) -> Non
     assert sources.events == (str(tmp_path / "ev.jsonl"),)
     assert sources.ranks == str(tmp_path / "ranks.jsonl")
     assert sources.steps == "" and sources.ckpt_root == ""
+
+
+def test_per_rank_log_in_the_checkpoint_root_is_found_when_the_run_has_none(tmp_path) -> None:
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "ranks.jsonl").write_text("")
+    assert RunSources.from_run_dir(str(tmp_path)).ranks == str(tmp_path / "ckpt" / "ranks.jsonl")
+    (tmp_path / "ranks.jsonl").write_text("")
+    assert RunSources.from_run_dir(str(tmp_path)).ranks == str(tmp_path / "ranks.jsonl")
