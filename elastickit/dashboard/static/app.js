@@ -339,6 +339,10 @@ const RENDER = {
   events: (b, d) => renderEvents(b, d.events),
 };
 
+// The JSON each panel was last drawn from: a panel whose data did not change is not redrawn, so
+// a filter menu being used or a tooltip being read is not swept away by the next poll.
+const drawn = {};
+
 function render(d) {
   const health = document.getElementById("health");
   health.textContent = d.job.health;
@@ -348,10 +352,15 @@ function render(d) {
     const name = section.dataset.panel;
     const body = section.querySelector(".body");
     try {
-      RENDER[name](body, d);
+      const key = JSON.stringify(d[name]) + (name === "job" ? JSON.stringify(d.meta) : "");
+      if (drawn[name] !== key) {
+        RENDER[name](body, d);
+        drawn[name] = key;
+      }
       section.dataset.version = d.meta.version;
       section.classList.remove("broken");
     } catch (err) {
+      drawn[name] = undefined;
       section.classList.add("broken");
       body.replaceChildren(h("p", { class: "muted" }, `cannot draw this panel: ${err}`));
     }
