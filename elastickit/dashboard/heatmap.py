@@ -60,12 +60,14 @@ def heatmap_panel(logs: RunLogs, *, window: int = WINDOW_STEPS) -> dict[str, Any
     current = latest_segment(cols)
     scores = straggler_scores(complete(current)[-SCORE_STEPS:])
     threshold = DetectorConfig().slow_rank_min_gap
-    first_step = min(c.step for c in current)
+    # The monitor's own findings since this incarnation began (its first summary).
+    began = min(s.time_s for c in current for s in c.ranks.values())
     flagged = {
         r
         for e in logs.events
-        if e.get("type") == "slow_rank" and isinstance(e.get("step"), int) and e["step"] >= first_step
+        if e.get("type") == "slow_rank" and e["time"] >= began
         for r in e.get("ranks", [])
+        if isinstance(r, int)
     }
     slow = sorted(r for r in ranks if scores.get(r, 0.0) >= threshold or r in flagged)
     return {

@@ -91,7 +91,7 @@ def job_panel(logs: RunLogs, *, now: float, live: Sequence[dict[str, Any]] | Non
     if world is None and logs.summaries:
         cols = latest_segment(columns(logs.summaries, recoveries))
         world = len({r for c in cols for r in c.ranks}) or None
-    recent = [s for s in logs.steps[-21:]]
+    recent = list(logs.steps[-21:])
     rate = None
     if len(recent) >= 2 and recent[-1]["time"] > recent[0]["time"]:
         # Only the newest incarnation's steps: a restart in the window would mix in downtime.

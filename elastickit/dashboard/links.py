@@ -77,10 +77,10 @@ def links_panel(logs: RunLogs, *, window: int = WINDOW_STEPS) -> dict[str, Any]:
                     kind[index[x]][index[y]] = "group"
     cfg = DetectorConfig()
     slow_pairs: set[tuple[int, int]] = set()
-    first_step = cols[0].step
+    began = min(s.time_s for s in cols[0].ranks.values())  # the window's first step
     slow_groups: set[tuple[int, ...]] = set()
     for e in logs.events:
-        if e.get("type") != "slow_link" or not isinstance(e.get("step"), int) or e["step"] < first_step:
+        if e.get("type") != "slow_link" or e["time"] < began:
             continue
         rs = tuple(sorted(r for r in e.get("ranks", []) if isinstance(r, int)))
         if len(rs) == 2:
