@@ -37,6 +37,8 @@ class RestoreReport:
         path: its directory ("memory" for the memory tier).
         unused: checkpoint tensors no rank of the state loaded, sorted.
         missing: tensors of the state the checkpoint lacks (kept as they were), sorted.
+        bytes: bytes this rank read (stored tensors touched, or its snapshot).
+        fetched: files this rank received from a peer (the local tier: a buddy node's copies).
     """
 
     step: int
@@ -44,6 +46,8 @@ class RestoreReport:
     path: str
     unused: tuple[str, ...] = ()
     missing: tuple[str, ...] = ()
+    bytes: int = 0
+    fetched: tuple[str, ...] = ()
 
 
 def _kind(dtype: str) -> str:

@@ -144,14 +144,18 @@ def _restore_one(src: Sources, cand: Candidate, state: Mapping[str, Any], strict
     check_fit(unused, missing, what=f"{what} ({path})", strict=strict)
     assert loader is not None
     error = None
+    fetched: list[str] = []
+    nbytes = 0
     try:
         if isinstance(loader, SnapshotLoader):
             loader.run()
             rng = (loader.snap.rank_object or {}).get("rng")
+            nbytes = loader.snap.nbytes
         else:
             if cand.tier == "local":
-                fetch_files(coord, src.peer_group, root, loader.manifest, loader.files())
+                fetched = fetch_files(coord, src.peer_group, root, loader.manifest, loader.files())
             loader.run(path)
+            nbytes = loader.plan.bytes_read
             m = loader.manifest
             rng = m.rank_objects[coord.rank].get("rng") if m.rank_objects and m.world_size == coord.world_size else None
         if src.rng and rng:
@@ -159,7 +163,8 @@ def _restore_one(src: Sources, cand: Candidate, state: Mapping[str, Any], strict
     except DataError as e:
         error = str(e)
     gather_or_raise(coord, error, None, phase=f"restore of {what}")
-    return RestoreReport(step=cand.step, tier=cand.tier, path=path, unused=tuple(unused), missing=tuple(missing))
+    return RestoreReport(step=cand.step, tier=cand.tier, path=path, unused=tuple(unused), missing=tuple(missing),
+                         bytes=nbytes, fetched=tuple(fetched))
 
 
 def _raise_failures(got: list[dict[str, Any]], world_size: int, what: str) -> None:

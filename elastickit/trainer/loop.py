@@ -220,6 +220,12 @@ class TrainingJob:
 
     def train_step(self, step: int) -> float:
         """Run 0-based step `step` (LR, data, forward/backward, clip, AdamW); its global loss."""
+        return self.train_step_and_vote(step, 0.0)[0]
+
+    def train_step_and_vote(self, step: int, vote: float) -> tuple[float, float]:
+        """`train_step`, and the sum over all ranks of `vote`, carried by the all-reduce that
+        averages the loss: ranks agree on something at every step boundary without an extra
+        collective (the elastic runtime agrees on when to grow this way)."""
         cfg, layout, device = self.cfg, self.layout, self.device
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)
@@ -245,7 +251,7 @@ class TrainingJob:
             pp_group = self.mesh["pp"].get_group() if layout.pp > 1 else None
             clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm, pp_group)
         self.optimizer.step()
-        return _global_loss(local_loss, layout)
+        return _global_loss(local_loss, layout, vote)
 
 
 def build_job(cfg: TrainConfig) -> TrainingJob:
@@ -348,10 +354,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _global_loss(local: torch.Tensor, layout: TrainLayout) -> float:
-    """Mean over dp of the last stage's loss (tp ranks hold equal copies), on every rank."""
+def _global_loss(local: torch.Tensor, layout: TrainLayout, vote: float = 0.0) -> tuple[float, float]:
+    """(mean over dp of the last stage's loss (tp ranks hold equal copies), sum of `vote` over
+    all ranks), the same on every rank."""
     if not dist.is_initialized():
-        return float(local)
-    t = local.detach().to(torch.float64).reshape(1)
+        return float(local), vote
+    t = torch.stack([local.detach().to(torch.float64).reshape(()), torch.tensor(vote, dtype=torch.float64)])
     dist.all_reduce(t)  # non-last stages contribute 0; every dp rank tp copies of its loss
-    return float(t) / (layout.dp * layout.tp)
+    return float(t[0]) / (layout.dp * layout.tp), float(t[1])

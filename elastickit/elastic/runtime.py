@@ -1,0 +1,547 @@
+"""The in-process elastic training loop of one worker.
+
+Every worker process runs `ElasticWorker.run()` once; the process survives every change of the
+job. One generation (a `Plan` of `elastickit.elastic.membership`) is:
+
+    arrive (store barrier of the plan's members)
+    -> init_process_group on a fresh store prefix -> build the model, optimizer and data loader
+       at the plan's layout (DeviceMesh, FSDP2, tensor parallel) -> Checkpointer with memory,
+       node-local, peer and persistent tiers -> restore the freshest checkpoint, resharded
+    -> train until the last step, or until the plan is superseded.
+
+A failure (a peer dead or hung) ends the generation at once: the watcher thread sees the next
+plan, shuts down the connections of this generation's process groups (which wakes any
+collective waiting for the dead peer, `elastickit.elastic.sockets`), the training thread tears
+the groups down and enters the next plan. Growing (a node back, spares that make a larger
+layout) happens at a step boundary the ranks agree on through the loss all-reduce, after every
+tier holds that step. Python, torch and the data stay loaded: no process restarts, no imports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from .membership import Member, Membership, Plan, Superseded
+from .policy import LayoutRequest, ModelLimits, NoLayoutError, choose_layout, parse_pins
+from .rundir import Phases, RecoveryRecord, RunDir, StepRecord
+from .sockets import SocketTracker
+
+log = logging.getLogger("elastickit.elastic")
+
+__all__ = ["ElasticConfig", "ElasticWorker", "WorkerEnv"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ElasticConfig:
+    """What one elastic training run is (every worker gets the same)."""
+
+    run: str
+    """The run directory (steps.jsonl, events.jsonl, checkpoints in RUN/ckpt)."""
+    ckpt: str | None = None
+    """Checkpoint root (default RUN/ckpt)."""
+    local_tier: str = ""
+    """This node's node-local tier directory (default RUN/local/node<node>)."""
+    model: str = "tiny"
+    steps: int = 100
+    global_batch: int = 24
+    """Samples per step, the same in every layout."""
+    micro_batch: int = 2
+    """Samples per microbatch; grad_accum = global_batch / (dp * micro_batch)."""
+    seq_len: int = 32
+    layout: str = "auto"
+    """`auto`, or axes to pin (`tp=2`); the others follow the world."""
+    lr: float | None = None
+    seed: int = 0
+    dp_mode: str = "fsdp"
+    every: int = 1
+    """Checkpoint every N steps (host memory; the tiers pull the newest)."""
+    hang_s: float = 1.0
+    """A member whose heartbeat is silent this long is taken for hung and left out."""
+    rank_memory_mib: float | None = None
+    """Training state one rank may hold (the policy's memory budget); None: any."""
+    step_sleep_s: float = 0.0
+    """Extra seconds per step (to slow a demo down to what a person can follow)."""
+    local_busy: float = 0.5
+    """The node-local tier's share of a core (its freshness: lost work after a failure)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "global_batch", "micro_batch", "seq_len", "every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.global_batch % self.micro_batch:
+            raise ValueError(
+                f"--global-batch {self.global_batch} is not a multiple of --micro-batch {self.micro_batch}"
+            )
+        if self.hang_s <= 0:
+            raise ValueError(f"--hang-timeout must be positive, got {self.hang_s}")
+        parse_pins(self.layout)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerEnv:
+    """Where this worker is: set by the elastickit agent (and torchrun) in its environment."""
+
+    store_host: str
+    store_port: int
+    run_id: str
+    node: str
+    local_rank: int
+    expected: int
+    """Workers of the first rendezvous (torchrun's WORLD_SIZE): the first plan waits for them."""
+
+    @classmethod
+    def from_environ(cls, env: dict[str, str] | None = None) -> WorkerEnv:
+        e = dict(os.environ if env is None else env)
+        try:
+            host, _, port = e["ELASTICKIT_STORE"].rpartition(":")
+            return cls(
+                store_host=host,
+                store_port=int(port),
+                run_id=e["ELASTICKIT_RUN_ID"],
+                node=e.get("ELASTICKIT_NODE", e.get("GROUP_RANK", "0")),
+                local_rank=int(e.get("LOCAL_RANK", "0")),
+                expected=int(e.get("WORLD_SIZE", "1")),
+            )
+        except KeyError as k:
+            raise ValueError(
+                f"{k.args[0]} is not set: run the elastic worker under `elastickit launch` or "
+                "`elastickit train --nodes`"
+            ) from None
+
+
+@dataclasses.dataclass(slots=True)
+class _Gen:
+    """One generation as this rank lives it."""
+
+    plan: Plan
+    rank: int
+    tracker: SocketTracker
+    times: dict[str, float] = dataclasses.field(default_factory=dict)
+    aborted: bool = False
+    voluntary: bool = False
+    job: Any = None
+    ck: Any = None
+
+
+class _Transition(Exception):
+    def __init__(self, plan: Plan) -> None:
+        super().__init__(f"plan {plan.gen}")
+        self.plan = plan
+
+
+def model_limits(model: str, state_multiplier: int = 16) -> ModelLimits:
+    """What the reference model allows: tp degrees, pipeline stages, bytes of training state
+    (fp32 parameter, gradient and two AdamW moments: 16 bytes a parameter)."""
+    from elastickit.trainer.model import model_config
+
+    cfg = model_config(model)
+    tps = []
+    for tp in range(1, 65):
+        try:
+            cfg.check_tp(tp)
+        except ValueError:
+            continue
+        tps.append(tp)
+    return ModelLimits(tp_degrees=tuple(tps), max_pp=cfg.n_layers, state_bytes=cfg.num_params() * state_multiplier)
+
+
+class ElasticWorker:
+    """One worker process of an elastic job (see the module docstring)."""
+
+    def __init__(self, cfg: ElasticConfig, env: WorkerEnv) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.rundir = RunDir(cfg.run, cfg.ckpt)
+        self.local_tier = cfg.local_tier or self.rundir.local_tier(env.node)
+        self.me = Member.this_process(env.node, env.local_rank)
+        self.limits = model_limits(cfg.model)
+        self.pins = tuple(parse_pins(cfg.layout).items())
+        self._gen: _Gen | None = None
+        self._last_step: int | None = None  # the last step this process completed
+        self._abort_times: dict[str, float] = {}
+        self._said: set[str] = set()
+        self.membership = Membership(
+            self._store_client, self.me, self._planner, hang_s=cfg.hang_s, on_new_plan=self._on_new_plan
+        )
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _store_client(self, prefix: str | None = None) -> Any:
+        import torch.distributed as dist
+
+        client = dist.TCPStore(
+            self.env.store_host, self.env.store_port, is_master=False, timeout=timedelta(seconds=60)
+        )
+        return dist.PrefixStore(prefix or f"ek/{self.env.run_id}", client)
+
+    def _planner(self, members: Sequence[Member], previous: Plan | None) -> tuple[str, int, tuple[str, ...], tuple[str, ...], str]:
+        from .policy import Layout
+
+        nodes: list[int] = []
+        last = None
+        for m in members:
+            if m.node != last:
+                nodes.append(0)
+                last = m.node
+            nodes[-1] += 1
+        budget = int(self.cfg.rank_memory_mib * 2**20) if self.cfg.rank_memory_mib else None
+        prev = Layout.parse(previous.layout) if previous is not None and previous.layout else None
+        try:
+            choice = choose_layout(
+                LayoutRequest(
+                    nodes=tuple(nodes),
+                    global_batch=self.cfg.global_batch,
+                    micro_batch=self.cfg.micro_batch,
+                    limits=self.limits,
+                    pins=self.pins,
+                    previous=prev,
+                    rank_budget_bytes=budget,
+                )
+            )
+        except NoLayoutError as e:
+            return "", 0, (), tuple(m.id for m in members), str(e)
+        ids = [m.id for m in members]
+        return (
+            choice.layout.text(),
+            choice.grad_accum,
+            tuple(ids[i] for i in choice.active),
+            tuple(ids[i] for i in choice.spares),
+            "",
+        )
+
+    def _on_new_plan(self, plan: Plan) -> None:
+        """Watcher thread: a newer plan ends the current generation at once."""
+        g = self._gen
+        if g is None or plan.gen <= g.plan.gen or g.voluntary or g.aborted:
+            return
+        g.aborted = True
+        g.times["abort_signal"] = time.time()
+        n = g.tracker.shutdown()  # a collective waiting for the dead or hung peer raises now
+        log.info("plan %d supersedes %d: shut %d connection(s)", plan.gen, g.plan.gen, n)
+
+    def _say(self, key: str, text: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            print(text, file=sys.stderr, flush=True)
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Train until the job is done; 0 on success."""
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        self.membership.start()
+        plan: Plan | None = self.membership.first_plan(self.env.expected)
+        try:
+            while plan is not None:
+                rank = plan.rank_of(self.me.id)
+                if rank is None:
+                    if not plan.active and plan.reason:
+                        self._say(f"paused{plan.gen}", f"elastickit: training paused: {plan.reason}")
+                    plan = self.membership.wait_for_plan(plan.gen)
+                    continue
+                try:
+                    plan = self._generation(plan, rank)
+                except _Transition as t:
+                    plan = t.plan
+                except Exception as e:  # noqa: BLE001 - classified below
+                    log.info("generation %d ended: %s: %s", plan.gen, type(e).__name__, str(e)[:300])
+                    plan = self._after_failure(plan, e)
+        finally:
+            self.membership.leave()
+        return 0
+
+    def _after_failure(self, plan: Plan, error: Exception) -> Plan | None:
+        """The plan to enter after `plan` ended with `error` (raise it when it is no failure of
+        the job but of this process)."""
+        wait_s = 2 * self.cfg.hang_s + 2.0
+        nxt = self.membership.wait_for_plan(plan.gen, timeout_s=wait_s)
+        if nxt is not None or self.membership.done is not None:
+            return nxt
+        if not _looks_like_comm_failure(error):
+            raise error
+        # Everyone alive, yet a collective broke: start over in a new generation.
+        return self.membership.propose(plan, cause="crash")
+
+    def _generation(self, plan: Plan, rank: int) -> Plan | None:
+        g = _Gen(plan=plan, rank=rank, tracker=SocketTracker())
+        self._gen = g
+        try:
+            self._enter(g)
+            return self._train(g)
+        finally:
+            self._teardown(g)
+
+    def _enter(self, g: _Gen) -> None:
+        import torch.distributed as dist
+
+        from elastickit.trainer.loop import TrainConfig, build_job
+        from elastickit.trainer.parallel import TrainLayout
+
+        plan, cfg = g.plan, self.cfg
+        g.tracker.start()
+        self.membership.arrive(plan, g.rank)
+        store = self._store_client(f"ek/{self.env.run_id}/pg/{plan.gen}")
+        dist.init_process_group(
+            "gloo",
+            store=store,
+            rank=g.rank,
+            world_size=plan.world_size,
+            timeout=timedelta(seconds=max(60.0, 20 * cfg.hang_s)),
+        )
+        g.times["formed"] = time.time()
+        log.info("generation %d: rank %d of %d formed", plan.gen, g.rank, plan.world_size)
+        lay = TrainLayout(**{a: int(v) for a, v in (x.split("=") for x in plan.layout.split(","))})
+        g.job = build_job(
+            TrainConfig(
+                model=cfg.model,
+                layout=lay,
+                steps=cfg.steps,
+                global_batch=cfg.global_batch,
+                seq_len=cfg.seq_len,
+                grad_accum=plan.grad_accum,
+                lr=cfg.lr,
+                seed=cfg.seed,
+                dp_mode=cfg.dp_mode,
+            )
+        )
+        g.times["built"] = time.time()
+        g.ck = self._checkpointer(g)
+        g.tracker.stop()  # every connection of this generation is open by now
+        log.info("generation %d: %d socket(s) tracked", plan.gen, len(g.tracker.owned))
+        if g.aborted:
+            raise Superseded("a newer plan arrived while this one was forming")
+
+    def _checkpointer(self, g: _Gen) -> Any:
+        import elastickit
+        from elastickit.checkpoint.tiers import Tiers, TierSpec
+        from elastickit.trainer.rules import model_rules, parallel_layout
+
+        tiers = Tiers(
+            memory=TierSpec(keep_last=1),
+            local=TierSpec(path=self.local_tier, keep_last=2, max_busy_fraction=self.cfg.local_busy),
+            peer=g.plan.world_size > 1,
+            persistent=TierSpec(keep_last=3),
+        )
+        return elastickit.Checkpointer(
+            self.rundir.ckpt,
+            every=self.cfg.every,
+            tiers=tiers,
+            layout=parallel_layout(g.job.layout),
+            rules=model_rules(g.job.cfg.model_config()),
+            events=self.rundir.events,
+            timeout_s=max(30.0, 10 * self.cfg.hang_s),
+        )
+
+    def _train(self, g: _Gen) -> Plan | None:
+        import torch
+
+        cfg, plan, job, ck = self.cfg, g.plan, g.job, g.ck
+        state = job.state()
+        start = ck.restore(state)
+        g.times["restored"] = time.time()
+        restored = dict(ck.last_restore or {"step": 0, "tier": "none", "bytes": 0})
+        before = self._last_step
+        for step in range(start, cfg.steps):
+            if g.aborted:
+                raise Superseded(f"plan {plan.gen} was superseded")
+            torch.manual_seed(_step_seed(cfg.seed, step, g.rank))
+            t0 = time.perf_counter()
+            vote = 1.0 if self.membership.grow_pending else 0.0
+            loss, votes = job.train_step_and_vote(step, vote)
+            ck.save(step + 1, state)
+            if cfg.step_sleep_s:
+                time.sleep(cfg.step_sleep_s)
+            dt = time.perf_counter() - t0
+            self._last_step = step + 1
+            if g.rank == 0:
+                self.rundir.append_step(
+                    StepRecord(step=step + 1, loss=loss, world_size=plan.world_size, layout=plan.layout,
+                               grad_accum=plan.grad_accum, step_s=round(dt, 6), time=time.time())
+                )
+                print(f"step {step + 1}/{cfg.steps}  loss {loss:.6f}  world {plan.world_size}  "
+                      f"{plan.layout}  grad_accum {plan.grad_accum}  step_time {dt:.3f} s", flush=True)
+            if "first" not in g.times:
+                g.times["first"] = time.time()
+                self._publish_times(g, restored, before)
+            if votes > 0 and step + 1 < cfg.steps:
+                return self._grow(g, step + 1)
+        ck.wait()
+        import torch.distributed as dist
+
+        dist.barrier()
+        if g.rank == 0:
+            self.membership.finish({"step": cfg.steps, "time": time.time()})
+        return None
+
+    def _grow(self, g: _Gen, step: int) -> Plan:
+        """Every rank agreed (through the loss all-reduce) to grow after `step`."""
+        g.ck.wait()  # every tier, the node-local one with its peer copies, holds `step`
+        g.voluntary = True
+        g.times["voted"] = time.time()
+        self._abort_times = {"caught": g.times["voted"]}
+        if g.rank == 0:
+            nxt = self.membership.propose(g.plan, cause="join", step=step)
+        else:
+            nxt = self.membership.wait_for_plan(g.plan.gen, timeout_s=30.0)
+            if nxt is None:
+                raise Superseded("no plan followed the agreed grow")
+        raise _Transition(nxt)
+
+    def _teardown(self, g: _Gen) -> None:
+        """Leave the generation: stop its checkpoint threads, end its connections, destroy its
+        process groups. Never raises."""
+        import torch.distributed as dist
+
+        caught = time.time()
+        if not g.voluntary:
+            g.tracker.shutdown()  # a background tier blocked on a peer wakes up too
+        t1 = time.time()
+        if g.ck is not None:
+            _close_within(g.ck, 10.0)
+        t2 = time.time()
+        g.tracker.shutdown()
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - the groups are gone either way
+            pass
+        # No gc.collect() here: a full collection of a torch heap costs 0.2-0.8 s of the stall;
+        # the old model's cycles go with the automatic collections.
+        g.job = g.ck = None
+        self._gen = None
+        log.info("teardown: shut %.3f close %.3f destroy %.3f", t1 - caught, t2 - t1, time.time() - t2)
+        self._abort_times = {"caught": g.times.get("abort_signal", caught), "aborted": time.time()}
+        log.info("left generation %d in %.3f s", g.plan.gen, self._abort_times["aborted"] - caught)
+
+    # -- the recovery record ----------------------------------------------------------------
+
+    def _publish_times(self, g: _Gen, restored: dict[str, Any], before: int | None) -> None:
+        plan = g.plan
+        if plan.cause == "start" and plan.gen == 1:
+            return
+        mine = {
+            **g.times,
+            **self._abort_times,
+            "last_step": before,
+            "restore": restored,
+        }
+        self.membership.put(f"times/{plan.gen}/{g.rank}", mine)
+        if g.rank == 0:
+            threading.Thread(target=self._report, args=(plan,), name="elastickit-report", daemon=True).start()
+
+    def _report(self, plan: Plan) -> None:
+        keys = [f"times/{plan.gen}/{r}" for r in range(plan.world_size)]
+        got = self.membership.get_all(keys, timeout_s=30.0)
+        if got is None:
+            return
+        rec = recovery_record(plan, got)
+        self.rundir.emit_recovery(rec)
+        p = rec.phases
+        who = f"node {rec.node}" if rec.node is not None else "a member"
+        print(
+            f"elastickit: recovered from {rec.cause} of {who} (ranks {list(rec.ranks)}) in "
+            f"{rec.extra['mttr_s']:.2f} s: detect {p.detect_s:.2f}, abort {p.abort_s:.2f}, "
+            f"rendezvous {p.rendezvous_s:.2f}, start {p.start_s:.2f}, restore {p.restore_s:.2f}, "
+            f"first step {p.first_step_s:.2f}; {rec.old_layout} -> {rec.new_layout}, restored step "
+            f"{rec.restore.get('step')} from {rec.restore.get('tier')}, {rec.lost_steps} step(s) redone",
+            flush=True,
+        )
+
+
+def recovery_record(plan: Plan, times: list[dict[str, Any]]) -> RecoveryRecord:
+    """The `recovery` event of `plan` from every rank's timestamps (pure; see `Phases`)."""
+
+    def latest(name: str) -> float | None:
+        vals = [t[name] for t in times if t.get(name) is not None]
+        return max(vals) if vals else None
+
+    detected = plan.detected_at
+    if plan.cause == "join":
+        voted = [t["voted"] for t in times if t.get("voted") is not None]
+        fault = min(voted) if voted else detected
+    else:
+        fault = plan.fault_time if plan.fault_time is not None else detected
+    marks = [fault, detected, latest("aborted"), latest("formed"), latest("built"), latest("restored"), times[0].get("first")]
+    bounds = []
+    for m in marks:
+        prev = bounds[-1] if bounds else fault
+        bounds.append(max(prev, m) if m is not None else prev)
+    diffs = [b - a for a, b in itertools.pairwise(bounds)]
+    phases = Phases(detect_s=diffs[0], abort_s=diffs[1], rendezvous_s=diffs[2], start_s=diffs[3], restore_s=diffs[4], first_step_s=diffs[5])
+    restores = [t.get("restore") or {} for t in times]
+    step = restores[0].get("step", 0)
+    tiers = {r.get("tier") for r in restores}
+    last = [t["last_step"] for t in times if t.get("last_step") is not None]
+    node = plan.failed_node
+    ranks = plan.failed_ranks
+    if plan.cause == "join":
+        ranks = tuple(plan.active.index(m) for m in plan.joined)
+        node = plan.joined[0].split(".")[0] if plan.joined else None
+    return RecoveryRecord(
+        cause=plan.cause,
+        ranks=tuple(ranks),
+        node=int(node) if node is not None and str(node).isdigit() else node,
+        phases=phases,
+        restore={
+            "tier": "peer" if "peer" in tiers else restores[0].get("tier"),
+            "step": step,
+            "bytes": sum(int(r.get("bytes", 0)) for r in restores),
+        },
+        lost_steps=max(0, max(last) - step) if last else 0,
+        old_layout=plan.prev_layout or "",
+        new_layout=plan.layout,
+        world_size=plan.world_size,
+        extra={
+            "generation": plan.gen,
+            "grad_accum": plan.grad_accum,
+            "old_world_size": plan.prev_world,
+            "spares": len(plan.spares),
+            "in_process": True,
+            "mttr_s": round(bounds[-1] - fault, 4),
+            "failed_members": list(plan.failed),
+            "joined_members": list(plan.joined),
+        },
+    )
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of (seed, step, rank): reproducible across restarts and layouts."""
+    return (seed * 1_000_003 + step) * 65_537 + rank & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _looks_like_comm_failure(e: BaseException) -> bool:
+    if isinstance(e, Superseded):
+        return True
+    text = f"{type(e).__name__}: {e}"
+    return any(
+        s in text
+        for s in ("Connection closed", "Connection reset", "Broken pipe", "pair.cc", "Timed out",
+                  "DistNetworkError", "DistStoreError", "did not reach checkpoint phase", "Socket", "recv")
+    )
+
+
+def _close_within(ck: Any, timeout_s: float) -> None:
+    """Close a Checkpointer whose peers may be gone, waiting at most `timeout_s`."""
+    done = threading.Event()
+
+    def close() -> None:
+        try:
+            ck.close()
+        except BaseException:  # noqa: BLE001 - a generation's checkpoint failing is reported by its events
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=close, name="elastickit-close", daemon=True).start()
+    done.wait(timeout_s)
