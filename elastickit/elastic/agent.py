@@ -228,6 +228,10 @@ def request_from(args: argparse.Namespace) -> AgentRequest:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if os.environ.get("ELASTICKIT_DEBUG"):
+        import logging
+
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     try:
         return run_agent(request_from(build_parser().parse_args(argv)))
     except RequestError as e:

@@ -157,12 +157,14 @@ class Membership:
         planner: Planner,
         *,
         hang_s: float = 1.0,
+        form_s: float = 10.0,
         poll_s: float = 0.05,
         on_new_plan: Callable[[Plan], None] | None = None,
     ) -> None:
         self.me = me
         self.planner = planner
         self.hang_s = hang_s
+        self.form_s = form_s
         self.poll_s = poll_s
         self.on_new_plan = on_new_plan
         self._factory = store_factory
@@ -175,6 +177,7 @@ class Membership:
         self._changed: dict[str, float] = {}
         self._bye: set[str] = set()
         self._gaps: dict[str, collections.deque[float]] = {}  # recent heartbeat intervals
+        self._states: dict[str, str] = {}  # "training" or not, of the newest plan's members
         self.latest: Plan | None = None
         self.grow_pending = False
         self._grow_memo: tuple[frozenset[str], int, bool] | None = None
@@ -201,8 +204,8 @@ class Membership:
         while not self._stop.is_set():
             try:
                 self._poll()
-            except Exception:  # noqa: BLE001 - a store hiccup must not kill the watcher
-                pass
+            except Exception as e:  # noqa: BLE001 - a store hiccup must not kill the watcher
+                log.info("watcher: %s: %s", type(e).__name__, e)
             self._stop.wait(self.poll_s)
 
     def _poll(self) -> None:
@@ -247,6 +250,12 @@ class Membership:
         if not ids:
             return
         beats = s.multi_get([f"hb/{m}" for m in ids])
+        plan = self.latest
+        watched = [m for m in (plan.active if plan is not None else ()) if m in self.members]
+        if watched:
+            have = [m for m in watched if s.check([f"state/{m}"])]
+            states = s.multi_get([f"state/{m}" for m in have]) if have else []
+            self._states = {m: v.decode() for m, v in zip(have, states, strict=True)}
         with self._lock:
             for m, raw in zip(ids, beats, strict=True):
                 value = int(raw)
@@ -296,13 +305,21 @@ class Membership:
         return changed is not None and time.monotonic() - changed <= self.silence_bound(member_id)
 
     def silence_bound(self, member_id: str) -> float:
-        """How long `member_id` may be silent: `hang_s`, or 2.5x the longest of its recent
-        heartbeat intervals when the machine is so loaded that it beats that irregularly
-        (at most 5x `hang_s`): a busy member is not a hung one."""
+        """How long `member_id` may be silent: `hang_s` while it trains, or 2.5x the longest of
+        its recent heartbeat intervals when the machine is so loaded that it beats that
+        irregularly (at most 5x `hang_s`): a busy member is not a hung one. While it forms a
+        generation (connecting, building, restoring: long stretches of Python holding the
+        interpreter) the bound is `form_s` (a crash is still seen at once: its process is gone,
+        or its peers' connections break)."""
         gaps = self._gaps.get(member_id)
-        if not gaps:
-            return self.hang_s
-        return min(5 * self.hang_s, max(self.hang_s, 2.5 * max(gaps)))
+        bound = self.hang_s if not gaps else min(5 * self.hang_s, max(self.hang_s, 2.5 * max(gaps)))
+        if self._states.get(member_id) != "training":
+            bound = max(bound, self.form_s)
+        return bound
+
+    def set_state(self, state: str) -> None:
+        """Publish this member's phase: "training" (steps running) or "forming"."""
+        self._store.set(f"state/{self.me.id}", state)
 
     def exited(self, member_id: str) -> bool:
         """Known gone (its process exited on this host), not merely silent."""
@@ -395,6 +412,7 @@ class Membership:
             _layout, _ga, active, _spares, _reason = self.planner(members, plan)
             memo = (waiting, plan.gen, len(active) > len(plan.active))
             self._grow_memo = memo
+            log.info("waiting members %s: grow to %d rank(s): %s", sorted(waiting), len(active), memo[2])
         self.grow_pending = memo[2]
 
     def first_plan(self, expected: int, timeout_s: float = 600.0) -> Plan:

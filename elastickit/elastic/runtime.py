@@ -240,6 +240,7 @@ class ElasticWorker:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        _preload()  # before the first heartbeat: imports hold the interpreter for seconds
         self.membership.start()
         plan: Plan | None = self.membership.first_plan(self.env.expected)
         try:
@@ -290,8 +291,11 @@ class ElasticWorker:
 
         plan, cfg = g.plan, self.cfg
         g.tracker.start()
+        self.membership.set_state("forming")
         self.membership.arrive(plan, g.rank)
         store = self._store_client(f"ek/{self.env.run_id}/pg/{plan.gen}")
+        if g.aborted:  # superseded before the client existed: nothing would wake it
+            raise Superseded(f"plan {plan.gen} was superseded while it formed")
         dist.init_process_group(
             "gloo",
             store=store,
@@ -352,6 +356,7 @@ class ElasticWorker:
         g.times["restored"] = time.time()
         restored = dict(ck.last_restore or {"step": 0, "tier": "none", "bytes": 0})
         before = self._last_step
+        self.membership.set_state("training")
         for step in range(start, cfg.steps):
             if g.aborted:
                 raise Superseded(f"plan {plan.gen} was superseded")
@@ -416,6 +421,9 @@ class ElasticWorker:
                 dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - the groups are gone either way
             pass
+        # A group that failed to form still counted itself: every rank must name the next
+        # generation's groups alike (gloo's store keys carry the count).
+        dist.distributed_c10d._world.group_count = 0
         # No gc.collect() here: a full collection of a torch heap costs 0.2-0.8 s of the stall;
         # the old model's cycles go with the automatic collections.
         g.job = g.ck = None
@@ -513,6 +521,17 @@ def recovery_record(plan: Plan, times: list[dict[str, Any]]) -> RecoveryRecord:
             "joined_members": list(plan.joined),
         },
     )
+
+
+def _preload() -> None:
+    """Import now what forming a generation needs (and torch's lazy imports on a first step)."""
+    import torch._dynamo  # noqa: F401 - FSDP2 and DTensor import it on first use
+    import torch.distributed.fsdp  # noqa: F401
+    import torch.distributed.tensor.parallel  # noqa: F401
+
+    import elastickit.api  # noqa: F401
+    import elastickit.trainer.loop  # noqa: F401
+    import elastickit.trainer.rules  # noqa: F401
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
