@@ -27,6 +27,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("ls", "ls_cmd", "ls"),
     ("demo", "demo_cmd", "demo"),
     ("train", "train_cmd", "train"),
+    ("launch", "launch_cmd", "launch"),
     ("reshard", "reshard_cmd", "reshard"),
     ("convert", "convert_cmd", "convert"),
     ("dashboard", "dashboard_cmd", "dashboard"),

@@ -11,8 +11,10 @@ from ._errors import handled
 
 @handled
 def train(
-    layout: str = typer.Option(
-        "single", "--layout", help="Parallel layout, e.g. dp=2,tp=2 or pp=2,tp=2."
+    layout: str | None = typer.Option(
+        None,
+        "--layout",
+        help="Parallel layout, e.g. dp=2,tp=2 (default single); with --nodes: auto or axes to pin, e.g. tp=2.",
     ),
     nproc: int | None = typer.Option(
         None, "--nproc", help="Ranks to start (default: the layout's size)."
@@ -21,7 +23,9 @@ def train(
     ckpt: str | None = typer.Option(
         None, "--ckpt", help="Checkpoint root; restores from it if it holds one."
     ),
-    every: int = typer.Option(10, "--every", help="Checkpoint every N steps."),
+    every: int | None = typer.Option(
+        None, "--every", help="Checkpoint every N steps (default 10; with --nodes 1, to host memory)."
+    ),
     model: str = typer.Option(
         "tiny", "--model", help="Model size: tiny, tiny-moe or small (~100M)."
     ),
@@ -40,8 +44,51 @@ def train(
     dp_mode: str = typer.Option(
         "fsdp", "--dp-mode", help="Data parallel: fsdp (FSDP2) or replicate."
     ),
+    nodes: int | None = typer.Option(
+        None, "--nodes", help="Elastic: N simulated nodes on this machine, each a torchrun agent."
+    ),
+    min_nodes: int | None = typer.Option(None, "--min-nodes", help="With --nodes: fewest nodes to train on."),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="With --nodes: workers per node."),
+    global_batch: int | None = typer.Option(
+        None, "--global-batch", help="With --nodes: samples per step, kept in every layout (default 24)."
+    ),
+    micro_batch: int | None = typer.Option(None, "--micro-batch", help="With --nodes: samples per microbatch (default 2)."),
+    run: str | None = typer.Option(
+        None, "--run", help="With --nodes: the run directory (default runs/train-<time>)."
+    ),
+    rejoin_after: float | None = typer.Option(
+        None, "--rejoin-after", help="With --nodes: restart a killed node after S seconds; the job grows back."
+    ),
+    hang_timeout: float | None = typer.Option(
+        None, "--hang-timeout", help="With --nodes: seconds of silence after which a node counts as hung (default 1)."
+    ),
 ) -> None:
-    """Train the reference GPT under torchrun; print each step's loss and time."""
+    """Train the reference GPT under torchrun; print each step's loss and time.
+
+    With --nodes N: N simulated nodes (torchrun elastic agents) train elastically; a node killed
+    (--inject killnode:node=J:step=S) or hung (stopnode:...) is left out in seconds, the job goes
+    on at a new layout, and with --rejoin-after it grows back."""
+    if nodes is not None:
+        from .train_nodes import train_nodes
+
+        code = train_nodes(
+            nodes=nodes, min_nodes=min_nodes, nproc_per_node=nproc_per_node, run=run, ckpt=ckpt,
+            layout=layout or "auto", steps=steps, model=model, every=every or 1, inject=inject or [],
+            global_batch=global_batch, micro_batch=micro_batch, rejoin_after=rejoin_after,
+            hang_timeout=hang_timeout, dp_mode=dp_mode,
+        )
+        if code:
+            raise typer.Exit(code)
+        return
+    elastic_only = {"--min-nodes": min_nodes, "--global-batch": global_batch, "--micro-batch": micro_batch,
+                    "--run": run, "--rejoin-after": rejoin_after, "--hang-timeout": hang_timeout}
+    for flag, value in elastic_only.items():
+        if value is not None:
+            from ._errors import fail
+
+            raise fail(f"{flag} applies to elastic runs; add --nodes N", 2)
+    layout = layout or "single"
+    every = every or 10
     from elastickit.checkpoint.paths import local_path
     from elastickit.trainer.launch import TrainRequest, launch
 

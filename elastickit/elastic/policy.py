@@ -250,8 +250,8 @@ def _why_none(req: LayoutRequest, total: int) -> str:
     per_node = max(req.nodes) if req.nodes else 0
     if "tp" in pins and pins["tp"] > per_node:
         return (
-            f"--layout tp={pins['tp']} needs {pins['tp']} ranks inside one node, but the largest node "
-            f"left has {per_node}; use --layout auto or a smaller tp"
+            f"--layout tp={pins['tp']} needs {pins['tp']} ranks inside one node, but no node has more "
+            f"than {per_node}; use --layout auto or a smaller tp"
         )
     if "dp" in pins:
         return (

@@ -40,6 +40,8 @@ class StepRecord:
     grad_accum: int
     step_s: float
     time: float
+    samples: tuple[int, int] = (0, 0)
+    """The global sample indices [first, end) the step consumed (its data position)."""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))

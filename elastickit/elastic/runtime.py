@@ -37,7 +37,7 @@ from .sockets import SocketTracker
 
 log = logging.getLogger("elastickit.elastic")
 
-__all__ = ["ElasticConfig", "ElasticWorker", "WorkerEnv"]
+__all__ = ["ElasticConfig", "ElasticWorker", "WorkerEnv", "first_layout", "model_limits", "recovery_record"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,7 +83,10 @@ class ElasticConfig:
             )
         if self.hang_s <= 0:
             raise ValueError(f"--hang-timeout must be positive, got {self.hang_s}")
-        parse_pins(self.layout)
+        try:
+            parse_pins(self.layout)
+        except ValueError as e:
+            raise ValueError(f"--layout {self.layout!r}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -136,6 +139,24 @@ class _Transition(Exception):
     def __init__(self, plan: Plan) -> None:
         super().__init__(f"plan {plan.gen}")
         self.plan = plan
+
+
+def first_layout(cfg: ElasticConfig, nodes: Sequence[int]) -> str:
+    """The layout `cfg` trains on with `nodes` ranks per node (NoLayoutError says why none):
+    checked before a launch, so that a job that can never train is refused at once."""
+    choice = choose_layout(
+        LayoutRequest(
+            nodes=tuple(nodes),
+            global_batch=cfg.global_batch,
+            micro_batch=cfg.micro_batch,
+            limits=model_limits(cfg.model),
+            pins=tuple(parse_pins(cfg.layout).items()),
+            rank_budget_bytes=int(cfg.rank_memory_mib * 2**20) if cfg.rank_memory_mib else None,
+        )
+    )
+    return f"{choice.layout.text()}, grad_accum {choice.grad_accum}" + (
+        f", {len(choice.spares)} spare rank(s)" if choice.spares else ""
+    )
 
 
 def model_limits(model: str, state_multiplier: int = 16) -> ModelLimits:
@@ -363,6 +384,7 @@ class ElasticWorker:
             torch.manual_seed(_step_seed(cfg.seed, step, g.rank))
             t0 = time.perf_counter()
             vote = 1.0 if self.membership.grow_pending else 0.0
+            first_sample = job.loader.sample_index
             loss, votes = job.train_step_and_vote(step, vote)
             ck.save(step + 1, state)
             if cfg.step_sleep_s:
@@ -372,7 +394,8 @@ class ElasticWorker:
             if g.rank == 0:
                 self.rundir.append_step(
                     StepRecord(step=step + 1, loss=loss, world_size=plan.world_size, layout=plan.layout,
-                               grad_accum=plan.grad_accum, step_s=round(dt, 6), time=time.time())
+                               grad_accum=plan.grad_accum, step_s=round(dt, 6), time=time.time(),
+                               samples=(first_sample, job.loader.sample_index))
                 )
                 print(f"step {step + 1}/{cfg.steps}  loss {loss:.6f}  world {plan.world_size}  "
                       f"{plan.layout}  grad_accum {plan.grad_accum}  step_time {dt:.3f} s", flush=True)

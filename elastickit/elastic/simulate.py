@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from elastickit.checkpoint.errors import RequestError
@@ -100,8 +100,6 @@ class SimRequest:
             raise RequestError(f"--nproc-per-node must be at least 1, got {self.nproc_per_node}")
         if self.rejoin_after_s is not None and self.rejoin_after_s < 0:
             raise RequestError(f"--rejoin-after must be >= 0 seconds, got {self.rejoin_after_s}")
-        if self.rejoin_after_s is not None and not self.faults:
-            raise RequestError("--rejoin-after brings back a node that a fault took down; add --inject killnode:... or stopnode:...")
 
 
 @dataclasses.dataclass(slots=True)
@@ -201,7 +199,7 @@ class Cluster:
     def _mark_fault(self, node: _Node, kind: str) -> None:
         self.store.set(self._key(f"fault/{node.index}"), json.dumps({"kind": kind, "time": time.time()}))
 
-    def kill_node(self, node: _Node, *, kind: str = "killnode") -> None:
+    def kill_node(self, node: _Node, *, kind: str = "killnode", quiet: bool = False) -> None:
         """SIGKILL the node's process group (its workers follow through PDEATHSIG)."""
         assert node.proc is not None
         workers = self._worker_pids(node)
@@ -214,13 +212,17 @@ class Cluster:
             _signal(pid, signal.SIGKILL)
         node.proc.wait()
         node.log.close()
+        self._lost(node)
+        if not quiet:
+            self.on_line(f"elastickit train: killed node {node.index} (kill -9 -{node.proc.pid}) after step {self.step}")
+
+    def _lost(self, node: _Node) -> None:
         # The machine is gone, and its node-local storage with it.
         shutil.rmtree(self.rundir.local_tier(node.index), ignore_errors=True)
         node.state = "killed"
         node.down_at = time.monotonic()
         if self.req.rejoin_after_s is not None:
             node.rejoin_at = node.down_at + self.req.rejoin_after_s
-        self.on_line(f"elastickit train: killed node {node.index} (kill -9 -{node.proc.pid}) after step {self.step}")
 
     def stop_node(self, node: _Node) -> None:
         """SIGSTOP the node: its agent and every worker (a hung machine)."""
@@ -245,7 +247,7 @@ class Cluster:
         if plan is None or any(m.split(".")[0] == str(node.index) for m in plan.get("active", ())):
             return
         rejoin_at = node.rejoin_at
-        self.kill_node(node, kind="stopnode")
+        self.kill_node(node, kind="stopnode", quiet=True)
         node.state = "fenced"
         node.rejoin_at = rejoin_at
         self.on_line(f"elastickit train: node {node.index} was left out by the job; fenced it (SIGKILL)")
@@ -306,7 +308,12 @@ class Cluster:
                 changed = True
             if node.state in ("running", "rejoining") and node.proc is not None:
                 code = node.proc.poll()
-                if code is not None:
+                if code is not None and code < 0 and self.done() is None:
+                    node.log.close()  # killed from outside (`kill -9 -PGID`): a lost node
+                    self._lost(node)
+                    self.on_line(f"elastickit train: node {node.index} was killed from outside (signal {-code})")
+                    changed = True
+                elif code is not None:
                     node.state = "done" if code == 0 else "failed"
                     changed = True
                 elif not node.workers:
@@ -402,6 +409,43 @@ def worker_flags(**values: Any) -> tuple[str, ...]:
             continue
         out += [f"--{key.replace('_', '-')}", str(value)]
     return tuple(out)
+
+
+def nodes_request(
+    *,
+    nodes: int,
+    run: str,
+    trainer: dict[str, Any],
+    inject: Sequence[str] = (),
+    min_nodes: int | None = None,
+    nproc_per_node: int = 1,
+    rejoin_after_s: float | None = None,
+    max_restarts: int = 3,
+) -> tuple[SimRequest, str]:
+    """The checked request of `elastickit train --nodes` and the layout it starts on.
+
+    `trainer` holds the trainer's flags (steps, model, layout, global_batch...; None values are
+    left out). Everything is checked before anything starts: RequestError names the flag."""
+    from .runtime import first_layout
+    from .worker import parse_flags
+
+    if os.path.exists(run) and not os.path.isdir(run):
+        raise RequestError(f"--run {run} is a file; give a directory for the run")
+    flags = worker_flags(**trainer)
+    cfg = parse_flags((*flags, "--run", run))
+    faults = tuple(parse_node_fault(f, nodes) for f in inject)
+    req = SimRequest(
+        nodes=nodes,
+        run=run,
+        worker_args=flags,
+        min_nodes=min_nodes or 1,
+        nproc_per_node=nproc_per_node,
+        faults=faults,
+        rejoin_after_s=rejoin_after_s,
+        max_restarts=max_restarts,
+    )
+    req.check()
+    return req, first_layout(cfg, [nproc_per_node] * nodes)
 
 
 def run_simulation(req: SimRequest, timeout_s: float | None = None) -> int:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .runtime import ElasticConfig
 
-__all__ = ["build_parser", "die_with_parent", "main"]
+__all__ = ["build_parser", "config_from", "die_with_parent", "main", "parse_flags"]
 
 PR_SET_PDEATHSIG = 1
 
@@ -44,7 +44,7 @@ def die_with_parent() -> bool:
 def build_parser() -> argparse.ArgumentParser:
     """The trainer flags (what `elastickit train --nodes` and `elastickit launch -- ...` pass)."""
     p = argparse.ArgumentParser(prog="elastickit.elastic.worker")
-    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--run", default=None, help="run directory (required)")
     p.add_argument("--ckpt", default=None)
     p.add_argument("--local-tier", default="")
     p.add_argument("--model", default="tiny")
@@ -67,6 +67,8 @@ def config_from(args: argparse.Namespace) -> ElasticConfig:
     """The ElasticConfig of parsed worker flags (ValueError names a bad flag)."""
     from .runtime import ElasticConfig
 
+    if not args.run:
+        raise ValueError("--run is missing: give the run directory (steps.jsonl, events.jsonl, ckpt/)")
     return ElasticConfig(
         run=args.run,
         ckpt=args.ckpt,
@@ -85,6 +87,30 @@ def config_from(args: argparse.Namespace) -> ElasticConfig:
         rank_memory_mib=args.rank_memory_mib,
         step_sleep_s=args.step_sleep,
     )
+
+
+def parse_flags(flags: Sequence[str]) -> ElasticConfig:
+    """The ElasticConfig of trainer flags, checked before anything starts; RequestError names
+    the bad flag in one sentence."""
+    from elastickit.checkpoint.errors import RequestError
+    from elastickit.trainer.model import CONFIGS
+
+    p = build_parser()
+    p.exit_on_error = False
+    try:
+        args, extra = p.parse_known_args(list(flags))
+    except argparse.ArgumentError as e:
+        raise RequestError(f"trainer flag {e.argument_name}: {e.message}") from None
+    if extra:
+        raise RequestError(
+            f"unknown trainer flag {extra[0]!r}; `python -m elastickit.elastic.worker --help` lists them"
+        )
+    if args.model not in CONFIGS:
+        raise RequestError(f"--model {args.model!r} is unknown; choose one of {', '.join(CONFIGS)}")
+    try:
+        return config_from(args)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -99,7 +99,7 @@ def test_pipeline_needs_a_microbatch_per_stage():
     ("kwargs", "message"),
     [
         ({"nodes": ()}, "no ranks are left"),
-        ({"nodes": (1, 1), "pins": (("tp", 2),)}, "tp=2 needs 2 ranks inside one node"),
+        ({"nodes": (1, 1), "pins": (("tp", 2),)}, "tp=2 needs 2 ranks inside one node, but no node has more than 1"),
         ({"nodes": (4,), "pins": (("tp", 3),)}, "cannot be split over 3 tensor-parallel ranks"),
         ({"nodes": (4,), "pins": (("pp", 9),)}, "only 4 layers"),
         ({"nodes": (1, 1), "pins": (("dp", 4),)}, "dp=4 cannot be kept on 2 rank"),
