@@ -1,0 +1,166 @@
+"""Membership through a real TCPStore (no process groups): one plan per generation whoever
+proposes, a dead process and a silent heartbeat each make the next plan without the member,
+injected faults are named, waiting members make the first rank want to grow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import pytest
+import torch.distributed as dist
+
+from elastickit.elastic.membership import Member, Membership, Plan
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def store():
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    yield master
+
+
+@pytest.fixture
+def procs():
+    """Real processes standing in for members (their pids are what the watchers check)."""
+    started = []
+
+    def new() -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        started.append(p)
+        return p
+
+    yield new
+    for p in started:
+        p.kill()
+        p.wait()
+
+
+def planner(members, previous):
+    ids = tuple(m.id for m in members)
+    return f"pp=1,dp={len(ids)},tp=1", 1, ids, (), ""
+
+
+def _member(store, node: int, pid: int, **kw) -> Membership:
+    me = Member(id=f"{node}.0.host.{pid}", node=str(node), local_rank=0, host=Member.this_process("0", 0).host, pid=pid)
+    factory = lambda: dist.PrefixStore("ek/test", dist.TCPStore("127.0.0.1", store.port, is_master=False))  # noqa: E731
+    m = Membership(factory, me, kw.pop("planner", planner), hang_s=kw.pop("hang_s", 0.5), form_s=0.5, poll_s=0.02, **kw)
+    m.start()
+    return m
+
+
+def _silence(m: Membership) -> None:
+    """Stop a member's watcher without a goodbye: it neither beats nor leaves."""
+    m._stop.set()
+    m._thread.join()
+
+
+def _until(cond, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def test_one_plan_per_generation_and_a_dead_process_is_left_out(store, procs):
+    ps = [procs() for _ in range(3)]
+    ms = [_member(store, j, p.pid) for j, p in enumerate(ps)]
+    first = [m.first_plan(expected=3, timeout_s=10) for m in ms]
+    assert len({f.to_json() for f in first}) == 1  # everyone adopted the same plan 1
+    plan = first[0]
+    assert plan.gen == 1 and plan.cause == "start" and plan.world_size == 3
+    assert list(plan.active) == [m.me.id for m in ms]  # node order
+
+    _silence(ms[2])
+    ps[2].kill()
+    ps[2].wait()
+    _until(lambda: ms[0].latest.gen == 2 and ms[1].latest.gen == 2)
+    nxt = ms[0].latest
+    assert ms[1].latest == nxt
+    assert nxt.cause == "crash" and nxt.failed == (ms[2].me.id,) and nxt.failed_ranks == (2,)
+    assert nxt.failed_node == "2" and nxt.active == plan.active[:2] and nxt.prev_layout == "pp=1,dp=3,tp=1"
+    for m in ms[:2]:
+        m.leave()
+
+
+def test_a_silent_heartbeat_is_a_hang_and_an_injected_fault_is_named(store, procs):
+    ps = [procs() for _ in range(3)]
+    ms = [_member(store, j, p.pid) for j, p in enumerate(ps)]
+    plan = ms[0].first_plan(expected=3, timeout_s=10)
+    _until(lambda: all(m.latest is not None for m in ms))
+    for m in ms:
+        m.set_state("training")  # the tight bound applies to members that train
+    # The supervisor says it stopped node 1 (its process lives on, its heartbeat does not).
+    dist.PrefixStore("ek/test", store).set("fault/1", json.dumps({"kind": "stopnode", "time": time.time()}))
+    t0 = time.time()
+    _silence(ms[1])
+    _until(lambda: ms[0].latest.gen == 2)
+    nxt = ms[0].latest
+    assert nxt.cause == "stopnode" and nxt.failed == (ms[1].me.id,)
+    assert t0 - 1 < nxt.fault_time <= nxt.detected_at
+    assert nxt.detected_at - t0 >= 0.4  # it waited for the silence bound, not less
+    assert plan.gen == 1
+    for m in (ms[0], ms[2]):
+        m.leave()
+
+
+def test_a_clean_exit_is_no_failure(store, procs):
+    ps = [procs() for _ in range(2)]
+    ms = [_member(store, j, p.pid) for j, p in enumerate(ps)]
+    ms[0].first_plan(expected=2, timeout_s=10)
+    _until(lambda: all(m.latest is not None for m in ms))
+    ms[1].finish({"step": 5})
+    ms[1].leave()
+    time.sleep(0.8)
+    assert ms[0].latest.gen == 1 and ms[0].done == {"step": 5}
+    ms[0].leave()
+
+
+def test_waiting_members_make_the_first_rank_want_to_grow_and_a_paused_plan_resumes(store, procs):
+    def small(members, previous):  # at most 2 ranks when only node 0 is there; 3 otherwise
+        ids = tuple(m.id for m in members)
+        if len(ids) < 2:
+            return "", 0, (), ids, "no layout fits 1 rank"
+        return f"pp=1,dp={len(ids)},tp=1", 1, ids, (), ""
+
+    ps = [procs() for _ in range(3)]
+    a = _member(store, 0, ps[0].pid, planner=small)
+    paused = a.propose(None)
+    assert paused.active == () and paused.reason == "no layout fits 1 rank"
+    b = _member(store, 1, ps[1].pid, planner=small)
+    # A member arrived while paused: a watcher proposes again.
+    _until(lambda: a.latest.gen == 2 and a.latest.world_size == 2)
+    _until(lambda: b.latest is not None and b.latest.gen == 2)
+    for m in (a, b):
+        m.set_state("training")
+    assert not a.grow_pending
+    c = _member(store, 2, ps[2].pid, planner=small)
+    _until(lambda: a.grow_pending)  # rank 0 of the plan sees a larger layout
+    assert not b.grow_pending  # only the first rank decides
+    grown = a.propose(a.latest, cause="join", step=7)
+    assert grown.cause == "join" and grown.joined == (c.me.id,) and grown.step == 7 and grown.world_size == 3
+    for m in (a, b, c):
+        m.leave()
+
+
+def test_silence_bound_stretches_under_load_but_not_forever(store, procs):
+    m = _member(store, 0, procs().pid, hang_s=1.0)
+    m._states["x"] = "training"
+    assert m.silence_bound("x") == 1.0
+    m._gaps["x"] = __import__("collections").deque([0.05, 0.8])
+    assert m.silence_bound("x") == pytest.approx(2.0)
+    m._gaps["x"].append(9.0)
+    assert m.silence_bound("x") == 5.0
+    m._states["x"] = "forming"
+    assert m.silence_bound("x") == 5.0  # form_s (0.5 here) does not shorten it
+    m.leave()
+
+
+def test_plan_json_round_trip():
+    p = Plan(gen=3, active=("a", "b"), layout="pp=1,dp=2,tp=1", grad_accum=6, failed=("c",), failed_ranks=(2,))
+    assert Plan.from_json(p.to_json()) == p
+    assert p.rank_of("b") == 1 and p.rank_of("c") is None
