@@ -190,6 +190,7 @@ class ElasticWorker:
         self._last_step: int | None = None  # the last step this process completed
         self._abort_times: dict[str, float] = {}
         self._said: set[str] = set()
+        self._closing: threading.Event | None = None  # set when the last generation's checkpointer closed
         self.membership = Membership(
             self._store_client, self.me, self._planner, hang_s=cfg.hang_s, on_new_plan=self._on_new_plan
         )
@@ -280,6 +281,8 @@ class ElasticWorker:
                     log.info("generation %d ended: %s: %s", plan.gen, type(e).__name__, str(e)[:300])
                     plan = self._after_failure(plan, e)
         finally:
+            if self._closing is not None:
+                self._closing.wait(30.0)  # the last checkpoints are durable; let the threads end
             self.membership.leave()
         return 0
 
@@ -341,7 +344,11 @@ class ElasticWorker:
             )
         )
         g.times["built"] = time.time()
+        if self._closing is not None and not self._closing.wait(10.0):
+            log.info("the previous generation's checkpointer is still closing after 10 s; going on")
+        self._closing = None
         g.ck = self._checkpointer(g)
+        g.times["ck"] = time.time()
         g.tracker.stop()  # every connection of this generation is open by now
         log.info("generation %d: %d socket(s) tracked", plan.gen, len(g.tracker.owned))
         if g.aborted:
@@ -376,6 +383,9 @@ class ElasticWorker:
         start = ck.restore(state)
         g.times["restored"] = time.time()
         restored = dict(ck.last_restore or {"step": 0, "tier": "none", "bytes": 0})
+        log.info("generation %d: build %.3f s, checkpointer %.3f s, restore %.3f s (step %s from %s)", plan.gen,
+                 g.times["built"] - g.times["formed"], g.times["ck"] - g.times["built"],
+                 g.times["restored"] - g.times["ck"], restored.get("step"), restored.get("tier"))
         before = self._last_step
         self.membership.set_state("training")
         for step in range(start, cfg.steps):
@@ -436,7 +446,9 @@ class ElasticWorker:
             g.tracker.shutdown()  # a background tier blocked on a peer wakes up too
         t1 = time.time()
         if g.ck is not None:
-            _close_within(g.ck, 10.0)
+            # Its threads fail fast now that their connections are gone; the close overlaps the
+            # next rendezvous and build, and ends before the next Checkpointer starts.
+            self._closing = _close_async(g.ck)
         t2 = time.time()
         g.tracker.shutdown()
         try:
@@ -573,8 +585,8 @@ def _looks_like_comm_failure(e: BaseException) -> bool:
     )
 
 
-def _close_within(ck: Any, timeout_s: float) -> None:
-    """Close a Checkpointer whose peers may be gone, waiting at most `timeout_s`."""
+def _close_async(ck: Any) -> threading.Event:
+    """Close a Checkpointer whose peers may be gone, on a thread; the event is set when done."""
     done = threading.Event()
 
     def close() -> None:
@@ -586,4 +598,4 @@ def _close_within(ck: Any, timeout_s: float) -> None:
             done.set()
 
     threading.Thread(target=close, name="elastickit-close", daemon=True).start()
-    done.wait(timeout_s)
+    return done
