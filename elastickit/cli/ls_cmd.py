@@ -13,21 +13,26 @@ from ._errors import handled
 
 @handled
 def ls(
-    root: str = typer.Argument(..., help="A checkpoint root directory."),
+    root: str = typer.Argument(..., help="A checkpoint root directory, or a run directory (RUN)."),
     as_json: bool = typer.Option(False, "--json", help="Print the listing as JSON."),
 ) -> None:
-    """List the checkpoints under ROOT: step, tier, status, size, time."""
+    """List the checkpoints under ROOT: step, tier, status, size, time; and the run's recoveries."""
     from rich.table import Table
 
     from elastickit.checkpoint.paths import local_path
+    from elastickit.elastic.rundir import locate, mttr_lines, read_recoveries
     from elastickit.inspection import list_root
 
-    rows = list_root(local_path(root, what="ROOT"))
+    root, events = locate(local_path(root, what="ROOT"))
+    rows = list_root(root)
     if as_json:
         print(json.dumps(rows, indent=1))
         return
+    recoveries = mttr_lines(read_recoveries(events) if events else [])
     if not rows:
         out.print(f"no checkpoints under {root}")
+        for line in recoveries:
+            out.print(line)
         return
     table = Table("step", "tier", "status", "size", "saved", "ranks", box=None, pad_edge=False)
     for r in rows:
@@ -44,3 +49,5 @@ def ls(
     for r in rows:
         if r.get("reason"):
             out.print(f"step {r['step']} ({r['tier']}, {r['status']}): {r['reason']}", markup=False)
+    for line in recoveries:
+        out.print(line)

@@ -27,7 +27,7 @@ def train_nodes(
     dp_mode: str,
 ) -> int:
     """Check everything, run the simulated nodes to the end, print the recoveries; exit code."""
-    from elastickit.elastic.rundir import read_recoveries, read_steps
+    from elastickit.elastic.rundir import mttr_lines, read_recoveries, read_steps
     from elastickit.elastic.simulate import Cluster, nodes_request
 
     run = run or time.strftime("runs/train-%Y%m%d-%H%M%S")
@@ -53,11 +53,6 @@ def train_nodes(
     if rows:
         out.print(f"done: steps 1..{rows[-1]['step']} (the last line of each step in {run}/steps.jsonl), "
                   f"final loss {rows[-1]['loss']:.6f}, {len(recs)} recover{'y' if len(recs) == 1 else 'ies'}")
-    for r in recs:
-        p = r["phases"]
-        out.print(f"  {r['cause']:9s} node {r.get('node')}: {r['old_layout']} -> {r['new_layout']} in "
-                  f"{sum(p.values()):.2f} s (detect {p['detect_s']:.2f}, abort {p['abort_s']:.2f}, "
-                  f"rendezvous {p['rendezvous_s']:.2f}, start {p['start_s']:.2f}, restore {p['restore_s']:.2f}, "
-                  f"first step {p['first_step_s']:.2f}); restored step {r['restore']['step']} from "
-                  f"{r['restore']['tier']}, {r['lost_steps']} step(s) redone")
+    for line in mttr_lines(recs):
+        out.print(line)
     return code

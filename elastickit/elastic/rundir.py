@@ -26,6 +26,8 @@ __all__ = [
     "read_nodes",
     "read_recoveries",
     "read_steps",
+    "locate",
+    "mttr_lines",
 ]
 
 
@@ -206,3 +208,45 @@ def read_nodes(run: str) -> list[dict[str, Any]]:
             return list(json.load(f)["nodes"])
     except FileNotFoundError:
         return []
+
+
+def _short(layout: str) -> str:
+    """`pp=1,dp=3,tp=1` -> `dp=3` (axes of degree 1 left out)."""
+    kept = [a for a in layout.split(",") if a and not a.endswith("=1")]
+    return ",".join(kept) or "single"
+
+
+def mttr_lines(recs: list[dict[str, Any]]) -> list[str]:
+    """The MTTR table of `recovery` events, as text lines (header first; [] when none)."""
+    if not recs:
+        return []
+    lines = [
+        "MTTR by phase, seconds (detect, abort, rendezvous, start, restore, first step):",
+        f"  {'what':13s} {'layout':12s} {'det':>5s} {'abort':>5s} {'rdzv':>5s} {'start':>5s} "
+        f"{'rest':>5s} {'1st':>5s} {'total':>6s}  restored",
+    ]
+    keys = ("detect_s", "abort_s", "rendezvous_s", "start_s", "restore_s", "first_step_s")
+    for r in recs:
+        p = r["phases"]
+        total = r.get("mttr_s", sum(p[k] for k in keys))
+        what = f"{r['cause']} n{r.get('node')}"
+        layout = f"{_short(r['old_layout'])}->{_short(r['new_layout'])}"
+        restored = r.get("restore") or {}
+        lines.append(
+            f"  {what:13s} {layout:12s} {' '.join(f'{p[k]:5.2f}' for k in keys)} {total:6.2f}  "
+            f"step {restored.get('step')} ({restored.get('tier')}), {r.get('lost_steps', 0)} redone"
+        )
+    return lines
+
+
+def locate(path: str) -> tuple[str, str | None]:
+    """(checkpoint root, event log or None) for a path given to `elastickit ls`: a run
+    directory (RUN/ckpt, RUN/events.jsonl) or a checkpoint root (its own events.jsonl, or the
+    run's next to it)."""
+    if os.path.isdir(os.path.join(path, "ckpt")) and os.path.exists(os.path.join(path, "steps.jsonl")):
+        events = os.path.join(path, "events.jsonl")
+        return os.path.join(path, "ckpt"), events if os.path.exists(events) else None
+    for events in (os.path.join(path, "events.jsonl"), os.path.join(os.path.dirname(os.path.abspath(path)), "events.jsonl")):
+        if os.path.exists(events):
+            return path, events
+    return path, None

@@ -86,6 +86,8 @@ class SimRequest:
     faults: tuple[NodeFault, ...] = ()
     rejoin_after_s: float | None = None
     max_restarts: int = 3
+    quiet: bool = False
+    """Workers' output (one line per step) to the node logs instead of this process's stdout."""
     rdzv_conf: str = "last_call_timeout=5"
     """The first round waits this long for every node; later rounds happen with the
     workers training on, so it never stalls training."""
@@ -166,7 +168,9 @@ class Cluster:
         ]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         # Its own session: the agent leads the process group that `kill -9 -PGID` takes down.
-        node.proc = subprocess.Popen(cmd, stdout=None, stderr=node.log, env=env, start_new_session=True)
+        node.proc = subprocess.Popen(
+            cmd, stdout=node.log if r.quiet else None, stderr=node.log, env=env, start_new_session=True
+        )
         node.state = "running"
         node.workers = ()
 

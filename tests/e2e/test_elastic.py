@@ -45,11 +45,10 @@ def _recoveries(run) -> list[dict]:
 
 
 def _reference(steps: int) -> list[float]:
-    """The uninterrupted run: one process, the same global batch (12 microbatches of 2)."""
-    from elastickit.trainer.loop import TrainConfig, build_job
+    """The uninterrupted run: one process, the same global batch (one microbatch)."""
+    from elastickit.demo import reference_losses
 
-    job = build_job(TrainConfig(model="tiny", layout="single", steps=steps, global_batch=GLOBAL_BATCH, grad_accum=12))
-    return [job.train_step(s) for s in range(steps)]
+    return reference_losses(steps, GLOBAL_BATCH)
 
 
 def _check_trajectory(run, steps: int) -> list[dict]:

@@ -167,3 +167,19 @@ def test_trainer_flags_are_checked_before_launch():
         with pytest.raises(RequestError, match=message):
             parse_flags(flags)
     assert parse_flags(["--run", "r", "--layout", "tp=2"]).layout == "tp=2"
+
+
+def test_ls_shows_a_runs_recoveries(tmp_path):
+    import subprocess
+    import sys
+
+    rd = RunDir(str(tmp_path / "run"))
+    rd.make()
+    os_ckpt = tmp_path / "run" / "ckpt"
+    os_ckpt.mkdir()
+    rd.append_step(StepRecord(step=1, loss=1.0, world_size=2, layout="pp=1,dp=2,tp=1", grad_accum=6, step_s=0.1, time=1.0))
+    rd.emit_recovery(recovery_record(_plan(), [{"first": 100.5, "restore": {"step": 7, "tier": "peer", "bytes": 1}}]))
+    for arg in (rd.root, str(os_ckpt)):
+        p = subprocess.run([sys.executable, "-m", "elastickit.cli.main", "ls", arg], capture_output=True, text=True, check=False)
+        assert p.returncode == 0, p.stderr
+        assert "killnode n2" in p.stdout and "dp=3->dp=2" in p.stdout and "step 7 (peer)" in p.stdout, p.stdout
