@@ -37,7 +37,15 @@ from .sockets import SocketTracker
 
 log = logging.getLogger("elastickit.elastic")
 
-__all__ = ["ElasticConfig", "ElasticWorker", "WorkerEnv", "first_layout", "model_limits", "recovery_record"]
+__all__ = [
+    "ElasticConfig",
+    "ElasticWorker",
+    "WorkerEnv",
+    "first_layout",
+    "forget_process_groups",
+    "model_limits",
+    "recovery_record",
+]
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -439,7 +447,6 @@ class ElasticWorker:
     def _teardown(self, g: _Gen) -> None:
         """Leave the generation: stop its checkpoint threads, end its connections, destroy its
         process groups. Never raises."""
-        import torch.distributed as dist
 
         caught = time.time()
         if not g.voluntary:
@@ -451,14 +458,7 @@ class ElasticWorker:
             self._closing = _close_async(g.ck)
         t2 = time.time()
         g.tracker.shutdown()
-        try:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - the groups are gone either way
-            pass
-        # A group that failed to form still counted itself: every rank must name the next
-        # generation's groups alike (gloo's store keys carry the count).
-        dist.distributed_c10d._world.group_count = 0
+        forget_process_groups()
         # No gc.collect() here: a full collection of a torch heap costs 0.2-0.8 s of the stall;
         # the old model's cycles go with the automatic collections.
         g.job = g.ck = None
@@ -556,6 +556,35 @@ def recovery_record(plan: Plan, times: list[dict[str, Any]]) -> RecoveryRecord:
             "joined_members": list(plan.joined),
         },
     )
+
+
+def forget_process_groups() -> None:
+    """Destroy every process group of this process and what torch remembers about them, so
+    that the next generation starts clean in the same process. Never raises.
+
+    Besides destroying the groups: c10d's group counter must restart at 0 on every rank (a
+    group that failed to form counted itself, and gloo's store keys carry the count), and
+    DTensor's sharding-propagation caches must go: they are keyed by DeviceMesh *equality*
+    (same ranks, shape and names), so a new mesh of a world size seen before would be handed
+    results holding the old mesh object, with the old rank's coordinate and the destroyed
+    groups (seen here: FSDP2 shards of the new rank checked against the old rank's offsets).
+    """
+    import torch.distributed as dist
+
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - the groups are gone either way
+        pass
+    dist.distributed_c10d._world.group_count = 0
+    try:
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+        _clear_sharding_prop_cache()
+    except ImportError:  # an older torch: its Python cache is the only one
+        from torch.distributed.tensor._api import DTensor
+
+        DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
 
 
 def _preload() -> None:
