@@ -2,7 +2,7 @@
 under plain torchrun elastic with PyTorch DCP checkpoints.
 
     python -m torch.distributed.run --nnodes 3:4 ... benchmarks/_torchrun_dcp_trainer.py \\
-        --run RUN --steps 100000 --every 5
+        --run-dir RUN --steps 100000 --every 5
 
 Every (re)start: init the default group from torchrun's environment, build the same model
 (FSDP2 over dp = WORLD_SIZE, the same global batch through gradient accumulation), load the
@@ -44,7 +44,7 @@ def _append(path: str, record: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--run", required=True)
+    p.add_argument("--run-dir", required=True)
     p.add_argument("--steps", type=int, default=100000)
     p.add_argument("--every", type=int, default=5)
     p.add_argument("--global-batch", type=int, default=24)
@@ -69,7 +69,7 @@ def main() -> None:
                     grad_accum=args.global_batch // (args.micro_batch * dp))
     )
     t_built = time.time()
-    root = os.path.join(args.run, "dcp")
+    root = os.path.join(args.run_dir, "dcp")
     start = 0
     found = _latest(root)
     if found is not None:
@@ -80,7 +80,7 @@ def main() -> None:
         job.loader.load_state_dict(state["data"])
         start = found[0]
     t_restored = time.time()
-    steps_path = os.path.join(args.run, "steps.jsonl")
+    steps_path = os.path.join(args.run_dir, "steps.jsonl")
     first = True
     for step in range(start, args.steps):
         first_sample = job.loader.sample_index
@@ -92,7 +92,7 @@ def main() -> None:
                                  "grad_accum": job.cfg.grad_accum, "step_s": round(dt, 6), "time": time.time(),
                                  "samples": [first_sample, job.loader.sample_index]})
             if first:
-                _append(os.path.join(args.run, "restarts.jsonl"), {
+                _append(os.path.join(args.run_dir, "restarts.jsonl"), {
                     "world_size": world, "restored_step": start, "process": T_PROCESS, "imported": t_imported,
                     "init": t_init, "built": t_built, "restored": t_restored, "first_step": time.time(),
                     "restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),

@@ -208,7 +208,7 @@ class TorchrunSide:
         if self.variant == "tuned":
             cmd += ["--rdzv-conf", "is_host=false,last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3"]
             env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-        cmd += [os.path.join(HERE, "_torchrun_dcp_trainer.py"), "--run", self.run, "--every", str(self.dcp_every),
+        cmd += [os.path.join(HERE, "_torchrun_dcp_trainer.py"), "--run-dir", self.run, "--every", str(self.dcp_every),
                 "--global-batch", str(BATCH)]
         logf = open(os.path.join(self.run, "logs", f"node{j}.log"), "ab")  # noqa: SIM115 - lives with the agent
         self.procs[j] = subprocess.Popen(cmd, stdout=logf, stderr=logf, env=env, start_new_session=True)
@@ -269,30 +269,28 @@ def torchrun_samples(args: argparse.Namespace, work: str, variant: str, samples:
             node = 1 + i % (NODES - 1)  # never node 0: with the defaults it hosts the store
             t = side.kill(node)
             log(f"{side.name}: killed node {node}")
-            first = None
+            rs = None
 
             def done() -> bool:
-                nonlocal first
-                first = next((r for r in _rows(run) if r["time"] > t and r["world_size"] == NODES - 1), None)
-                return first is not None
+                nonlocal rs
+                rs = next((r for r in _restarts(run) if r["process"] > t), None)
+                return rs is not None
 
             if not _wait(done, args.torchrun_wait, side.poll):
-                log(f"{side.name}: no step at {NODES - 1} nodes within {args.torchrun_wait:.0f} s")
+                log(f"{side.name}: no restarted step within {args.torchrun_wait:.0f} s")
                 kills.append({"mttr_s": None, "timed_out": True})
                 continue
-            rs = next((r for r in _restarts(run) if r["process"] > t and r["world_size"] == NODES - 1), None)
-            rec = {"mttr_s": first["time"] - t, "restored_step": rs["restored_step"] if rs else None}
-            if rs is not None:
-                rec["phases"] = {
-                    "detect_rendezvous_s": max(0.0, rs["process"] - t),
-                    "start_s": rs["built"] - rs["process"],
-                    "restore_s": rs["restored"] - rs["built"],
-                    "first_step_s": first["time"] - rs["restored"],
-                }
-                last_before = max((r["step"] for r in _rows(run) if r["time"] <= t), default=0)
-                rec["lost_steps"] = max(0, last_before - rs["restored_step"])
+            rec = {"mttr_s": rs["first_step"] - t, "restored_step": rs["restored_step"], "world_size": rs["world_size"],
+                   "phases": {
+                       "detect_rendezvous_s": max(0.0, rs["process"] - t),
+                       "start_s": rs["built"] - rs["process"],
+                       "restore_s": rs["restored"] - rs["built"],
+                       "first_step_s": rs["first_step"] - rs["restored"],
+                   }}
+            last_before = max((r["step"] for r in _rows(run) if r["time"] <= t), default=0)
+            rec["lost_steps"] = max(0, last_before - rs["restored_step"])
             kills.append(rec)
-            log(f"{side.name}: first step at {NODES - 1} nodes {rec['mttr_s']:.2f} s after the kill")
+            log(f"{side.name}: first step at {rec['world_size']} nodes {rec['mttr_s']:.2f} s after the kill")
     finally:
         side.stop()
     return {"kills": kills}
@@ -381,7 +379,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
                      _fmt(_med([r.get("lost_steps") for r in ok]), 1),
                      ", ".join(_fmt(r["mttr_s"]) for r in ok) + (f" ({timeouts} timed out)" if timeouts else "")])
     notes = [
-        f"Machine: {machine()}; load average at the start {os.getloadavg()[0]:.1f} (a shared machine).",
+        f"Machine: {machine()}; 1-minute load average {results['load_start']:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end (a shared machine)" + (" -- a --quick run" if args.quick else "") + ".",
         f"Model `tiny` (FSDP2, AdamW), global batch {BATCH} in microbatches of 2, 4 simulated nodes x 1 worker; "
         f"a node comes back {args.rejoin_after:.0f} s after each kill. DCP saves every {args.dcp_every} steps.",
         "Phases (elastickit): detect / abort / rendezvous / start (rebuild in-process) / restore / first step. "
@@ -477,13 +476,14 @@ def main() -> None:
     p.add_argument("--torchrun-wait", type=float, default=400.0)
     p.add_argument("--skip", action="append", default=[], choices=["defaults", "ettr", "torchrun"])
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a TERM still stops every node
     if args.quick:
-        args.samples, args.stop_samples, args.rejoin_after = 2, 1, 10.0
+        args.samples, args.stop_samples, args.rejoin_after = 2, 1, 25.0
         args.ettr_minutes, args.kill_every, args.first_kill = 3.0, 60.0, 30.0
         args.skip.append("defaults")
     os.makedirs(RESULTS, exist_ok=True)
     work = tempfile.mkdtemp(prefix="ek-bench-recovery-")
-    results: dict[str, Any] = {"args": vars(args), "a": {}, "b": {}}
+    results: dict[str, Any] = {"args": vars(args), "a": {}, "b": {}, "load_start": os.getloadavg()[0]}
     try:
         log(f"(a) elastickit: {args.samples} kills, {args.stop_samples} SIGSTOPs")
         results["a"]["elastickit"] = elastickit_samples(args, work)

@@ -18,8 +18,10 @@
   that exit are restarted by torchrun as always (`--max-restarts`), and rejoin the same way.
   The exit barrier is skipped: the workers agree on the end of training among themselves.
 
-Workers get the rendezvous store's address (ELASTICKIT_STORE), the run id, the node's name and
-the agent's pid (they arm PR_SET_PDEATHSIG against it, so they die with their agent).
+Workers get the rendezvous store's address (ELASTICKIT_STORE), the run id, the node's name, the
+agent's pid (they arm PR_SET_PDEATHSIG against it, so they die with their agent) and the node-local
+tier's directory (ELASTICKIT_LOCAL_TIER, default /dev/shm/elastickit/<run id>/<node>). Agents that
+share a machine need distinct `--node` names (the default is the host name).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import dataclasses
 import os
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from elastickit.checkpoint.errors import RequestError
@@ -144,6 +147,9 @@ def run_agent(req: AgentRequest) -> int:
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     node = req.node or socket.gethostname()
+    # The node-local tier: RAM-backed storage of this machine, not the (shared) run directory.
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    os.environ.setdefault("ELASTICKIT_LOCAL_TIER", os.path.join(shm, "elastickit", req.rdzv_id, node))
     os.environ.update(
         ELASTICKIT_STORE=req.rdzv_endpoint,
         ELASTICKIT_RUN_ID=req.rdzv_id,

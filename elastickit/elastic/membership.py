@@ -19,7 +19,9 @@ The watcher thread of every member (one poll every `poll_s`):
   would make a larger layout, and raises `grow_pending` for the training loop, which agrees on
   the step to grow at.
 
-A watcher that was itself descheduled longer than `hang_s / 2` does not accuse anyone in that
+A silent peer is only accused of hanging while this member's own training is stuck too (a hung
+peer stops every rank's next collective; a peer whose heartbeat thread is merely starved does
+not). A watcher that was itself descheduled longer than `hang_s / 2` does not accuse anyone in that
 round: its own view of time is what stalled. On a loaded machine a member's silence bound
 stretches with its recent heartbeat intervals (`silence_bound`), as TCP's retransmission
 timeout follows the measured round trip.
@@ -160,8 +162,11 @@ class Membership:
         form_s: float = 10.0,
         poll_s: float = 0.05,
         on_new_plan: Callable[[Plan], None] | None = None,
+        progress_s: Callable[[], float | None] | None = None,
     ) -> None:
         self.me = me
+        self.progress_s = progress_s
+        """Seconds since this member's training last made progress (None: not training)."""
         self.planner = planner
         self.hang_s = hang_s
         self.form_s = form_s
@@ -226,6 +231,9 @@ class Membership:
             return
         if plan.active:
             suspects = [m for m in plan.active if m != self.me.id and not self.alive(m)]
+            silent = [m for m in suspects if m not in self._bye and not self.exited(m)]
+            if silent and self._moving():
+                suspects = [m for m in suspects if m not in silent]  # a busy peer, not a hung one
             if suspects:
                 self.propose(plan, failed=suspects, store=s)
                 return
@@ -303,6 +311,15 @@ class Membership:
             return False
         changed = self._changed.get(member_id)
         return changed is not None and time.monotonic() - changed <= self.silence_bound(member_id)
+
+    def _moving(self) -> bool:
+        """This member's own training made progress within `hang_s`: every peer took part in
+        that step's collectives, so a silent peer is only slow to beat (its watcher starved of
+        the CPU or the interpreter), not hung. A hung peer stops everyone's steps at once."""
+        if self.progress_s is None:
+            return False
+        since = self.progress_s()
+        return since is not None and since < self.hang_s
 
     def silence_bound(self, member_id: str) -> float:
         """How long `member_id` may be silent: `hang_s` while it trains, or 2.5x the longest of

@@ -190,7 +190,7 @@ class ElasticWorker:
         self.cfg = cfg
         self.env = env
         self.rundir = RunDir(cfg.run, cfg.ckpt)
-        self.local_tier = cfg.local_tier or self.rundir.local_tier(env.node)
+        self.local_tier = cfg.local_tier or os.environ.get("ELASTICKIT_LOCAL_TIER") or self.rundir.local_tier(env.node)
         self.me = Member.this_process(env.node, env.local_rank)
         self.limits = model_limits(cfg.model)
         self.pins = tuple(parse_pins(cfg.layout).items())
@@ -199,8 +199,10 @@ class ElasticWorker:
         self._abort_times: dict[str, float] = {}
         self._said: set[str] = set()
         self._closing: threading.Event | None = None  # set when the last generation's checkpointer closed
+        self._progress_at: float | None = None  # monotonic time of this rank's last step, while training
         self.membership = Membership(
-            self._store_client, self.me, self._planner, hang_s=cfg.hang_s, on_new_plan=self._on_new_plan
+            self._store_client, self.me, self._planner, hang_s=cfg.hang_s, on_new_plan=self._on_new_plan,
+            progress_s=lambda: None if self._progress_at is None else time.monotonic() - self._progress_at,
         )
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -396,6 +398,7 @@ class ElasticWorker:
                  g.times["restored"] - g.times["ck"], restored.get("step"), restored.get("tier"))
         before = self._last_step
         self.membership.set_state("training")
+        self._progress_at = time.monotonic()
         for step in range(start, cfg.steps):
             if g.aborted:
                 raise Superseded(f"plan {plan.gen} was superseded")
@@ -408,6 +411,7 @@ class ElasticWorker:
             if cfg.step_sleep_s:
                 time.sleep(cfg.step_sleep_s)
             dt = time.perf_counter() - t0
+            self._progress_at = time.monotonic()
             self._last_step = step + 1
             if g.rank == 0:
                 self.rundir.append_step(
@@ -422,7 +426,7 @@ class ElasticWorker:
                 self._publish_times(g, restored, before)
             if votes > 0 and step + 1 < cfg.steps:
                 return self._grow(g, step + 1)
-        ck.wait()
+        _wait_quietly(ck, "the last checkpoint")
         import torch.distributed as dist
 
         dist.barrier()
@@ -432,7 +436,7 @@ class ElasticWorker:
 
     def _grow(self, g: _Gen, step: int) -> Plan:
         """Every rank agreed (through the loss all-reduce) to grow after `step`."""
-        g.ck.wait()  # every tier, the node-local one with its peer copies, holds `step`
+        _wait_quietly(g.ck, f"checkpoint {step} before growing")  # the node-local tier and its peer copies hold `step`
         g.voluntary = True
         g.times["voted"] = time.time()
         self._abort_times = {"caught": g.times["voted"]}
@@ -463,6 +467,7 @@ class ElasticWorker:
         # the old model's cycles go with the automatic collections.
         g.job = g.ck = None
         self._gen = None
+        self._progress_at = None
         log.info("teardown: shut %.3f close %.3f destroy %.3f", t1 - caught, t2 - t1, time.time() - t2)
         self._abort_times = {"caught": g.times.get("abort_signal", caught), "aborted": time.time()}
         log.info("left generation %d in %.3f s", g.plan.gen, self._abort_times["aborted"] - caught)
@@ -612,6 +617,17 @@ def _looks_like_comm_failure(e: BaseException) -> bool:
         for s in ("Connection closed", "Connection reset", "Broken pipe", "pair.cc", "Timed out",
                   "DistNetworkError", "DistStoreError", "did not reach checkpoint phase", "Socket", "recv")
     )
+
+
+def _wait_quietly(ck: Any, what: str) -> None:
+    """`ck.wait()`; a tier that failed is in the event log and the warning, not a crash: the
+    next restore takes the freshest checkpoint that did commit."""
+    from elastickit.checkpoint.errors import ElastickitError
+
+    try:
+        ck.wait()
+    except ElastickitError as e:
+        log.warning("elastickit: %s is not durable on every tier: %s", what, e)
 
 
 def _close_async(ck: Any) -> threading.Event:

@@ -164,3 +164,48 @@ def test_a_hung_node_is_left_out_without_waiting_for_a_collective_timeout(tmp_pa
     assert recs[0]["mttr_s"] < 30
     nodes = {n["node"]: n for n in json.loads((run / "nodes.json").read_text())["nodes"]}
     assert nodes[2]["state"] == "fenced"
+
+
+@pytest.mark.timeout(240)
+def test_launch_on_every_node_with_the_store_outside_the_nodes(tmp_path):
+    """`elastickit launch` as people run torchrun: a store process, then one launch per node."""
+    import socket
+
+    from elastickit.elastic.rundir import read_recoveries
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"127.0.0.1:{port}"
+    cli = [sys.executable, "-m", "elastickit.cli.main", "launch"]
+    store = subprocess.Popen([*cli, "--store-only", "--rdzv-endpoint", endpoint], stdout=subprocess.PIPE, text=True)
+    run = tmp_path / "run"
+    steps = 30
+    nodes = []
+    try:
+        assert "rendezvous store serving" in store.stdout.readline()
+        for j in range(3):
+            env = {**_env(), "ELASTICKIT_LOCAL_TIER": str(tmp_path / "local" / f"node{j}")}
+            nodes.append(subprocess.Popen(
+                [*cli, "--nnodes", "2:3", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint, "--rdzv-id", "job1",
+                 "--node", str(j), "--max-restarts", "0", "--", "--run", str(run), "--steps", str(steps)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+            ))
+        deadline = time.monotonic() + 150
+        while not (run / "steps.jsonl").exists() or len(_steps(run)) < 8:
+            assert all(n.poll() is None for n in nodes) and time.monotonic() < deadline, "the job did not train"
+            time.sleep(0.2)
+        os.killpg(nodes[2].pid, signal.SIGKILL)  # node 2's launch process is its agent
+        outs = [n.communicate(timeout=180) for n in nodes[:2]]
+        for n, (out, err) in zip(nodes[:2], outs, strict=True):
+            assert n.returncode == 0, out[-2000:] + err[-3000:]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                os.killpg(n.pid, signal.SIGKILL)
+        store.terminate()
+        store.wait(timeout=30)
+    _check_trajectory(run, steps)
+    recs = read_recoveries(str(run / "events.jsonl"))
+    assert [(r["cause"], r["node"], r["new_layout"]) for r in recs] == [("crash", 2, "pp=1,dp=2,tp=1")], recs
+    _check_phases(recs[0])

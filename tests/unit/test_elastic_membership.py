@@ -164,3 +164,21 @@ def test_plan_json_round_trip():
     p = Plan(gen=3, active=("a", "b"), layout="pp=1,dp=2,tp=1", grad_accum=6, failed=("c",), failed_ranks=(2,))
     assert Plan.from_json(p.to_json()) == p
     assert p.rank_of("b") == 1 and p.rank_of("c") is None
+
+
+def test_a_silent_peer_is_not_hung_while_training_moves(store, procs):
+    progress = {"since": 0.0}
+    ps = [procs() for _ in range(2)]
+    a = _member(store, 0, ps[0].pid, progress_s=lambda: progress["since"])
+    b = _member(store, 1, ps[1].pid)
+    a.first_plan(expected=2, timeout_s=10)
+    _until(lambda: b.latest is not None)
+    for m in (a, b):
+        m.set_state("training")
+    _silence(b)  # b's heartbeat thread starves, but a's steps still complete: b takes part
+    time.sleep(1.5)
+    assert a.latest.gen == 1
+    progress["since"] = 5.0  # a's training is stuck too: b is hung
+    _until(lambda: a.latest.gen == 2)
+    assert a.latest.cause == "hang" and a.latest.failed == (b.me.id,)
+    a.leave()
