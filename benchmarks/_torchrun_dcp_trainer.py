@@ -18,9 +18,9 @@ import time
 
 T_PROCESS = time.time()  # before the heavy imports: "worker start" counts them
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
+import argparse
+import json
+import os
 
 
 def _latest(root: str) -> tuple[int, str] | None:

@@ -40,7 +40,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, free_port, machine, write_table  # noqa: E402
+from _common import RESULTS, free_port, machine, write_table
 
 NODES = 4
 BATCH = 24
@@ -159,7 +159,7 @@ def elastickit_samples(args: argparse.Namespace, work: str) -> dict[str, Any]:
             seen = len(_events(run))
             t = side.kill(node, stop=stop)
             log(f"elastickit: {'stopped' if stop else 'killed'} node {node}")
-            if not _wait(lambda: len(_events(run)) > seen, 120, side.poll):
+            if not _wait(lambda seen=seen: len(_events(run)) > seen, 120, side.poll):
                 log("elastickit: no recovery within 120 s")
                 continue
             rec = _events(run)[seen]
@@ -271,7 +271,7 @@ def torchrun_samples(args: argparse.Namespace, work: str, variant: str, samples:
             log(f"{side.name}: killed node {node}")
             rs = None
 
-            def done() -> bool:
+            def done(t: float = t) -> bool:
                 nonlocal rs
                 rs = next((r for r in _restarts(run) if r["process"] > t), None)
                 return rs is not None

@@ -48,7 +48,7 @@ def train(
         None, "--nodes", help="Elastic: N simulated nodes on this machine, each a torchrun agent."
     ),
     min_nodes: int | None = typer.Option(None, "--min-nodes", help="With --nodes: fewest nodes to train on."),
-    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="With --nodes: workers per node."),
+    nproc_per_node: int | None = typer.Option(None, "--nproc-per-node", help="With --nodes: workers per node (default 1)."),
     global_batch: int | None = typer.Option(
         None, "--global-batch", help="With --nodes: samples per step, kept in every layout (default 24)."
     ),
@@ -72,7 +72,7 @@ def train(
         from .train_nodes import train_nodes
 
         code = train_nodes(
-            nodes=nodes, min_nodes=min_nodes, nproc_per_node=nproc_per_node, run=run, ckpt=ckpt,
+            nodes=nodes, min_nodes=min_nodes, nproc_per_node=nproc_per_node or 1, run=run, ckpt=ckpt,
             layout=layout or "auto", steps=steps, model=model, every=every or 1, inject=inject or [],
             global_batch=global_batch, micro_batch=micro_batch, rejoin_after=rejoin_after,
             hang_timeout=hang_timeout, dp_mode=dp_mode,
@@ -80,7 +80,8 @@ def train(
         if code:
             raise typer.Exit(code)
         return
-    elastic_only = {"--min-nodes": min_nodes, "--global-batch": global_batch, "--micro-batch": micro_batch,
+    elastic_only = {"--min-nodes": min_nodes, "--nproc-per-node": nproc_per_node, "--global-batch": global_batch,
+                    "--micro-batch": micro_batch,
                     "--run": run, "--rejoin-after": rejoin_after, "--hang-timeout": hang_timeout}
     for flag, value in elastic_only.items():
         if value is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Sequence
 
@@ -47,7 +48,12 @@ def train_nodes(
     err.print(f"elastickit train: {nodes} simulated node(s) x {nproc_per_node} worker(s), model {model}, "
               f"{steps} steps; starts on {first}; run directory {run}")
     cluster = Cluster(req, on_line=lambda s: err.print(s))
-    code = cluster.run()
+    # SIGTERM stops every node like Ctrl-C does (Cluster.run's cleanup), not just this process.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        code = cluster.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     rows = read_steps(run)
     recs = read_recoveries(cluster.rundir.events)
     if rows:
@@ -56,3 +62,7 @@ def train_nodes(
     for line in mttr_lines(recs):
         out.print(line)
     return code
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

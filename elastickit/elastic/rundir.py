@@ -23,11 +23,11 @@ __all__ = [
     "RecoveryRecord",
     "RunDir",
     "StepRecord",
+    "locate",
+    "mttr_lines",
     "read_nodes",
     "read_recoveries",
     "read_steps",
-    "locate",
-    "mttr_lines",
 ]
 
 

@@ -594,12 +594,12 @@ def forget_process_groups() -> None:
 
 def _preload() -> None:
     """Import now what forming a generation needs (and torch's lazy imports on a first step)."""
-    import torch._dynamo  # noqa: F401 - FSDP2 and DTensor import it on first use
-    import torch.distributed.fsdp  # noqa: F401
+    import torch._dynamo
+    import torch.distributed.fsdp
     import torch.distributed.tensor.parallel  # noqa: F401
 
-    import elastickit.api  # noqa: F401
-    import elastickit.trainer.loop  # noqa: F401
+    import elastickit.api
+    import elastickit.trainer.loop
     import elastickit.trainer.rules  # noqa: F401
 
 

@@ -387,13 +387,29 @@ class Cluster:
             node.proc.wait()
 
     def shutdown(self) -> None:
-        """Stop every node still up (the job failed, or the caller was interrupted)."""
-        for node in self.nodes:
-            if node.proc is not None and node.proc.poll() is None:
+        """Stop every node still up (the job failed, or the caller was interrupted): the workers
+        are told first, so that none takes the others' exits for failures to recover from."""
+        up = [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+        if up and self.store is not None and self.done() is None:
+            try:
+                self.store.set(self._key("done"), json.dumps({"stopped": True, "time": time.time()}))
+            except Exception:  # noqa: BLE001 - stopping goes on regardless
+                pass
+        for node in up:
+            for pid in self._worker_pids(node):
+                _signal(pid, signal.SIGCONT)
+            _signal(node.proc.pid, signal.SIGCONT, group=True)
+            _signal(node.proc.pid, signal.SIGTERM, group=True)
+        deadline = time.monotonic() + 15
+        for node in up:
+            try:
+                node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 for pid in self._worker_pids(node):
-                    _signal(pid, signal.SIGCONT)
-                _signal(node.proc.pid, signal.SIGCONT, group=True)
-                self._terminate(node)
+                    _signal(pid, signal.SIGKILL)
+                _signal(node.proc.pid, signal.SIGKILL, group=True)
+                node.proc.wait()
+        for node in self.nodes:
             if node.log is not None and not node.log.closed:
                 node.log.close()
 

@@ -16,8 +16,8 @@ pytestmark = [pytest.mark.dist, pytest.mark.timeout(180)]
 
 def _reform(rank: int, world: int, tmp: str) -> list[list[float]]:
     import torch.distributed as dist
-
     from elastickit.checkpoint.state import default_pieces
+
     from elastickit.elastic.runtime import forget_process_groups
     from elastickit.trainer.loop import TrainConfig, build_job
 

@@ -47,7 +47,7 @@ def planner(members, previous):
 
 def _member(store, node: int, pid: int, **kw) -> Membership:
     me = Member(id=f"{node}.0.host.{pid}", node=str(node), local_rank=0, host=Member.this_process("0", 0).host, pid=pid)
-    factory = lambda: dist.PrefixStore("ek/test", dist.TCPStore("127.0.0.1", store.port, is_master=False))  # noqa: E731
+    factory = lambda: dist.PrefixStore("ek/test", dist.TCPStore("127.0.0.1", store.port, is_master=False))
     m = Membership(factory, me, kw.pop("planner", planner), hang_s=kw.pop("hang_s", 0.5), form_s=0.5, poll_s=0.02, **kw)
     m.start()
     return m

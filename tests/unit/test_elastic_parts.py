@@ -12,10 +12,17 @@ from datetime import timedelta
 
 import pytest
 import torch.distributed as dist
-
 from elastickit.checkpoint.errors import RequestError
+
 from elastickit.elastic.membership import Plan
-from elastickit.elastic.rundir import NodeRecord, RunDir, StepRecord, read_nodes, read_recoveries, read_steps
+from elastickit.elastic.rundir import (
+    NodeRecord,
+    RunDir,
+    StepRecord,
+    read_nodes,
+    read_recoveries,
+    read_steps,
+)
 from elastickit.elastic.runtime import recovery_record
 from elastickit.elastic.sockets import SocketTracker
 
