@@ -58,7 +58,7 @@ def launch(
         raise typer.Exit(serve(host, int(port)))
     if not trainer_flags:
         raise RequestError("give the trainer's flags after `--`, e.g. -- --run runs/job1 --steps 1000")
-    from elastickit.elastic.runtime import first_layout
+    from elastickit.elastic.config import first_layout
     from elastickit.elastic.worker import parse_flags
 
     cfg = parse_flags(trainer_flags)

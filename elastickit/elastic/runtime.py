@@ -20,7 +20,6 @@ tier holds that step. Python, torch and the data stay loaded: no process restart
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import os
 import sys
@@ -30,103 +29,17 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+from .config import ElasticConfig, WorkerEnv, model_limits
 from .membership import Member, Membership, Plan, Superseded
-from .policy import LayoutRequest, ModelLimits, NoLayoutError, choose_layout, parse_pins
-from .rundir import Phases, RecoveryRecord, RunDir, StepRecord
+from .policy import Layout, LayoutRequest, NoLayoutError, choose_layout, parse_pins
+from .record import recovery_record
+from .reform import close_async, forget_process_groups, looks_like_comm_failure, wait_quietly
+from .rundir import RunDir, StepRecord
 from .sockets import SocketTracker
 
 log = logging.getLogger("elastickit.elastic")
 
-__all__ = [
-    "ElasticConfig",
-    "ElasticWorker",
-    "WorkerEnv",
-    "first_layout",
-    "forget_process_groups",
-    "model_limits",
-    "recovery_record",
-]
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class ElasticConfig:
-    """What one elastic training run is (every worker gets the same)."""
-
-    run: str
-    """The run directory (steps.jsonl, events.jsonl, checkpoints in RUN/ckpt)."""
-    ckpt: str | None = None
-    """Checkpoint root (default RUN/ckpt)."""
-    local_tier: str = ""
-    """This node's node-local tier directory (default RUN/local/node<node>)."""
-    model: str = "tiny"
-    steps: int = 100
-    global_batch: int = 24
-    """Samples per step, the same in every layout."""
-    micro_batch: int = 2
-    """Samples per microbatch; grad_accum = global_batch / (dp * micro_batch)."""
-    seq_len: int = 32
-    layout: str = "auto"
-    """`auto`, or axes to pin (`tp=2`); the others follow the world."""
-    lr: float | None = None
-    seed: int = 0
-    dp_mode: str = "fsdp"
-    every: int = 1
-    """Checkpoint every N steps (host memory; the tiers pull the newest)."""
-    hang_s: float = 1.0
-    """A member whose heartbeat is silent this long is taken for hung and left out."""
-    rank_memory_mib: float | None = None
-    """Training state one rank may hold (the policy's memory budget); None: any."""
-    step_sleep_s: float = 0.0
-    """Extra seconds per step (to slow a demo down to what a person can follow)."""
-    local_busy: float = 0.5
-    """The node-local tier's share of a core (its freshness: lost work after a failure)."""
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "global_batch", "micro_batch", "seq_len", "every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.global_batch % self.micro_batch:
-            raise ValueError(
-                f"--global-batch {self.global_batch} is not a multiple of --micro-batch {self.micro_batch}"
-            )
-        if self.hang_s <= 0:
-            raise ValueError(f"--hang-timeout must be positive, got {self.hang_s}")
-        try:
-            parse_pins(self.layout)
-        except ValueError as e:
-            raise ValueError(f"--layout {self.layout!r}: {e}") from None
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class WorkerEnv:
-    """Where this worker is: set by the elastickit agent (and torchrun) in its environment."""
-
-    store_host: str
-    store_port: int
-    run_id: str
-    node: str
-    local_rank: int
-    expected: int
-    """Workers of the first rendezvous (torchrun's WORLD_SIZE): the first plan waits for them."""
-
-    @classmethod
-    def from_environ(cls, env: dict[str, str] | None = None) -> WorkerEnv:
-        e = dict(os.environ if env is None else env)
-        try:
-            host, _, port = e["ELASTICKIT_STORE"].rpartition(":")
-            return cls(
-                store_host=host,
-                store_port=int(port),
-                run_id=e["ELASTICKIT_RUN_ID"],
-                node=e.get("ELASTICKIT_NODE", e.get("GROUP_RANK", "0")),
-                local_rank=int(e.get("LOCAL_RANK", "0")),
-                expected=int(e.get("WORLD_SIZE", "1")),
-            )
-        except KeyError as k:
-            raise ValueError(
-                f"{k.args[0]} is not set: run the elastic worker under `elastickit launch` or "
-                "`elastickit train --nodes`"
-            ) from None
+__all__ = ["ElasticWorker"]
 
 
 @dataclasses.dataclass(slots=True)
@@ -147,40 +60,6 @@ class _Transition(Exception):
     def __init__(self, plan: Plan) -> None:
         super().__init__(f"plan {plan.gen}")
         self.plan = plan
-
-
-def first_layout(cfg: ElasticConfig, nodes: Sequence[int]) -> str:
-    """The layout `cfg` trains on with `nodes` ranks per node (NoLayoutError says why none):
-    checked before a launch, so that a job that can never train is refused at once."""
-    choice = choose_layout(
-        LayoutRequest(
-            nodes=tuple(nodes),
-            global_batch=cfg.global_batch,
-            micro_batch=cfg.micro_batch,
-            limits=model_limits(cfg.model),
-            pins=tuple(parse_pins(cfg.layout).items()),
-            rank_budget_bytes=int(cfg.rank_memory_mib * 2**20) if cfg.rank_memory_mib else None,
-        )
-    )
-    return f"{choice.layout.text()}, grad_accum {choice.grad_accum}" + (
-        f", {len(choice.spares)} spare rank(s)" if choice.spares else ""
-    )
-
-
-def model_limits(model: str, state_multiplier: int = 16) -> ModelLimits:
-    """What the reference model allows: tp degrees, pipeline stages, bytes of training state
-    (fp32 parameter, gradient and two AdamW moments: 16 bytes a parameter)."""
-    from elastickit.trainer.model import model_config
-
-    cfg = model_config(model)
-    tps = []
-    for tp in range(1, 65):
-        try:
-            cfg.check_tp(tp)
-        except ValueError:
-            continue
-        tps.append(tp)
-    return ModelLimits(tp_degrees=tuple(tps), max_pp=cfg.n_layers, state_bytes=cfg.num_params() * state_multiplier)
 
 
 class ElasticWorker:
@@ -216,8 +95,6 @@ class ElasticWorker:
         return dist.PrefixStore(prefix or f"ek/{self.env.run_id}", client)
 
     def _planner(self, members: Sequence[Member], previous: Plan | None) -> tuple[str, int, tuple[str, ...], tuple[str, ...], str]:
-        from .policy import Layout
-
         nodes: list[int] = []
         last = None
         for m in members:
@@ -303,7 +180,7 @@ class ElasticWorker:
         nxt = self.membership.wait_for_plan(plan.gen, timeout_s=wait_s)
         if nxt is not None or self.membership.done is not None:
             return nxt
-        if not _looks_like_comm_failure(error):
+        if not looks_like_comm_failure(error):
             raise error
         # Everyone alive, yet a collective broke: start over in a new generation.
         return self.membership.propose(plan, cause="crash")
@@ -426,7 +303,7 @@ class ElasticWorker:
                 self._publish_times(g, restored, before)
             if votes > 0 and step + 1 < cfg.steps:
                 return self._grow(g, step + 1)
-        _wait_quietly(ck, "the last checkpoint")
+        wait_quietly(ck, "the last checkpoint")
         import torch.distributed as dist
 
         dist.barrier()
@@ -436,7 +313,7 @@ class ElasticWorker:
 
     def _grow(self, g: _Gen, step: int) -> Plan:
         """Every rank agreed (through the loss all-reduce) to grow after `step`."""
-        _wait_quietly(g.ck, f"checkpoint {step} before growing")  # the node-local tier and its peer copies hold `step`
+        wait_quietly(g.ck, f"checkpoint {step} before growing")  # the node-local tier and its peer copies hold `step`
         g.voluntary = True
         g.times["voted"] = time.time()
         self._abort_times = {"caught": g.times["voted"]}
@@ -459,7 +336,7 @@ class ElasticWorker:
         if g.ck is not None:
             # Its threads fail fast now that their connections are gone; the close overlaps the
             # next rendezvous and build, and ends before the next Checkpointer starts.
-            self._closing = _close_async(g.ck)
+            self._closing = close_async(g.ck)
         t2 = time.time()
         g.tracker.shutdown()
         forget_process_groups()
@@ -507,91 +384,6 @@ class ElasticWorker:
         )
 
 
-def recovery_record(plan: Plan, times: list[dict[str, Any]]) -> RecoveryRecord:
-    """The `recovery` event of `plan` from every rank's timestamps (pure; see `Phases`)."""
-
-    def latest(name: str) -> float | None:
-        vals = [t[name] for t in times if t.get(name) is not None]
-        return max(vals) if vals else None
-
-    detected = plan.detected_at
-    if plan.cause == "join":
-        voted = [t["voted"] for t in times if t.get("voted") is not None]
-        fault = min(voted) if voted else detected
-    else:
-        fault = plan.fault_time if plan.fault_time is not None else detected
-    marks = [fault, detected, latest("aborted"), latest("formed"), latest("built"), latest("restored"), times[0].get("first")]
-    bounds = []
-    for m in marks:
-        prev = bounds[-1] if bounds else fault
-        bounds.append(max(prev, m) if m is not None else prev)
-    diffs = [b - a for a, b in itertools.pairwise(bounds)]
-    phases = Phases(detect_s=diffs[0], abort_s=diffs[1], rendezvous_s=diffs[2], start_s=diffs[3], restore_s=diffs[4], first_step_s=diffs[5])
-    restores = [t.get("restore") or {} for t in times]
-    step = restores[0].get("step", 0)
-    tiers = {r.get("tier") for r in restores}
-    last = [t["last_step"] for t in times if t.get("last_step") is not None]
-    node = plan.failed_node
-    ranks = plan.failed_ranks
-    if plan.cause == "join":
-        ranks = tuple(plan.active.index(m) for m in plan.joined)
-        node = plan.joined[0].split(".")[0] if plan.joined else None
-    return RecoveryRecord(
-        cause=plan.cause,
-        ranks=tuple(ranks),
-        node=int(node) if node is not None and str(node).isdigit() else node,
-        phases=phases,
-        restore={
-            "tier": "peer" if "peer" in tiers else restores[0].get("tier"),
-            "step": step,
-            "bytes": sum(int(r.get("bytes", 0)) for r in restores),
-        },
-        lost_steps=max(0, max(last) - step) if last else 0,
-        old_layout=plan.prev_layout or "",
-        new_layout=plan.layout,
-        world_size=plan.world_size,
-        extra={
-            "generation": plan.gen,
-            "grad_accum": plan.grad_accum,
-            "old_world_size": plan.prev_world,
-            "spares": len(plan.spares),
-            "in_process": True,
-            "mttr_s": round(bounds[-1] - fault, 4),
-            "failed_members": list(plan.failed),
-            "joined_members": list(plan.joined),
-        },
-    )
-
-
-def forget_process_groups() -> None:
-    """Destroy every process group of this process and what torch remembers about them, so
-    that the next generation starts clean in the same process. Never raises.
-
-    Besides destroying the groups: c10d's group counter must restart at 0 on every rank (a
-    group that failed to form counted itself, and gloo's store keys carry the count), and
-    DTensor's sharding-propagation caches must go: they are keyed by DeviceMesh *equality*
-    (same ranks, shape and names), so a new mesh of a world size seen before would be handed
-    results holding the old mesh object, with the old rank's coordinate and the destroyed
-    groups (seen here: FSDP2 shards of the new rank checked against the old rank's offsets).
-    """
-    import torch.distributed as dist
-
-    try:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - the groups are gone either way
-        pass
-    dist.distributed_c10d._world.group_count = 0
-    try:
-        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
-
-        _clear_sharding_prop_cache()
-    except ImportError:  # an older torch: its Python cache is the only one
-        from torch.distributed.tensor._api import DTensor
-
-        DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
-
-
 def _preload() -> None:
     """Import now what forming a generation needs (and torch's lazy imports on a first step)."""
     import torch._dynamo
@@ -608,39 +400,3 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 65_537 + rank & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def _looks_like_comm_failure(e: BaseException) -> bool:
-    if isinstance(e, Superseded):
-        return True
-    text = f"{type(e).__name__}: {e}"
-    return any(
-        s in text
-        for s in ("Connection closed", "Connection reset", "Broken pipe", "pair.cc", "Timed out",
-                  "DistNetworkError", "DistStoreError", "did not reach checkpoint phase", "Socket", "recv")
-    )
-
-
-def _wait_quietly(ck: Any, what: str) -> None:
-    """`ck.wait()`; a tier that failed is in the event log and the warning, not a crash: the
-    next restore takes the freshest checkpoint that did commit."""
-    from elastickit.checkpoint.errors import ElastickitError
-
-    try:
-        ck.wait()
-    except ElastickitError as e:
-        log.warning("elastickit: %s is not durable on every tier: %s", what, e)
-
-
-def _close_async(ck: Any) -> threading.Event:
-    """Close a Checkpointer whose peers may be gone, on a thread; the event is set when done."""
-    done = threading.Event()
-
-    def close() -> None:
-        try:
-            ck.close()
-        except BaseException:  # noqa: BLE001 - a generation's checkpoint failing is reported by its events
-            pass
-        finally:
-            done.set()
-
-    threading.Thread(target=close, name="elastickit-close", daemon=True).start()
-    return done

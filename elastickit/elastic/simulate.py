@@ -446,7 +446,7 @@ def nodes_request(
 
     `trainer` holds the trainer's flags (steps, model, layout, global_batch...; None values are
     left out). Everything is checked before anything starts: RequestError names the flag."""
-    from .runtime import first_layout
+    from .config import first_layout
     from .worker import parse_flags
 
     if os.path.exists(run) and not os.path.isdir(run):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .runtime import ElasticConfig
+    from .config import ElasticConfig
 
 __all__ = ["build_parser", "config_from", "die_with_parent", "main", "parse_flags"]
 
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from(args: argparse.Namespace) -> ElasticConfig:
     """The ElasticConfig of parsed worker flags (ValueError names a bad flag)."""
-    from .runtime import ElasticConfig
+    from .config import ElasticConfig
 
     if not args.run:
         raise ValueError("--run is missing: give the run directory (steps.jsonl, events.jsonl, ckpt/)")
@@ -126,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     from elastickit.checkpoint.errors import ElastickitError
 
-    from .runtime import ElasticWorker, WorkerEnv
+    from .config import WorkerEnv
+    from .runtime import ElasticWorker
 
     try:
         worker = ElasticWorker(config_from(args), WorkerEnv.from_environ())

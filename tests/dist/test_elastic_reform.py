@@ -18,7 +18,7 @@ def _reform(rank: int, world: int, tmp: str) -> list[list[float]]:
     import torch.distributed as dist
     from elastickit.checkpoint.state import default_pieces
 
-    from elastickit.elastic.runtime import forget_process_groups
+    from elastickit.elastic.reform import forget_process_groups
     from elastickit.trainer.loop import TrainConfig, build_job
 
     forget_process_groups()  # the helper's group: this test forms its own generations

@@ -23,7 +23,7 @@ from elastickit.elastic.rundir import (
     read_recoveries,
     read_steps,
 )
-from elastickit.elastic.runtime import recovery_record
+from elastickit.elastic.record import recovery_record
 from elastickit.elastic.sockets import SocketTracker
 
 pytestmark = pytest.mark.timeout(60)
