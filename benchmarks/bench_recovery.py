@@ -380,7 +380,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
                      ", ".join(_fmt(r["mttr_s"]) for r in ok) + (f" ({timeouts} timed out)" if timeouts else "")])
     notes = [
         f"Machine: {machine()}; 1-minute load average {results['load_start']:.1f} at the start, "
-        f"{os.getloadavg()[0]:.1f} at the end (a shared machine)" + (" -- a --quick run" if args.quick else "") + ".",
+        f"{results.get('load_end', os.getloadavg()[0]):.1f} at the end (a shared machine)" + (" -- a --quick run" if args.quick else "") + ".",
         f"Model `tiny` (FSDP2, AdamW), global batch {BATCH} in microbatches of 2, 4 simulated nodes x 1 worker; "
         f"a node comes back {args.rejoin_after:.0f} s after each kill. DCP saves every {args.dcp_every} steps.",
         "Phases (elastickit): detect / abort / rendezvous / start (rebuild in-process) / restore / first step. "
@@ -433,7 +433,7 @@ def _plot(results: dict[str, Any]) -> None:
                            _med([p["first_step_s"] for p in phases]) or 0.0])
     bottom = [0.0] * len(labels)
     colors = ["#d62", "#e94", "#eb5", "#6a5", "#48c", "#86b"]
-    names = ["detect", "abort", "rendezvous (torchrun: detect+abort+rendezvous)", "start", "restore", "first step"]
+    names = ["detect (torchrun: detect + abort + rendezvous)", "abort", "rendezvous", "start", "restore", "first step"]
     for k in range(len(keys)):
         vals = [s[k] for s in stacks]
         ax.bar(labels, vals, bottom=bottom, color=colors[k], label=names[k])
@@ -475,7 +475,13 @@ def main() -> None:
     p.add_argument("--first-kill", type=float, default=60.0)
     p.add_argument("--torchrun-wait", type=float, default=400.0)
     p.add_argument("--skip", action="append", default=[], choices=["defaults", "ettr", "torchrun"])
+    p.add_argument("--report-only", action="store_true", help="redo the table and chart from results/recovery.json")
     args = p.parse_args()
+    if args.report_only:
+        with open(os.path.join(RESULTS, "recovery.json")) as f:
+            results = json.load(f)
+        report(results, argparse.Namespace(**results["args"]))
+        return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a TERM still stops every node
     if args.quick:
         args.samples, args.stop_samples, args.rejoin_after = 2, 1, 25.0
@@ -497,6 +503,7 @@ def main() -> None:
             for which in ("elastickit", *(() if "torchrun" in args.skip else ("torchrun tuned",))):
                 log(f"(b) ETTR {which}: {args.ettr_minutes:.0f} min")
                 results["b"][which] = ettr_run(args, work, which)
+        results["load_end"] = os.getloadavg()[0]
         report(results, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
