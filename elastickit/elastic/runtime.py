@@ -269,7 +269,7 @@ class ElasticWorker:
         state = job.state()
         start = ck.restore(state)
         g.times["restored"] = time.time()
-        restored = dict(ck.last_restore or {"step": 0, "tier": "none", "bytes": 0})
+        restored = _restore_info(ck.last_restore)
         log.info("generation %d: build %.3f s, checkpointer %.3f s, restore %.3f s (step %s from %s)", plan.gen,
                  g.times["built"] - g.times["formed"], g.times["ck"] - g.times["built"],
                  g.times["restored"] - g.times["ck"], restored.get("step"), restored.get("tier"))
@@ -382,6 +382,15 @@ class ElasticWorker:
             f"{rec.restore.get('step')} from {rec.restore.get('tier')}, {rec.lost_steps} step(s) redone",
             flush=True,
         )
+
+
+def _restore_info(last: Any) -> dict[str, Any]:
+    """{"step", "tier", "bytes", "path"} of `Checkpointer.last_restore` (a dict or a report object)."""
+    if last is None:
+        return {"step": 0, "tier": "none", "bytes": 0, "path": ""}
+    if isinstance(last, dict):
+        return {"bytes": 0, "path": "", **last}
+    return {name: getattr(last, name, default) for name, default in (("step", 0), ("tier", "?"), ("bytes", 0), ("path", ""))}
 
 
 def _preload() -> None:

@@ -190,3 +190,14 @@ def test_ls_shows_a_runs_recoveries(tmp_path):
         p = subprocess.run([sys.executable, "-m", "elastickit.cli.main", "ls", arg], capture_output=True, text=True, check=False)
         assert p.returncode == 0, p.stderr
         assert "killnode n2" in p.stdout and "dp=3->dp=2" in p.stdout and "step 7 (peer)" in p.stdout, p.stdout
+
+
+def test_restore_info_reads_a_dict_or_a_report():
+    from types import SimpleNamespace
+
+    from elastickit.elastic.runtime import _restore_info
+
+    assert _restore_info(None)["step"] == 0
+    assert _restore_info({"step": 4, "tier": "peer", "bytes": 9})["bytes"] == 9
+    got = _restore_info(SimpleNamespace(step=5, tier="local", path="/x"))
+    assert got == {"step": 5, "tier": "local", "bytes": 0, "path": "/x"}
