@@ -60,6 +60,8 @@ class NodeRecord:
     """running | killed | stopped | fenced | rejoining | spare | done | failed"""
     workers: tuple[int, ...] = ()
     """Worker pids (their own sessions: torchrun starts them so; they die with the agent)."""
+    local: str = ""
+    """The node's node-local tier directory, relative to the run directory."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

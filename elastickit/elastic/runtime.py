@@ -385,12 +385,14 @@ class ElasticWorker:
 
 
 def _restore_info(last: Any) -> dict[str, Any]:
-    """{"step", "tier", "bytes", "path"} of `Checkpointer.last_restore` (a dict or a report object)."""
+    """{"step", "tier", "bytes", "path"} of `Checkpointer.last_restore` (a RestoreReport, or a
+    dict); the tier is "peer" when files came from a buddy node."""
     if last is None:
         return {"step": 0, "tier": "none", "bytes": 0, "path": ""}
     if isinstance(last, dict):
         return {"bytes": 0, "path": "", **last}
-    return {name: getattr(last, name, default) for name, default in (("step", 0), ("tier", "?"), ("bytes", 0), ("path", ""))}
+    tier = "peer" if getattr(last, "fetched", ()) else getattr(last, "tier", "?")
+    return {"step": last.step, "tier": tier, "bytes": getattr(last, "bytes", 0), "path": getattr(last, "path", "")}
 
 
 def _preload() -> None:

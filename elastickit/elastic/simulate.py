@@ -195,7 +195,8 @@ class Cluster:
         recs = []
         for n in self.nodes:
             pid = n.proc.pid if n.proc is not None else 0
-            recs.append(NodeRecord(node=n.index, pid=pid, pgid=pid, state=n.state, workers=n.workers))
+            local = os.path.relpath(self.rundir.local_tier(n.index), self.rundir.root)
+            recs.append(NodeRecord(node=n.index, pid=pid, pgid=pid, state=n.state, workers=n.workers, local=local))
         self.rundir.write_nodes(recs)
 
     # -- faults ----------------------------------------------------------------------------

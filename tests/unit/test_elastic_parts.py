@@ -112,8 +112,8 @@ def test_run_directory_files(tmp_path):
     rd.write_nodes([NodeRecord(node=1, pid=11, pgid=11, state="killed", workers=(12,)),
                     NodeRecord(node=0, pid=10, pgid=10, state="running")])
     assert read_nodes(rd.root) == [
-        {"node": 0, "pid": 10, "pgid": 10, "state": "running", "workers": []},
-        {"node": 1, "pid": 11, "pgid": 11, "state": "killed", "workers": [12]},
+        {"node": 0, "pid": 10, "pgid": 10, "state": "running", "workers": [], "local": ""},
+        {"node": 1, "pid": 11, "pgid": 11, "state": "killed", "workers": [12], "local": ""},
     ]
     rec = recovery_record(_plan(), [{"first": 100.5, "restore": {"step": 1, "tier": "local", "bytes": 1}}])
     rd.emit_recovery(rec)
@@ -201,3 +201,5 @@ def test_restore_info_reads_a_dict_or_a_report():
     assert _restore_info({"step": 4, "tier": "peer", "bytes": 9})["bytes"] == 9
     got = _restore_info(SimpleNamespace(step=5, tier="local", path="/x"))
     assert got == {"step": 5, "tier": "local", "bytes": 0, "path": "/x"}
+    peer = _restore_info(SimpleNamespace(step=5, tier="local", path="/x", bytes=7, fetched=("rank-00001.safetensors",)))
+    assert peer == {"step": 5, "tier": "peer", "bytes": 7, "path": "/x"}
