@@ -152,16 +152,59 @@ def write_file(
             )
         checksums.clear()
     with open(path, "wb", buffering=0) as f:
-        sink = _ZstdSink(f, zstd_level, zstd_threads) if zstd_level is not None else None
-        put = sink.put if sink is not None else f.write
-        put(head)
-        _stream(items, checksums, before_item, put)
-        stored = sink.close() if sink is not None else ""
+        record = write_stream(
+            f,
+            items,
+            name=os.path.basename(path),
+            rank=rank,
+            zstd_level=zstd_level,
+            zstd_threads=zstd_threads,
+            head=head,
+            before_item=before_item,
+        )
         if fsync:
             os.fsync(f.fileno())
-        size = f.tell()
+    return record
+
+
+def write_stream(
+    f: BinaryIO,
+    items: Sequence[tuple[str, torch.Tensor]],
+    *,
+    name: str,
+    rank: int = 0,
+    zstd_level: int | None = None,
+    zstd_threads: int = 0,
+    metadata: dict[str, str] | None = None,
+    head: bytes | None = None,
+    before_item: Callable[[str], None] | None = None,
+) -> FileRecord:
+    """Write CPU tensors as one safetensors stream to `f` (anything with `write`: a file, an
+    object-store upload) and return its FileRecord, named `name`.
+
+    The bytes and checksums are those `write_file` writes; `f` is neither flushed nor closed.
+    """
+    if head is None:
+        items = [(k, t if t.is_contiguous() else t.contiguous()) for k, t in items]
+        for k, t in items:
+            if t.device.type != "cpu":
+                raise ValueError(f"tensor {k!r} is on {t.device}; copy it to host memory before writing")
+        head = _header_bytes(items, metadata or {})
+    checksums: dict[str, str] = {}
+    size = 0
+
+    def count(data: bytes | memoryview) -> int:
+        nonlocal size
+        size += len(data)
+        return f.write(data)
+
+    sink = _ZstdSink(_Counted(count), zstd_level, zstd_threads) if zstd_level is not None else None
+    put = sink.put if sink is not None else count
+    put(head)
+    _stream(items, checksums, before_item, put)
+    stored = sink.close() if sink is not None else ""
     return FileRecord(
-        name=os.path.basename(path),
+        name=name,
         size_bytes=size,
         header_checksum=checksum(head),
         tensor_checksums=checksums,
@@ -169,6 +212,13 @@ def write_file(
         stored_checksum=stored,
         rank=rank,
     )
+
+
+class _Counted:
+    """A writable that hands every write to a function (zstd writes its frames here)."""
+
+    def __init__(self, write: Callable[[bytes | memoryview], int]) -> None:
+        self.write = write
 
 
 def _stream(

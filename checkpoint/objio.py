@@ -1,0 +1,342 @@
+"""Bytes to and from object storage: a streamed multipart upload and a ranged, verified reader.
+
+`open_upload` returns a writable that `stfile.write_stream` writes a rank file into. On S3 (and
+S3-compatible servers) it is our own multipart upload: the stream fills one part buffer at a
+time and up to `max_inflight` parts travel at once while the next is filled, so memory holds
+`(max_inflight + 1) * part_bytes`, never a second copy of the file, and the network overlaps
+the hashing. Nothing is visible under the object's name until the upload completes (S3 makes
+the object appear atomically); a process killed midway leaves only unreferenced parts, which
+`abort` (or the bucket's lifecycle rule) removes. Other fsspec backends (gcs, az, ...) get
+their own buffered writer with the same bounded block size.
+
+`RangedFile` is `stfile.StFile` for an object: it reads the header with one ranged GET and each
+stored tensor with ranged GETs (split in parts fetched concurrently), verifies the tensor's
+checksum before handing it out, and keeps only the tensors not yet released.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import zstandard
+
+from .errors import CorruptCheckpointError
+from .integrity import checksum, new_hasher
+from .manifest import FileRecord
+from .stfile import torch_dtype
+
+PART_BYTES = 32 << 20  # S3 parts must be >= 5 MiB (but the last); 32 MiB keeps requests few
+MAX_INFLIGHT = 3  # parts uploading while the next one fills
+READ_PART_BYTES = 32 << 20  # a ranged read is split in parts this size, fetched concurrently
+_HEAD_GUESS = 64 << 10  # the first GET reads this much: most headers fit
+
+
+def is_s3(fs: Any) -> bool:
+    """Whether `fs` is s3fs (our multipart upload speaks its API)."""
+    proto = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+    return "s3" in proto and hasattr(fs, "call_s3")
+
+
+class S3Upload:
+    """One object written by an S3 multipart upload from a stream (see the module docstring).
+
+    `write` copies into the current part buffer; a full buffer is uploaded by a worker thread
+    while the stream goes on. `close` uploads the last part and completes the upload (a file
+    smaller than one part is one PUT); `abort` gives the parts back. The object exists only
+    after `close` returns.
+    """
+
+    def __init__(self, fs: Any, path: str, *, part_bytes: int = PART_BYTES, max_inflight: int = MAX_INFLIGHT) -> None:
+        if part_bytes < 5 << 20:
+            raise ValueError(f"part_bytes must be >= 5 MiB (an S3 limit), got {part_bytes}")
+        self._fs = fs
+        self._bucket, self._key, _ = fs.split_path(path)
+        self._part_bytes = part_bytes
+        self._pool = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="elastickit-upload")
+        self._free = [bytearray(part_bytes)]
+        self._max_buffers = max_inflight + 1
+        self._buf = self._free.pop()
+        self._fill = 0
+        self._inflight: list[tuple[Future[dict[str, Any]], bytearray]] = []
+        self._parts: list[dict[str, Any]] = []
+        self._upload_id: str | None = None
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        pos = 0
+        while pos < len(view):
+            n = min(self._part_bytes - self._fill, len(view) - pos)
+            self._buf[self._fill : self._fill + n] = view[pos : pos + n]
+            self._fill += n
+            pos += n
+            if self._fill == self._part_bytes:
+                self._send()
+        self.size += len(view)
+        return len(view)
+
+    def _call(self, method: str, **kwargs: Any) -> dict[str, Any]:
+        return self._fs.call_s3(method, Bucket=self._bucket, Key=self._key, **kwargs)
+
+    def _send(self) -> None:
+        """Upload the full part buffer in the background and take a free one."""
+        if self._upload_id is None:
+            self._upload_id = self._call("create_multipart_upload")["UploadId"]
+        number = len(self._parts) + len(self._inflight) + 1
+        buf, n = self._buf, self._fill
+        body = buf if n == len(buf) else bytes(memoryview(buf)[:n])
+        fut = self._pool.submit(self._call, "upload_part", UploadId=self._upload_id, PartNumber=number, Body=body)
+        self._inflight.append((fut, buf))
+        self._fill = 0
+        if self._free:
+            self._buf = self._free.pop()
+        elif len(self._inflight) < self._max_buffers:
+            self._buf = bytearray(self._part_bytes)
+        else:
+            self._buf = self._reap_one()
+
+    def _reap_one(self) -> bytearray:
+        """Wait for the oldest part in flight; returns its buffer for reuse."""
+        fut, buf = self._inflight.pop(0)
+        out = fut.result()
+        self._parts.append({"PartNumber": len(self._parts) + 1, "ETag": out["ETag"]})
+        return buf
+
+    def close(self) -> None:
+        """Upload what is left and complete the object (raises on any failed part)."""
+        try:
+            if self._upload_id is None:  # smaller than one part: one PUT
+                self._call("put_object", Body=bytes(memoryview(self._buf)[: self._fill]))
+                return
+            if self._fill:
+                self._send()
+            while self._inflight:
+                self._free.append(self._reap_one())
+            self._call(
+                "complete_multipart_upload", UploadId=self._upload_id, MultipartUpload={"Parts": self._parts}
+            )
+            self._fs.invalidate_cache(f"{self._bucket}/{self._key}")
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self._pool.shutdown(wait=False)
+            self._free.clear()
+            self._buf = bytearray()
+
+    def abort(self) -> None:
+        """Give back the parts uploaded so far (best effort: a bucket lifecycle rule for
+        incomplete multipart uploads catches what a killed process leaves)."""
+        for fut, _ in self._inflight:
+            fut.cancel()
+        self._inflight.clear()
+        self._pool.shutdown(wait=True)
+        if self._upload_id is not None:
+            try:
+                self._call("abort_multipart_upload", UploadId=self._upload_id)
+            except Exception:  # noqa: BLE001 - the upload failed already; that error is raised
+                pass
+            self._upload_id = None
+
+
+class FsspecUpload:
+    """Any other fsspec backend: its own buffered writer, blocks of `part_bytes`."""
+
+    def __init__(self, fs: Any, path: str, *, part_bytes: int = PART_BYTES) -> None:
+        self._f = fs.open(path, "wb", block_size=part_bytes)
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        n = self._f.write(data)
+        self.size += len(data)
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+
+    def abort(self) -> None:
+        discard = getattr(self._f, "discard", None)
+        if discard is not None:
+            discard()
+        else:  # a local or in-memory file: nothing half-visible to undo beyond closing it
+            self._f.close()
+
+
+def open_upload(fs: Any, path: str, *, part_bytes: int = PART_BYTES) -> S3Upload | FsspecUpload:
+    """A writable for one object (see the module docstring)."""
+    if is_s3(fs):
+        return S3Upload(fs, path, part_bytes=part_bytes)
+    return FsspecUpload(fs, path, part_bytes=part_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def fetch(fs: Any, path: str, start: int, end: int, *, part_bytes: int = READ_PART_BYTES) -> bytes:
+    """Bytes [start, end) of an object, in parts fetched concurrently where the backend can."""
+    if end <= start:  # an empty range would read to the end of the object
+        return b""
+    if end - start <= part_bytes:
+        return fs.cat_file(path, start=start, end=end)
+    starts = list(range(start, end, part_bytes))
+    ends = [min(s + part_bytes, end) for s in starts]
+    parts = fs.cat_ranges([path] * len(starts), starts, ends)
+    for p in parts:
+        if isinstance(p, BaseException):
+            raise p
+    return b"".join(parts)
+
+
+class RangedFile:
+    """A safetensors object read by ranged GETs, verified against its FileRecord.
+
+    The interface of `stfile.StFile` (`keys`, `raw`, `tensor`, `release`, `verify_all`, a
+    context manager), so that the reshard executor and `verify` read objects as they read files.
+    `label` names the object in errors (its URL, without credentials).
+    """
+
+    def __init__(self, fs: Any, path: str, record: FileRecord | None, *, label: str, verify: bool = True) -> None:
+        self.path = label
+        self.record = record
+        self.verify = verify and record is not None
+        self._fs, self._obj = fs, path
+        self._held: dict[str, bytes] = {}
+        self._whole: bytes | None = None
+        try:
+            size = int(fs.info(path)["size"])
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                f"{label} is missing; the checkpoint is incomplete, restore an earlier one", path=label
+            ) from None
+        if record is not None and size != record.size_bytes:
+            raise CorruptCheckpointError(
+                f"{label} is {size} bytes but the manifest recorded {record.size_bytes} "
+                "(truncated or overwritten); restore an earlier checkpoint",
+                path=label,
+            )
+        self._size = size
+        if record is not None and record.compression == "zstd":
+            stored = fetch(fs, path, 0, size)
+            if self.verify and checksum(stored) != record.stored_checksum:
+                raise CorruptCheckpointError(f"{label} does not match its checksum; restore an earlier checkpoint", path=label)
+            try:
+                self._whole = zstandard.ZstdDecompressor().decompressobj().decompress(stored)
+            except zstandard.ZstdError as e:
+                raise CorruptCheckpointError(f"{label} is not a valid zstd frame ({e})", path=label) from e
+            self._size = len(self._whole)
+        self._entries = self._parse_header()
+
+    def _read(self, start: int, end: int) -> bytes:
+        if self._whole is not None:
+            return self._whole[start:end]
+        return fetch(self._fs, self._obj, start, end)
+
+    def _parse_header(self) -> dict[str, _Entry]:
+        label = self.path
+        if self._size < 8:
+            raise CorruptCheckpointError(f"{label} is too short to be a safetensors file", path=label)
+        first = self._read(0, min(self._size, _HEAD_GUESS))
+        (n,) = struct.unpack("<Q", first[:8])
+        if n > self._size - 8:
+            raise CorruptCheckpointError(f"{label} has a header length past its end (truncated or corrupt)", path=label)
+        head = first[: 8 + n] if 8 + n <= len(first) else first + self._read(len(first), 8 + n)
+        if self.verify and checksum(head) != self.record.header_checksum:  # type: ignore[union-attr]
+            raise CorruptCheckpointError(
+                f"{label} has a corrupt header (checksum mismatch); restore an earlier checkpoint", path=label
+            )
+        try:
+            header = json.loads(head[8:])
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptCheckpointError(f"{label} has an unreadable header ({e})", path=label) from e
+        start = 8 + n
+        entries: dict[str, _Entry] = {}
+        for key, v in header.items():
+            if key == "__metadata__":
+                continue
+            b, e = v["data_offsets"]
+            if start + e > self._size:
+                raise CorruptCheckpointError(f"{label}: tensor {key!r} reaches past the end of the file (truncated)", path=label, tensor=key)
+            entries[key] = _Entry(v["dtype"], tuple(v["shape"]), start + b, start + e)
+        return entries
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def raw(self, key: str) -> memoryview:
+        """The tensor's bytes (one ranged read), verified against the manifest."""
+        data = self._held.get(key)
+        if data is not None:
+            return memoryview(data)
+        try:
+            e = self._entries[key]
+        except KeyError:
+            raise CorruptCheckpointError(
+                f"{self.path} has no tensor {key!r} although the manifest lists it", path=self.path, tensor=key
+            ) from None
+        data = self._read(e.begin, e.end)
+        if self.verify:
+            want = self.record.tensor_checksums.get(key)  # type: ignore[union-attr]
+            if want is None or checksum(data) != want:
+                raise CorruptCheckpointError(
+                    f"{self.path}: tensor {key!r} does not match its checksum; restore an earlier checkpoint",
+                    path=self.path,
+                    tensor=key,
+                )
+        self._held[key] = data
+        return memoryview(data)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """A read-only tensor over the verified bytes of `key` (readers copy out of it)."""
+        data = self.raw(key)
+        e = self._entries[key]
+        dtype = torch_dtype(e.dtype)
+        if len(data) == 0:
+            return torch.empty(e.shape, dtype=dtype)
+        with warnings.catch_warnings():  # the bytes are immutable; nobody writes through the view
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(data, dtype=dtype).reshape(e.shape)
+
+    def release(self, key: str) -> None:
+        """Forget the bytes of `key` (memory stays about one stored tensor)."""
+        self._held.pop(key, None)
+
+    def verify_all(self, chunk_bytes: int = READ_PART_BYTES) -> list[str]:
+        """Keys whose bytes do not match, read in bounded chunks (the header is checked on open)."""
+        bad = []
+        for key, e in self._entries.items():
+            want = self.record.tensor_checksums.get(key) if self.record is not None else None
+            h = new_hasher()
+            for start in range(e.begin, e.end, chunk_bytes):
+                h.update(self._read(start, min(start + chunk_bytes, e.end)))
+            if want is None or h.hexdigest() != want:
+                bad.append(key)
+        if self.record is not None:
+            bad.extend(sorted(set(self.record.tensor_checksums) - set(self._entries)))
+        return bad
+
+    def close(self) -> None:
+        self._held.clear()
+        self._whole = None
+
+    def __enter__(self) -> RangedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+Opener = Callable[[str, FileRecord], Any]
+"""`(file name, record) -> a StFile-like context manager`: how a reader opens a checkpoint's
+rank files, wherever they are."""
