@@ -1,10 +1,13 @@
-"""The one rule for the paths elastickit is given: local paths only (for now), `~` expanded.
+"""The one rule for the paths elastickit is given: a local path (`~` expanded, `file://`
+accepted) or, where object storage is supported, a URL whose fsspec backend is installed.
 
 Every path a user hands to elastickit (the Checkpointer root, a tier's path, the CLI's
-checkpoint arguments) goes through `local_path` first. Without it, `gs://bucket/x` is a relative
-path to the operating system, and a checkpoint meant for object storage lands in
-`./gs:/bucket/x` with no error at all. URLs are refused until a storage backend for their
-scheme exists.
+checkpoint arguments) goes through `location` (object storage allowed: the persistent tier, the
+CLI's SRC and DST) or `local_path` (node-local things: the memory and local tiers, the event
+log, the trainer's --ckpt). Without them, `gs://bucket/x` is a relative path to the operating
+system, and a checkpoint meant for object storage lands in `./gs:/bucket/x` with no error at
+all. A URL whose scheme has no installed backend is refused with one sentence naming the
+package to install; where only local paths make sense, a URL is refused saying so.
 
 `writable_dir` is the check to run before work starts: it creates the directory and proves it
 writable with a probe file, so that a read-only or misnamed target fails with one sentence at
@@ -23,23 +26,62 @@ from .errors import RequestError
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 
 
+def is_url(path: str) -> bool:
+    """Whether `path` is a `scheme://...` URL of object storage (not `file://`)."""
+    m = _SCHEME.match(path)
+    return m is not None and m.group(1).lower() not in _LOCAL_SCHEMES
+
+
 def local_path(path: str | os.PathLike[str], *, what: str = "path") -> str:
-    """`path` as a local filesystem path, with `~` expanded; refuses URLs (`scheme://...`).
+    """`path` as a local filesystem path, with `~` expanded and `file://` taken off; refuses
+    other URLs (`scheme://...`) with one sentence.
 
     `what` names the argument in the error (e.g. "the Checkpointer root", "SRC", "--ckpt").
     """
+    text = _text(path, what)
+    m = _SCHEME.match(text)
+    if m and m.group(1).lower() not in _LOCAL_SCHEMES:
+        raise RequestError(
+            f"{what} {text!r} is a {m.group(1)}:// URL, but {what} must be a local path (object "
+            "storage holds the persistent tier, not this); give a local directory",
+            path=text,
+        )
+    return _local(text, what)
+
+
+def location(path: str | os.PathLike[str], *, what: str = "path") -> str:
+    """`path` as a local path (see `local_path`) or an object-storage URL whose fsspec backend
+    is installed (returned as given, less a trailing `/`); a URL without one is refused with one
+    sentence naming the package to install."""
+    text = _text(path, what)
+    if not is_url(text):
+        return local_path(text, what=what)
+    from .objstore import open_filesystem  # fsspec is optional: only URLs need it
+
+    open_filesystem(text, what=what)
+    return text.rstrip("/")
+
+
+_LOCAL_SCHEMES = ("file", "local")
+
+
+def _text(path: str | os.PathLike[str], what: str) -> str:
     text = os.fspath(path)
     if not isinstance(text, str):
         raise RequestError(f"{what} must be a text path, got bytes {text!r}")
-    m = _SCHEME.match(text)
-    if m:
-        raise RequestError(
-            f"{what} {text!r} is a {m.group(1)}:// URL, which elastickit cannot write or read yet "
-            "(only local paths); give a local directory, or mount the storage and give its mount point",
-            path=text,
-        )
     if not text:
         raise RequestError(f"{what} is empty; give a directory")
+    return text
+
+
+def _local(text: str, what: str) -> str:
+    m = _SCHEME.match(text)
+    if m:  # file:///abs/path or file://localhost/abs/path
+        rest = text[m.end() :]
+        host, _, tail = rest.partition("/")
+        if host not in ("", "localhost"):
+            raise RequestError(f"{what} {text!r} names host {host!r}; a file:// URL must be file:///absolute/path", path=text)
+        text = "/" + tail
     return os.path.expanduser(text)
 
 

@@ -29,6 +29,8 @@ from .errors import ElastickitError, NotDurableError
 from .events import EventLog
 from .integrity import atomic_write_text, fsync_dir
 from .manifest import MANIFEST_NAME, LayoutRecord, Manifest, step_dir_name
+from .objstore import ObjectRoot
+from .paths import is_url
 from .snapshot import SlotPool, Snapshot
 from .threads import lower_priority
 from .tiers import Tiers, TierSpec
@@ -82,6 +84,8 @@ class TierWorker:
         self.name = name
         self.spec = spec
         self.root = root
+        # A URL root (the persistent tier on object storage) writes through its ObjectRoot.
+        self.store = ObjectRoot(root, spec.storage_options, what="the persistent tier") if is_url(root) else None
         self.coord = coord
         self.ctx = ctx
         self.writer = writer
@@ -239,7 +243,7 @@ class TierWorker:
             before_item=snap.wait_item,
         )
         # Only the local tier's other ranks use the manifest (a node's copy, peer copies).
-        return write_checkpoint(req, self.coord, plans=self.plans, share=self.name == "local")
+        return write_checkpoint(req, self.coord, plans=self.plans, share=self.name == "local", store=self.store)
 
     def stop(self) -> None:
         with self.writer.cond:
@@ -300,9 +304,23 @@ class TierWorker:
                 fsync_dir(step_dir)
         return len(data)
 
+    def committed(self) -> list[int]:
+        """The steps this tier holds committed (in this rank's directory), oldest first."""
+        if self.store is not None:
+            return self.store.committed_steps()
+        return [c.step for c in list_checkpoints(self.root) if c.complete]
+
     def _retain(self) -> None:
         leader = self.ctx.rank == 0 if self.name == "persistent" else self._node_leader()
         if not leader:
+            return
+        if self.store is not None:
+            done_steps = self.store.committed_steps()
+            for i, step in enumerate(done_steps):
+                if not self.spec.keeps(step, newer_committed=len(done_steps) - 1 - i):
+                    self.store.delete_step(step)  # the manifest first, then the objects
+            if done_steps:
+                self.store.remove_incomplete(keep_newer_than=done_steps[-1])
             return
         done = [c for c in list_checkpoints(self.root) if c.complete]
         for i, c in enumerate(done):
@@ -505,7 +523,7 @@ class AsyncWriter:
         parts = []
         for tier, why in sorted(errors.items()):
             root = self.workers[tier].root
-            kept = [c.step for c in list_checkpoints(root) if c.complete]
+            kept = self.workers[tier].committed()
             last = f"its newest checkpoint is step {kept[-1]}" if kept else "it holds no checkpoint"
             parts.append(f"the {tier} tier at {root} failed ({why}; {last})")
         return NotDurableError(f"checkpoint {step} is not durable: {'; '.join(parts)}", step=step, tiers=tuple(sorted(errors)))

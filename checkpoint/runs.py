@@ -25,15 +25,16 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .coord import Coordinator
 from .errors import RequestError
 from .integrity import atomic_write_text
 from .lock import RootLock
 from .manifest import MANIFEST_NAME, STEP_DIR_RE, step_dir_name
-from .paths import writable_dir
+from .paths import is_url, writable_dir
 
 RUN_FILE = ".elastickit-run"
 RUN_INFO = "run.json"
@@ -96,7 +97,7 @@ class RootClaim:
 
     key: str
     anchor: str  # the root the run id lives in (its real path): the persistent tier's, else the root
-    locks: Sequence[RootLock] = ()
+    locks: Sequence[Any] = ()  # RootLock (a file root) or objclaim.Lease (an object root)
 
     def release(self) -> None:
         for lock in self.locks:
@@ -104,34 +105,55 @@ class RootClaim:
         self.locks = ()
 
 
-def claim_root(root: str, *, persistent: str | None, events_dir: str | None = None) -> RootClaim:
+def claim_root(
+    root: str,
+    *,
+    persistent: str | None,
+    events_dir: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> RootClaim:
     """Claim `root` for one writer (rank 0): refuse a checkpoint directory or a file, check that
     `root`, the persistent tier's directory and `events_dir` are writable, lock the root (and the
     persistent tier's directory when it is elsewhere), and read or create the run id.
 
     The run id lives in the persistent tier's directory (the root unless the tier has a path of
-    its own): that is where the run's durable checkpoints are, so it is what a run is."""
+    its own): that is where the run's durable checkpoints are, so it is what a run is. An
+    object-storage URL is claimed by `objclaim.claim_object_root` (a probe, a writer lease, its
+    run id) with `storage_options`."""
     dirs = [root] if persistent is None or _same(persistent, root) else [root, persistent]
-    for d in dirs:
+    files = [d for d in dirs if not is_url(d)]
+    for d in files:
         refuse_checkpoint_dir(d)
-    for d in dirs:
+    for d in files:
         writable_dir(d, what="the checkpoint root" if d == root else "the persistent tier path")
     if events_dir and not any(_same(events_dir, d) for d in dirs):
         writable_dir(events_dir, what="the events directory")
     anchor = dirs[-1]
-    locks: list[RootLock] = []
+    locks: list[Any] = []
+    key = ""
     try:
         for d in dirs:
-            locks.append(RootLock.acquire(d))
-        key = run_key(anchor)
+            if is_url(d):
+                from .objclaim import claim_object_root  # fsspec is optional: only URLs need it
+                from .objstore import ObjectRoot
+
+                claim = claim_object_root(ObjectRoot(d, storage_options))
+                locks.append(claim.lease)
+                key = claim.key if d == anchor else key
+            else:
+                locks.append(RootLock.acquire(d))
+        if not is_url(anchor):
+            key = run_key(anchor)
     except BaseException:
         for lock in locks:
             lock.release()
         raise
-    return RootClaim(key=key, anchor=os.path.realpath(anchor), locks=locks)
+    return RootClaim(key=key, anchor=anchor if is_url(anchor) else os.path.realpath(anchor), locks=locks)
 
 
 def _same(a: str, b: str) -> bool:
+    if is_url(a) or is_url(b):
+        return a.rstrip("/") == b.rstrip("/")
     return os.path.realpath(a) == os.path.realpath(b)
 
 
@@ -172,7 +194,7 @@ def join_run(coord: Coordinator, first: dict[str, str], *, persistent: str | Non
         raise RequestError(first["error"])
     error, mine = None, ""
     try:
-        if persistent is not None and coord.rank != 0:  # every rank writes its file there
+        if persistent is not None and coord.rank != 0 and not is_url(persistent):  # every rank writes its file there
             writable_dir(persistent, what="the persistent tier path")
         if local_base is not None:
             writable_dir(local_base, what="the local tier path")

@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from .paths import local_path
+from .paths import is_url, local_path, location
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -22,8 +24,14 @@ class TierSpec:
 
     Attributes:
         path: the directory (`{node}` and `{rank}` are filled in; empty for the persistent tier
-            means the Checkpointer's root); `~` is expanded. Paths are strings so that URLs can
-            be added later; today a `scheme://` URL is refused.
+            means the Checkpointer's root); `~` is expanded. The persistent tier may be an
+            object-storage URL (`s3://bucket/run`, `gs://...`, `az://...`: any fsspec URL whose
+            backend is installed; a URL without one is refused naming the package); the local
+            tier is node-local, so it takes local paths only.
+        storage_options: for a URL path, the fsspec backend's options (credentials, endpoint,
+            e.g. `{"key": ..., "secret": ..., "endpoint_url": ...}` for s3fs); empty means what
+            the backend reads from the environment (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`...).
+            Never shown: not in repr, logs, events or manifests.
         keep_last: keep the newest N committed checkpoints (None: all).
         keep_every: also keep every checkpoint whose step is a multiple of this (None: none).
         zstd_level: compress rank files with zstd at this level (None: no compression).
@@ -44,10 +52,13 @@ class TierSpec:
     zstd_level: int | None = None
     zstd_threads: int = 0
     max_busy_fraction: float = 0.02
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.path:  # a URL is refused here, before any run starts; `~` is expanded
-            object.__setattr__(self, "path", local_path(self.path, what="the tier path"))
+        if self.path:  # a URL without a backend is refused here, before any run starts
+            object.__setattr__(self, "path", location(self.path, what="the tier path"))
+        if not isinstance(self.storage_options, Mapping):
+            raise ValueError(f"storage_options must be a dict, got {type(self.storage_options).__name__}")
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None, got {self.keep_last}")
         if self.keep_every is not None and self.keep_every < 1:
@@ -95,6 +106,8 @@ class Tiers:
             raise ValueError("peer=True needs a local tier: peers hold copies of local checkpoints")
         if self.local is not None and not self.local.path:
             raise ValueError("the local tier needs a path, e.g. TierSpec(path='/dev/shm/ek/{node}')")
+        if self.local is not None and is_url(self.local.path):
+            local_path(self.local.path, what="the local tier path")  # raises: node-local means a local path
         if self.host_buffers < 0:
             raise ValueError(f"host_buffers must be >= 1, got {self.host_buffers}")
         if self.host_buffers == 0:

@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,6 +39,9 @@ from .manifest import (
     step_dir_name,
 )
 from .stfile import write_file
+
+if TYPE_CHECKING:
+    from .objstore import ObjectRoot
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -190,6 +193,7 @@ def write_checkpoint(
     *,
     plans: PlanCache | None = None,
     share: bool = True,
+    store: ObjectRoot | None = None,
 ) -> Manifest | None:
     """Write this rank's part of checkpoint `req.step` and commit it with the others.
 
@@ -197,8 +201,11 @@ def write_checkpoint(
     raise `RankFailure` naming each failing rank's cause. `plans` remembers the plan between
     commits of one tier (ranks then send their descriptions only when they changed). With
     `share=False` only rank 0 gets the Manifest (the others None): it does not travel through the
-    store.
+    store. With `store` (an object-storage root, `req.root` its URL) the same three phases
+    upload the rank files and put the manifest last, after every object is confirmed.
     """
+    if store is not None:
+        return _write_objects(req, coord, plans, share, store)
     step_dir = os.path.join(req.root, step_dir_name(req.step))
     rank = coord.rank
 
@@ -262,6 +269,60 @@ def write_checkpoint(
     if manifest is not None or not share:
         return manifest
     return Manifest.from_json(committed[0], source=os.path.join(step_dir, MANIFEST_NAME))
+
+
+def _write_objects(
+    req: SaveRequest, coord: Coordinator, plans: PlanCache | None, share: bool, store: ObjectRoot
+) -> Manifest | None:
+    """`write_checkpoint` on object storage: no directories, no rename, the same commit rule."""
+    rank, where = coord.rank, store.step_url(req.step)
+    error = None
+    if rank == 0:  # a re-save: the old manifest goes first, so it never names replaced objects
+        try:
+            store.retire(req.step)
+        except Exception as e:  # noqa: BLE001 - every rank raises it below
+            error = f"cannot prepare {where} ({type(e).__name__}: {e})"
+    desc = plans.describe(req.items) if plans is not None else _describe(req.items)
+    gathered = gather_or_raise(coord, error, {"items": desc, "rank_object": req.rank_object}, phase="checkpoint plan")
+    if plans is not None:
+        plan = plans.update(req.items, [g["items"] for g in gathered])
+    else:
+        plan = SavePlan(described=[g["items"] for g in gathered])
+    rank_objects = tuple(g["rank_object"] for g in gathered)
+
+    error, record = None, None
+    try:
+        mine = plan.dedup().owned[rank]
+        by_key = {it.key: it for it in req.items}
+        tensors = [(key, _host(by_key[key].tensor)) for key in mine]
+        if tensors:
+            name = rank_file_name(rank, compressed=req.zstd_level is not None)
+            record = store.write_rank_file(
+                req.step,
+                name,
+                tensors,
+                rank=rank,
+                zstd_level=req.zstd_level,
+                zstd_threads=req.zstd_threads,
+                before_item=req.before_item,
+            ).to_json()
+    except Exception as e:  # noqa: BLE001 - the store's errors are many; every rank raises them
+        error = f"cannot upload to {where} ({type(e).__name__}: {e})"
+    records = gather_or_raise(coord, error, record, phase="checkpoint write")
+
+    error, manifest, manifest_json = None, None, None
+    if rank == 0:
+        try:
+            manifest = _build_manifest(req, plan.dedup(), rank_objects, records, coord.world_size)
+            store.commit(req.step, manifest)
+            if share and coord.world_size > 1:
+                manifest_json = manifest.to_json()
+        except Exception as e:  # noqa: BLE001
+            error = f"cannot commit {where} ({type(e).__name__}: {e})"
+    committed = gather_or_raise(coord, error, manifest_json, phase="checkpoint commit")
+    if manifest is not None or not share:
+        return manifest
+    return Manifest.from_json(committed[0], source=f"{where}/{MANIFEST_NAME}")
 
 
 def _build_manifest(

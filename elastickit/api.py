@@ -20,6 +20,7 @@ arguments, in the same order). Restore reshards when the running layout differs 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import operator
 import os
@@ -34,7 +35,6 @@ from typing import Any
 import torch
 
 import elastickit
-from elastickit.checkpoint.catalog import list_checkpoints
 from elastickit.checkpoint.coord import (
     Coordinator,
     LocalCoordinator,
@@ -44,7 +44,7 @@ from elastickit.checkpoint.coord import (
 from elastickit.checkpoint.errors import ElastickitError, NotDurableError, RequestError
 from elastickit.checkpoint.events import EventLog
 from elastickit.checkpoint.manifest import LayoutRecord
-from elastickit.checkpoint.paths import local_path
+from elastickit.checkpoint.paths import is_url, local_path, location
 from elastickit.checkpoint.pipeline import AsyncWriter, WriterContext
 from elastickit.checkpoint.policy import IntervalPolicy
 from elastickit.checkpoint.runs import RootClaim, claim_root, join_run
@@ -120,7 +120,10 @@ class Checkpointer:
     """Saves and restores a training state (DESIGN.md section 7a).
 
     Args:
-        root: the checkpoint root directory (the persistent tier unless `tiers` says otherwise).
+        root: the checkpoint root directory (the persistent tier unless `tiers` says otherwise),
+            or an object-storage URL (`s3://bucket/run`, `gs://...`, `az://...`: any fsspec URL
+            whose backend is installed; credentials and endpoint from the environment, or
+            `Tiers(persistent=TierSpec(storage_options={...}))`).
         every: checkpoint every N steps (default 1; `save` is cheap on other steps).
         every_seconds: checkpoint about every T seconds of training instead.
         auto: choose the interval by Young/Daly from the measured cost and the MTBF.
@@ -138,7 +141,8 @@ class Checkpointer:
             and optimizer state, fenced by a step pre-hook) and everything else at once;
             "always" copies everything in the background (call `fence()` before changing any
             saved tensor yourself); "never" copies everything before `save` returns.
-        events: the event log path (default: `<root>/events.jsonl`).
+        events: the event log path (default: `<root>/events.jsonl`; none for a URL root, where
+            it must be a local path given here).
         timeout_s: how long a rank waits for the others in a save or restore.
     """
 
@@ -160,8 +164,13 @@ class Checkpointer:
         events: str | None = None,
         timeout_s: float = 600.0,
     ) -> None:
-        self.root = local_path(root, what="the Checkpointer root")
-        events = local_path(events, what="the events path") if events else os.path.join(self.root, "events.jsonl")
+        self.root = location(root, what="the Checkpointer root")
+        if events:
+            events = local_path(events, what="the events path")
+        elif not is_url(self.root):
+            events = os.path.join(self.root, "events.jsonl")
+        else:  # an object store has no append: the log is local, where `events` says
+            log.info("elastickit: no event log for %s (give events='a local path' to keep one)", self.root)
         try:
             self.policy = IntervalPolicy(
                 every=every, every_seconds=every_seconds, auto=auto, mtbf_s=mtbf_s, events_path=events
@@ -175,10 +184,7 @@ class Checkpointer:
                     memory=tiers.memory,
                     local=tiers.local,
                     peer=tiers.peer,
-                    persistent=TierSpec(
-                        path=p.path, keep_last=keep_last, keep_every=p.keep_every,
-                        zstd_level=p.zstd_level, zstd_threads=p.zstd_threads,
-                    ),
+                    persistent=dataclasses.replace(p, keep_last=keep_last),
                     ranks_per_node=tiers.ranks_per_node,
                     host_buffers=tiers.host_buffers,
                 )
@@ -199,7 +205,12 @@ class Checkpointer:
         first: dict[str, str] = {}
         if self.rank == 0:
             try:
-                self._claim = claim_root(self.root, persistent=persistent, events_dir=os.path.dirname(os.path.abspath(events)))
+                self._claim = claim_root(
+                    self.root,
+                    persistent=persistent,
+                    events_dir=os.path.dirname(os.path.abspath(events)) if events else None,
+                    storage_options=tiers.persistent.storage_options if tiers.persistent is not None else None,
+                )
                 first = {"key": self._claim.key, "anchor": self._claim.anchor}
             except RequestError as e:
                 first = {"error": str(e)}
@@ -467,8 +478,7 @@ class Checkpointer:
 
     def latest(self) -> int | None:
         """The newest step committed on the persistent tier (or the local one), or None."""
-        roots = [w.root for w in self._writer.workers.values()]
-        steps = [c.step for r in roots for c in list_checkpoints(r) if c.complete]
+        steps = [s for w in self._writer.workers.values() for s in w.committed()]
         return max(steps) if steps else None
 
     def host_buffer_bytes(self) -> int:
@@ -499,6 +509,7 @@ class Checkpointer:
             peer_group=self._peer_group,
             memory=list(self._writer.memory),
             roots={name: w.root for name, w in self._writer.workers.items()},
+            stores={name: w.store for name, w in self._writer.workers.items() if w.store is not None},
             rule=self._piece_rule(),
             rng=self.rng,
             root=self.root,

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from elastickit.checkpoint.errors import DataError, RequestError
 from elastickit.checkpoint.items import Piece
-from elastickit.checkpoint.manifest import Manifest
+from elastickit.checkpoint.manifest import FileRecord, Manifest
 from elastickit.checkpoint.matching import check_specs, compare_specs, memory_gap
 from elastickit.checkpoint.snapshot import Snapshot
 from elastickit.checkpoint.state import (
@@ -70,9 +70,10 @@ class Loader:
     def files(self) -> set[str]:
         return set(self.plan.files)
 
-    def run(self, ckpt_dir: str) -> None:
+    def run(self, ckpt_dir: str, open_file: Callable[[str, FileRecord], Any] | None = None) -> None:
+        """Read the plan's files from `ckpt_dir` (or through `open_file`: an object store)."""
         with torch.no_grad():
-            execute(self.plan, ckpt_dir, self.manifest, self.targets)
+            execute(self.plan, ckpt_dir, self.manifest, self.targets, open_file=open_file)
         apply_state(self.state, self.sds, self.manifest.objects, {**self.flat.tensors, **self.extra})
 
 

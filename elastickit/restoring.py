@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from elastickit.checkpoint.catalog import list_checkpoints, load_manifest
@@ -26,6 +26,7 @@ from elastickit.checkpoint.coord import Coordinator, gather_or_raise
 from elastickit.checkpoint.errors import DataError, MismatchError, RankFailure, RequestError
 from elastickit.checkpoint.events import EventLog
 from elastickit.checkpoint.manifest import step_dir_name
+from elastickit.checkpoint.objstore import ObjectRoot
 from elastickit.checkpoint.matching import (
     RestoreReport,
     check_fit,
@@ -58,7 +59,8 @@ class Sources:
         coord: the store all-gather of the Checkpointer.
         peer_group: the gloo group for peer fetches (local tier).
         memory: this rank's in-memory snapshots.
-        roots: file tier name -> this rank's directory of it.
+        roots: file tier name -> this rank's directory of it (or its URL).
+        stores: file tier name -> its object-storage root, for tiers whose root is a URL.
         rule: the resharding rules' piece rule for this rank.
         rng: restore each rank's RNG state when the world size is unchanged.
         root: the Checkpointer's root (for messages).
@@ -73,6 +75,7 @@ class Sources:
     rng: bool
     root: str
     events: EventLog
+    stores: Mapping[str, ObjectRoot] = field(default_factory=dict)
 
 
 def restore_state(src: Sources, state: Mapping[str, Any], *, step: int | None, strict: bool) -> RestoreReport | None:
@@ -82,7 +85,7 @@ def restore_state(src: Sources, state: Mapping[str, Any], *, step: int | None, s
     mine = {
         "memory": [s.step for s in src.memory],
         "local": local_inventory(local) if local else {},
-        "persistent": [c.step for c in list_checkpoints(persistent) if c.complete] if persistent and coord.rank == 0 else [],
+        "persistent": _committed(src, "persistent") if persistent and coord.rank == 0 else [],
     }
     found = candidates(coord.all_gather(mine, phase="restore inventory"))
     if step is not None:
@@ -125,7 +128,13 @@ def _restore_one(src: Sources, cand: Candidate, state: Mapping[str, Any], strict
             loader = SnapshotLoader(next(s for s in src.memory if s.step == cand.step), state, src.rule)
             opened.update(missing=loader.missing, unused=loader.unused)
         else:
-            manifest = share_manifest(coord, root, cand.step) if cand.tier == "local" else load_manifest(path)
+            store = src.stores.get(cand.tier)
+            if store is not None:
+                manifest = store.read_manifest(cand.step)
+            elif cand.tier == "local":
+                manifest = share_manifest(coord, root, cand.step)
+            else:
+                manifest = load_manifest(path)
             loader = Loader(manifest, state, src.rule, path)
             names = restored_names(manifest, state)
             opened.update(missing=loader.missing, used=used_bitmap(names, loader.used))
@@ -154,7 +163,8 @@ def _restore_one(src: Sources, cand: Candidate, state: Mapping[str, Any], strict
         else:
             if cand.tier == "local":
                 fetched = fetch_files(coord, src.peer_group, root, loader.manifest, loader.files())
-            loader.run(path)
+            store = src.stores.get(cand.tier)
+            loader.run(path, store.opener(cand.step) if store is not None else None)
             nbytes = loader.plan.bytes_read
             m = loader.manifest
             rng = m.rank_objects[coord.rank].get("rng") if m.rank_objects and m.world_size == coord.world_size else None
@@ -165,6 +175,13 @@ def _restore_one(src: Sources, cand: Candidate, state: Mapping[str, Any], strict
     gather_or_raise(coord, error, None, phase=f"restore of {what}")
     return RestoreReport(step=cand.step, tier=cand.tier, path=path, unused=tuple(unused), missing=tuple(missing),
                          bytes=nbytes, fetched=tuple(fetched))
+
+
+def _committed(src: Sources, tier: str) -> list[int]:
+    store = src.stores.get(tier)
+    if store is not None:
+        return store.committed_steps()
+    return [c.step for c in list_checkpoints(src.roots[tier]) if c.complete]
 
 
 def _raise_failures(got: list[dict[str, Any]], world_size: int, what: str) -> None:

@@ -10,12 +10,13 @@ file, its decompressed bytes.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from elastickit.checkpoint.errors import DataError
-from elastickit.checkpoint.manifest import Manifest
+from elastickit.checkpoint.manifest import FileRecord, Manifest
 from elastickit.checkpoint.stfile import StFile
 
 from .planner import ReadOp, ReshardPlan
@@ -42,8 +43,13 @@ def execute(
     targets: Mapping[str, torch.Tensor],
     *,
     verify: bool = True,
+    open_file: Callable[[str, FileRecord], Any] | None = None,
 ) -> ExecReport:
     """Fill `targets` (key -> tensor, written in place) as `plan` says.
+
+    The source files are `ckpt_dir/<file>`, memory-mapped; `open_file(name, record)` opens them
+    elsewhere instead (an object store's ranged reads: `checkpoint.objstore.ObjectRoot.opener`),
+    returning a context manager with StFile's `tensor` and `release`.
 
     Replicas merge as the manifest says: `first` copies, `average` averages every copy, `check`
     raises DataError if copies differ.
@@ -57,7 +63,10 @@ def execute(
         record = manifest.files.get(fname)
         if record is None:
             raise DataError(f"the manifest of {ckpt_dir} lists no file {fname!r}", path=ckpt_dir)
-        with StFile(os.path.join(ckpt_dir, fname), record, verify=verify) as f:
+        opened = (
+            open_file(fname, record) if open_file is not None else StFile(os.path.join(ckpt_dir, fname), record, verify=verify)
+        )
+        with opened as f:
             reads = by_file[fname]
             for i, r in enumerate(reads):
                 dst = targets.get(r.target)
