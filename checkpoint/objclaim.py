@@ -249,8 +249,8 @@ class ObjectClaim:
 def claim_object_root(root: ObjectRoot, *, lease_s: float = LEASE_S) -> ObjectClaim:
     """Rank 0, at construction: refuse a checkpoint prefix, prove the root writable, take the
     writer lease and read (or create) the run id."""
+    now_s = probe(root)  # first: an unreachable store or bad credentials are one sentence
     refuse_checkpoint_prefix(root)
-    now_s = probe(root)
     lease = acquire_lease(root, now_s=now_s, lease_s=lease_s)
     try:
         key = run_key(root)

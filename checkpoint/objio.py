@@ -215,6 +215,7 @@ class RangedFile:
         self._held: dict[str, bytes] = {}
         self._whole: bytes | None = None
         try:
+            fs.invalidate_cache(path)  # a listing cached earlier may hold an older size
             size = int(fs.info(path)["size"])
         except FileNotFoundError:
             raise CorruptCheckpointError(

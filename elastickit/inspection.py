@@ -14,6 +14,7 @@ from elastickit.checkpoint.catalog import (
 from elastickit.checkpoint.errors import ElastickitError, IncompleteCheckpointError, RequestError
 from elastickit.checkpoint.events import read_events
 from elastickit.checkpoint.manifest import MANIFEST_NAME
+from elastickit.checkpoint.paths import is_url
 
 EVENTS_NAME = "events.jsonl"
 """The event log a `Checkpointer` keeps under its root (its default `events` path)."""
@@ -60,6 +61,10 @@ def resolve_elastickit(path: str) -> str:
 
 def inspect_checkpoint(path: str) -> dict[str, Any]:
     """A JSON-able summary of one checkpoint (a root resolves to its newest committed one)."""
+    if is_url(path):
+        from elastickit.remote import inspect_object
+
+        return inspect_object(path)
     ckpt = resolve_elastickit(path)
     m = load_manifest(ckpt)
     present = {}
@@ -97,6 +102,10 @@ def inspect_checkpoint(path: str) -> dict[str, Any]:
 
 def verify(path: str) -> dict[str, Any]:
     """Verify every checksum; returns the report (`ok` False with problems when corrupt)."""
+    if is_url(path):
+        from elastickit.remote import verify_object
+
+        return verify_object(path)
     ckpt = resolve_elastickit(path)
     problems = verify_checkpoint(ckpt)
     m = load_manifest(ckpt)
@@ -120,6 +129,10 @@ def list_root(root: str) -> list[dict[str, Any]]:
     host buffer was free) and that left no directory. Rows that are not `complete` carry a
     `reason`, whole.
     """
+    if is_url(root):
+        from elastickit.remote import list_object_root
+
+        return list_object_root(root)
     if not os.path.exists(root):
         raise RequestError(f"{root} does not exist", path=root)
     rows = []

@@ -27,6 +27,7 @@ from elastickit.checkpoint.items import LogicalSpec, Piece
 from elastickit.checkpoint.manifest import (
     DTYPE_SIZES,
     MANIFEST_NAME,
+    FileRecord,
     Manifest,
     rank_file_name,
     step_dir_name,
@@ -221,14 +222,20 @@ def _rank_axes(rules: RuleSet, bases: Iterable[str]) -> tuple[str, ...]:
 
 
 def plan_reshard(
-    src: str, layout: ParallelLayout, rules: RuleSet, *, on_progress: Progress | None = None
+    src: str,
+    layout: ParallelLayout,
+    rules: RuleSet,
+    *,
+    on_progress: Progress | None = None,
+    manifest: Manifest | None = None,
 ) -> tuple[Manifest, list[RankPlan]]:
     """Plan every target rank (pure: reads only the manifest).
 
     Ranks that differ only along axes that replicate share one plan (planned once), so a wide
     data-parallel layout costs one plan per distinct shard, not one per rank. A world larger
-    than the checkpoint's element count is refused (`check_world`)."""
-    manifest = load_manifest(src)
+    than the checkpoint's element count is refused (`check_world`). `manifest`: the source's,
+    when it is not read from the directory `src` (an object store's)."""
+    manifest = manifest if manifest is not None else load_manifest(src)
     check_world(manifest, layout)
     axes = _rank_axes(rules, _physical_groups(manifest))
     shared: dict[tuple[int, ...], tuple[tuple[PhysicalTensor, ...], ReshardPlan]] = {}
@@ -256,20 +263,24 @@ def reshard_checkpoint(
     *,
     fsync: bool = True,
     on_progress: Progress | None = None,
+    manifest: Manifest | None = None,
+    open_file: Callable[[str, FileRecord], Any] | None = None,
 ) -> Manifest:
     """Write checkpoint `src` (a step directory, or a root: its newest) to the new root `dst`
     laid out for `layout`, one target rank at a time: `dst/step-<8 digits>/`, the step of the
     source, so that `Checkpointer(dst)` and `train --ckpt dst` resume from it.
 
-    `dst` must be new or empty and outside the source; it appears only when complete."""
-    path = resolve(src)
+    `dst` must be new or empty and outside the source; it appears only when complete. A source
+    elsewhere (an object store) comes as its `manifest` and `open_file` (ranged reads, see
+    `executor.execute`), `src` then only naming it."""
+    path = resolve(src) if manifest is None else src
     check_destination([src, path], dst)
-    manifest, plans = plan_reshard(path, layout, rules, on_progress=on_progress)
+    manifest, plans = plan_reshard(path, layout, rules, on_progress=on_progress, manifest=manifest)
     with staged_output([src, path], dst, fsync=fsync) as root:
         step_dir = os.path.join(root, step_dir_name(manifest.step))
         os.makedirs(step_dir)
         out = _write_ranks(
-            path, step_dir, manifest, plans, layout, rules, fsync=fsync, on_progress=on_progress
+            path, step_dir, manifest, plans, layout, rules, fsync=fsync, on_progress=on_progress, open_file=open_file
         )
     return out
 
@@ -284,6 +295,7 @@ def _write_ranks(
     *,
     fsync: bool,
     on_progress: Progress | None,
+    open_file: Callable[[str, FileRecord], Any] | None = None,
 ) -> Manifest:
     shared: dict[int, list[dict[str, Any]]] = {}  # ranks that share a plan share its description
     described = [shared.setdefault(id(p.tensors), [_describe(t) for t in p.tensors]) for p in plans]
@@ -301,7 +313,7 @@ def _write_ranks(
         targets = {t.key: torch.zeros(t.shape, dtype=torch_dtype(t.dtype)) for t in wanted}
         sub = plan_reads(manifest, [(t.key, t.pieces) for t in wanted])
         with torch.no_grad():
-            execute(sub, src, manifest, targets)
+            execute(sub, src, manifest, targets, open_file=open_file)
         rec = write_file(
             os.path.join(dst, rank_file_name(p.rank)),
             list(targets.items()),

@@ -3,6 +3,8 @@ consolidated Hugging Face safetensors model (more sources register in reshard.ad
 
 from __future__ import annotations
 
+import contextlib
+
 import typer
 
 from ._console import err, human_bytes, out, progress
@@ -57,10 +59,11 @@ def convert(
 ) -> None:
     """Convert a checkpoint to another format through elastickit's logical view."""
     from elastickit.checkpoint.errors import RequestError
-    from elastickit.checkpoint.paths import local_path
+    from elastickit.checkpoint.paths import is_url, location
+    from elastickit.remote import local_source, upload_destination
     from elastickit.reshard.convert import convert as run
 
-    src, dst = local_path(src, what="SRC"), local_path(dst, what="DST")
+    src, dst = location(src, what="SRC"), location(dst, what="DST")
     ruleset = None
     if rules:  # the rules module imports torch; --to deepspeed-universal runs without it
         from elastickit.reshard.rules import load_rules
@@ -75,10 +78,13 @@ def convert(
             f"--max-shard-size {max_shard_size!r} is not a size such as 500MB or 5GB"
         ) from None
     options = {"trust_pickle": True} if trust_pickle else {}
-    with progress() as bar:
+    # A URL source or destination is staged through a local temporary directory (remote.py).
+    with contextlib.ExitStack() as stack, progress() as bar:
+        src_here = stack.enter_context(local_source(src)) if is_url(src) else src
+        dst_here = stack.enter_context(upload_destination(dst, sources=[src])) if is_url(dst) else dst
         report = run(
-            src,
-            dst,
+            src_here,
+            dst_here,
             source=from_,
             target=to,
             max_shard_bytes=limit,

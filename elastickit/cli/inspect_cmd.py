@@ -13,7 +13,7 @@ from ._errors import handled
 
 @handled
 def inspect(
-    ckpt: str = typer.Argument(..., help="A checkpoint directory, or a root (its newest checkpoint)."),
+    ckpt: str = typer.Argument(..., help="A checkpoint directory or URL, or a root (its newest checkpoint)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     tensors: int = typer.Option(40, "--tensors", help="How many tensors to list (0: all)."),
 ) -> None:
@@ -21,12 +21,12 @@ def inspect(
     from rich.table import Table
 
     from elastickit.checkpoint.errors import RequestError
-    from elastickit.checkpoint.paths import local_path
+    from elastickit.checkpoint.paths import location
     from elastickit.inspection import inspect_checkpoint
 
     if tensors < 0:
         raise RequestError(f"--tensors {tensors}: give how many tensors to list, or 0 for all")
-    info = inspect_checkpoint(local_path(ckpt, what="CKPT"))
+    info = inspect_checkpoint(location(ckpt, what="CKPT"))
     if as_json:
         print(json.dumps(info, indent=1))
         return

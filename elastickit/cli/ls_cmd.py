@@ -13,17 +13,20 @@ from ._errors import handled
 
 @handled
 def ls(
-    root: str = typer.Argument(..., help="A checkpoint root directory, or a run directory (RUN)."),
+    root: str = typer.Argument(
+        ..., help="A checkpoint root directory or URL (s3://bucket/run), or a run directory (RUN)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the listing as JSON."),
 ) -> None:
     """List the checkpoints under ROOT: step, tier, status, size, time; and the run's recoveries."""
     from rich.table import Table
 
-    from elastickit.checkpoint.paths import local_path
+    from elastickit.checkpoint.paths import is_url, location
     from elastickit.elastic.rundir import locate, mttr_lines, read_recoveries
     from elastickit.inspection import list_root
 
-    root, events = locate(local_path(root, what="ROOT"))
+    root = location(root, what="ROOT")
+    root, events = (root, None) if is_url(root) else locate(root)
     rows = list_root(root)
     if as_json:
         print(json.dumps(rows, indent=1))

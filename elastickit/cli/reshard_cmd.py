@@ -3,6 +3,7 @@ another parallel layout offline, or print the plan without touching tensor bytes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -40,7 +41,8 @@ def reshard(
     from elastickit.checkpoint.catalog import load_manifest
     from elastickit.checkpoint.errors import RequestError
     from elastickit.checkpoint.manifest import step_dir_name
-    from elastickit.checkpoint.paths import local_path
+    from elastickit.checkpoint.paths import is_url, location
+    from elastickit.remote import object_step, upload_destination
     from elastickit.inspection import resolve_elastickit
     from elastickit.reshard.layout import ParallelLayout
     from elastickit.reshard.offline import plan_reshard, reshard_checkpoint
@@ -50,16 +52,21 @@ def reshard(
         layout = ParallelLayout.parse(to)
     except ValueError as e:
         raise RequestError(f"--to: {e}") from None
-    src = local_path(src, what="SRC")
-    path = resolve_elastickit(src)
+    src = location(src, what="SRC")
+    source, open_file = None, None  # a URL source: its manifest, read by ranged GETs
+    if is_url(src):
+        store, step = object_step(src)
+        path, source, open_file = store.step_url(step), store.read_manifest(step), store.opener(step)
+    else:
+        path = resolve_elastickit(src)
     ruleset = (
         load_rules(rules)
         if rules
-        else RuleSet.from_json(load_manifest(path).rules, source=f"{path} rules")
+        else RuleSet.from_json((source or load_manifest(path)).rules, source=f"{path} rules")
     )
     if dry_run:
         with progress() as bar:
-            manifest, plans = plan_reshard(path, layout, ruleset, on_progress=bar)
+            manifest, plans = plan_reshard(path, layout, ruleset, on_progress=bar, manifest=source)
         rows = [_row(p, layout) for p in plans]
         if as_json:
             print(
@@ -82,9 +89,12 @@ def reshard(
         return
     if not dst:
         raise RequestError("reshard needs a destination DST (or --dry-run)")
-    dst = local_path(dst, what="DST")
-    with progress() as bar:
-        manifest = reshard_checkpoint(src, dst, layout, ruleset, on_progress=bar)
+    dst = location(dst, what="DST")
+    with contextlib.ExitStack() as stack, progress() as bar:
+        here = stack.enter_context(upload_destination(dst, sources=[src, path])) if is_url(dst) else dst
+        manifest = reshard_checkpoint(
+            path if source is not None else src, here, layout, ruleset, on_progress=bar, manifest=source, open_file=open_file
+        )
     if as_json:
         print(
             json.dumps(

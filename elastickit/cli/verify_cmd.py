@@ -12,14 +12,14 @@ from ._errors import handled
 
 @handled
 def verify(
-    ckpt: str = typer.Argument(..., help="A checkpoint directory, or a root (its newest checkpoint)."),
+    ckpt: str = typer.Argument(..., help="A checkpoint directory or URL, or a root (its newest checkpoint)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Check every byte of a checkpoint against its manifest; exit 1 on any corruption."""
-    from elastickit.checkpoint.paths import local_path
+    from elastickit.checkpoint.paths import location
     from elastickit.inspection import verify as run
 
-    report = run(local_path(ckpt, what="CKPT"))
+    report = run(location(ckpt, what="CKPT"))
     if as_json:
         print(json.dumps(report, indent=1))
     elif report["ok"]:
