@@ -12,6 +12,9 @@ whose renewal finds its ETag changed has lost the lease (it stalled past `lease_
 loudly. A worker of an earlier incarnation of the same elastic job (the same
 `TORCHELASTIC_RUN_ID`) does not block the restart, as with the file lock.
 
+Holding the lease, the writer aborts the multipart uploads left under the root by writers that
+died mid-upload (their parts are billed storage, though no object ever appeared).
+
 Other fsspec backends offer no conditional write through fsspec: the writer goes on unlocked
 and says so once, naming the root (run one job per root there).
 
@@ -34,7 +37,7 @@ from typing import Any
 from .errors import RequestError
 from .lock import LOCK_NAME
 from .manifest import MANIFEST_NAME, STEP_DIR_RE
-from .objstore import ObjectRoot
+from .objstore import ObjectRoot, store_error
 from .runs import RUN_FILE
 
 log = logging.getLogger("elastickit")
@@ -45,20 +48,6 @@ LEASE_S = 60.0
 def _precondition_failed(e: BaseException) -> bool:
     text = str(e).lower()
     return isinstance(e, FileExistsError) or "pre-condition" in text or "precondition" in text or "conditionalrequestconflict" in text
-
-
-def _store_error(root: ObjectRoot, e: BaseException, doing: str) -> RequestError:
-    """One sentence for a store that refused `doing` (never echoing credentials: botocore's
-    messages hold none, and the options are not shown)."""
-    if isinstance(e, PermissionError):
-        fix = "check the credentials (AWS_ACCESS_KEY_ID or storage_options) and the bucket policy"
-        why = "access denied"
-    elif isinstance(e, FileNotFoundError):
-        fix, why = "create the bucket first, or fix its name", "no such bucket"
-    else:
-        fix = "check the endpoint (AWS_ENDPOINT_URL or storage_options) and the credentials"
-        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
-    return RequestError(f"cannot {doing} {root.url} ({why}); {fix}", path=root.url)
 
 
 def refuse_checkpoint_prefix(root: ObjectRoot) -> None:
@@ -82,7 +71,7 @@ def probe(root: ObjectRoot) -> float:
         info = root.fs.info(obj)
         root.fs.rm_file(obj)
     except Exception as e:  # noqa: BLE001 - every refusal becomes one sentence
-        raise _store_error(root, e, "write to") from None
+        raise store_error(root, e, "write to") from None
     modified = info.get("LastModified") or info.get("mtime") or info.get("updated")
     return modified.timestamp() if hasattr(modified, "timestamp") else time.time()
 
@@ -170,7 +159,7 @@ def acquire_lease(root: ObjectRoot, *, now_s: float, lease_s: float = LEASE_S) -
         return Lease(root, out["ETag"], lease_s)
     except Exception as e:  # noqa: BLE001
         if not _precondition_failed(e):
-            raise _store_error(root, e, "take the writer lease of") from None
+            raise store_error(root, e, "take the writer lease of") from None
     try:
         info = root.fs.call_s3("head_object", Bucket=bucket, Key=key)
         holder: dict[str, Any] = json.loads(root.fs.cat_file(f"{bucket}/{key}") or b"{}")
@@ -178,7 +167,8 @@ def acquire_lease(root: ObjectRoot, *, now_s: float, lease_s: float = LEASE_S) -
         return acquire_lease(root, now_s=now_s, lease_s=lease_s)
     age = now_s - info["LastModified"].timestamp()
     held_for = float(holder.get("lease_s") or lease_s)
-    if age > held_for:
+    dead = holder.get("host") == socket.gethostname() and not _alive(holder.get("pid"))
+    if age > held_for or dead:
         try:
             out = root.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=_holder(lease_s), IfMatch=info["ETag"])
         except Exception as e:  # noqa: BLE001
@@ -187,12 +177,12 @@ def acquire_lease(root: ObjectRoot, *, now_s: float, lease_s: float = LEASE_S) -
                     f"the checkpoint root {root.url} was just claimed by another writer; stop it, or give this job another root",
                     path=root.url,
                 ) from None
-            raise _store_error(root, e, "take the writer lease of") from None
+            raise store_error(root, e, "take the writer lease of") from None
         log.warning(
-            "elastickit: took over the writer lease of %s from %s, which had not renewed it for %.0f s",
+            "elastickit: took over the writer lease of %s from %s, %s",
             root.url,
             _describe(holder),
-            age,
+            "a process of this host that is gone" if dead else f"which had not renewed it for {age:.0f} s",
         )
         return Lease(root, out["ETag"], lease_s)
     job = os.environ.get("TORCHELASTIC_RUN_ID", "")
@@ -211,6 +201,19 @@ def acquire_lease(root: ObjectRoot, *, now_s: float, lease_s: float = LEASE_S) -
         "root interleave their checkpoints; stop that writer, or give this job another root",
         path=root.url,
     )
+
+
+def _alive(pid: Any) -> bool:
+    """Whether process `pid` of this host exists (a holder killed here frees its lease at once)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # unknown: let the lease lapse by time
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _describe(holder: dict[str, Any]) -> str:
@@ -253,6 +256,8 @@ def claim_object_root(root: ObjectRoot, *, lease_s: float = LEASE_S) -> ObjectCl
     refuse_checkpoint_prefix(root)
     lease = acquire_lease(root, now_s=now_s, lease_s=lease_s)
     try:
+        if lease.locked:  # no other writer: uploads in flight under the root are orphans
+            root.abort_uploads()
         key = run_key(root)
     except BaseException:
         lease.release()

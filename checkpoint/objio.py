@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import zstandard
 
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, DataError
 from .integrity import checksum, new_hasher
 from .manifest import FileRecord
 from .stfile import torch_dtype
@@ -176,6 +176,10 @@ def open_upload(fs: Any, path: str, *, part_bytes: int = PART_BYTES) -> S3Upload
     return FsspecUpload(fs, path, part_bytes=part_bytes)
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0]
+
+
 @dataclass(frozen=True, slots=True)
 class _Entry:
     dtype: str
@@ -221,6 +225,8 @@ class RangedFile:
             raise CorruptCheckpointError(
                 f"{label} is missing; the checkpoint is incomplete, restore an earlier one", path=label
             ) from None
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"cannot read {label} ({type(e).__name__}: {_first_line(e)})", path=label) from e
         if record is not None and size != record.size_bytes:
             raise CorruptCheckpointError(
                 f"{label} is {size} bytes but the manifest recorded {record.size_bytes} "
@@ -229,7 +235,7 @@ class RangedFile:
             )
         self._size = size
         if record is not None and record.compression == "zstd":
-            stored = fetch(fs, path, 0, size)
+            stored = self._read(0, size)
             if self.verify and checksum(stored) != record.stored_checksum:
                 raise CorruptCheckpointError(f"{label} does not match its checksum; restore an earlier checkpoint", path=label)
             try:
@@ -242,7 +248,10 @@ class RangedFile:
     def _read(self, start: int, end: int) -> bytes:
         if self._whole is not None:
             return self._whole[start:end]
-        return fetch(self._fs, self._obj, start, end)
+        try:
+            return fetch(self._fs, self._obj, start, end)
+        except Exception as e:  # noqa: BLE001 - the store's failures are many: one sentence
+            raise DataError(f"cannot read {self.path} ({type(e).__name__}: {_first_line(e)})", path=self.path) from e
 
     def _parse_header(self) -> dict[str, _Entry]:
         label = self.path

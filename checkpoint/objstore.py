@@ -16,18 +16,23 @@ without any `user:password@` part (`redact`).
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from .catalog import CheckpointInfo, Problem
-from .errors import CorruptCheckpointError, DataError, IncompleteCheckpointError, RequestError
+from .errors import CorruptCheckpointError, DataError, ElastickitError, IncompleteCheckpointError, RequestError
 from .manifest import MANIFEST_NAME, STEP_DIR_RE, FileRecord, Manifest, step_dir_name
 from .objio import RangedFile, is_s3, open_upload
 from .stfile import write_stream
+
+log = logging.getLogger("elastickit")
+T = TypeVar("T")
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/@]*@")
@@ -96,6 +101,38 @@ def open_filesystem(url: str, storage_options: Mapping[str, Any] | None = None, 
     return fs, path.rstrip("/")
 
 
+def store_error(root: ObjectRoot, e: BaseException, doing: str) -> RequestError:
+    """One sentence for a store that refused `doing` (never echoing credentials: botocore's
+    messages hold none, and the options are not shown)."""
+    if isinstance(e, PermissionError):
+        fix = "check the credentials (AWS_ACCESS_KEY_ID or storage_options) and the bucket policy"
+        why = "access denied"
+    elif isinstance(e, FileNotFoundError):
+        fix, why = "create the bucket first, or fix its name", "no such bucket"
+    else:
+        fix = "check the endpoint (AWS_ENDPOINT_URL or storage_options) and the credentials"
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    return RequestError(f"cannot {doing} {root.url} ({why}); {fix}", path=root.url)
+
+
+def _one_sentence(doing: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Turn what the backend raises (botocore, aiohttp, OSError) into `store_error`'s sentence."""
+
+    def wrap(fn: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(fn)
+        def inner(self: ObjectRoot, *args: Any, **kwargs: Any) -> T:
+            try:
+                return fn(self, *args, **kwargs)
+            except ElastickitError:
+                raise
+            except Exception as e:  # noqa: BLE001 - every store failure becomes one sentence
+                raise store_error(self, e, doing) from e
+
+        return inner
+
+    return wrap
+
+
 class ObjectRoot:
     """One checkpoint root under an fsspec URL: list, write, commit, read, verify, delete steps.
 
@@ -118,6 +155,7 @@ class ObjectRoot:
 
     # -- listing ---------------------------------------------------------------------------
 
+    @_one_sentence("list")
     def objects(self) -> dict[int, dict[str, int]]:
         """step -> {object name: size} for every `step-*` prefix under the root (one listing)."""
         self.fs.invalidate_cache(self.path)
@@ -125,8 +163,6 @@ class ObjectRoot:
             found = self.fs.find(self.path, withdirs=False, detail=True)
         except FileNotFoundError:
             return {}
-        except PermissionError as e:
-            raise RequestError(f"cannot list {self.url} ({e}); check the credentials and the bucket policy", path=self.url) from None
         out: dict[int, dict[str, int]] = {}
         prefix = self.path + "/"
         for key, info in found.items():
@@ -211,6 +247,7 @@ class ObjectRoot:
 
     # -- deleting --------------------------------------------------------------------------
 
+    @_one_sentence("delete from")
     def delete_step(self, step: int) -> None:
         """Delete a whole step: the manifest first, then its objects."""
         self.retire(step)
@@ -219,7 +256,7 @@ class ObjectRoot:
             self.fs.rm(prefix, recursive=True)
         except FileNotFoundError:
             pass
-        self._abort_uploads(prefix)
+        self.abort_uploads(prefix)
         self.fs.invalidate_cache(self.path)
 
     def remove_incomplete(self, *, keep_newer_than: int | None = None) -> list[str]:
@@ -233,21 +270,27 @@ class ObjectRoot:
             removed.append(c.path)
         return removed
 
-    def _abort_uploads(self, prefix: str) -> None:
-        """Abort multipart uploads left under `prefix` by a killed writer (S3): their parts are
-        billed storage although no object ever appeared."""
+    def abort_uploads(self, prefix: str = "") -> int:
+        """Abort the multipart uploads in flight under `prefix` (default: the root) on S3: those
+        of a killed writer hold billed parts although no object ever appeared. Call only when no
+        live writer uploads there (the lease holder, or under a step being deleted). Returns how
+        many were aborted."""
         if not self.s3:
-            return
-        bucket, key, _ = self.fs.split_path(prefix)
+            return 0
+        bucket, key, _ = self.fs.split_path(prefix or self.path)
+        aborted = 0
         try:
             got = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key + "/")
             for up in got.get("Uploads", []):
                 self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
-        except Exception:  # noqa: BLE001 - housekeeping; a bucket lifecycle rule also does it
-            pass
+                aborted += 1
+        except Exception as e:  # noqa: BLE001 - housekeeping; a bucket lifecycle rule also does it
+            log.info("elastickit: could not abort multipart uploads under %s (%s)", self.url, type(e).__name__)
+        return aborted
 
     # -- reading ---------------------------------------------------------------------------
 
+    @_one_sentence("read from")
     def read_manifest(self, step: int) -> Manifest:
         """The committed manifest of `step`; IncompleteCheckpointError when it has none."""
         obj = self._obj(step, MANIFEST_NAME)
@@ -291,6 +334,7 @@ class ObjectRoot:
 
     # -- whole trees (the CLI's conversions stage through a local directory) ---------------
 
+    @_one_sentence("list")
     def is_empty(self) -> bool:
         """Whether nothing is stored under the root."""
         self.fs.invalidate_cache(self.path)
@@ -299,6 +343,7 @@ class ObjectRoot:
         except FileNotFoundError:
             return True
 
+    @_one_sentence("download from")
     def download_step(self, step: int, local_dir: str) -> str:
         """Copy `step` (manifest last) into `local_dir/step-<8 digits>/`; returns that directory."""
         manifest = self.read_manifest(step)
@@ -310,11 +355,13 @@ class ObjectRoot:
             f.write(manifest.dumps())
         return out
 
+    @_one_sentence("download from")
     def download_tree(self, local_dir: str) -> str:
         """Copy everything under the root into `local_dir` (a foreign format's folder)."""
         self.fs.get(self.path + "/", local_dir.rstrip("/") + "/", recursive=True)
         return local_dir
 
+    @_one_sentence("upload to")
     def upload_tree(self, local_dir: str, *, last: Sequence[str] = (MANIFEST_NAME, ".metadata", "latest")) -> int:
         """Upload every file under `local_dir` to the root; files named in `last` (commit
         markers: a manifest, DCP's .metadata, DeepSpeed's latest) go after all others, so a

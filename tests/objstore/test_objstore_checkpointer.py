@@ -136,7 +136,8 @@ def test_credentials_never_logged(bucket, tmp_path, caplog, capfd, monkeypatch):
                 ck.wait()
             ck.restore({"model": m, "optim": opt})
         # A failing store: the errors must not carry the secret either.
-        bad = Tiers(persistent=TierSpec(storage_options={**opts, "endpoint_url": "http://127.0.0.1:9"}))
+        down = {**opts, "endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"retries": {"max_attempts": 1}}}
+        bad = Tiers(persistent=TierSpec(storage_options=down))
         with pytest.raises(RequestError) as e:
             ek.Checkpointer(f"s3://{bucket}/other", tiers=bad, events=str(events))
         seen.append(str(e.value))
