@@ -24,6 +24,7 @@ by run (`runs.py`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -123,11 +124,9 @@ class Lease:
         try:
             self.root.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=self._etag)
         except Exception:  # noqa: BLE001 - not ours any more, or the store refuses conditional deletes
-            try:
+            with contextlib.suppress(Exception):  # else it lapses by itself
                 if json.loads(self.root.fs.cat_file(f"{bucket}/{key}")).get("pid") == os.getpid():
                     self.root.fs.rm_file(f"{bucket}/{key}")
-            except Exception:  # noqa: BLE001 - it expires by itself
-                pass
 
 
 def _holder(lease_s: float) -> bytes:

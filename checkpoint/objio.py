@@ -16,6 +16,7 @@ checksum before handing it out, and keeps only the tensors not yet released.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import warnings
@@ -32,9 +33,10 @@ from .integrity import checksum, new_hasher
 from .manifest import FileRecord
 from .stfile import torch_dtype
 
-PART_BYTES = 32 << 20  # S3 parts must be >= 5 MiB (but the last); 32 MiB keeps requests few
-MAX_INFLIGHT = 3  # parts uploading while the next one fills
-READ_PART_BYTES = 32 << 20  # a ranged read is split in parts this size, fetched concurrently
+PART_BYTES = 16 << 20  # S3 parts must be >= 5 MiB (but the last); 16 MiB: few requests, small buffers
+MAX_INFLIGHT = 4  # parts uploading while the next one fills: memory (4 + 1) x 16 MiB
+READ_PART_BYTES = 16 << 20  # a ranged read is split in parts this size, fetched concurrently
+READ_WINDOW_BYTES = 64 << 20  # small tensors the reader will want are fetched together, up to this
 _HEAD_GUESS = 64 << 10  # the first GET reads this much: most headers fit
 
 
@@ -139,10 +141,8 @@ class S3Upload:
         self._inflight.clear()
         self._pool.shutdown(wait=True)
         if self._upload_id is not None:
-            try:
+            with contextlib.suppress(Exception):  # the upload failed already; that error is raised
                 self._call("abort_multipart_upload", UploadId=self._upload_id)
-            except Exception:  # noqa: BLE001 - the upload failed already; that error is raised
-                pass
             self._upload_id = None
 
 
@@ -216,7 +216,10 @@ class RangedFile:
         self.record = record
         self.verify = verify and record is not None
         self._fs, self._obj = fs, path
-        self._held: dict[str, bytes] = {}
+        self._held: dict[str, bytes] = {}  # fetched, not yet released
+        self._verified: set[str] = set()
+        self._order: list[str] = []  # the keys the reader said it reads, in its order
+        self._pos: dict[str, int] = {}
         self._whole: bytes | None = None
         try:
             fs.invalidate_cache(path)  # a listing cached earlier may hold an older size
@@ -225,7 +228,7 @@ class RangedFile:
             raise CorruptCheckpointError(
                 f"{label} is missing; the checkpoint is incomplete, restore an earlier one", path=label
             ) from None
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise DataError(f"cannot read {label} ({type(e).__name__}: {_first_line(e)})", path=label) from e
         if record is not None and size != record.size_bytes:
             raise CorruptCheckpointError(
@@ -250,7 +253,7 @@ class RangedFile:
             return self._whole[start:end]
         try:
             return fetch(self._fs, self._obj, start, end)
-        except Exception as e:  # noqa: BLE001 - the store's failures are many: one sentence
+        except Exception as e:  # the store's failures are many: one sentence
             raise DataError(f"cannot read {self.path} ({type(e).__name__}: {_first_line(e)})", path=self.path) from e
 
     def _parse_header(self) -> dict[str, _Entry]:
@@ -284,19 +287,67 @@ class RangedFile:
     def keys(self) -> list[str]:
         return list(self._entries)
 
-    def raw(self, key: str) -> memoryview:
-        """The tensor's bytes (one ranged read), verified against the manifest."""
-        data = self._held.get(key)
-        if data is not None:
-            return memoryview(data)
-        try:
+    def will_read(self, keys: list[str]) -> None:
+        """Say which tensors will be read, in order: small ones are then fetched several at a
+        time (one window of concurrent ranged GETs, at most READ_WINDOW_BYTES held ahead)
+        rather than one request each."""
+        self._order = list(dict.fromkeys(k for k in keys if k in self._entries))
+        self._pos = {k: i for i, k in enumerate(self._order)}
+
+    def _fill(self, key: str) -> None:
+        """Fetch `key` and, when the reader announced its keys, the next ones up to the window."""
+        window = [key]
+        size = self._entries[key].end - self._entries[key].begin
+        i = self._pos.get(key)
+        if i is not None and self._whole is None:
+            for k in self._order[i + 1 :]:
+                n = self._entries[k].end - self._entries[k].begin
+                if k in self._held or size + n > READ_WINDOW_BYTES:
+                    break
+                window.append(k)
+                size += n
+        if len(window) == 1:
             e = self._entries[key]
-        except KeyError:
+            self._held[key] = self._read(e.begin, e.end)
+            return
+        # Adjacent tensors share one range; each range is split in parts fetched at once.
+        spans = sorted((self._entries[k].begin, self._entries[k].end) for k in window)
+        merged: list[list[int]] = []
+        for b, e in spans:
+            if merged and b <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([b, e])
+        starts, ends = [], []
+        for b, e in merged:
+            for s in range(b, e, READ_PART_BYTES):
+                starts.append(s)
+                ends.append(min(s + READ_PART_BYTES, e))
+        try:
+            parts = self._fs.cat_ranges([self._obj] * len(starts), starts, ends)
+            for p in parts:
+                if isinstance(p, BaseException):
+                    raise p
+        except Exception as e:
+            raise DataError(f"cannot read {self.path} ({type(e).__name__}: {_first_line(e)})", path=self.path) from e
+        blocks: list[tuple[int, bytes]] = []
+        for (b, e) in merged:
+            blocks.append((b, b"".join(p for s, p in zip(starts, parts, strict=True) if b <= s < e)))
+        for k in window:
+            ent = self._entries[k]
+            b, blob = next((b, blob) for b, blob in blocks if b <= ent.begin and ent.end <= b + len(blob))
+            self._held[k] = blob[ent.begin - b : ent.end - b]
+
+    def raw(self, key: str) -> memoryview:
+        """The tensor's bytes (ranged reads), verified against the manifest."""
+        if key not in self._entries:
             raise CorruptCheckpointError(
                 f"{self.path} has no tensor {key!r} although the manifest lists it", path=self.path, tensor=key
-            ) from None
-        data = self._read(e.begin, e.end)
-        if self.verify:
+            )
+        if key not in self._held:
+            self._fill(key)
+        data = self._held[key]
+        if self.verify and key not in self._verified:
             want = self.record.tensor_checksums.get(key)  # type: ignore[union-attr]
             if want is None or checksum(data) != want:
                 raise CorruptCheckpointError(
@@ -304,7 +355,7 @@ class RangedFile:
                     path=self.path,
                     tensor=key,
                 )
-        self._held[key] = data
+            self._verified.add(key)
         return memoryview(data)
 
     def tensor(self, key: str) -> torch.Tensor:
@@ -319,8 +370,9 @@ class RangedFile:
             return torch.frombuffer(data, dtype=dtype).reshape(e.shape)
 
     def release(self, key: str) -> None:
-        """Forget the bytes of `key` (memory stays about one stored tensor)."""
+        """Forget the bytes of `key` (memory stays about one window of stored tensors)."""
         self._held.pop(key, None)
+        self._verified.discard(key)
 
     def verify_all(self, chunk_bytes: int = READ_PART_BYTES) -> list[str]:
         """Keys whose bytes do not match, read in bounded chunks (the header is checked on open)."""

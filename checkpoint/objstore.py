@@ -26,7 +26,13 @@ from typing import Any, TypeVar
 import torch
 
 from .catalog import CheckpointInfo, Problem
-from .errors import CorruptCheckpointError, DataError, ElastickitError, IncompleteCheckpointError, RequestError
+from .errors import (
+    CorruptCheckpointError,
+    DataError,
+    ElastickitError,
+    IncompleteCheckpointError,
+    RequestError,
+)
 from .manifest import MANIFEST_NAME, STEP_DIR_RE, FileRecord, Manifest, step_dir_name
 from .objio import RangedFile, is_s3, open_upload
 from .stfile import write_stream
@@ -125,7 +131,7 @@ def _one_sentence(doing: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
                 return fn(self, *args, **kwargs)
             except ElastickitError:
                 raise
-            except Exception as e:  # noqa: BLE001 - every store failure becomes one sentence
+            except Exception as e:  # every store failure becomes one sentence
                 raise store_error(self, e, doing) from e
 
         return inner

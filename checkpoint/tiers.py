@@ -58,7 +58,7 @@ class TierSpec:
         if self.path:  # a URL without a backend is refused here, before any run starts
             object.__setattr__(self, "path", location(self.path, what="the tier path"))
         if not isinstance(self.storage_options, Mapping):
-            raise ValueError(f"storage_options must be a dict, got {type(self.storage_options).__name__}")
+            raise TypeError(f"storage_options must be a dict, got {type(self.storage_options).__name__}")
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None, got {self.keep_last}")
         if self.keep_every is not None and self.keep_every < 1:

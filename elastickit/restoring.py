@@ -26,7 +26,6 @@ from elastickit.checkpoint.coord import Coordinator, gather_or_raise
 from elastickit.checkpoint.errors import DataError, MismatchError, RankFailure, RequestError
 from elastickit.checkpoint.events import EventLog
 from elastickit.checkpoint.manifest import step_dir_name
-from elastickit.checkpoint.objstore import ObjectRoot
 from elastickit.checkpoint.matching import (
     RestoreReport,
     check_fit,
@@ -36,6 +35,7 @@ from elastickit.checkpoint.matching import (
     unused_names,
     used_bitmap,
 )
+from elastickit.checkpoint.objstore import ObjectRoot
 from elastickit.checkpoint.recover import (
     Candidate,
     candidates,

@@ -68,6 +68,8 @@ def execute(
         )
         with opened as f:
             reads = by_file[fname]
+            if hasattr(f, "will_read"):  # a ranged reader fetches what comes next together
+                f.will_read([r.key for r in reads])
             for i, r in enumerate(reads):
                 dst = targets.get(r.target)
                 if dst is None:

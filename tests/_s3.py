@@ -8,7 +8,6 @@ spawned ranks read) at it with throwaway credentials; `bucket` makes a fresh buc
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 
 import pytest
@@ -60,4 +59,3 @@ def s3fs_client():
     return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
 
 
-__all__ = ["ACCESS_KEY", "SECRET_KEY", "bucket", "s3_env", "s3_server", "s3fs_client", "os"]

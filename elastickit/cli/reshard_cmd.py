@@ -42,8 +42,8 @@ def reshard(
     from elastickit.checkpoint.errors import RequestError
     from elastickit.checkpoint.manifest import step_dir_name
     from elastickit.checkpoint.paths import is_url, location
-    from elastickit.remote import object_step, upload_destination
     from elastickit.inspection import resolve_elastickit
+    from elastickit.remote import object_step, upload_destination
     from elastickit.reshard.layout import ParallelLayout
     from elastickit.reshard.offline import plan_reshard, reshard_checkpoint
     from elastickit.reshard.rules import RuleSet, load_rules

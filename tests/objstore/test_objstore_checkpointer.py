@@ -9,14 +9,14 @@ import os
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
-import elastickit as ek
 from elastickit.checkpoint.errors import DataError, RequestError
 from elastickit.checkpoint.objstore import ObjectRoot
 from elastickit.checkpoint.tiers import Tiers, TierSpec
+from typer.testing import CliRunner
+
+import elastickit as ek
 from elastickit.cli.main import app
-from tests._s3 import ACCESS_KEY, SECRET_KEY, bucket, s3_env, s3_server, s3fs_client  # noqa: F401
+from tests._s3 import ACCESS_KEY, SECRET_KEY, s3fs_client
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from elastickit.checkpoint.errors import CorruptCheckpointError, RequestError
-from elastickit.checkpoint.manifest import FileRecord
 from elastickit.checkpoint.objio import S3Upload
 from elastickit.checkpoint.objstore import ObjectRoot, open_filesystem, redact
 from elastickit.checkpoint.stfile import StFile, write_file
-from tests._s3 import bucket, s3_env, s3_server, s3fs_client  # noqa: F401
+
+from tests._s3 import s3fs_client
 
 pytestmark = pytest.mark.timeout(120)
 

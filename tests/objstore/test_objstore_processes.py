@@ -11,11 +11,11 @@ import time
 
 import pytest
 import torch
+from elastickit.checkpoint.objstore import ObjectRoot
 
 import elastickit as ek
-from elastickit.checkpoint.objstore import ObjectRoot
 from tests._dist import run_ranks
-from tests._s3 import bucket, s3_env, s3_server, s3fs_client  # noqa: F401
+from tests._s3 import s3fs_client
 
 
 def _work(rank: int, world: int, url: str):
