@@ -202,6 +202,60 @@ def acquire_lease(root: ObjectRoot, *, now_s: float, lease_s: float = LEASE_S) -
     )
 
 
+_guard = threading.Lock()
+_holds: dict[str, list[Any]] = {}  # root URL -> [Lease, holders in this process]
+
+
+def _forget_in_child() -> None:
+    """A forked child holds none of its parent's leases (their renewal threads stay behind)."""
+    global _guard
+    _guard = threading.Lock()
+    _holds.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
+class Hold:
+    """One Checkpointer's share of this process's lease on a root: several Checkpointers of one
+    process may share a root (an elastic job's old and new generation overlap), as on a file
+    root; the lease is against other processes. The last `release` gives the lease back."""
+
+    def __init__(self, url: str, lease: Lease, *, fresh: bool) -> None:
+        self.url = url
+        self.lease = lease
+        self.locked = lease.locked
+        self.fresh = fresh and lease.locked  # this hold took the lease: no writer of ours was there
+        self._held = True
+
+    def release(self) -> None:
+        with _guard:
+            if not self._held:
+                return
+            self._held = False
+            entry = _holds.get(self.url)
+            if entry is not None and entry[0] is self.lease:
+                entry[1] -= 1
+                if entry[1] > 0:
+                    return
+                del _holds[self.url]
+        self.lease.release()
+
+
+def hold_lease(root: ObjectRoot, *, now_s: float, lease_s: float = LEASE_S) -> Hold:
+    """This process's hold on the writer lease of `root` (taken if it has none yet)."""
+    with _guard:
+        entry = _holds.get(root.url)
+        if entry is not None:
+            entry[1] += 1
+            return Hold(root.url, entry[0], fresh=False)
+    lease = acquire_lease(root, now_s=now_s, lease_s=lease_s)
+    with _guard:
+        if lease.locked:
+            _holds[root.url] = [lease, 1]
+    return Hold(root.url, lease, fresh=True)
+
+
 def _alive(pid: Any) -> bool:
     """Whether process `pid` of this host exists (a holder killed here frees its lease at once)."""
     if not isinstance(pid, int) or pid <= 0:
@@ -245,7 +299,7 @@ class ObjectClaim:
     """A claimed object root: its run key and lease."""
 
     key: str
-    lease: Lease
+    lease: Hold
 
 
 def claim_object_root(root: ObjectRoot, *, lease_s: float = LEASE_S) -> ObjectClaim:
@@ -253,9 +307,9 @@ def claim_object_root(root: ObjectRoot, *, lease_s: float = LEASE_S) -> ObjectCl
     writer lease and read (or create) the run id."""
     now_s = probe(root)  # first: an unreachable store or bad credentials are one sentence
     refuse_checkpoint_prefix(root)
-    lease = acquire_lease(root, now_s=now_s, lease_s=lease_s)
+    lease = hold_lease(root, now_s=now_s, lease_s=lease_s)
     try:
-        if lease.locked:  # no other writer: uploads in flight under the root are orphans
+        if lease.fresh:  # no other writer, here or elsewhere: uploads in flight are orphans
             root.abort_uploads()
         key = run_key(root)
     except BaseException:

@@ -79,3 +79,28 @@ def test_missing_backend_is_one_sentence_naming_the_package():
 def test_redact_drops_userinfo():
     assert redact("s3://AKIA:sekrit@bucket/run") == "s3://bucket/run"
     assert redact("s3://bucket/run") == "s3://bucket/run"
+
+
+def test_delete_takes_the_manifest_first(bucket, monkeypatch):
+    """A crash in the middle of retention leaves an incomplete step, never a manifest that names
+    deleted objects: the manifest is gone before any rank file is touched."""
+    from elastickit.checkpoint.manifest import LayoutRecord, Manifest
+
+    root = ObjectRoot(f"s3://{bucket}/run")
+    items = _items()
+    for step in (1, 2):
+        rec = root.write_rank_file(step, "rank-00000.safetensors", items, rank=0)
+        root.commit(step, Manifest(step=step, created_s=0.0, world_size=1, layout=LayoutRecord(), tensors={}, files={rec.name: rec}))
+    assert root.committed_steps() == [1, 2]
+
+    def crash(*_a, **_k):
+        raise OSError("killed before the objects went")
+
+    monkeypatch.setattr(root.fs, "rm", crash)
+    with pytest.raises(RequestError):
+        root.delete_step(1)
+    monkeypatch.undo()
+    assert root.committed_steps() == [2]  # step 1 is invisible at once
+    assert [(c.step, c.complete) for c in root.list_steps()] == [(1, False), (2, True)]
+    assert root.remove_incomplete(keep_newer_than=2) == [f"s3://{bucket}/run/step-00000001"]
+    assert [c.step for c in root.list_steps()] == [2]

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from elastickit.checkpoint.errors import RequestError
 from elastickit.checkpoint.objstore import ObjectRoot
 
 import elastickit as ek
@@ -105,3 +106,31 @@ def test_killed_upload_leaves_earlier_checkpoints_and_no_partial_step(bucket, tm
         assert fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix="run/").get("Uploads", []) == []
         assert ck.restore(state) == 1
     assert torch.equal(state["model"]["w"], want)
+
+
+HOLDER = r"""
+import sys
+import elastickit as ek
+ck = ek.Checkpointer(sys.argv[1])
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_second_writer_is_refused_naming_the_holder(bucket):
+    url = f"s3://{bucket}/run"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        with pytest.raises(RequestError, match=rf"checkpoint root {url} is in use by pid {proc.pid} on host"):
+            ek.Checkpointer(url)
+    finally:
+        proc.kill()
+        proc.wait()
+    # The killed holder's lease is taken at once; two Checkpointers of one process share it.
+    with ek.Checkpointer(url) as a, ek.Checkpointer(url) as b:
+        a.save(1, {"model": {"w": torch.ones(2)}})
+        a.wait()
+        assert b.latest() == 1
+    assert "run/.elastickit.lock" not in [k.split("/", 1)[1] for k in s3fs_client().find(bucket)]
