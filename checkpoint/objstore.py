@@ -21,9 +21,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .catalog import CheckpointInfo, Problem
 from .errors import (
@@ -36,6 +34,9 @@ from .errors import (
 from .manifest import MANIFEST_NAME, STEP_DIR_RE, FileRecord, Manifest, step_dir_name
 from .objio import RangedFile, is_s3, open_upload
 from .stfile import write_stream
+
+if TYPE_CHECKING:  # the CLI's torch-free paths import this module
+    import torch
 
 log = logging.getLogger("elastickit")
 T = TypeVar("T")

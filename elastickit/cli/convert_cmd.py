@@ -60,7 +60,6 @@ def convert(
     """Convert a checkpoint to another format through elastickit's logical view."""
     from elastickit.checkpoint.errors import RequestError
     from elastickit.checkpoint.paths import is_url, location
-    from elastickit.remote import local_source, upload_destination
     from elastickit.reshard.convert import convert as run
 
     src, dst = location(src, what="SRC"), location(dst, what="DST")
@@ -79,9 +78,17 @@ def convert(
         ) from None
     options = {"trust_pickle": True} if trust_pickle else {}
     # A URL source or destination is staged through a local temporary directory (remote.py).
+    # Only then is remote (and with it torch) imported: --to deepspeed-universal runs without it.
     with contextlib.ExitStack() as stack, progress() as bar:
-        src_here = stack.enter_context(local_source(src)) if is_url(src) else src
-        dst_here = stack.enter_context(upload_destination(dst, sources=[src])) if is_url(dst) else dst
+        src_here, dst_here = src, dst
+        if is_url(src):
+            from elastickit.remote import local_source
+
+            src_here = stack.enter_context(local_source(src))
+        if is_url(dst):
+            from elastickit.remote import upload_destination
+
+            dst_here = stack.enter_context(upload_destination(dst, sources=[src]))
         report = run(
             src_here,
             dst_here,
