@@ -1,6 +1,7 @@
 """Accelerate with `elastickit.integrations.accelerate.install`: a SIGKILL from outside mid-run,
-then the same command again, ends bit-exact with an uninterrupted run (1 process, and 2 under
-torchrun); the checkpoint of the 2-process run also loads at 1 process (resharded).
+then the same command again, ends bit-exact with an uninterrupted run (1 process, and 2 with the
+environment torchrun gives its workers, see _kill.Launcher); the checkpoint of the 2-process run
+also loads at 1 process (resharded).
 
 The loop is written as Accelerate's examples write it: `load_state()` at start, the position kept
 in an object registered for checkpointing, `skip_first_batches`, `save_state()` every step.
@@ -14,12 +15,19 @@ import shutil
 import pytest
 import torch
 
-pytest.importorskip("accelerate", reason="needs the [accelerate] extra: pip install 'elastickit[accelerate]'")
-
 from tests.integrations import _kill
+
+_kill.needs("accelerate", "needs the [accelerate] extra: pip install 'elastickit[accelerate]'")
+
 
 pytestmark = [pytest.mark.slow]
 SCRIPT = os.path.join(os.path.dirname(__file__), "accelerate_train.py")
+
+
+@pytest.fixture(scope="module")
+def launcher():
+    with _kill.Launcher(SCRIPT, preload=["elastickit.integrations.accelerate", "deepspeed?"]) as la:
+        yield la
 
 
 def _args(out: str, *extra: str) -> tuple[str, ...]:
@@ -38,25 +46,25 @@ def _same_final(full: str, cut: str, nproc: int, resumed_at: int) -> None:
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_sigkill_then_rerun_is_bit_exact(tmp_path, nproc):
+def test_sigkill_then_rerun_is_bit_exact(launcher, tmp_path, nproc):
     full, out = str(tmp_path / "full"), str(tmp_path / "cut")
     strategy = ()
-    _kill.run(SCRIPT, nproc, *_args(full, "--dump-at", "4", *strategy))
+    launcher.run(nproc, *_args(full, "--dump-at", "4", *strategy), logs=full)
     # Step 4 is mid-epoch at both world sizes (6 and 3 optimizer steps per epoch).
-    committed = _kill.run_and_kill(SCRIPT, nproc, out, os.path.join(out, "ck"), wait_step=4,
-                                   args=_args(out, "--block-at", "5", *strategy))
+    committed = launcher.run_and_kill(nproc, out, os.path.join(out, "ck"), wait_step=4,
+                                      args=_args(out, "--block-at", "5", *strategy))
     assert committed[-1] == 4
     assert not os.path.exists(os.path.join(out, "final-0.pt"))
     if nproc == 2:
         shutil.copytree(os.path.join(out, "ck"), str(tmp_path / "one" / "ck"))
-    _kill.run(SCRIPT, nproc, *_args(out, *strategy))
+    launcher.run(nproc, *_args(out, *strategy), logs=out)
     for r in range(nproc):
         assert torch.load(os.path.join(out, f"begin-{r}.pt"))["step"] == 4
     _same_final(full, out, nproc, resumed_at=4)
     assert _kill.committed(os.path.join(out, "ck"))[-1] == 10  # the last step is always saved
     if nproc == 2:  # the same checkpoint at world size 1
         one = str(tmp_path / "one")
-        _kill.run(SCRIPT, 1, *_args(one))
+        launcher.run(1, *_args(one), logs=one)
         begin = torch.load(os.path.join(one, "begin-0.pt"))
         # (the loop's own step count follows its position in the data, which depends on the world size)
         _kill.assert_same(torch.load(os.path.join(full, "step4-0.pt"))["model"], begin["model"], "model at step 4")

@@ -1,6 +1,7 @@
 """The Hugging Face Trainer with `ElastickitCallback`: a SIGKILL from outside mid-run, then the
-same command again, ends bit-exact with an uninterrupted run (1 process, and 2 under torchrun);
-the checkpoint of the 2-process run also resumes at 1 process (resharded).
+same command again, ends bit-exact with an uninterrupted run (1 process, and 2: the interrupted
+run under torchrun itself, the others with the environment torchrun gives its workers, see
+_kill.Launcher); the checkpoint of the 2-process run also resumes at 1 process (resharded).
 
 The loss logged in the first logging window after a resume is left out of the comparison: the
 Trainer itself restarts its running loss sum at a resume (it does the same for its own
@@ -16,14 +17,21 @@ import shutil
 import pytest
 import torch
 
-pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'elastickit[hf]'")
-pytest.importorskip("accelerate", reason="needs the [hf] extra: pip install 'elastickit[hf]'")
-
 from tests.integrations import _kill
+
+_kill.needs("transformers", "needs the [hf] extra: pip install 'elastickit[hf]'")
+_kill.needs("accelerate", "needs the [hf] extra: pip install 'elastickit[hf]'")
+
 
 pytestmark = [pytest.mark.slow]
 SCRIPT = os.path.join(os.path.dirname(__file__), "hf_train.py")
 LOG_EVERY = 3
+
+
+@pytest.fixture(scope="module")
+def launcher():
+    with _kill.Launcher(SCRIPT, preload=["elastickit.integrations.hf", "deepspeed?"]) as la:
+        yield la
 
 
 def _args(out: str, *extra: str) -> tuple[str, ...]:
@@ -46,24 +54,24 @@ def _same_final(full: str, cut: str, nproc: int, resumed_at: int) -> None:
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_sigkill_then_rerun_is_bit_exact(tmp_path, nproc):
+def test_sigkill_then_rerun_is_bit_exact(launcher, tmp_path, nproc):
     full, out = str(tmp_path / "full"), str(tmp_path / "cut")
-    _kill.run(SCRIPT, nproc, *_args(full, "--dump-at", "4"))
+    launcher.run(nproc, *_args(full, "--dump-at", "4"), logs=full)
     # Step 4 is mid-epoch at both world sizes (6 and 3 optimizer steps per epoch).
-    committed = _kill.run_and_kill(SCRIPT, nproc, out, os.path.join(out, "ck"), wait_step=4,
-                                   args=_args(out, "--block-at", "5"))
+    committed = launcher.run_and_kill(nproc, out, os.path.join(out, "ck"), wait_step=4,
+                                      args=_args(out, "--block-at", "5"), torchrun=nproc == 2)
     assert committed[-1] == 4
     assert not os.path.exists(os.path.join(out, "final-0.pt"))
     if nproc == 2:
         shutil.copytree(os.path.join(out, "ck"), str(tmp_path / "one" / "ck"))
-    _kill.run(SCRIPT, nproc, *_args(out))
+    launcher.run(nproc, *_args(out), logs=out)
     for r in range(nproc):
         assert torch.load(os.path.join(out, f"begin-{r}.pt"))["global_step"] == 4
     _same_final(full, out, nproc, resumed_at=4)
     assert _kill.committed(os.path.join(out, "ck"))[-1] == 10  # the last step is always saved
     if nproc == 2:  # the same checkpoint at world size 1
         one = str(tmp_path / "one")
-        _kill.run(SCRIPT, 1, *_args(one))
+        launcher.run(1, *_args(one), logs=one)
         begin = torch.load(os.path.join(one, "begin-0.pt"))
         assert begin["global_step"] == 4
         _kill.assert_same(torch.load(os.path.join(full, "step4-0.pt"))["model"], begin["model"], "model at step 4")
