@@ -86,7 +86,10 @@ class ElastickitAccelerateState:
         self.checkpointer = Checkpointer(self.root, every=every, tiers=tiers, **checkpointer_kwargs)
         self.steps = 0  # optimizer steps taken (the checkpoint step)
         self._counted: set[int] = set()
+        self._unwrapped: dict[int, tuple[Any, Any]] = {}  # id(prepared model) -> (it, unwrapped)
         self._count_steps()
+        for m in accelerator._models:
+            self._unwrap(m)
 
     # -- what accelerate has prepared -----------------------------------------------------
     # accelerate keeps the prepared objects in these lists and its own save_state walks them.
@@ -110,6 +113,15 @@ class ElastickitAccelerateState:
     def _step(self) -> None:
         self.steps += 1
 
+    def _unwrap(self, model: Any) -> Any:
+        # Once per prepared model, never on the training thread's save path: accelerate's
+        # unwrap_model imports DeepSpeed when it is installed (seconds, the first time).
+        hit = self._unwrapped.get(id(model))
+        if hit is None or hit[0] is not model:
+            hit = (model, self.accelerator.unwrap_model(model))
+            self._unwrapped[id(model)] = hit
+        return hit[1]
+
     def _owner(self, optim: Any, models: list[Any]) -> Any:
         params = {id(p) for g in optim.param_groups for p in g["params"]}
         for m in models:
@@ -120,7 +132,7 @@ class ElastickitAccelerateState:
     def _state(self, parts: dict[str, list[Any]]) -> dict[str, Any]:
         state: dict[str, Any] = {}
         for i, m in enumerate(parts["model"]):
-            state[f"model{i}"] = self.accelerator.unwrap_model(m)  # names without DDP's "module."
+            state[f"model{i}"] = self._unwrap(m)  # names without DDP's "module."
         for i, o in enumerate(parts["optim"]):
             state[f"optim{i}"] = o
         for i, s in enumerate(parts["sched"]):

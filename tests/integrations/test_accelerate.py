@@ -69,3 +69,30 @@ def test_sigkill_then_rerun_is_bit_exact(launcher, tmp_path, nproc):
         # (the loop's own step count follows its position in the data, which depends on the world size)
         _kill.assert_same(torch.load(os.path.join(full, "step4-0.pt"))["model"], begin["model"], "model at step 4")
         assert torch.load(os.path.join(one, "final-0.pt"))["steps"] == 10
+
+
+def test_save_state_does_not_unwrap_on_the_training_thread(tmp_path, monkeypatch):
+    # accelerate's unwrap_model imports DeepSpeed the first time where it is installed (2 s on
+    # a loaded machine): install() unwraps each prepared model once, save_state never does.
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from elastickit.integrations.accelerate import install
+
+    acc = Accelerator(cpu=True)
+    try:
+        net = torch.nn.Linear(4, 2)
+        model, opt = acc.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1))
+        state = install(acc, str(tmp_path / "ck"))
+
+        def unwrap(*_a, **_k):
+            raise AssertionError("unwrap_model called by save_state")
+
+        monkeypatch.setattr(acc, "unwrap_model", unwrap)
+        acc.backward(model(torch.ones(3, 4)).sum())
+        opt.step()
+        acc.save_state()
+        state.close()
+        assert _kill.committed(str(tmp_path / "ck")) == [1]
+    finally:
+        AcceleratorState._reset_state(True)
