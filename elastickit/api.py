@@ -309,7 +309,36 @@ class Checkpointer:
     def _install_fence(self, state: Mapping[str, Any]) -> None:
         for obj in state.values():
             if isinstance(obj, torch.optim.Optimizer) and id(obj) not in self._hooked:
-                self._hooked[id(obj)] = obj.register_step_pre_hook(lambda *_a, **_k: self.fence())
+                self._hooked[id(obj)] = obj.register_step_pre_hook(self._fence_hook(obj))
+
+    def _fence_hook(self, optimizer: torch.optim.Optimizer) -> Any:
+        """The step pre-hook that waits for the copy before `optimizer` changes a tensor.
+
+        A step given a closure (Lightning passes its whole training step as one, forward and
+        backward included) would wait before the closure runs, leaving the copy nothing to overlap.
+        torch's own optimizers evaluate the closure before they change anything, so for them the
+        wait moves into the closure, after it returns. Any other optimizer (a subclass included:
+        its step may do otherwise) waits before its step starts.
+        """
+        closure_first = type(optimizer).__module__.startswith("torch.optim.")
+
+        def hook(_opt: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            positional = len(args) > 1  # args[0] is the optimizer
+            closure = args[1] if positional else kwargs.get("closure")
+            if closure is None or not closure_first:
+                self.fence()
+                return None
+
+            def fenced() -> Any:
+                loss = closure()
+                self.fence()
+                return loss
+
+            if positional:
+                return (args[0], fenced, *args[2:]), kwargs
+            return args, {**kwargs, "closure": fenced}
+
+        return hook
 
     def _eager_keys(self, items: list[Any], flat: Any, state: Mapping[str, Any]) -> frozenset[str]:
         """Keys of `items` copied before `save` returns: what no optimizer step fences."""

@@ -74,6 +74,73 @@ def test_fence_keeps_the_snapshot_exact(tmp_path, slow_copy):
     assert torch.equal(m2.seen, expect_seen)  # copied eagerly: no optimizer fences it
 
 
+@pytest.fixture
+def gated_copy(monkeypatch):
+    """Every background copy waits until `gate` is set (or 10 s): whoever runs before the fence
+    can open it, whoever runs after the fence cannot."""
+    gate, log = threading.Event(), []
+    real = snapshot_mod.Snapshotter._copy
+
+    def gated(self, snap, sources, event):
+        gate.wait(10)
+        real(self, snap, sources, event)
+        log.append(("copied", snap.step))
+
+    monkeypatch.setattr(snapshot_mod.Snapshotter, "_copy", gated)
+    return gate, log
+
+
+class Custom(torch.optim.SGD):
+    """An optimizer from outside torch.optim: its step may change tensors before its closure."""
+
+
+@pytest.mark.parametrize("positional", [False, True])
+def test_a_step_with_a_closure_waits_after_the_closure(tmp_path, gated_copy, positional):
+    # Lightning steps as optimizer.step(closure=training_step_and_backward): the copy overlaps
+    # the closure's forward and backward, and still sees the values of the step it saved.
+    gate, log = gated_copy
+    m, o = _setup()
+    ck = ek.Checkpointer(str(tmp_path))
+    _train_step(m, o)
+    expect_w = m.lin.weight.detach().clone()
+    ck.save(1, {"model": m, "optim": o})
+
+    def closure():
+        log.append(("closure", None))
+        gate.set()
+        o.zero_grad()
+        loss = m(torch.ones(2, 16)).sum()
+        loss.backward()
+        return loss
+
+    loss = o.step(closure) if positional else o.step(closure=closure)
+    assert log == [("closure", None), ("copied", 1)]
+    assert loss is not None and not torch.equal(m.lin.weight, expect_w)
+    ck.close()
+    m2, o2 = _setup(1)
+    assert ek.Checkpointer(str(tmp_path)).restore({"model": m2, "optim": o2}) == 1
+    assert torch.equal(m2.lin.weight, expect_w)
+
+
+def test_an_optimizer_from_elsewhere_waits_before_its_closure(tmp_path, gated_copy):
+    gate, log = gated_copy
+    torch.manual_seed(0)
+    m = Net()
+    o = Custom(m.parameters(), lr=0.5)
+    ck = ek.Checkpointer(str(tmp_path))
+    _train_step(m, o)
+    ck.save(1, {"model": m, "optim": o})
+
+    def closure():
+        log.append(("closure", None))
+        gate.set()
+        return m(torch.ones(2, 16)).sum()
+
+    o.step(closure=closure)
+    assert log == [("copied", 1), ("closure", None)]
+    ck.close()
+
+
 def test_slow_persistent_tier_never_blocks_and_newest_wins(tmp_path, monkeypatch):
     gate, entered = threading.Event(), threading.Event()
     real = writer_mod.write_file
