@@ -2,7 +2,7 @@
 a resumable dataloader as Lightning needs for an exact mid-epoch resume) with elastickit's
 callback or Lightning's own ModelCheckpoint.
 
-    python lightning_train.py --out OUT --root ROOT [--block-at K] [--mode ek|pl] [--strategy ddp]
+    python lightning_train.py --out OUT --root ROOT [--block-at K] [--mode ek|pl] [--strategy ddp|fsdp2]
 """
 
 from __future__ import annotations
@@ -15,6 +15,19 @@ import time
 import lightning.pytorch as pl
 import torch
 from torch import nn
+
+
+def plain(x):
+    """`x` with every DTensor (FSDP2) replaced by the whole tensor (a collective: every rank calls it)."""
+    if hasattr(x, "full_tensor"):
+        return x.full_tensor().detach().clone()
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(plain(v) for v in x)
+    return x
 
 
 class ResumableLoader(torch.utils.data.DataLoader):
@@ -66,6 +79,20 @@ class Net(pl.LightningModule):
         self.seen.append((self.global_step, round(float(x.sum()), 4), round(float(torch.rand(1)), 6)))
         return nn.functional.cross_entropy(self.net(x), y)
 
+    def configure_model(self):
+        # FSDP2 under ModelParallelStrategy (--strategy fsdp2): each Linear and the whole net
+        # sharded over the data-parallel mesh, as Lightning's FSDP2 examples do.
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh["data_parallel"])
+        fully_shard(self.net, mesh=mesh["data_parallel"])
+        self._sharded = True
+
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=1e-2)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
@@ -77,13 +104,13 @@ class Probe(pl.Callback):
         self.out, self.block_at, self.dump_at = out, block_at, dump_at
 
     def on_train_start(self, trainer, pl_module):
-        sd = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        sd = plain(pl_module.state_dict())
         torch.save({"model": sd, "global_step": trainer.global_step},
                    os.path.join(self.out, f"begin-{trainer.global_rank}.pt"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.dump_at:
-            sd = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            sd = plain(pl_module.state_dict())
             torch.save({"model": sd}, os.path.join(self.out, f"step{self.dump_at}-{trainer.global_rank}.pt"))
         if trainer.global_step == self.block_at:
             open(os.path.join(self.out, f"blocked-{trainer.global_rank}"), "w").close()
@@ -143,8 +170,14 @@ def main() -> None:
         ckpt_path = "last"
     timer = Timer()
     callbacks.append(timer)
+    strategy = a.strategy
+    if strategy == "fsdp2":  # FSDP2: Lightning's strategy="fsdp" (FSDP1) refuses a CPU accelerator
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=int(os.environ.get("WORLD_SIZE", "1")),
+                                         tensor_parallel_size=1)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=int(os.environ.get("WORLD_SIZE", "1")), strategy=a.strategy,
+        accelerator="cpu", devices=int(os.environ.get("WORLD_SIZE", "1")), strategy=strategy,
         max_steps=a.steps, accumulate_grad_batches=2, callbacks=callbacks, logger=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=a.out,
         deterministic=True, num_sanity_val_steps=0, enable_checkpointing=a.mode == "pl",
@@ -152,8 +185,8 @@ def main() -> None:
     trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt_path)
     opt = trainer.optimizers[0]
     final = {
-        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "optim": opt.state_dict(),
+        "model": plain(model.state_dict()),
+        "optim": plain(opt.state_dict()),
         "sched": trainer.lr_scheduler_configs[0].scheduler.state_dict(),
         "global_step": trainer.global_step,
         "epoch": trainer.current_epoch,

@@ -4,8 +4,11 @@ with the environment torchrun gives its workers, see _kill.Launcher); the checkp
 2-process run also resumes at 1 process (resharded).
 
 The run uses a dataloader with state_dict/load_state_dict, as Lightning needs for an exact
-resume in the middle of an epoch (with its own checkpoints as with ours), and strategy="ddp"
-at 2 processes.
+resume in the middle of an epoch (with its own checkpoints as with ours). At 2 processes:
+strategy="ddp", and FSDP2 (`ModelParallelStrategy`, `fully_shard` in `configure_model`): the
+parameters and the optimizer state are DTensor shards, saved and restored as such and resharded
+to plain tensors at 1 process. Lightning's strategy="fsdp" (FSDP1) cannot run here: Lightning
+refuses it without a CUDA accelerator ("The strategy `fsdp` requires a GPU accelerator").
 """
 
 from __future__ import annotations
@@ -46,10 +49,10 @@ def _same_final(full: str, cut: str, nproc: int, resumed_at: int) -> None:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_sigkill_then_rerun_is_bit_exact(launcher, tmp_path, nproc):
+@pytest.mark.parametrize(("nproc", "strategy"), [(1, None), (2, "ddp"), (2, "fsdp2")])
+def test_sigkill_then_rerun_is_bit_exact(launcher, tmp_path, nproc, strategy):
     full, out = str(tmp_path / "full"), str(tmp_path / "cut")
-    strategy = ("--strategy", "ddp") if nproc == 2 else ()
+    strategy = ("--strategy", strategy) if strategy else ()
     launcher.run(nproc, *_args(full, "--dump-at", "4", *strategy), logs=full)
     # Step 4 is mid-epoch at both world sizes (6 and 3 optimizer steps per epoch).
     committed = launcher.run_and_kill(nproc, out, os.path.join(out, "ck"), wait_step=4,
