@@ -1,19 +1,29 @@
-"""Benchmark: how long the training loop is blocked per checkpoint, elastickit's integration
+"""Benchmark: how long the training loop is blocked per checkpoint, elastickit's integrations
 against the framework's own checkpointing (same model, same run settings).
 
-For each framework (Hugging Face Trainer, Lightning, Accelerate) two runs in fresh processes:
-the framework's own checkpoints (`save_strategy="steps"`, `ModelCheckpoint(every_n_train_steps)`,
-`accelerator.save_state(dir)` every N steps) and elastickit's (`ElastickitCallback`, the
-Lightning callback, `install(accelerator)` then `save_state()`), checkpointing every N steps.
+For each framework (Hugging Face Trainer, Lightning, Accelerate) and each workload, two runs in
+fresh processes: the framework's own checkpoints (`save_strategy="steps"`,
+`ModelCheckpoint(every_n_train_steps)`, `accelerator.save_state(dir)` every N steps) and
+elastickit's (`ElastickitCallback`, the Lightning callback, `install(accelerator)` then
+`save_state()`), checkpointing every N steps.
 
-Blocking per checkpoint = the time of the save call on the training thread, plus, for the
-optimizer step right after it, its excess over the median optimizer step (elastickit's fence
-waits there if the background copy is not done). Both include fsync where the tool does it
-(elastickit fsyncs; the frameworks write to the page cache).
+Workloads (same parameter count, 12 bytes of model + AdamW state per parameter):
+- `lm`: a GPT-2 language model (4 layers, width 512, vocabulary 8192, 16.8M parameters), 2
+  sequences of 64 tokens per step: forward and backward take most of a step, as in real
+  training.
+- `mlp`: a 13.1M-parameter MLP on 8 samples per step: the optimizer step takes most of a step
+  and forward + backward only ~10%, so a lazy copy has little to overlap (a stress case).
 
-    .venv/bin/python benchmarks/bench_integrations.py [--steps 13] [--every 3]
+Blocking per checkpoint, measured on the training thread where it happens:
+- the framework's own: the save call (its saves are synchronous; they write to the page cache
+  without fsync);
+- elastickit: the save call plus the wait in the fence before the next optimizer step (the only
+  place the loop can wait for the background copy; the tiers write and fsync in the background).
+Only checkpoints followed by an optimizer step count (the fence belongs to that step).
 
-writes benchmarks/results/integrations.md and .json.
+    .venv/bin/python benchmarks/bench_integrations.py [--steps 61] [--every 3] [--workloads lm,mlp]
+
+writes benchmarks/results/integrations.md and .json, with the machine's load average.
 """
 
 from __future__ import annotations
@@ -34,55 +44,123 @@ ROOT = os.path.dirname(HERE)
 
 
 class _Timing:
-    """Optimizer-step times (pre/post hooks) and save-call times of one run."""
+    """Save calls, fence waits and optimizer-step times of one run."""
 
     def __init__(self) -> None:
-        self.opt: list[float] = []
-        self.after_save: list[bool] = []
         self.saves: list[float] = []
-        self._t0 = 0.0
-        self._saved = False
+        self.fences: list[float] = []
+        self.followed: list[bool] = []  # an optimizer step came after save i
+        self.steps: list[float] = []  # wall time between consecutive optimizer steps
+        self._last = 0.0
+        self._in_save = False
 
     def hook(self, optimizer) -> None:
-        optimizer.register_step_pre_hook(self._pre)
         optimizer.register_step_post_hook(self._post)
 
-    def _pre(self, *_a, **_k) -> None:
-        self._t0 = time.perf_counter()
-
     def _post(self, *_a, **_k) -> None:
-        self.opt.append(time.perf_counter() - self._t0)
-        self.after_save.append(self._saved)
-        self._saved = False
+        now = time.perf_counter()
+        if self._last:
+            self.steps.append(now - self._last)
+        self._last = now
+        if self.followed and not self.followed[-1]:
+            self.followed[-1] = True
 
-    def wrap(self, fn):
+    def wrap_save(self, fn):
         def timed(*a, **k):
+            t0 = time.perf_counter()
+            self._in_save = True
+            try:
+                return fn(*a, **k)
+            finally:
+                self._in_save = False
+                self.saves.append(time.perf_counter() - t0)
+                self.fences.append(0.0)
+                self.followed.append(False)
+        return timed
+
+    def wrap_fence(self, fn):
+        def timed(*a, **k):
+            if self._in_save or not self.fences:
+                return fn(*a, **k)  # the save's own wait for the previous copy: in its time
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
-                self.saves.append(time.perf_counter() - t0)
-                self._saved = True
+                self.fences[-1] += time.perf_counter() - t0
         return timed
 
     def result(self) -> dict:
-        plain = [t for t, s in zip(self.opt, self.after_save, strict=True) if not s][1:]  # first: warm-up
-        base = statistics.median(plain) if plain else 0.0
-        fence = [max(0.0, t - base) for t, s in zip(self.opt, self.after_save, strict=True) if s]
-        blocking = [s + (fence[i] if i < len(fence) else 0.0) for i, s in enumerate(self.saves)]
-        return {"saves_s": self.saves, "fence_s": fence, "opt_median_s": base, "blocking_s": blocking}
+        idx = [i for i, f in enumerate(self.followed) if f]
+        return {"saves_s": [self.saves[i] for i in idx], "fence_s": [self.fences[i] for i in idx],
+                "blocking_s": [self.saves[i] + self.fences[i] for i in idx],
+                "step_median_s": statistics.median(self.steps) if self.steps else 0.0}
 
 
-def _hf(mode: str, out: str, steps: int, every: int) -> dict:
+# -- the workloads ----------------------------------------------------------------------------
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=4, n_embd=512, n_head=8, vocab_size=8192, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg)
+
+
+class _MLP:
+    """A 13.1M-parameter MLP whose forward takes (x, labels) and returns {"loss": ...} (the
+    Trainer's convention); built lazily so that torch is imported in the run's process only."""
+
+    @staticmethod
+    def build():
+        import torch
+        from torch import nn
+
+        class MLP(nn.Module):
+            def __init__(self):
+                super().__init__()
+                layers = [nn.Linear(256, 2048), nn.GELU()]
+                for _ in range(3):
+                    layers += [nn.Linear(2048, 2048), nn.GELU()]
+                self.net = nn.Sequential(*layers, nn.Linear(2048, 16))
+
+            def forward(self, x, labels):
+                return {"loss": torch.nn.functional.cross_entropy(self.net(x), labels)}
+
+        return MLP()
+
+
+def _model(workload: str):
+    return _gpt2() if workload == "lm" else _MLP.build()
+
+
+def _samples(workload: str, n: int) -> list[dict]:
     import torch
-    from transformers import (
-        GPT2Config,
-        GPT2LMHeadModel,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-        set_seed,
-    )
+
+    g = torch.Generator().manual_seed(1)
+    if workload == "lm":
+        ids = torch.randint(0, 8192, (n, 64), generator=g)
+        return [{"input_ids": r, "labels": r} for r in ids]
+    x, y = torch.randn(n, 256, generator=g), torch.randint(0, 16, (n,), generator=g)
+    return [{"x": a, "labels": b} for a, b in zip(x, y, strict=True)]
+
+
+def _batch(workload: str) -> int:
+    return 2 if workload == "lm" else 8
+
+
+def _loss(model, batch):
+    return model(**batch)["loss"]
+
+
+def _loader(workload: str, steps: int):
+    import torch
+
+    return torch.utils.data.DataLoader(_samples(workload, steps * _batch(workload)), batch_size=_batch(workload))
+
+
+# -- the frameworks ---------------------------------------------------------------------------
+
+def _hf(workload: str, mode: str, out: str, steps: int, every: int) -> dict:
+    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
     timing = _Timing()
 
@@ -93,16 +171,15 @@ def _hf(mode: str, out: str, steps: int, every: int) -> dict:
             timing.hook(base_optimizer(optimizer))
             if mode == "ek":
                 ck = cb.checkpointer
-                ck.save = timing.wrap(ck.save)
+                ck.save = timing.wrap_save(ck.save)
+                ck.fence = timing.wrap_fence(ck.fence)
             else:
-                trainer._save_checkpoint = timing.wrap(trainer._save_checkpoint)
+                trainer._save_checkpoint = timing.wrap_save(trainer._save_checkpoint)
 
     set_seed(0)
-    cfg = GPT2Config(n_layer=4, n_embd=512, n_head=8, vocab_size=8192, n_positions=64, bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(cfg)
-    ids = torch.randint(0, cfg.vocab_size, (64, cfg.n_positions), generator=torch.Generator().manual_seed(1))
-    ds = [{"input_ids": r, "labels": r} for r in ids]
-    args = TrainingArguments(output_dir=os.path.join(out, "hf"), max_steps=steps, per_device_train_batch_size=2,
+    model = _model(workload)
+    args = TrainingArguments(output_dir=os.path.join(out, "hf"), max_steps=steps,
+                             per_device_train_batch_size=_batch(workload),
                              save_strategy="steps" if mode == "own" else "no", save_steps=every, logging_steps=10**6,
                              report_to=[], use_cpu=True, disable_tqdm=True)
     callbacks = []
@@ -113,36 +190,25 @@ def _hf(mode: str, out: str, steps: int, every: int) -> dict:
         cb = ElastickitCallback(os.path.join(out, "ck"), every=every)
         callbacks.append(cb)
     callbacks.append(Probe())
-    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=callbacks)
+    trainer = Trainer(model=model, args=args, train_dataset=_samples(workload, steps * _batch(workload)),
+                      callbacks=callbacks)
     trainer.train()
-    n = sum(p.numel() for p in model.parameters())
-    return {**timing.result(), "params": n}
+    return {**timing.result(), "params": sum(p.numel() for p in model.parameters())}
 
 
-def _mlp(width: int, depth: int):
-    from torch import nn
-
-    layers = [nn.Linear(256, width), nn.GELU()]
-    for _ in range(depth - 1):
-        layers += [nn.Linear(width, width), nn.GELU()]
-    return nn.Sequential(*layers, nn.Linear(width, 16))
-
-
-def _lightning(mode: str, out: str, steps: int, every: int) -> dict:
+def _lightning(workload: str, mode: str, out: str, steps: int, every: int) -> dict:
     import lightning.pytorch as pl
     import torch
-    from torch import nn
 
     timing = _Timing()
 
     class Net(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = _mlp(2048, 4)
+            self.inner = _model(workload)
 
         def training_step(self, batch, batch_idx):
-            x, y = batch
-            return nn.functional.cross_entropy(self.net(x), y)
+            return _loss(self.inner, batch)
 
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-4)
@@ -151,14 +217,13 @@ def _lightning(mode: str, out: str, steps: int, every: int) -> dict:
         def on_fit_start(self, trainer, pl_module):
             timing.hook(trainer.optimizers[0])
             if mode == "ek":
-                cb.checkpointer.save = timing.wrap(cb.checkpointer.save)
+                ck = cb.checkpointer
+                ck.save = timing.wrap_save(ck.save)
+                ck.fence = timing.wrap_fence(ck.fence)
             else:
-                trainer.save_checkpoint = timing.wrap(trainer.save_checkpoint)
+                trainer.save_checkpoint = timing.wrap_save(trainer.save_checkpoint)
 
     pl.seed_everything(0, verbose=False)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(256, 256, generator=g), torch.randint(0, 16, (256,), generator=g)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     callbacks: list = []
     cb = None
     if mode == "ek":
@@ -175,34 +240,30 @@ def _lightning(mode: str, out: str, steps: int, every: int) -> dict:
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, callbacks=callbacks, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
                          enable_checkpointing=mode == "own", num_sanity_val_steps=0)
-    trainer.fit(model, loader)
+    trainer.fit(model, _loader(workload, steps))
     return {**timing.result(), "params": sum(p.numel() for p in model.parameters())}
 
 
-def _accelerate(mode: str, out: str, steps: int, every: int) -> dict:
+def _accelerate(workload: str, mode: str, out: str, steps: int, every: int) -> dict:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from torch import nn
 
     timing = _Timing()
     acc = Accelerator(cpu=True)
     set_seed(0)
-    model = _mlp(2048, 4)
+    model = _model(workload)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(256, 256, generator=g), torch.randint(0, 16, (256,), generator=g)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-    model, opt, loader = acc.prepare(model, opt, loader)
+    model, opt, loader = acc.prepare(model, opt, _loader(workload, steps))
     if mode == "ek":
         from elastickit.integrations.accelerate import install
 
         state = install(acc, os.path.join(out, "ck"))
+        state.checkpointer.fence = timing.wrap_fence(state.checkpointer.fence)
     timing.hook(opt.optimizer)
-    save = timing.wrap(acc.save_state)
-    for step, (xb, yb) in enumerate(loader, start=1):
-        loss = nn.functional.cross_entropy(model(xb), yb)
-        acc.backward(loss)
+    save = timing.wrap_save(acc.save_state)
+    for step, batch in enumerate(loader, start=1):
+        acc.backward(_loss(model, batch))
         opt.step()
         opt.zero_grad()
         if step % every == 0:
@@ -214,73 +275,97 @@ def _accelerate(mode: str, out: str, steps: int, every: int) -> dict:
     return {**timing.result(), "params": sum(p.numel() for p in model.parameters())}
 
 
-RUNS = {"hf": ("Hugging Face Trainer", _hf, "`save_strategy=\"steps\"` (`Trainer._save_checkpoint`)"),
-        "lightning": ("Lightning", _lightning, "`ModelCheckpoint(every_n_train_steps)` (`trainer.save_checkpoint`)"),
+RUNS = {"hf": ("Hugging Face Trainer", _hf, "`save_strategy=\"steps\"`"),
+        "lightning": ("Lightning", _lightning, "`ModelCheckpoint(every_n_train_steps)`"),
         "accelerate": ("Accelerate", _accelerate, "`accelerator.save_state(dir)`")}
+WORKLOADS = {"lm": "GPT-2 LM, 2x64 tokens/step", "mlp": "MLP, 8 samples/step"}
 
 
-def _one(framework: str, mode: str, out: str, steps: int, every: int) -> None:
+def _one(framework: str, workload: str, mode: str, out: str, steps: int, every: int) -> None:
     import torch
 
     torch.set_num_threads(1)
-    result = RUNS[framework][1](mode, out, steps, every)
+    result = RUNS[framework][1](workload, mode, out, steps, every)
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump(result, f)
 
 
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=13)
+    p.add_argument("--steps", type=int, default=61)
     p.add_argument("--every", type=int, default=3)
     p.add_argument("--frameworks", default="hf,lightning,accelerate")
-    p.add_argument("--one", nargs=3, metavar=("FRAMEWORK", "MODE", "OUT"))
+    p.add_argument("--workloads", default="lm,mlp")
+    p.add_argument("--one", nargs=4, metavar=("FRAMEWORK", "WORKLOAD", "MODE", "OUT"))
     a = p.parse_args()
     if a.one:
         _one(*a.one, a.steps, a.every)
         return
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("DS_ACCELERATOR", "cpu")
     results: dict = {}
+    load_before = _load()
     work = tempfile.mkdtemp(prefix="ek-bench-int-")
     try:
         for fw in a.frameworks.split(","):
-            for mode in ("own", "ek"):
-                out = os.path.join(work, fw, mode)
-                os.makedirs(out)
-                cmd = [sys.executable, __file__, "--steps", str(a.steps), "--every", str(a.every), "--one", fw, mode, out]
-                done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-                if done.returncode != 0:
-                    raise SystemExit(f"{fw} {mode} failed:\n{done.stderr[-4000:]}")
-                with open(os.path.join(out, "result.json")) as f:
-                    results.setdefault(fw, {})[mode] = json.load(f)
-                print(fw, mode, [round(x, 4) for x in results[fw][mode]["blocking_s"]], flush=True)
+            for wl in a.workloads.split(","):
+                for mode in ("own", "ek"):
+                    out = os.path.join(work, fw, wl, mode)
+                    os.makedirs(out)
+                    cmd = [sys.executable, __file__, "--steps", str(a.steps), "--every", str(a.every),
+                           "--one", fw, wl, mode, out]
+                    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+                    if done.returncode != 0:
+                        raise SystemExit(f"{fw} {wl} {mode} failed:\n{done.stderr[-4000:]}")
+                    with open(os.path.join(out, "result.json")) as f:
+                        r = results.setdefault(fw, {}).setdefault(wl, {})[mode] = json.load(f)
+                    print(fw, wl, mode, "blocking", [round(x, 4) for x in r["blocking_s"]],
+                          "step", round(r["step_median_s"], 3), "load", _load(), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    load_after = _load()
     rows = []
-    for fw, r in results.items():
-        own, ek = statistics.median(r["own"]["blocking_s"]), statistics.median(r["ek"]["blocking_s"])
-        fence = statistics.median(r["ek"]["fence_s"]) if r["ek"]["fence_s"] else 0.0
-        r["ratio"] = ek / own
-        rows.append(f"| {RUNS[fw][0]} | {r['ek']['params'] / 1e6:.1f}M | {RUNS[fw][2]}: {own * 1000:.0f} ms | "
-                    f"{ek * 1000:.1f} ms (fence {fence * 1000:.1f} ms) | **{ek / own:.3f}x** |")
+    for fw, by_wl in results.items():
+        for wl, r in by_wl.items():
+            own, ek = r["own"]["blocking_s"], r["ek"]["blocking_s"]
+            r["ratio_median"] = statistics.median(ek) / statistics.median(own)
+            r["ratio_mean"] = statistics.mean(ek) / statistics.mean(own)
+            fence = statistics.median(r["ek"]["fence_s"])
+            rows.append(
+                f"| {RUNS[fw][0]} | {WORKLOADS[wl]} ({r['ek']['params'] / 1e6:.1f}M) | "
+                f"{r['ek']['step_median_s'] * 1000:.0f} ms | {RUNS[fw][2]}: {statistics.median(own) * 1000:.0f} ms | "
+                f"{statistics.median(ek) * 1000:.1f} ms (fence {fence * 1000:.1f} ms) | "
+                f"**{r['ratio_median']:.3f}x** | {r['ratio_mean']:.3f}x |")
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "steps": a.steps, "every": a.every,
-            "torch_threads": 1}
+            "torch_threads": 1, "loadavg_before": load_before, "loadavg_after": load_after,
+            "date": time.strftime("%Y-%m-%d %H:%M")}
     with open(os.path.join(HERE, "results", "integrations.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
+    saves = len(next(iter(next(iter(results.values())).values()))["ek"]["blocking_s"])
     md = [
         "# Blocking time per checkpoint: elastickit's integrations vs the frameworks' own checkpoints",
         "",
-        f"One process each, {a.steps} steps, a checkpoint every {a.every} steps (medians over the checkpoints);"
-        f" {meta['machine']}, 1 torch thread. `benchmarks/bench_integrations.py`.",
+        f"One process each, {a.steps} steps, a checkpoint every {a.every} steps ({saves} checkpoints followed"
+        f" by a step); {meta['machine']}, 1 torch thread; load average (1, 5, 15 min) {load_before} before,"
+        f" {load_after} after ({meta['date']}). `benchmarks/bench_integrations.py`.",
         "",
-        "| framework | params | its own checkpoint, blocking | elastickit, blocking | ratio |",
-        "| --- | --- | --- | --- | --- |",
+        "| framework | workload (params) | step (median) | its own checkpoint, blocking (median) |"
+        " elastickit, blocking (median) | ratio (medians) | ratio (means) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
         *rows,
         "",
-        "Blocking = the save call on the training thread + the optimizer step's excess over its median right"
-        " after a save (elastickit's fence). Model + AdamW state: 12 bytes per parameter. The frameworks'"
-        " saves write to the page cache (no fsync); elastickit's persistent tier fsyncs in the background.",
+        "Blocking, measured on the training thread: the framework's own = its save call (synchronous;"
+        " written to the page cache, no fsync); elastickit = the save call + the wait in the fence before"
+        " the next optimizer step (the tiers write and fsync in the background). Model + AdamW state: 12 bytes"
+        " per parameter. `lm`: forward and backward take most of a step (the copy overlaps them); `mlp`: the"
+        " optimizer step takes most of a step, so the copy has little to overlap and the fence waits for"
+        " the rest of it.",
     ]
     with open(os.path.join(HERE, "results", "integrations.md"), "w") as f:
         f.write("\n".join(md) + "\n")
