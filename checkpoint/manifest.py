@@ -23,7 +23,9 @@ import xxhash
 from .errors import DataError, UnsupportedFormatError
 
 FORMAT_NAME = "elastickit"
-FORMAT_VERSION = (1, 0)
+# 1.1: non-tensor values JSON cannot hold (tuples, bytes, BytesIO) are tagged objects in
+# `objects` (see values.py); a 1.0 checkpoint has none of them and reads the same.
+FORMAT_VERSION = (1, 1)
 MANIFEST_NAME = "manifest.json"
 STEP_DIR_RE = re.compile(r"^step-(\d{8})$")
 _CHECKSUM_SEP = ',"manifest_checksum":"'

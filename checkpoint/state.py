@@ -9,7 +9,8 @@ is what lets a checkpoint load into another layout.
 
 Logical names: `<state name>/<path>`, where nested dicts and lists join with `/`, e.g.
 `model/layers.0.attn.wqkv.weight`, `optim/state/layers.0.attn.wqkv.weight/exp_avg`.
-Non-tensor leaves are kept as JSON with tensors replaced by `{"__tensor__": logical name}`.
+Non-tensor leaves are kept as JSON with tensors replaced by `{"__tensor__": logical name}`, and
+tuples, bytes and BytesIO values tagged (`values`).
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 from .errors import RequestError
 from .items import LoadItem, LogicalSpec, Piece, SaveItem
 from .stfile import st_dtype, torch_dtype
-
-TENSOR_TAG = "__tensor__"
+from .values import TENSOR_TAG, TUPLE_TAG, check_key, decode, encode_scalar, tag_of
 
 #: Extra logical boxes for a tensor, decided above the format (by resharding rules). Given the
 #: logical name and the local tensor, return its pieces and logical specs, or None for the
@@ -71,38 +71,22 @@ def default_pieces(logical: str, t: torch.Tensor) -> tuple[tuple[Piece, ...], tu
     return (piece,), (LogicalSpec(name=logical, dtype=dtype, shape=tuple(t.shape)),)
 
 
-def _jsonable(value: Any, path: str) -> Any:
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, list | tuple):
-        return [_jsonable(v, f"{path}/{i}") for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str | int):
-                raise RequestError(f"state {path!r} has a key of type {type(k).__name__}; use str keys")
-            out[str(k)] = _jsonable(v, f"{path}/{k}")
-        return out
-    if isinstance(value, torch.dtype):
-        return str(value)
-    raise RequestError(
-        f"state {path!r} holds a value of type {type(value).__name__}, which is neither a tensor nor JSON; "
-        "convert it to plain data in state_dict() (elastickit never pickles)"
-    )
-
-
 def _flatten(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """JSON tree of `value` with tensor leaves replaced by tags; tensors collected by name."""
+    """JSON tree of `value` with tensor leaves replaced by tags; tensors collected by name.
+
+    Tuples, bytes and BytesIO values are tagged (`values`), so that they come back as they were."""
     if isinstance(value, torch.Tensor):
         tensors[path] = value
         return {TENSOR_TAG: path}
     if isinstance(value, Mapping):
-        return {str(k): _flatten(v, f"{path}/{k}", tensors) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+        return {check_key(k, value, path): _flatten(v, f"{path}/{k}", tensors) for k, v in value.items()}
+    if isinstance(value, list):
         if all(type(v) is str for v in value):  # a param group's FQNs: no tensor, no recursion
             return list(value)
         return [_flatten(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]
-    return _jsonable(value, path)
+    if isinstance(value, tuple):
+        return {TUPLE_TAG: [_flatten(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]}
+    return encode_scalar(value, path)
 
 
 def _owner_module(optim: torch.optim.Optimizer, state: Mapping[str, Any]) -> nn.Module:
@@ -321,13 +305,7 @@ def load_items(flat: FlatState, rule: PieceRule | None = None) -> list[LoadItem]
 
 
 def _unflatten(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    if isinstance(tree, dict):
-        if set(tree) == {TENSOR_TAG}:
-            return tensors[tree[TENSOR_TAG]]
-        return {k: _unflatten(v, tensors) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_unflatten(v, tensors) for v in tree]
-    return tree
+    return decode(tree, tensors)
 
 
 def _rekey(saved: Any, target: Any) -> Any:
@@ -335,8 +313,8 @@ def _rekey(saved: Any, target: Any) -> Any:
     if isinstance(saved, dict) and isinstance(target, Mapping):
         by_str = {str(k): k for k in target}
         return {by_str.get(k, k): _rekey(v, target.get(by_str.get(k, k))) for k, v in saved.items()}
-    if isinstance(saved, list) and isinstance(target, list | tuple):
-        return [_rekey(v, target[i] if i < len(target) else None) for i, v in enumerate(saved)]
+    if isinstance(saved, list | tuple) and isinstance(target, list | tuple):
+        return type(saved)(_rekey(v, target[i] if i < len(target) else None) for i, v in enumerate(saved))
     return saved
 
 
@@ -418,6 +396,10 @@ def overlay_tree(saved: Any, target: Any) -> Any:
     its own stage: the tensors come from the manifest by name, the tree only says where they go.
     Lists of strings (a param group's FQNs) are the target's.
     """
+    if tag_of(target) == TUPLE_TAG and isinstance(saved, list):
+        saved = {TUPLE_TAG: saved}  # saved before tuples were tagged
+    if isinstance(target, list) and tag_of(saved) == TUPLE_TAG:
+        saved = saved[TUPLE_TAG]
     if isinstance(target, dict):
         if set(target) == {TENSOR_TAG}:
             return target

@@ -9,7 +9,9 @@ registers, such as deepspeed). Targets:
   logical names).
 - `safetensors`: a consolidated Hugging Face-style model: `model-0000i-of-0000n.safetensors`
   shards of at most `max_shard_bytes` and `model.safetensors.index.json`. Only model weights are
-  exported: when names carry a `model/` prefix, only those, with the prefix stripped.
+  exported: when names carry a `model/` prefix, only those, with the prefix stripped; otherwise
+  every tensor outside the optimizer, scheduler, dataloader and train-state entries
+  (`NOT_MODEL`, torchtitan's names).
 """
 
 from __future__ import annotations
@@ -162,11 +164,17 @@ def _to_deepspeed_universal(src: str, dst: str, source: str, *, tag: str | None 
                          num_tensors=report.num_params, total_bytes=report.bytes_written, files=tuple(files))
 
 
+#: Top-level states that hold no model weights, in checkpoints whose model has no `model/`
+#: prefix (torchtitan's DCP checkpoints keep the model's keys at the top, beside these).
+NOT_MODEL = ("optimizer", "optim", "lr_scheduler", "lr_schedulers", "dataloader", "train_state")
+
+
 def model_weights(names: list[str]) -> dict[str, str]:
-    """Exported key -> logical name: `model/x` -> `x` when any name has the prefix, else all."""
+    """Exported key -> logical name: `model/x` -> `x` when any name has the prefix; else every
+    name outside the states in `NOT_MODEL` (optimizer, scheduler, data, train state)."""
     if any(n.startswith("model/") for n in names):
         return {n[len("model/") :]: n for n in sorted(names) if n.startswith("model/")}
-    return {n: n for n in sorted(names)}
+    return {n: n for n in sorted(names) if n.split("/", 1)[0] not in NOT_MODEL}
 
 
 def _to_safetensors(
@@ -226,7 +234,7 @@ def _to_dcp(reader: LogicalSource, dst: str) -> tuple[list[str], int, int]:
     from .adapters.dcp import RESERVED, RULES_ENTRY, STEP_ENTRY
 
     infos = reader.tensors()
-    leaves: dict[str, Any] = dict(_flat_json(reader.objects()))
+    leaves: dict[str, Any] = _dcp_leaves(reader.objects())
     taken = [n for n in [*leaves, *infos] if n == RESERVED or n.startswith(RESERVED + "/")]
     if taken:
         raise RequestError(
@@ -281,21 +289,48 @@ def tag_tree(objects: dict[str, Any], names: list[str]) -> dict[str, Any]:
     return root
 
 
-def _flat_json(objects: dict[str, Any]) -> dict[str, Any]:
-    """Scalar JSON leaves of an objects tree, keyed by path (elastickit's tensor tags dropped)."""
+def _dcp_leaves(objects: dict[str, Any]) -> dict[str, Any]:
+    """The non-tensor entries DCP would make of an objects tree, keyed by path, as Python values.
+
+    DCP (`torch.distributed.checkpoint._traverse`) walks into dicts, and into a list only when
+    something inside it is a tensor or a dict; any other list, every tuple, and every scalar is
+    one entry. The same walk here puts each value back at the key it had (Adam's `betas` stays
+    one tuple, a dataloader's bytes stay bytes), decoded from the manifest's tags.
+    """
+    from elastickit.checkpoint.values import TENSOR_TAG, TUPLE_TAG, decode, tag_of
+
     out: dict[str, Any] = {}
 
-    def walk(v: Any, path: str) -> None:
+    def has_tensor(v: Any) -> bool:
+        if tag_of(v) == TENSOR_TAG:
+            return True
         if isinstance(v, dict):
-            if "__tensor__" in v and len(v) == 1:
-                return
+            return any(has_tensor(x) for x in v.values())
+        return isinstance(v, list) and any(has_tensor(x) for x in v)
+
+    def terminal(v: list[Any]) -> bool:
+        for x in v:
+            if tag_of(x) == TENSOR_TAG or (isinstance(x, dict) and tag_of(x) is None):
+                return False
+            if isinstance(x, list) and not terminal(x):
+                return False
+        return True
+
+    def walk(v: Any, path: str) -> None:
+        tag = tag_of(v)
+        if tag == TENSOR_TAG:
+            return  # written from the tensors
+        if tag is not None or (isinstance(v, list) and terminal(v)) or not isinstance(v, dict | list):
+            if tag == TUPLE_TAG and has_tensor(v[TUPLE_TAG]):
+                raise RequestError(f"entry {path!r} is a tuple holding tensors, which DCP would store as a pickle; "
+                                   "convert --to dcp cannot write it")
+            out[path] = decode(v)
+        elif isinstance(v, dict):
             for k, x in v.items():
                 walk(x, f"{path}/{k}" if path else str(k))
-        elif isinstance(v, list):
+        else:
             for i, x in enumerate(v):
                 walk(x, f"{path}/{i}")
-        elif v is None or isinstance(v, bool | int | float | str):
-            out[path] = v
 
     walk(objects, "")
     return out

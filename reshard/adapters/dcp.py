@@ -5,10 +5,20 @@ classes (and torch.Size, dtypes, layouts, paths): anything else fails with a cle
 instead of running code. Each item inside a `.distcp` file is a `torch.save` blob at (offset,
 length); it is read with `torch.load(weights_only=True)` from a memory-mapped slice.
 
+Every non-tensor item is kept exactly: DCP stores each as a `torch.save` blob (an int, a float, a
+tuple such as Adam's `betas`, a dataloader's pickled state as `bytes`, an `io.BytesIO`); they are
+read with `torch.load(weights_only=True)` and `io.BytesIO` as the only class allowed beyond what
+that allows, and handed out in the manifest's JSON encoding (`elastickit.checkpoint.values`:
+tuples, bytes and BytesIO tagged). An item that cannot be read that way stops the conversion with
+its name: nothing is dropped. Pickled bytes inside an item (torchtitan's dataloader state) stay
+opaque bytes: elastickit never unpickles them.
+
 `convert --to dcp` keeps what DCP has no place for as two plain non-tensor entries under
 `elastickit`: `elastickit.step` (an int) and, when the source has rules, `elastickit.rules` (their
 JSON text). DCP readers load them like any other entry (or skip them: `dcp.load` reads only the
-keys its state dict asks for); this reader takes them back as the source's step and rules.
+keys its state dict asks for); this reader takes them back as the source's step and rules. A
+checkpoint without them (one torchtitan wrote) gives its step from `train_state.step`, where
+torchtitan keeps it.
 """
 
 from __future__ import annotations
@@ -18,7 +28,6 @@ import json
 import mmap
 import os
 import pickle
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -32,6 +41,8 @@ RESERVED = "elastickit"
 """The top-level DCP entry under which `convert --to dcp` stores the step and the rules."""
 STEP_ENTRY = f"{RESERVED}/step"
 RULES_ENTRY = f"{RESERVED}/rules"
+TRAIN_STATE_STEP = "train_state/step"
+"""Where torchtitan keeps the step (its trainer's `state_dict()` under `train_state`)."""
 
 _ALLOWED: dict[str, set[str]] = {
     "torch.distributed.checkpoint.metadata": {
@@ -140,10 +151,17 @@ class DcpSource:
         for name in mine:
             for _, sinfo in self._index.get(self._fqn[name], []):
                 values[name] = self._load(sinfo, name)
-        step = values.get(STEP_ENTRY, 0)
+        entry = STEP_ENTRY
+        if STEP_ENTRY not in values and TRAIN_STATE_STEP in self._fqn:
+            entry = TRAIN_STATE_STEP  # torchtitan's checkpoint
+            for _, sinfo in self._index.get(self._fqn[entry], []):
+                values[entry] = self._load(sinfo, entry)
+        step = values.get(entry, 0)
+        if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
+            step = int(step.item())
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise DataError(
-                f"{self.path}: entry {STEP_ENTRY!r} holds {step!r}, not a step number", path=self.path
+                f"{self.path}: entry {entry!r} holds {step!r}, not a step number", path=self.path
             )
         self.step = step
         text = values.get(RULES_ENTRY)
@@ -182,7 +200,10 @@ class DcpSource:
 
     def _load(self, info: Any, fqn: str) -> Any:
         try:
-            return torch.load(io.BytesIO(self._blob(info)), weights_only=True, map_location="cpu")
+            # DCP stores every non-tensor value with torch.save, a BytesIO too (torchtitan keeps
+            # some state that way): the one class allowed beyond weights_only's own list.
+            with torch.serialization.safe_globals([io.BytesIO]):
+                return torch.load(io.BytesIO(self._blob(info)), weights_only=True, map_location="cpu")
         except pickle.UnpicklingError as e:
             raise DataError(
                 f"{self.path}: item {fqn!r} needs more than weights_only loading allows ({e}); "
@@ -222,16 +243,23 @@ class DcpSource:
         return out
 
     def objects(self) -> dict[str, Any]:
-        """Non-tensor items that are plain JSON values, by path (`a/b/c`)."""
+        """Every non-tensor item by path (`a/b/c`), in the manifest's JSON encoding (tuples,
+        bytes and BytesIO tagged). Raises, naming the item, for one that cannot be kept."""
+        from elastickit.checkpoint.values import encode
+
         out: dict[str, Any] = {}
         for name in self._bytes:
             for _, sinfo in self._index.get(self._fqn[name], []):
+                value = self._load(sinfo, name)
                 try:
-                    value = self._load(sinfo, name)
-                except DataError:
-                    continue
-                if _is_json(value):
-                    out[name] = value
+                    out[name] = encode(value, name)
+                except RequestError as e:
+                    raise DataError(
+                        f"{self.path}: item {name!r} holds a {type(value).__name__} that elastickit's "
+                        f"format cannot keep ({e}); refusing to convert without it",
+                        path=self.path,
+                        tensor=name,
+                    ) from e
         return out
 
     def close(self) -> None:
@@ -239,16 +267,6 @@ class DcpSource:
             m.close()
             f.close()
         self._maps.clear()
-
-
-def _is_json(v: Any) -> bool:
-    if v is None or isinstance(v, bool | int | float | str):
-        return True
-    if isinstance(v, list | tuple):
-        return all(_is_json(x) for x in v)
-    if isinstance(v, Mapping):
-        return all(isinstance(k, str) and _is_json(x) for k, x in v.items())
-    return False
 
 
 def open_dcp(path: str, **_: Any) -> DcpSource:

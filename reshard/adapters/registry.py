@@ -49,7 +49,8 @@ class LogicalSource(Protocol):
         ...
 
     def objects(self) -> dict[str, Any]:
-        """Non-tensor state as JSON (what has no JSON form is left out)."""
+        """Non-tensor state in the manifest's JSON encoding (`elastickit.checkpoint.values`:
+        tuples, bytes and BytesIO tagged); a value that cannot be kept raises, naming it."""
         ...
 
     def close(self) -> None: ...
