@@ -1,4 +1,5 @@
-"""A real torchtitan 0.3.0 run moves through elastickit and resumes bit-exact.
+"""Real torchtitan 0.3.0 runs: through elastickit's conversions, and with elastickit as their
+checkpointer.
 
 torchtitan's own components (llama3 debug model under FSDP2 on 2 CPU ranks, its optimizer and
 scheduler containers, its dataloader with per-rank pickled state, its DCP CheckpointManager and
@@ -7,6 +8,10 @@ dcp`, `reshard`, `convert --to dcp` carry it through elastickit's format; a new 
 loads the result through its own `initial_load_path` (every state, strict keys) and its steps 5-8
 equal the uninterrupted run's bit for bit. Before DCP conversions kept every entry, this load
 failed with "Missing key in checkpoint state_dict: dataloader.dp_rank_0".
+
+With `ElastickitCheckpointManager` as torchtitan's checkpoint manager (lazy multi-tier saves), a
+SIGKILL from outside mid-run, then the same command again, ends bit-exact with an uninterrupted
+run; the elastickit checkpoint converted `--to dcp` resumes under torchtitan's own manager too.
 
 Not run by ./scripts/test: the [torchtitan] extra brings about 1.5 GB (triton, which torchtitan
 imports without declaring it, datasets, pyarrow, pandas, tensorboard, wandb). Run it with
@@ -62,3 +67,35 @@ def test_a_torchtitan_checkpoint_through_elastickit_resumes_bit_exact(tmp_path):
         losses_a, losses_b = a.pop("losses"), b.pop("losses")
         assert losses_a[4:] == losses_b
         _kill.assert_same(a, b, f"rank {r}")
+
+
+@pytest.fixture(scope="module")
+def launcher():
+    with _kill.Launcher(SCRIPT, preload=["elastickit.integrations.torchtitan"]) as la:
+        yield la
+
+
+def _same(full: str, other: str, resumed_at: int) -> None:
+    for r in range(2):
+        a = torch.load(os.path.join(full, f"final-{r}.pt"), weights_only=False)
+        b = torch.load(os.path.join(other, f"final-{r}.pt"), weights_only=False)
+        assert (a.pop("begin"), b.pop("begin")) == (0, resumed_at)
+        losses_a, losses_b = a.pop("losses"), b.pop("losses")
+        assert losses_a[resumed_at:] == losses_b
+        _kill.assert_same(a, b, f"rank {r}")
+
+
+@pytest.mark.timeout(900)
+def test_elastickit_as_torchtitans_checkpointer_sigkill_then_rerun(launcher, tmp_path):
+    full, out, titan = str(tmp_path / "full"), str(tmp_path / "cut"), str(tmp_path / "titan")
+    args = ("--steps", "8", "--interval", "2", "--manager", "ek")
+    launcher.run(2, "--out", full, *args, logs=full)
+    committed = launcher.run_and_kill(2, out, os.path.join(out, "ek"), wait_step=4,
+                                      args=("--out", out, *args, "--block-at", "5"), torchrun=True)
+    assert committed[-1] == 4
+    _cli("convert", os.path.join(out, "ek"), str(tmp_path / "dcp"), "--to", "dcp")
+    launcher.run(2, "--out", out, *args, logs=out)  # the same command again
+    _same(full, out, resumed_at=4)
+    # The elastickit checkpoint, as DCP, under torchtitan's own checkpoint manager.
+    launcher.run(2, "--out", titan, "--steps", "8", "--interval", "2", "--load", str(tmp_path / "dcp"), logs=titan)
+    _same(full, titan, resumed_at=4)

@@ -4,8 +4,10 @@ rank's state pickled into bytes) and its DCP `CheckpointManager` with a train st
 torchtitan's Trainer runs.
 
     torchrun --nproc-per-node 2 torchtitan_train.py --out OUT --steps 8 --interval 4 [--load DCP_DIR]
+        [--manager dcp|ek] [--block-at K]
 
-Writes OUT/checkpoint/step-N (torchtitan's own DCP checkpoints) and OUT/final-<rank>.pt (every
+With `--manager ek` its checkpoint manager is elastickit's (`ElastickitCheckpointManager`, root
+OUT/ek). Writes OUT/checkpoint/step-N (torchtitan's own DCP checkpoints) and OUT/final-<rank>.pt (every
 state, DTensors made whole). With --load it resumes from DCP_DIR through torchtitan's
 `initial_load_path` (all states, not the model only), as a run moved to a converted checkpoint.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 
 import torch
 import torch.distributed as dist
@@ -98,10 +101,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--interval", type=int, default=4)
     p.add_argument("--load", default=None)
+    p.add_argument("--manager", default="dcp", choices=["dcp", "ek"])
+    p.add_argument("--block-at", type=int, default=-1)
     a = p.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, f"pid-{rank}"), "w") as f:
+        f.write(str(os.getpid()))
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp_shard",))
     torch.manual_seed(0)
     cfg = model_registry("debugmodel").model
@@ -121,10 +129,16 @@ def main() -> None:
                                                                        training_steps=a.steps)
     loader = ParallelAwareDataloader(Tokens(rank, vocab), dp_rank=rank, dp_world_size=world, batch_size=2)
     train_state = TrainState()
-    checkpointer = CheckpointManager.Config(
-        enable=True, folder="checkpoint", interval=a.interval, last_save_model_only=False,
-        initial_load_path=a.load, initial_load_model_only=False,
-    ).build(dataloader=loader, model_parts=[model], optimizers=optimizers, lr_schedulers=schedulers,
+    if a.manager == "ek":  # elastickit's lazy tiers as torchtitan's checkpointer
+        from elastickit.integrations.torchtitan import ElastickitCheckpointManager
+
+        config = ElastickitCheckpointManager.Config(enable=True, folder="ek", interval=a.interval)
+    else:
+        config = CheckpointManager.Config(
+            enable=True, folder="checkpoint", interval=a.interval, last_save_model_only=False,
+            initial_load_path=a.load, initial_load_model_only=False,
+        )
+    checkpointer = config.build(dataloader=loader, model_parts=[model], optimizers=optimizers, lr_schedulers=schedulers,
             states={"train_state": train_state}, sd_adapter=None, base_folder=a.out)
     checkpointer.load(step=-1)
     begin = train_state.step
@@ -143,6 +157,9 @@ def main() -> None:
         train_state.ntokens_seen += y.numel()
         losses.append(loss.item())
         checkpointer.save(train_state.step, last_step=train_state.step == a.steps)
+        if train_state.step == a.block_at:  # a stand-in for a long step: the test kills us here
+            open(os.path.join(a.out, f"blocked-{rank}"), "w").close()
+            threading.Event().wait()
     checkpointer.close()
     final = {
         "begin": begin,
