@@ -22,8 +22,13 @@ Blocking per checkpoint, measured on the training thread where it happens:
 Only checkpoints followed by an optimizer step count (the fence belongs to that step).
 
     .venv/bin/python benchmarks/bench_integrations.py [--steps 61] [--every 3] [--workloads lm,mlp]
+    python benchmarks/bench_integrations.py --frameworks torchtitan --workloads titan --name integrations-torchtitan
+    EK_BENCH_TITAN_ASYNC=disabled python benchmarks/bench_integrations.py ... --name integrations-torchtitan-sync
 
-writes benchmarks/results/integrations.md and .json, with the machine's load average.
+writes benchmarks/results/NAME.md and .json, with the machine's load average. The torchtitan run
+needs the [torchtitan] extra (torchtitan 0.3.0 and the triton it imports); its own checkpoints are
+DCP `async_save` (torchtitan's fastest mode), whose blocking is the save call plus its wait for
+the previous save's staging before the next step.
 """
 
 from __future__ import annotations
@@ -65,17 +70,22 @@ class _Timing:
         if self.followed and not self.followed[-1]:
             self.followed[-1] = True
 
-    def wrap_save(self, fn):
+    def wrap_save(self, fn, keep=lambda _result: True):
+        """Time `fn`; count the calls for which `keep(result)` (torchtitan's save(step) is called
+        every step and returns whether it saved)."""
         def timed(*a, **k):
             t0 = time.perf_counter()
             self._in_save = True
+            result = None
             try:
-                return fn(*a, **k)
+                result = fn(*a, **k)
+                return result
             finally:
                 self._in_save = False
-                self.saves.append(time.perf_counter() - t0)
-                self.fences.append(0.0)
-                self.followed.append(False)
+                if keep(result):
+                    self.saves.append(time.perf_counter() - t0)
+                    self.fences.append(0.0)
+                    self.followed.append(False)
         return timed
 
     def wrap_fence(self, fn):
@@ -275,10 +285,77 @@ def _accelerate(workload: str, mode: str, out: str, steps: int, every: int) -> d
     return {**timing.result(), "params": sum(p.numel() for p in model.parameters())}
 
 
+def _torchtitan(workload: str, mode: str, out: str, steps: int, every: int) -> dict:
+    """torchtitan 0.3.0's own components (llama3 debug model under FSDP2 on one rank, its
+    optimizer, scheduler and dataloader), in the loop its trainer runs, with its DCP
+    CheckpointManager (`async_mode` from EK_BENCH_TITAN_ASYNC: "async", DCP async_save, its
+    fastest, by default; "disabled", its default, saves synchronously) or elastickit's."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torchtitan.components.checkpointer import CheckpointManager
+    from torchtitan.components.dataloader import ParallelAwareDataloader
+    from torchtitan.components.optimizer.lr_scheduler import LRSchedulersContainer
+    from torchtitan.components.optimizer.optimizer import default_adamw
+    from torchtitan.models.llama3 import model_registry
+
+    sys.path.insert(0, os.path.join(ROOT, "tests", "integrations"))
+    import torchtitan_train as tt  # the CPU shims (dense attention), its dataset and train state
+
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out, 'pg')}", rank=0, world_size=1)
+    timing = _Timing()
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = model_registry("debugmodel").model.build()
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in model.layers.values():
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.init_states()
+    optimizers = default_adamw(lr=8e-4).build(model_parts=[model])
+    schedulers = LRSchedulersContainer.Config(warmup_steps=2).build(optimizers=optimizers, training_steps=steps)
+    vocab = model.tok_embeddings.weight.shape[0]
+    loader = ParallelAwareDataloader(tt.Tokens(0, vocab), dp_rank=0, dp_world_size=1, batch_size=2)
+    if mode == "ek":
+        from elastickit.integrations.torchtitan import ElastickitCheckpointManager
+
+        config = ElastickitCheckpointManager.Config(enable=True, folder="ek", interval=every)
+    else:
+        config = CheckpointManager.Config(enable=True, folder="ckpt", interval=every, last_save_model_only=False,
+                                          async_mode=os.environ.get("EK_BENCH_TITAN_ASYNC", "async"))
+    ckm = config.build(dataloader=loader, model_parts=[model], optimizers=optimizers, lr_schedulers=schedulers,
+                       states={"train_state": tt.TrainState()}, sd_adapter=None, base_folder=out)
+    # torchtitan waits for the previous save's staging before each optimizer step (elastickit's
+    # fence is the same wait).
+    ckm.maybe_wait_for_staging = timing.wrap_fence(ckm.maybe_wait_for_staging)
+    timing.hook(optimizers)
+    save = timing.wrap_save(ckm.save, keep=bool)
+    batches = iter(loader)
+    for step in range(1, steps + 1):  # torchtitan's Trainer.train_step, in short
+        x, y = next(batches)
+        pos = torch.arange(x.shape[1]).repeat(x.shape[0], 1)
+        loss = F.cross_entropy(model(x, pos, model.get_attention_masks(pos)).flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        ckm.maybe_wait_for_staging()
+        optimizers.step()
+        schedulers.step()
+        optimizers.zero_grad()
+        save(step, last_step=step == steps)
+    ckm.close()
+    dist.destroy_process_group()
+    return {**timing.result(), "params": sum(p.numel() for p in model.parameters())}
+
+
 RUNS = {"hf": ("Hugging Face Trainer", _hf, "`save_strategy=\"steps\"`"),
         "lightning": ("Lightning", _lightning, "`ModelCheckpoint(every_n_train_steps)`"),
-        "accelerate": ("Accelerate", _accelerate, "`accelerator.save_state(dir)`")}
-WORKLOADS = {"lm": "GPT-2 LM, 2x64 tokens/step", "mlp": "MLP, 8 samples/step"}
+        "accelerate": ("Accelerate", _accelerate, "`accelerator.save_state(dir)`"),
+        "torchtitan": ("torchtitan 0.3.0", _torchtitan, "`CheckpointManager` (DCP)")}
+WORKLOADS = {"lm": "GPT-2 LM, 2x64 tokens/step", "mlp": "MLP, 8 samples/step",
+             "titan": "llama3 debug model, FSDP2, 2x32 tokens/step"}
 
 
 def _one(framework: str, workload: str, mode: str, out: str, steps: int, every: int) -> None:
@@ -301,6 +378,7 @@ def main() -> None:
     p.add_argument("--frameworks", default="hf,lightning,accelerate")
     p.add_argument("--workloads", default="lm,mlp")
     p.add_argument("--one", nargs=4, metavar=("FRAMEWORK", "WORKLOAD", "MODE", "OUT"))
+    p.add_argument("--name", default="integrations", help="results file name (results/NAME.md, .json)")
     a = p.parse_args()
     if a.one:
         _one(*a.one, a.steps, a.every)
@@ -345,7 +423,7 @@ def main() -> None:
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "steps": a.steps, "every": a.every,
             "torch_threads": 1, "loadavg_before": load_before, "loadavg_after": load_after,
             "date": time.strftime("%Y-%m-%d %H:%M")}
-    with open(os.path.join(HERE, "results", "integrations.json"), "w") as f:
+    with open(os.path.join(HERE, "results", f"{a.name}.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
     saves = len(next(iter(next(iter(results.values())).values()))["ek"]["blocking_s"])
     md = [
@@ -367,7 +445,7 @@ def main() -> None:
         " optimizer step takes most of a step, so the copy has little to overlap and the fence waits for"
         " the rest of it.",
     ]
-    with open(os.path.join(HERE, "results", "integrations.md"), "w") as f:
+    with open(os.path.join(HERE, "results", f"{a.name}.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))
 
