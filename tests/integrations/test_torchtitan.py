@@ -13,8 +13,8 @@ With `ElastickitCheckpointManager` as torchtitan's checkpoint manager (lazy mult
 SIGKILL from outside mid-run, then the same command again, ends bit-exact with an uninterrupted
 run; the elastickit checkpoint converted `--to dcp` resumes under torchtitan's own manager too.
 
-Not run by ./scripts/test: the [torchtitan] extra brings about 1.5 GB (triton, which torchtitan
-imports without declaring it, datasets, pyarrow, pandas, tensorboard, wandb). Run it with
+./scripts/test installs the [torchtitan] extra (about 1.5 GB: triton, which torchtitan imports
+without declaring it, datasets, pyarrow, pandas, tensorboard, wandb); elsewhere
 `pip install 'elastickit[torchtitan]'` then `pytest tests/integrations/test_torchtitan.py`.
 The same conversion on torchtitan's exact keys and value types runs in CI without torchtitan
 (tests/unit/test_dcp_fidelity.py).
@@ -32,7 +32,7 @@ from typer.testing import CliRunner
 
 from tests.integrations import _kill
 
-_kill.needs("torchtitan", "needs torchtitan==0.3.0 (pip install 'elastickit[torchtitan]'; not installed by ./scripts/test)")
+_kill.needs("torchtitan", "needs torchtitan==0.3.0 (pip install 'elastickit[torchtitan]'; ./scripts/test installs it)")
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 SCRIPT = os.path.join(os.path.dirname(__file__), "torchtitan_train.py")
