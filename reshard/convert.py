@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from elastickit.checkpoint.errors import RequestError
+from elastickit.checkpoint.errors import ElastickitError, RequestError
 from elastickit.checkpoint.manifest import DTYPE_SIZES, LayoutRecord
 
 if TYPE_CHECKING:
@@ -81,7 +81,16 @@ def convert(
         raise RequestError(f"--max-shard-size must be positive, got {max_shard_bytes} bytes")
     check_destination(src, dst)  # before a byte of the source is read
     fmt = detect_format(src) if source == "auto" else source
-    reader = open_source(src, fmt, **options)
+    try:
+        reader = open_source(src, fmt, **options)
+    except ElastickitError:
+        actual = _detected(src)
+        if actual is None or actual == fmt:
+            raise
+        raise RequestError(
+            f"{src} is a {actual} checkpoint, not {fmt}; use --from {actual} (or leave --from out)",
+            path=src,
+        ) from None
     if on_progress is not None:
         names = list(reader.tensors())
         total = len(model_weights(names)) if target == "safetensors" else len(names)
@@ -135,6 +144,16 @@ class _Counting:
 
     def close(self) -> None:
         self.inner.close()
+
+
+def _detected(path: str) -> str | None:
+    """The format `path` is, by the registered detectors (None when none accepts it)."""
+    from .adapters.registry import detect_format
+
+    try:
+        return detect_format(path)
+    except RequestError:
+        return None
 
 
 def _to_deepspeed_universal(src: str, dst: str, source: str, *, tag: str | None = None,

@@ -55,3 +55,13 @@ def test_foreign_checkpoints_name_their_format(tmp_path, make, fmt, name):
 def test_an_empty_folder_is_still_no_checkpoint(tmp_path):
     res = CliRunner().invoke(app, ["inspect", str(tmp_path)])
     assert res.exit_code == 1 and "holds no committed checkpoint" in res.output
+
+
+@pytest.mark.parametrize("wrong", ["elastickit", "deepspeed"])
+def test_convert_from_the_wrong_format_names_the_right_one(tmp_path, wrong):
+    src = tmp_path / "src"
+    _dcp(src)
+    res = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "out"), "--from", wrong])
+    assert res.exit_code == 2, res.output
+    assert res.output == f"error: {src} is a dcp checkpoint, not {wrong}; use --from dcp (or leave --from out)\n"
+    assert not (tmp_path / "out").exists()
