@@ -88,7 +88,41 @@ def run_key(root: str) -> str:
             "start a new run (node-local checkpoints of the old one are then ignored)",
             path=path,
         ) from e
+    return _key(run_id, root)
+
+
+def _key(run_id: str, root: str) -> str:
     return hashlib.sha256(f"{run_id}\0{os.path.realpath(root)}".encode()).hexdigest()[:16]
+
+
+def existing_run_key(root: str) -> str | None:
+    """The key of the run whose checkpoints `root` holds, without creating anything: None when
+    the root names no run (yet) or its run file is unreadable. For readers (the dashboard)."""
+    try:
+        with open(os.path.join(root, RUN_FILE), encoding="utf-8") as f:
+            return _key(str(json.load(f)["run_id"]), root)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def local_run_dirs(base: str) -> dict[str, str]:
+    """The run directories in node-local tier directory `base`: path -> the root its `run.json`
+    names ("" when unreadable)."""
+    out: dict[str, str] = {}
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        return out
+    for name in names:
+        path = os.path.join(base, name)
+        if not name.startswith("run-") or not os.path.isdir(path):
+            continue
+        try:
+            with open(os.path.join(path, RUN_INFO), encoding="utf-8") as f:
+                out[path] = str(json.load(f).get("root", ""))
+        except (OSError, ValueError, AttributeError):
+            out[path] = ""
+    return out
 
 
 @dataclass(slots=True)

@@ -12,6 +12,9 @@
    global batch) and every global sample is checked to be used exactly once;
 5. the MTTR table: each recovery by phase.
 
+Its run directory is kept (`runs/demo` by default; `prepare_run_dir` replaces the previous demo
+run there) for `elastickit dashboard` and `elastickit top` to show afterwards.
+
 `run_checkpoints` is the checkpoint story:
 
 1. Train the reference GPT on 2 ranks (dp=2, FSDP2) without interruption: the reference losses.
@@ -128,6 +131,30 @@ ELASTIC_NODES = 4
 ELASTIC_STEPS = 120
 KILL_AT = 20
 GLOBAL_BATCH = 24
+DEMO_RUN = os.path.join("runs", "demo")
+DEMO_MARK = ".elastickit-demo"
+"""A file in the demo's run directory: a later demo may replace that directory, nothing else."""
+
+
+def prepare_run_dir(path: str) -> str:
+    """Make `path` the demo's fresh, empty run directory (its absolute path): a previous demo
+    run there is replaced; a directory holding anything else is refused (RequestError), never
+    emptied."""
+    from elastickit.checkpoint.errors import RequestError
+
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RequestError(f"{path} is a file; the demo keeps its run in a directory: move it away "
+                           "or give --workdir DIR", path=path)
+    if os.path.isdir(path) and os.listdir(path):
+        if not os.path.exists(os.path.join(path, DEMO_MARK)):
+            raise RequestError(f"{path} holds files that are not an elastickit demo run (no {DEMO_MARK}); "
+                               "remove it or give --workdir DIR", path=path)
+        shutil.rmtree(path)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, DEMO_MARK), "w", encoding="utf-8") as f:
+        f.write("made by `elastickit demo`; the next demo replaces this directory\n")
+    return path
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -138,6 +165,8 @@ class Story:
     recoveries: list[dict[str, Any]]
     curve: list[tuple[int, int, float, float]]
     """(step, world size, loss, loss of the run without failures) every 10 steps."""
+    run_dir: str = ""
+    """The run directory, kept for `elastickit dashboard` and `elastickit top`."""
 
 
 def reference_losses(steps: int, global_batch: int = GLOBAL_BATCH) -> list[float]:
@@ -152,15 +181,14 @@ def reference_losses(steps: int, global_batch: int = GLOBAL_BATCH) -> list[float
     return [job.train_step(s) for s in range(steps)]
 
 
-def run(workdir: str | None = None, on_stage: Callable[[Stage], None] = lambda s: None,
+def run(run_dir: str = DEMO_RUN, on_stage: Callable[[Stage], None] = lambda s: None,
         on_line: Callable[[str], None] = lambda s: None) -> Story:
-    """The elastic story (see the module docstring)."""
+    """The elastic story (see the module docstring) in run directory `run_dir`, which is kept
+    (a previous demo run there is replaced; see `prepare_run_dir`)."""
     from elastickit.elastic.rundir import read_recoveries, read_steps
     from elastickit.elastic.simulate import Cluster, SimRequest, parse_node_fault, worker_flags
 
-    own = workdir is None
-    tmp = tempfile.mkdtemp(prefix="elastickit-demo-") if own else workdir
-    run_dir = os.path.join(tmp, "run")
+    run_dir = prepare_run_dir(run_dir)
     stages: list[Stage] = []
 
     def stage(title: str, ok: bool, detail: str, t0: float) -> None:
@@ -168,52 +196,48 @@ def run(workdir: str | None = None, on_stage: Callable[[Stage], None] = lambda s
         stages.append(s)
         on_stage(s)
 
-    try:
-        t0 = time.perf_counter()
-        req = SimRequest(
-            nodes=ELASTIC_NODES,
-            run=run_dir,
-            worker_args=worker_flags(steps=ELASTIC_STEPS, global_batch=GLOBAL_BATCH, micro_batch=2),
-            faults=(parse_node_fault(f"killnode:node=1:step={KILL_AT}", ELASTIC_NODES),),
-            rejoin_after_s=1.0,
-            quiet=True,
-        )
-        code = Cluster(req, on_line=on_line).run(timeout_s=600)
-        rows = read_steps(run_dir)
-        recs = read_recoveries(os.path.join(run_dir, "events.jsonl"))
-        worlds = [r["world_size"] for r in rows]
-        stage(f"{ELASTIC_NODES} simulated nodes train {ELASTIC_STEPS} steps; node 1 is killed (SIGKILL to its "
-              f"process group) after step {KILL_AT} and comes back", code == 0 and len(rows) == ELASTIC_STEPS,
-              f"every step done; world sizes {_runs(worlds)}", t0)
-        kill = next((r for r in recs if r["cause"] == "killnode"), None)
-        join = next((r for r in recs if r["cause"] == "join"), None)
-        t1 = time.perf_counter()
-        if kill is not None:
-            stage(f"the survivors went on at {kill['new_layout']} (grad_accum {kill.get('grad_accum')}) in-process",
-                  True, f"{kill['mttr_s']:.2f} s from the kill to the first step on the new layout; restored step "
-                  f"{kill['restore']['step']} from the {kill['restore']['tier']} tier, {kill['lost_steps']} step(s) redone", t1)
-        else:
-            stage("the survivors went on without the killed node", False, "no recovery event was written", t1)
-        if join is not None:
-            stage(f"node {join['node']} came back; the job grew back to {join['new_layout']}", True,
-                  f"{join['mttr_s']:.2f} s from the agreed step to the first step at {join['world_size']} ranks", t1)
-        else:
-            stage("the node came back and the job grew back", False,
-                  "the node was not back before the last step (a loaded machine starts processes slowly)", t1)
-        t2 = time.perf_counter()
-        ref = reference_losses(ELASTIC_STEPS)
-        worst = max((abs(r["loss"] - ref[r["step"] - 1]) / abs(ref[r["step"] - 1]) for r in rows), default=1.0)
-        stage("the loss continues the uninterrupted curve (one process, the same global batch)", worst <= 5e-5,
-              f"largest relative difference {worst:.1e} over {len(rows)} steps (tolerance 5e-5: the sums of another layout)", t2)
-        tiles = [tuple(r["samples"]) for r in rows] == [(i * GLOBAL_BATCH, (i + 1) * GLOBAL_BATCH) for i in range(len(rows))]
-        stage("every global sample used exactly once in the final trajectory", tiles,
-              f"samples 0..{len(rows) * GLOBAL_BATCH - 1} in order, none skipped or repeated" if tiles else
-              "the steps' sample ranges do not tile the data", t2)
-        curve = [(r["step"], r["world_size"], r["loss"], ref[r["step"] - 1]) for r in rows if r["step"] % 10 == 0]
-        return Story(stages=stages, recoveries=recs, curve=curve)
-    finally:
-        if own:
-            shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.perf_counter()
+    req = SimRequest(
+        nodes=ELASTIC_NODES,
+        run=run_dir,
+        worker_args=worker_flags(steps=ELASTIC_STEPS, global_batch=GLOBAL_BATCH, micro_batch=2),
+        faults=(parse_node_fault(f"killnode:node=1:step={KILL_AT}", ELASTIC_NODES),),
+        rejoin_after_s=1.0,
+        quiet=True,
+    )
+    code = Cluster(req, on_line=on_line).run(timeout_s=600)
+    rows = read_steps(run_dir)
+    recs = read_recoveries(os.path.join(run_dir, "events.jsonl"))
+    worlds = [r["world_size"] for r in rows]
+    stage(f"{ELASTIC_NODES} simulated nodes train {ELASTIC_STEPS} steps; node 1 is killed (SIGKILL to its "
+          f"process group) after step {KILL_AT} and comes back", code == 0 and len(rows) == ELASTIC_STEPS,
+          f"every step done; world sizes {_runs(worlds)}", t0)
+    kill = next((r for r in recs if r["cause"] == "killnode"), None)
+    join = next((r for r in recs if r["cause"] == "join"), None)
+    t1 = time.perf_counter()
+    if kill is not None:
+        stage(f"the survivors went on at {kill['new_layout']} (grad_accum {kill.get('grad_accum')}) in-process",
+              True, f"{kill['mttr_s']:.2f} s from the kill to the first step on the new layout; restored step "
+              f"{kill['restore']['step']} from the {kill['restore']['tier']} tier, {kill['lost_steps']} step(s) redone", t1)
+    else:
+        stage("the survivors went on without the killed node", False, "no recovery event was written", t1)
+    if join is not None:
+        stage(f"node {join['node']} came back; the job grew back to {join['new_layout']}", True,
+              f"{join['mttr_s']:.2f} s from the agreed step to the first step at {join['world_size']} ranks", t1)
+    else:
+        stage("the node came back and the job grew back", False,
+              "the node was not back before the last step (a loaded machine starts processes slowly)", t1)
+    t2 = time.perf_counter()
+    ref = reference_losses(ELASTIC_STEPS)
+    worst = max((abs(r["loss"] - ref[r["step"] - 1]) / abs(ref[r["step"] - 1]) for r in rows), default=1.0)
+    stage("the loss continues the uninterrupted curve (one process, the same global batch)", worst <= 5e-5,
+          f"largest relative difference {worst:.1e} over {len(rows)} steps (tolerance 5e-5: the sums of another layout)", t2)
+    tiles = [tuple(r["samples"]) for r in rows] == [(i * GLOBAL_BATCH, (i + 1) * GLOBAL_BATCH) for i in range(len(rows))]
+    stage("every global sample used exactly once in the final trajectory", tiles,
+          f"samples 0..{len(rows) * GLOBAL_BATCH - 1} in order, none skipped or repeated" if tiles else
+          "the steps' sample ranges do not tile the data", t2)
+    curve = [(r["step"], r["world_size"], r["loss"], ref[r["step"] - 1]) for r in rows if r["step"] % 10 == 0]
+    return Story(stages=stages, recoveries=recs, curve=curve, run_dir=run_dir)
 
 
 def _runs(values: list[int]) -> str:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import sys
+
 import typer
 
 from ._console import err, out
@@ -10,7 +15,11 @@ from ._errors import handled
 
 @handled
 def demo(
-    workdir: str | None = typer.Option(None, "--workdir", help="Keep the run's files here (default: a temporary folder)."),
+    workdir: str | None = typer.Option(
+        None, "--workdir",
+        help="Keep the run here, in WORKDIR/run (default: runs/demo; the next demo replaces it). "
+        "With --checkpoints: the checkpoints (default: a temporary folder).",
+    ),
     checkpoints: bool = typer.Option(
         False, "--checkpoints", help="The checkpoint story instead: resume bit-exactly, reshard, verify."
     ),
@@ -35,17 +44,49 @@ def demo(
             raise typer.Exit(1)
         out.print("[bold green]demo passed[/bold green]")
         return
-    from elastickit.demo import ELASTIC_NODES, run
+    from elastickit.demo import DEMO_RUN, ELASTIC_NODES, prepare_run_dir, run
 
+    run_dir = prepare_run_dir(os.path.join(workdir, "run") if workdir else DEMO_RUN)
     out.print(f"[bold]elastickit demo[/bold]: elastic recovery of a tiny GPT (FSDP2) on {ELASTIC_NODES} simulated "
-              "nodes, each a torchrun elastic agent with one worker (gloo, this machine)")
-    with out.status("training (the nodes start in a few seconds)...") as status:
-        story = run(workdir, on_stage=show, on_line=lambda s: status.console.print(f"      [dim]{s}[/dim]"))
-    _mttr_table(story.recoveries)
-    _curve(story.curve)
+              f"nodes, each a torchrun elastic agent with one worker (gloo, this machine); run directory {_shown(run_dir)}")
+    try:
+        with out.status("training (the nodes start in a few seconds)...") as status:
+            story = run(run_dir, on_stage=show, on_line=lambda s: status.console.print(f"      [dim]{s}[/dim]"))
+        _mttr_table(story.recoveries)
+        _curve(story.curve)
+    finally:
+        for line in look_lines(run_dir):
+            out.print(line, markup=False, highlight=False)
     if not all(s.ok for s in story.stages):
         raise typer.Exit(1)
     out.print("[bold green]demo passed[/bold green]")
+
+
+def look_lines(run_dir: str) -> list[str]:
+    """Where the demo's run is kept and the commands that show it (runnable as printed: the
+    executable as this process was started when `elastickit` on PATH is another one)."""
+    run = shlex.quote(_shown(run_dir))
+    exe = _executable()
+    return [
+        f"the run is kept in {run} (steps.jsonl, events.jsonl with the recoveries, nodes.json, ckpt/, local/); see it with:",
+        f"  {exe} dashboard {run}    # the health page on http://127.0.0.1:8765/ (the killed node, the recovery by phase, each tier's recovery point)",
+        f"  {exe} top {run}          # the same in this terminal",
+        f"  {exe} ls {run}           # its checkpoints and the MTTR of each recovery",
+    ]
+
+
+def _shown(path: str) -> str:
+    """`path` relative to the working directory when inside it, else absolute."""
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith(os.pardir) else os.path.abspath(path)
+
+
+def _executable() -> str:
+    me = os.path.realpath(sys.argv[0]) if sys.argv and os.path.basename(sys.argv[0]) == "elastickit" else ""
+    found = shutil.which("elastickit")
+    if not me or (found and os.path.realpath(found) == me):
+        return "elastickit"
+    return shlex.quote(_shown(sys.argv[0]))
 
 
 def _mttr_table(recs: list[dict]) -> None:

@@ -54,7 +54,8 @@ def render(summary: dict[str, Any]) -> Any:
     rate = f"{job['step_rate']:.2f} steps/s" if job.get("step_rate") else "-"
     since = _s(job["since_failure_s"]) + " ago" if job.get("since_failure_s") is not None else "none"
     head.append(f"step {job['step'] if job['step'] is not None else '-'}   layout {job['layout'] or '-'}"
-                f" ({job['world_size'] or '?'} ranks)   {rate}   ETTR {ettr}   last failure {since}")
+                f" ({job['world_size'] or '?'} ranks)   {rate}   ETTR {ettr}   last failure {since}"
+                + ("   run finished" if job.get("finished") else ""))
     parts: list[Any] = [head]
     for a in job["alerts"]:
         parts.append(Text(f"{a['level']}: {a['text']}", style=LEVEL.get(a["level"], "")))

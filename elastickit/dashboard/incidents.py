@@ -126,6 +126,10 @@ def _incident(group: list[Mapping[str, Any]], r: Recovery | None, logs: RunLogs)
         status = "not recovered"
     kind = "join" if r is not None and not r.is_failure else "failure"
     cause = r.cause if r is not None else str(first.get("type")) if first else ""
+    # Without the monitor's finding, the recovery says when: the last step done before the
+    # failure is the restored one plus the steps redone.
+    after = (r.restore_step + r.lost_steps if first is None and r is not None and r.is_failure
+             and r.restore_step is not None else None)
     return {
         "time": t,
         "kind": kind,
@@ -134,24 +138,33 @@ def _incident(group: list[Mapping[str, Any]], r: Recovery | None, logs: RunLogs)
         "node": node,
         "host": evidence.get("host") if isinstance(evidence, dict) else None,
         "step": first.get("step") if first is not None else None,
+        "after_step": after,
         "finding": _finding(first) if first is not None else None,
         "followed_by": [_finding(e) for e in group[1:]],
         "status": status,
         "recovery": recovery,
         "cost_s": round(cost, 3),
-        "summary": _summary(kind, cause, ranks, node, first, r),
+        "summary": _summary(kind, cause, ranks, node, first, r, after),
     }
 
 
+# How a node fault injected from outside (`elastickit train --inject killnode|stopnode`) reads.
+NODE_CAUSES = {"killnode": "killed (SIGKILL)", "stopnode": "hung (SIGSTOP)"}
+
+
 def _summary(kind: str, cause: str, ranks: list[int], node: int | None,
-             first: Mapping[str, Any] | None, r: Recovery | None) -> str:
+             first: Mapping[str, Any] | None, r: Recovery | None, after: int | None) -> str:
     who = f"rank{'s' if len(ranks) != 1 else ''} {', '.join(map(str, ranks))}" if ranks else "a rank"
     where = f" on node {node}" if node is not None else ""
     if kind == "join":
         text = f"node {node} joined ({who})" if node is not None else f"{who} joined"
     else:
         step = first.get("step") if first is not None else None
-        text = f"{cause}: {who}{where}" + (f" at step {step}" if isinstance(step, int) else "")
+        if cause in NODE_CAUSES and node is not None:
+            text = f"node {node} {NODE_CAUSES[cause]}: {who}"
+        else:
+            text = f"{cause}: {who}{where}"
+        text += f" at step {step}" if isinstance(step, int) else f" after step {after}" if after is not None else ""
         if first is not None and first.get("type") == "hang" and first.get("op"):
             text += f" (never entered {first['op']} seq {first.get('seq')})"
     if r is not None and r.old_layout and r.new_layout and r.old_layout != r.new_layout:

@@ -147,6 +147,8 @@ def job_panel(logs: RunLogs, *, now: float, live: Sequence[dict[str, Any]] | Non
         "label": logs.sources.label,
         "health": health,
         "active": newest is not None and now - newest <= quiet_after,
+        # Every simulated node's agent exited cleanly: the job ran to its last step.
+        "finished": bool(logs.nodes) and all(n.get("state") == "done" for n in logs.nodes),
         "step": current,
         "layout": last.get("layout"),
         "world_size": world,

@@ -3,7 +3,10 @@ restore step N from tier T".
 
 `scan_tiers` reads the tiers' contents from disk (the persistent root's committed steps; each
 node's local directory: manifests, its own rank files and the peer copies of its buddy's);
-`what_if` is pure over that scan. It asks the question exactly as a restore would, with
+`what_if` is pure over that scan. A Checkpointer keeps each run's node-local checkpoints in a
+directory of their own (`<local path>/run-<key>/`, see `elastickit.checkpoint.runs`): the scan
+reads the one of this run (the key of the persistent root's run id), not whatever else the node's
+storage holds. It asks the question exactly as a restore would, with
 `elastickit.checkpoint.recover.candidates` over the inventories of the nodes that would
 survive, so the answer is the checkpoint the survivors would actually load (memory snapshots
 live inside the processes and are not counted: a lost node takes its ranks' with it).
@@ -16,6 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .logs import RunSources
+
+# nodes.json states whose node still holds its local tier (killed, stopped, fenced and failed
+# nodes do not count: their storage is gone or out of reach).
+UP_STATES = ("", "running", "rejoining", "spare", "done")
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeTier:
@@ -35,7 +43,9 @@ class NodeTier:
 
     @property
     def up(self) -> bool:
-        return self.state in ("", "running")
+        """The node and its storage are there: running, waiting to join, or finished cleanly
+        (a finished run's node-local checkpoints stay until the node is lost)."""
+        return self.state in UP_STATES
 
     def committed_steps(self) -> list[int]:
         """Steps whose manifest this directory holds, oldest first."""
@@ -78,12 +88,44 @@ def scan_tiers(sources: RunSources, nodes: tuple[dict[str, Any], ...]) -> TierCo
             paths[idx] = local if os.path.isabs(local) else os.path.join(base, local)
     found = []
     for idx in sorted(set(paths) | set(states)):
-        path = paths.get(idx, "")
+        path = _this_run(paths.get(idx, ""), sources.ckpt_root, base)
         inv = local_inventory(path) if path and os.path.isdir(path) else {}
         found.append(NodeTier(node=idx, path=path, state=states.get(idx, ""), inventory=inv))
     return TierContents(
         persistent_root=sources.ckpt_root, persistent_steps=persistent, nodes=tuple(found)
     )
+
+
+def _this_run(path: str, ckpt_root: str, run_dir: str) -> str:
+    """The directory of this run's checkpoints in node-local tier directory `path` ("" when it
+    holds none of this run's).
+
+    `path` itself when it holds step directories (a layout without run keys); else its
+    `run-<key>` directory: the key of the persistent root's run id (what a restore reads), or the
+    one whose `run.json` names this root; else, when `path` lies inside the run directory (as
+    `elastickit train --nodes` keeps it) and holds a single run directory, that one: the run
+    directory was moved or copied (the key hashes the root's real path), its tiers with it."""
+    from elastickit.checkpoint.manifest import STEP_DIR_RE
+    from elastickit.checkpoint.runs import existing_run_key, local_run_dirs
+
+    if not path or not os.path.isdir(path):
+        return path
+    if any(STEP_DIR_RE.match(n) for n in os.listdir(path)):
+        return path
+    runs = local_run_dirs(path)
+    if not runs:
+        return path
+    key = existing_run_key(ckpt_root) if ckpt_root else None
+    if key and os.path.join(path, f"run-{key}") in runs:
+        return os.path.join(path, f"run-{key}")
+    root = os.path.realpath(ckpt_root) if ckpt_root else ""
+    named = [p for p, r in runs.items() if root and r == root]
+    if len(named) == 1:
+        return named[0]
+    inside = run_dir and os.path.realpath(path).startswith(os.path.realpath(run_dir) + os.sep)
+    if inside and len(runs) == 1:
+        return next(iter(runs))
+    return ""
 
 
 def restore_point(contents: TierContents, lost: set[int]) -> dict[str, Any]:
@@ -128,14 +170,17 @@ def what_if(contents: TierContents, current_step: int | None) -> list[dict[str, 
                          "text": f"node {n.node} is {n.state or 'down'}"})
             continue
         point = restore_point(contents, {n.node})
+        # A finished node cannot die, but its storage can still be lost before a resume.
+        when = f"if node {n.node} were lost now" if n.state == "done" else f"if node {n.node} died now"
         rows.append({"node": n.node, "state": n.state or "running", **point,
                      "lost_steps": _lost(current_step, point["step"]),
-                     "text": _sentence(f"node {n.node}", point)})
+                     "text": _sentence(when, point, lost=n.node)})
     everything = restore_point(TierContents(persistent_root=contents.persistent_root,
                                             persistent_steps=contents.persistent_steps), set())
+    when = "if every node died at once" if contents.nodes else "if this job died now"
     rows.append({"node": "all", "state": "", **everything,
                  "lost_steps": _lost(current_step, everything["step"]),
-                 "text": _sentence("every node" if contents.nodes else "this job", everything)})
+                 "text": _sentence(when, everything)})
     return rows
 
 
@@ -143,14 +188,16 @@ def _lost(current: int | None, step: int | None) -> int | None:
     return None if current is None or step is None else max(0, current - step)
 
 
-def _sentence(who: str, point: dict[str, Any]) -> str:
-    when = "if every node died at once" if who == "every node" else f"if {who} died now"
+def _sentence(when: str, point: dict[str, Any], lost: int | None = None) -> str:
     if point["step"] is None:
         return f"{when}, no checkpoint would survive: the run would start over"
     where = {
         "persistent": "the persistent tier",
         "local": "the node-local tier" + _on(point["from_nodes"]),
-        "peer": "peer copies" + _on(point["from_nodes"]),
+        # Which survivor holds the lost node's copies is not on disk (rank files are named by
+        # the rank that saved them, not by node): say that they are used, not where.
+        "peer": "the node-local tier" + _on(point["from_nodes"])
+        + (f", node {lost}'s shards from their peer copies" if lost is not None else ", with peer copies"),
     }[point["tier"]]
     return f"{when}, the run would restore step {point['step']} from {where}"
 

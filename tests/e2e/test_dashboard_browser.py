@@ -112,7 +112,7 @@ def test_every_panel_renders_and_updates_live_from_127_0_0_1_only(browser, run) 
         # Checkpoints: each node's what-if.
         whatif = {li.get_attribute("data-node"): li for li in _panel(browser, "checkpoints").find_elements(By.CSS_SELECTOR, "li.whatif")}
         assert whatif["0"].get_attribute("data-tier") == "peer" and whatif["0"].get_attribute("data-step") == "40"
-        assert "if node 1 died now, the run would restore step 40 from peer copies on node 0" in whatif["1"].text
+        assert "if node 1 died now, the run would restore step 40 from the node-local tier on node 0, node 1's shards from their peer copies" in whatif["1"].text
         # Curves: three incarnations on each chart, restarts marked.
         loss = _panel(browser, "curves").find_element(By.CSS_SELECTOR, 'svg[data-curve="loss"]')
         assert len(loss.find_elements(By.CSS_SELECTOR, "path")) == 3

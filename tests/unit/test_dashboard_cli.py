@@ -30,7 +30,7 @@ def test_top_once_prints_the_summary() -> None:
     assert "step 40" in out and "pp=2,dp=2" in out
     assert "rank 1 is slowing the job" in out and "slow links: 0 <-> 2" in out
     assert "crash: rank 3 on node 1" in out
-    assert "if node 0 died now, the run would restore step 40 from peer copies on node 1" in out
+    assert "if node 0 died now, the run would restore step 40 from the node-local tier on node 1, node 0's shards from their peer copies" in out
 
 
 def test_top_json_has_every_panel() -> None:

@@ -105,7 +105,7 @@ def test_checkpoints_per_tier_and_the_what_if_for_every_node(logs) -> None:
     assert rows[0]["step"] == 40 and rows[0]["tier"] == "peer" and rows[0]["from_nodes"] == [1]
     assert rows[1]["step"] == 40 and rows[1]["tier"] == "peer" and rows[1]["from_nodes"] == [0]
     assert rows["all"]["tier"] == "persistent" and rows["all"]["step"] == 40
-    assert rows[0]["text"] == "if node 0 died now, the run would restore step 40 from peer copies on node 1"
+    assert rows[0]["text"] == "if node 0 died now, the run would restore step 40 from the node-local tier on node 1, node 0's shards from their peer copies"
     assert [r["step"] for r in ck["restores"]] == [12, 24]
 
 

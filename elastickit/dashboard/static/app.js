@@ -83,11 +83,14 @@ function table(headers, rows, attrs) {
 
 // -- panels ----------------------------------------------------------------------------------
 
+// nodes.json states: a finished node is fine, one on its way (back) in is a warning.
+const NODE_STATES = { running: "up", done: "up", starting: "warn", rejoining: "warn", spare: "warn" };
+
 function renderJob(body, job, meta) {
   const gp = job.goodput || {};
   const rate = job.step_rate ? `${job.step_rate.toFixed(2)} steps/s` : "–";
   const stats = h("div", { class: "stats" },
-    stat("step", job.step ?? "–", job.active ? "running" : "no new record lately"),
+    stat("step", job.step ?? "–", job.finished ? "run finished" : job.active ? "running" : "no new record lately"),
     stat("layout", job.layout || "–", job.world_size ? `world size ${job.world_size}` : ""),
     stat("step rate", rate, job.step_s ? `median step ${fmtS(job.step_s)}` : ""),
     stat("ETTR", gp.ettr !== undefined && gp.ettr !== null ? `${(gp.ettr * 100).toFixed(1)}%` : "–",
@@ -102,7 +105,7 @@ function renderJob(body, job, meta) {
     : h("li", { class: "alert ok" }, "no alerts")));
   if ((job.nodes || []).length) {
     parts.push(h("div", { class: "nodes" }, job.nodes.map((n) =>
-      h("span", { class: `chip ${n.state === "running" ? "up" : "down"}` }, `node ${n.node}: ${n.state}`))));
+      h("span", { class: `chip ${NODE_STATES[n.state] || "down"}`, "data-node": n.node, "data-state": n.state }, `node ${n.node}: ${n.state}`))));
   }
   if (meta.live) {
     parts.push(h("div", { class: "cards" }, (job.live || []).map((r) => {
@@ -239,7 +242,7 @@ function renderIncidents(body, inc) {
     const rows = [
       h("div", { class: "incident-head" }, h("b", {}, `#${i.id} `, i.summary),
         h("span", { class: `chip ${i.status === "recovered" ? "up" : i.status === "not recovered" ? "down" : "warn"}` }, i.status)),
-      h("div", { class: "muted" }, `${fmtClock(i.time)} · ranks ${i.ranks.join(", ") || "?"}`
+      h("div", { class: "muted" }, `${fmtClock(i.time)} · rank${i.ranks.length === 1 ? "" : "s"} ${i.ranks.join(", ") || "?"}`
         + (i.node !== null && i.node !== undefined ? ` · node ${i.node}` : "") + (i.host ? ` · host ${i.host}` : "")
         + (f ? ` · seen by the monitor as ${f.type}${f.op ? ` in ${f.op}` : ""} (confidence ${f.confidence})` : "")),
     ];
@@ -264,13 +267,14 @@ function renderCheckpoints(body, ck) {
     h("td", {}, fmtBytes(t.stored_bytes)),
     h("td", {}, t.throughput_bps ? `${fmtBytes(t.throughput_bps)}/s` : "–"),
     h("td", {}, t.compression_ratio ? `${t.compression_ratio.toFixed(2)}×` : "–"),
-    h("td", { class: t.failed ? "bad" : null }, t.committed === null ? "–" : `${t.committed}`
-      + (t.superseded ? `, ${t.superseded} superseded` : "") + (t.failed ? `, ${t.failed} failed` : ""))));
+    h("td", { title: t.last_failure ? `last failure: ${t.last_failure}` : null },
+      t.committed === null ? "–" : `${t.committed}` + (t.superseded ? `, ${t.superseded} superseded` : ""),
+      t.failed ? h("span", { class: "bad" }, `, ${t.failed} failed`) : null)));
   const whatIf = ck.what_if.map((w) => h("li", { class: `whatif ${w.step === null ? "bad" : ""}`, "data-node": w.node, "data-tier": w.tier || "", "data-step": w.step ?? "" },
     w.text + (w.lost_steps ? ` (${w.lost_steps} step(s) lost)` : "")));
   const blocking = ck.blocking_s.median !== null ? `save blocks training ${fmtS(ck.blocking_s.median)} (median), ${fmtS(ck.blocking_s.max)} at most` : "no checkpoint record";
   body.replaceChildren(
-    table(["tier", "newest step", "age", "at risk", "size", "throughput", "zstd", "saves"], rows, { class: "compact" }),
+    h("div", { class: "scroll" }, table(["tier", "newest step", "age", "at risk", "size", "throughput", "zstd", "saves"], rows, { class: "compact tiers" })),
     h("p", { class: "muted" }, `${ck.num_checkpoints} checkpoints · ${blocking}` + (ck.skipped_saves ? ` · ${ck.skipped_saves} skipped` : "")),
     h("h3", {}, "If a node died now"),
     h("ul", { class: "whatifs" }, whatIf),
