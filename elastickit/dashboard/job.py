@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from elastickit.monitor.detector import DetectorConfig, straggler_scores
@@ -147,8 +147,7 @@ def job_panel(logs: RunLogs, *, now: float, live: Sequence[dict[str, Any]] | Non
         "label": logs.sources.label,
         "health": health,
         "active": newest is not None and now - newest <= quiet_after,
-        # Every simulated node's agent exited cleanly: the job ran to its last step.
-        "finished": bool(logs.nodes) and all(n.get("state") == "done" for n in logs.nodes),
+        "finished": _finished(logs.nodes),
         "step": current,
         "layout": last.get("layout"),
         "world_size": world,
@@ -162,3 +161,16 @@ def job_panel(logs: RunLogs, *, now: float, live: Sequence[dict[str, Any]] | Non
         "nodes": [dict(n) for n in logs.nodes],
         "live": ranks_live,
     }
+
+
+# nodes.json states of a node whose agent still runs (or may run again).
+ALIVE_STATES = ("starting", "running", "rejoining", "spare", "stopped")
+
+
+def _finished(nodes: Sequence[Mapping[str, Any]]) -> bool:
+    """The job ran to its end: an agent exits cleanly only when its workers finished, and no
+    node's agent is left running. A node that came back as a spare and was still waiting to join
+    when the job ended may have exited with an error (its rendezvous closed): that does not
+    undo the others' clean exit."""
+    states = [n.get("state") for n in nodes]
+    return "done" in states and not any(s in ALIVE_STATES for s in states)

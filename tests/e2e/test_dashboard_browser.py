@@ -1,8 +1,10 @@
 """The dashboard in a real browser (Debian's chromium, driven by Selenium through chromium-driver)
-on the recorded run with a crash and its recovery: every panel renders, the incident names the
-crashed rank and its node, appended log lines show up without a reload, no request leaves
-127.0.0.1, and the token is enforced. A screenshot is kept in tests/artifacts/ (and replaces
-docs/dashboard.png, the README's, when EK_UPDATE_SCREENSHOT=1).
+on the recorded run (tests/fixtures/dashboard: real `elastickit train` runs; node 1 killed,
+node 2 hung, both recovered; a slow rank and a slow link): every panel renders, each incident
+names the failed rank and its node, appended log lines show up without a reload, no request
+leaves 127.0.0.1, and the token is enforced. A screenshot is kept in tests/artifacts/ (and
+replaces docs/dashboard.png when EK_UPDATE_SCREENSHOT=1; the README's comes from the demo's
+run: scripts/screenshot).
 
 chromium and chromium-driver are installed by scripts/_env.sh (apt-get); where they are missing
 the tests are skipped, saying so.
@@ -92,38 +94,50 @@ def test_every_panel_renders_and_updates_live_from_127_0_0_1_only(browser, run) 
             assert "broken" not in (section.get_attribute("class") or ""), name
             assert section.find_element(By.CSS_SELECTOR, ".body").text.strip(), name
         assert browser.find_element(By.ID, "health").text == "degraded"
-        job = _panel(browser, "job").text
-        assert "pp=2,dp=2" in job and "rank 1 is slowing the job" in job
+        job = _panel(browser, "job")
+        assert "pp=1,dp=2,tp=1" in job.text and "run finished" in job.text and "rank 1 is slowing the job" in job.text
+        chips = {c.get_attribute("data-node"): c.get_attribute("data-state") for c in job.find_elements(By.CSS_SELECTOR, ".chip[data-node]")}
+        assert chips == {"0": "done", "1": "done", "2": "failed", "3": "done"}
         # Heatmap: one row per rank, the slow one labelled, cells drawn.
         heat = _panel(browser, "heatmap")
         slow = heat.find_elements(By.CSS_SELECTOR, "text.slow-label")
         assert [e.get_attribute("data-rank") for e in slow] == ["1"] and slow[0].text.endswith(" slow")
-        assert len(heat.find_elements(By.CSS_SELECTOR, "text.row-label")) == 3
-        assert len(heat.find_elements(By.CSS_SELECTOR, "rect")) > 100
+        assert sorted(e.get_attribute("data-rank") for e in heat.find_elements(By.CSS_SELECTOR, "text.row-label")) == ["0", "2", "3"]
+        assert len(heat.find_elements(By.CSS_SELECTOR, "rect")) >= 4 * 12
         # Links: the slow pair outlined, both directions.
         links = _panel(browser, "links")
         assert {g.get_attribute("data-pair") for g in links.find_elements(By.CSS_SELECTOR, "g.slow-link")} == {"0-2", "2-0"}
-        # Incidents: the crash names rank 3 on node 1, with its cost by phase.
-        crash = _panel(browser, "incidents").find_element(By.CSS_SELECTOR, "li.incident.failure")
-        assert crash.get_attribute("data-ranks") == "3" and crash.get_attribute("data-node") == "1"
-        assert "crash: rank 3 on node 1" in crash.text and "restored step 12 from peer" in crash.text
-        phases = {r.get_attribute("data-phase") for r in crash.find_elements(By.CSS_SELECTOR, "rect[data-phase]")}
-        assert {"abort", "rendezvous", "start", "restore", "first_step", "lost_work"} <= phases
-        # Checkpoints: each node's what-if.
+        # Incidents: the killed node and the hung one, each with its rank and its cost by phase.
+        failures = _panel(browser, "incidents").find_elements(By.CSS_SELECTOR, "li.incident.failure")
+        assert [(f.get_attribute("data-node"), f.get_attribute("data-ranks")) for f in failures] == [("2", "1"), ("1", "1")]
+        hung, killed = failures
+        assert "node 1 killed (SIGKILL): rank 1 after step 12" in killed.text
+        assert "restored step 11 from peer" in killed.text and "pp=1,dp=4,tp=1 → pp=1,dp=3,tp=1" in killed.text
+        assert "node 2 hung (SIGSTOP): rank 1 after step 26" in hung.text and "restored step 24 from peer" in hung.text
+        for f in failures:
+            phases = {r.get_attribute("data-phase") for r in f.find_elements(By.CSS_SELECTOR, "rect[data-phase]")}
+            assert {"detect", "abort", "rendezvous", "start", "restore", "first_step", "lost_work"} <= phases
+        # Checkpoints: each tier's recovery point and each node's what-if.
+        tiers = _panel(browser, "checkpoints").find_element(By.CSS_SELECTOR, "table.tiers").text
+        assert all(t in tiers for t in ("local", "peer", "persistent"))
         whatif = {li.get_attribute("data-node"): li for li in _panel(browser, "checkpoints").find_elements(By.CSS_SELECTOR, "li.whatif")}
         assert whatif["0"].get_attribute("data-tier") == "peer" and whatif["0"].get_attribute("data-step") == "40"
-        assert "if node 1 died now, the run would restore step 40 from the node-local tier on node 0, node 1's shards from their peer copies" in whatif["1"].text
+        assert ("if node 3 were lost now, the run would restore step 40 from the node-local tier on node 0, "
+                "node 3's shards from their peer copies") in whatif["3"].text
+        assert whatif["2"].text == "node 2 is failed" and "bad" in whatif["2"].get_attribute("class")
+        assert whatif["all"].get_attribute("data-tier") == "persistent"
         # Curves: three incarnations on each chart, restarts marked.
         loss = _panel(browser, "curves").find_element(By.CSS_SELECTOR, 'svg[data-curve="loss"]')
         assert len(loss.find_elements(By.CSS_SELECTOR, "path")) == 3
         assert len(loss.find_elements(By.CSS_SELECTOR, "line.restart")) == 2
         # Events: the filter keeps only what is asked for.
         events = _panel(browser, "events")
-        Select(events.find_element(By.NAME, "type")).select_by_value("crash")
+        Select(events.find_element(By.NAME, "type")).select_by_value("recovery")
+        _wait(browser, lambda d: {r.get_attribute("data-type") for r in _panel(d, "events").find_elements(By.CSS_SELECTOR, "tbody tr")} == {"recovery"})
         rows = _panel(browser, "events").find_elements(By.CSS_SELECTOR, "tbody tr")
-        assert [r.get_attribute("data-type") for r in rows] == ["crash"] and "rank 3 crashed" in rows[0].text
+        assert len(rows) == 2 and "killnode" in rows[1].text
         Select(_panel(browser, "events").find_element(By.NAME, "type")).select_by_value("")
-        _wait(browser, lambda d: len(_panel(d, "events").find_elements(By.CSS_SELECTOR, "tbody tr")) > 1)
+        _wait(browser, lambda d: len(_panel(d, "events").find_elements(By.CSS_SELECTOR, "tbody tr")) > 2)
         _screenshot(browser)  # the recorded run as a newcomer sees it
 
         # Append to the logs: a new crash (rank 0, node 0) and a step; the page follows without a reload.
@@ -131,8 +145,8 @@ def test_every_panel_renders_and_updates_live_from_127_0_0_1_only(browser, run) 
         updates = browser.execute_script("return window.__ekUpdates")
         last_time = max(json.loads(x)["time"] for x in (run / "steps.jsonl").read_text().splitlines())
         with open(run / "steps.jsonl", "a") as f:
-            f.write(json.dumps({"step": 41, "loss": 3.5, "world_size": 4, "layout": "pp=2,dp=2,tp=1",
-                                "grad_accum": 2, "step_s": 0.3, "time": last_time + 0.3}) + "\n")
+            f.write(json.dumps({"step": 41, "loss": 2.8, "world_size": 2, "layout": "pp=1,dp=2,tp=1",
+                                "grad_accum": 6, "step_s": 0.3, "time": last_time + 0.3}) + "\n")
         with open(run / "events.jsonl", "a") as f:
             f.write(json.dumps({"type": "crash", "ranks": [0], "step": 41, "time": last_time + 0.5, "op": "",
                                 "group": "", "seq": -1, "confidence": 0.95,
@@ -184,7 +198,7 @@ def test_the_token_is_enforced(browser, run) -> None:
         # The token became a cookie and left the address bar; the panels load with it.
         assert browser.current_url == server.url
         _wait(browser, lambda d: _panel(d, "incidents").get_attribute("data-version"))
-        assert "crash: rank 3 on node 1" in _panel(browser, "incidents").text
+        assert "node 1 killed (SIGKILL): rank 1 after step 12" in _panel(browser, "incidents").text
         cookie = browser.get_cookie("ek_token")
         assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
         assert browser.execute_script("return document.cookie") == ""  # scripts cannot read it

@@ -58,13 +58,15 @@ def test_every_panel_has_an_endpoint_and_the_summary_has_them_all(server) -> Non
         status, _, body = _get(server, f"/api/{name}")
         assert status == 200, name
         assert json.loads(body).keys() == summary[name].keys()
-    assert json.loads(_get(server, "/api/incidents")[2])["num_failures"] == 1
+    assert json.loads(_get(server, "/api/incidents")[2])["num_failures"] == 2
     assert json.loads(_get(server, "/api")[2])["endpoints"][0] == "/api/summary"
 
 
 def test_events_endpoint_filters(server) -> None:
-    rows = json.loads(_get(server, "/api/events?type=crash")[2])["rows"]
-    assert [r["ranks"] for r in rows] == [[3]]
+    rows = json.loads(_get(server, "/api/events?type=recovery")[2])["rows"]
+    assert [(r["record"]["cause"], r["ranks"]) for r in rows] == [("stopnode", [1]), ("killnode", [1])]
+    rows = json.loads(_get(server, "/api/events?type=slow_link&rank=2")[2])["rows"]
+    assert [r["ranks"] for r in rows] == [[0, 2]]
     assert _get(server, "/api/events?rank=one")[0] == 400
 
 
