@@ -213,7 +213,9 @@ def run(run_dir: str = DEMO_RUN, on_stage: Callable[[Stage], None] = lambda s: N
           f"process group) after step {KILL_AT} and comes back", code == 0 and len(rows) == ELASTIC_STEPS,
           f"every step done; world sizes {_runs(worlds)}", t0)
     kill = next((r for r in recs if r["cause"] == "killnode"), None)
-    join = next((r for r in recs if r["cause"] == "join"), None)
+    # The killed node's return (on a loaded machine another node may also be left out and
+    # come back: that join is not the one this stage is about).
+    join = next((r for r in recs if r["cause"] == "join" and kill is not None and r.get("node") == kill.get("node")), None)
     t1 = time.perf_counter()
     if kill is not None:
         stage(f"the survivors went on at {kill['new_layout']} (grad_accum {kill.get('grad_accum')}) in-process",

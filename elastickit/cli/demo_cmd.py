@@ -82,8 +82,10 @@ def _shown(path: str) -> str:
 
 
 def _executable() -> str:
+    """`elastickit` when that is this executable on the caller's PATH (scripts/demo passes the
+    PATH it was started with as EK_CALLER_PATH), else this executable's path."""
     me = os.path.realpath(sys.argv[0]) if sys.argv and os.path.basename(sys.argv[0]) == "elastickit" else ""
-    found = shutil.which("elastickit")
+    found = shutil.which("elastickit", path=os.environ.get("EK_CALLER_PATH"))
     if not me or (found and os.path.realpath(found) == me):
         return "elastickit"
     return shlex.quote(_shown(sys.argv[0]))

@@ -58,9 +58,12 @@ def _checkpoint_alerts(records: Sequence[CheckpointRecord], recoveries: Sequence
                        step: int | None) -> list[dict[str, str]]:
     out = []
     failed = [r for r in recoveries if r.is_failure]
+    # Restarts that keep restoring the same step (nvrx-watch's signal): the job dies before it
+    # saves again. A checkpoint committed after the last of them shows it got past that point.
     if len(failed) >= 2 and failed[-1].restore_step is not None and (
         failed[-1].restore_step == failed[-2].restore_step
-    ):
+    ) and not any(r.time > failed[-1].time and r.step > failed[-1].restore_step
+                  and any(t.committed for t in r.tiers) for r in records):
         out.append(_alert("critical", "no_checkpoint_progress",
                           f"the last two recoveries both restored step {failed[-1].restore_step}: "
                           "no checkpoint progress across restarts"))

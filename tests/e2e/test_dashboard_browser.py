@@ -2,9 +2,8 @@
 on the recorded run (tests/fixtures/dashboard: real `elastickit train` runs; node 1 killed,
 node 2 hung, both recovered; a slow rank and a slow link): every panel renders, each incident
 names the failed rank and its node, appended log lines show up without a reload, no request
-leaves 127.0.0.1, and the token is enforced. A screenshot is kept in tests/artifacts/ (and
-replaces docs/dashboard.png when EK_UPDATE_SCREENSHOT=1; the README's comes from the demo's
-run: scripts/screenshot).
+leaves 127.0.0.1, and the token is enforced. A screenshot is kept in tests/artifacts/ (the
+README's, docs/dashboard.png, is taken from the demo's run: `python -m tests._browser runs/demo`).
 
 chromium and chromium-driver are installed by scripts/_env.sh (apt-get); where they are missing
 the tests are skipped, saying so.
@@ -13,51 +12,30 @@ the tests are skipped, saying so.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
-import socket
-import threading
 
 import pytest
+
+from tests._browser import CHROMIUM, DRIVER, full_page_screenshot, start_browser, wait_for_panels
+from tests._browser import serve as _serve
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RUN = ROOT / "tests" / "fixtures" / "dashboard" / "run"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-DRIVER = shutil.which("chromedriver")
 if not (CHROMIUM and DRIVER):
     pytest.skip("chromium and chromium-driver are not installed (scripts/_env.sh installs them with "
                 "apt-get where it can run as root)", allow_module_level=True)
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[dev])")
+pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[dev])")
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from elastickit.dashboard.logs import RunSources
-from elastickit.dashboard.server import make_server
-from elastickit.dashboard.summary import PANELS, Dashboard
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again: connections to it are refused
+from elastickit.dashboard.summary import PANELS
 
 
 @pytest.fixture(scope="module")
 def browser():
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1400,1000", "--no-first-run", "--disable-extensions",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-default-apps", "--disable-domain-reliability", "--metrics-recording-only",
-                # Every request that is not for 127.0.0.1 goes to a proxy that refuses it: a page
-                # that needed a CDN or a web font could not draw at all.
-                f"--proxy-server=http://127.0.0.1:{_closed_port()}"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(DRIVER), options=opts)
-    driver.set_page_load_timeout(30)
+    driver = start_browser()
     yield driver
     driver.quit()
 
@@ -69,13 +47,6 @@ def run(tmp_path) -> pathlib.Path:
     return dst
 
 
-def _serve(run: pathlib.Path, token: str | None = None):
-    server = make_server(Dashboard(RunSources.from_run_dir(str(run)), min_interval_s=0.2), port=0, token=token)
-    server.dashboard.summary()  # read once before the page asks (imports torch once)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 def _wait(driver, condition, timeout: float = 20.0):
     return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
 
@@ -85,10 +56,10 @@ def _panel(driver, name: str):
 
 
 def test_every_panel_renders_and_updates_live_from_127_0_0_1_only(browser, run) -> None:
-    server = _serve(run)
+    server = _serve(str(run))
     try:
         browser.get(server.url)
-        _wait(browser, lambda d: all(_panel(d, p).get_attribute("data-version") for p in PANELS))
+        wait_for_panels(browser)
         for name in PANELS:
             section = _panel(browser, name)
             assert "broken" not in (section.get_attribute("class") or ""), name
@@ -174,20 +145,15 @@ def test_every_panel_renders_and_updates_live_from_127_0_0_1_only(browser, run) 
 
 
 def _screenshot(driver) -> None:
-    driver.execute_script("window.scrollTo(0, 0)")
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1400, min(height + 40, 4000))
     out = ROOT / "tests" / "artifacts"
     out.mkdir(exist_ok=True)
     path = out / "dashboard.png"
-    driver.save_screenshot(str(path))
-    if os.environ.get("EK_UPDATE_SCREENSHOT") == "1":
-        shutil.copyfile(path, ROOT / "docs" / "dashboard.png")
-    driver.set_window_size(1400, 1000)
+    full_page_screenshot(driver, str(path))
+    assert path.stat().st_size > 10_000
 
 
 def test_the_token_is_enforced(browser, run) -> None:
-    server = _serve(run, token="s3cret-token")
+    server = _serve(str(run), token="s3cret-token")
     try:
         browser.delete_all_cookies()
         browser.get(server.url + "api/job")

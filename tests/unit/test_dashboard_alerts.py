@@ -53,6 +53,11 @@ def test_no_checkpoint_progress_across_restarts_or_for_too_long() -> None:
     assert "no_checkpoint_progress" in _kinds(same)
     moving = RunLogs(steps=_steps(5), events=(_recovery(1001, 4), _recovery(1003, 5)))
     assert "no_checkpoint_progress" not in _kinds(moving)
+    # Two failures close together restore the same step, then the job saves again: it got past.
+    past = RunLogs(steps=_steps(6), events=(_recovery(1001, 4), _recovery(1003, 4), _checkpoint(1005.5, 5)))
+    assert "no_checkpoint_progress" not in _kinds(past, 6)
+    before = RunLogs(steps=_steps(6), events=(_checkpoint(1000.5, 5), _recovery(1001, 4), _recovery(1003, 4)))
+    assert "no_checkpoint_progress" in _kinds(before, 6)  # a save before the restarts does not count
     ckpts = tuple(_checkpoint(1000 + s, s) for s in (10, 20, 30))
     assert "no_checkpoint_progress" not in _kinds(RunLogs(steps=_steps(60), events=ckpts), 60)
     assert "no_checkpoint_progress" in _kinds(RunLogs(steps=_steps(70), events=ckpts), 70)

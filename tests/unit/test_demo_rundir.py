@@ -63,3 +63,21 @@ def test_the_last_lines_name_the_run_and_the_commands_that_show_it(tmp_path, mon
     # Outside the working directory the path is absolute, quoted when it needs it.
     other = prepare_run_dir(str(tmp_path / "a run"))
     assert f"top '{other}'" in look_lines(other)[2]
+
+
+def test_after_scripts_demo_the_commands_name_the_venvs_executable(tmp_path, monkeypatch) -> None:
+    """scripts/demo runs .venv/bin/elastickit with .venv/bin first on PATH; the caller's shell
+    does not have it there, so the printed commands must name it."""
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    exe = tmp_path / ".venv" / "bin" / "elastickit"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", [str(exe), "demo"])
+    monkeypatch.setenv("PATH", f"{exe.parent}{os.pathsep}/usr/bin")
+    monkeypatch.setenv("EK_CALLER_PATH", "/usr/bin")
+    run = prepare_run_dir(DEMO_RUN)
+    assert look_lines(run)[1].split()[:3] == [".venv/bin/elastickit", "dashboard", "runs/demo"]
+    # Started from the caller's PATH itself: the plain name.
+    monkeypatch.setenv("EK_CALLER_PATH", f"{exe.parent}{os.pathsep}/usr/bin")
+    assert look_lines(run)[1].split()[:3] == ["elastickit", "dashboard", "runs/demo"]

@@ -297,10 +297,16 @@ function lineChart(series, markers, key, label, fmt) {
   for (const v of [y0, (y0 + y1) / 2, y1]) svg.append(s("text", { x: L - 4, y: Y(v) + 3, "text-anchor": "end", class: "tick" }, fmt(v)));
   for (const v of [x0, Math.round((x0 + x1) / 2), x1]) svg.append(s("text", { x: X(v), y: H - 8, "text-anchor": "middle", class: "tick" }, v));
   svg.append(s("text", { x: W - R, y: T + 8, "text-anchor": "end", class: "tick" }, label));
+  // Labels of restarts close together (a failure, then its node back a step later) go on
+  // separate lines instead of over each other.
+  let lastX = -Infinity, line = 0;
   for (const m of markers) {
     if (m.step === null || m.step < x0 || m.step > x1) continue;
-    svg.append(s("line", { x1: X(m.step), x2: X(m.step), y1: T, y2: H - B, class: "restart" }, title(`${m.cause}: restored step ${m.step}, then ${m.new_layout}`)));
-    svg.append(s("text", { x: X(m.step) + 3, y: T + 18, class: "marker-text" }, m.cause));
+    const x = X(m.step);
+    line = x - lastX < 60 ? line + 1 : 0;
+    lastX = x;
+    svg.append(s("line", { x1: x, x2: x, y1: T, y2: H - B, class: "restart" }, title(`${m.cause}: restored step ${m.step}, then ${m.new_layout}`)));
+    svg.append(s("text", { x: x + 3, y: T + 18 + 11 * (line % 4), class: "marker-text" }, m.cause));
   }
   series.forEach((seg, k) => {
     const d = seg.filter((p) => p[key] !== null).map((p, i) => `${i ? "L" : "M"}${X(p.step).toFixed(1)},${Y(p[key]).toFixed(1)}`).join("");
