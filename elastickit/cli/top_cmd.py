@@ -80,7 +80,7 @@ def render(summary: dict[str, Any]) -> Any:
         parts.append(Text(f"rank {r['rank']}: step {r['step']} {r['state']}, heartbeat {_s(r['silent_s'])} ago"
                           f" on {r['host']}", style="red" if bad else "green"))
     if inc["incidents"]:
-        t = Table(title=f"incidents ({inc['num_failures']} failures, MTTR {_s(inc['mttr_s'])})",
+        t = Table(title=f"incidents ({inc['num_failures']} failure{'' if inc['num_failures'] == 1 else 's'}, MTTR {_s(inc['mttr_s'])})",
                   title_justify="left")
         for col in ("#", "what", "status", "cost", "by phase"):
             t.add_column(col)
