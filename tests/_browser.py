@@ -47,7 +47,7 @@ def start_browser() -> Any:
                 f"--proxy-server=http://127.0.0.1:{closed_port()}"):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=webdriver.ChromeService(DRIVER), options=opts)
-    driver.set_page_load_timeout(30)
+    driver.set_page_load_timeout(60)
     return driver
 
 
@@ -64,7 +64,7 @@ def serve(run: str, token: str | None = None) -> Any:
     return server
 
 
-def wait_for_panels(driver: Any, timeout: float = 20.0) -> None:
+def wait_for_panels(driver: Any, timeout: float = 60.0) -> None:
     """Until every panel has drawn its first data."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
