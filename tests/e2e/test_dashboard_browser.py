@@ -56,6 +56,21 @@ def _panel(driver, name: str):
     return driver.find_element(By.CSS_SELECTOR, f'section[data-panel="{name}"]')
 
 
+_READ = """
+const [panel, selector, inner] = arguments;
+const one = (e) => ({...e.dataset, text: (e.innerText ?? e.textContent).trim(), class: e.getAttribute("class") || ""});
+const root = document.querySelector(`section[data-panel="${panel}"]`);
+return [...root.querySelectorAll(selector)].map((e) =>
+  ({...one(e), inner: inner ? [...e.querySelectorAll(inner)].map(one) : []}));
+"""
+
+
+def _els(driver, panel: str, selector: str, inner: str = "") -> list[dict]:
+    """The elements of a panel matching `selector` (and their `inner` ones), read in one script:
+    data-* attributes (dataset names), text and class."""
+    return driver.execute_script(_READ, panel, selector, inner)
+
+
 def test_every_panel_renders_and_updates_live_from_127_0_0_1_only(browser, run) -> None:
     server = _serve(str(run))
     try:
@@ -66,50 +81,48 @@ def test_every_panel_renders_and_updates_live_from_127_0_0_1_only(browser, run) 
             assert "broken" not in (section.get_attribute("class") or ""), name
             assert section.find_element(By.CSS_SELECTOR, ".body").text.strip(), name
         assert browser.find_element(By.ID, "health").text == "degraded"
-        job = _panel(browser, "job")
-        assert "pp=1,dp=2,tp=1" in job.text and "run finished" in job.text and "rank 1 is slowing the job" in job.text
-        chips = {c.get_attribute("data-node"): c.get_attribute("data-state") for c in job.find_elements(By.CSS_SELECTOR, ".chip[data-node]")}
+        # Panels redraw while ages tick: each check reads its elements in one script (atomic),
+        # never through element handles a redraw may have replaced.
+        job = _els(browser, "job", ".body")[0]["text"]
+        assert "pp=1,dp=2,tp=1" in job and "run finished" in job and "rank 1 is slowing the job" in job
+        chips = {c["node"]: c["state"] for c in _els(browser, "job", ".chip[data-node]")}
         assert chips == {"0": "done", "1": "done", "2": "failed", "3": "done"}
         # Heatmap: one row per rank, the slow one labelled, cells drawn.
-        heat = _panel(browser, "heatmap")
-        slow = heat.find_elements(By.CSS_SELECTOR, "text.slow-label")
-        assert [e.get_attribute("data-rank") for e in slow] == ["1"] and slow[0].text.endswith(" slow")
-        assert sorted(e.get_attribute("data-rank") for e in heat.find_elements(By.CSS_SELECTOR, "text.row-label")) == ["0", "2", "3"]
-        assert len(heat.find_elements(By.CSS_SELECTOR, "rect")) >= 4 * 12
+        slow = _els(browser, "heatmap", "text.slow-label")
+        assert [e["rank"] for e in slow] == ["1"] and slow[0]["text"].endswith(" slow")
+        assert sorted(e["rank"] for e in _els(browser, "heatmap", "text.row-label")) == ["0", "2", "3"]
+        assert len(_els(browser, "heatmap", "rect")) >= 4 * 12
         # Links: the slow pair outlined, both directions.
-        links = _panel(browser, "links")
-        assert {g.get_attribute("data-pair") for g in links.find_elements(By.CSS_SELECTOR, "g.slow-link")} == {"0-2", "2-0"}
+        assert {g["pair"] for g in _els(browser, "links", "g.slow-link")} == {"0-2", "2-0"}
         # Incidents: the killed node and the hung one, each with its rank and its cost by phase.
-        failures = _panel(browser, "incidents").find_elements(By.CSS_SELECTOR, "li.incident.failure")
-        assert [(f.get_attribute("data-node"), f.get_attribute("data-ranks")) for f in failures] == [("2", "1"), ("1", "1")]
+        failures = _els(browser, "incidents", "li.incident.failure", inner="rect[data-phase]")
+        assert [(f["node"], f["ranks"]) for f in failures] == [("2", "1"), ("1", "1")]
         hung, killed = failures
-        assert "node 1 killed (SIGKILL): rank 1 after step 12" in killed.text
-        assert "restored step 11 from peer" in killed.text and "pp=1,dp=4,tp=1 → pp=1,dp=3,tp=1" in killed.text
-        assert "node 2 hung (SIGSTOP): rank 1 after step 26" in hung.text and "restored step 24 from peer" in hung.text
+        assert "node 1 killed (SIGKILL): rank 1 after step 12" in killed["text"]
+        assert "restored step 11 from peer" in killed["text"] and "pp=1,dp=4,tp=1 → pp=1,dp=3,tp=1" in killed["text"]
+        assert "node 2 hung (SIGSTOP): rank 1 after step 26" in hung["text"] and "restored step 24 from peer" in hung["text"]
         for f in failures:
-            phases = {r.get_attribute("data-phase") for r in f.find_elements(By.CSS_SELECTOR, "rect[data-phase]")}
+            phases = {r["phase"] for r in f["inner"]}
             assert {"detect", "abort", "rendezvous", "start", "restore", "first_step", "lost_work"} <= phases
         # Checkpoints: each tier's recovery point and each node's what-if.
-        tiers = _panel(browser, "checkpoints").find_element(By.CSS_SELECTOR, "table.tiers").text
+        tiers = _els(browser, "checkpoints", "table.tiers")[0]["text"]
         assert all(t in tiers for t in ("local", "peer", "persistent"))
-        whatif = {li.get_attribute("data-node"): li for li in _panel(browser, "checkpoints").find_elements(By.CSS_SELECTOR, "li.whatif")}
-        assert whatif["0"].get_attribute("data-tier") == "peer" and whatif["0"].get_attribute("data-step") == "40"
+        whatif = {li["node"]: li for li in _els(browser, "checkpoints", "li.whatif")}
+        assert whatif["0"]["tier"] == "peer" and whatif["0"]["step"] == "40"
         assert ("if node 3 were lost now, the run would restore step 40 from the node-local tier on node 0, "
-                "node 3's shards from their peer copies") in whatif["3"].text
-        assert whatif["2"].text == "node 2 is failed" and "bad" in whatif["2"].get_attribute("class")
-        assert whatif["all"].get_attribute("data-tier") == "persistent"
+                "node 3's shards from their peer copies") in whatif["3"]["text"]
+        assert whatif["2"]["text"] == "node 2 is failed" and "bad" in whatif["2"]["class"]
+        assert whatif["all"]["tier"] == "persistent"
         # Curves: three incarnations on each chart, restarts marked.
-        loss = _panel(browser, "curves").find_element(By.CSS_SELECTOR, 'svg[data-curve="loss"]')
-        assert len(loss.find_elements(By.CSS_SELECTOR, "path")) == 3
-        assert len(loss.find_elements(By.CSS_SELECTOR, "line.restart")) == 2
+        assert len(_els(browser, "curves", 'svg[data-curve="loss"] path')) == 3
+        assert len(_els(browser, "curves", 'svg[data-curve="loss"] line.restart')) == 2
         # Events: the filter keeps only what is asked for.
-        events = _panel(browser, "events")
-        Select(events.find_element(By.NAME, "type")).select_by_value("recovery")
-        _wait(browser, lambda d: {r.get_attribute("data-type") for r in _panel(d, "events").find_elements(By.CSS_SELECTOR, "tbody tr")} == {"recovery"})
-        rows = _panel(browser, "events").find_elements(By.CSS_SELECTOR, "tbody tr")
-        assert len(rows) == 2 and "killnode" in rows[1].text
+        Select(_panel(browser, "events").find_element(By.NAME, "type")).select_by_value("recovery")
+        _wait(browser, lambda d: {r["type"] for r in _els(d, "events", "tbody tr")} == {"recovery"})
+        rows = _els(browser, "events", "tbody tr")
+        assert len(rows) == 2 and "killnode" in rows[1]["text"]
         Select(_panel(browser, "events").find_element(By.NAME, "type")).select_by_value("")
-        _wait(browser, lambda d: len(_panel(d, "events").find_elements(By.CSS_SELECTOR, "tbody tr")) > 2)
+        _wait(browser, lambda d: len(_els(d, "events", "tbody tr")) > 2)
         _screenshot(browser)  # the recorded run as a newcomer sees it
 
         # Append to the logs: a new crash (rank 0, node 0) and a step; the page follows without a reload.
