@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from .collector import Collector
@@ -34,6 +34,8 @@ class MonitorOptions:
         events_path: JSON-lines file the collector appends findings to (None: keep in memory).
         ranks_path: JSON-lines file the collector appends every rank's step summary to
             (the dashboard's heatmap and links; None: not recorded).
+        ranks_tags: extra JSON fields for each rank's lines in `ranks_path` (rank -> fields;
+            an elastic job states the generation and the worker holding each rank).
         collector_rank: the rank that runs the collector thread (None: no collector here,
             e.g. the launcher runs one).
         metrics_port: Prometheus port on 127.0.0.1 (0: any free port; None: no metrics).
@@ -46,6 +48,7 @@ class MonitorOptions:
 
     events_path: str | None = None
     ranks_path: str | None = None
+    ranks_tags: Mapping[int, Mapping[str, Any]] | None = None
     collector_rank: int | None = 0
     metrics_port: int | None = None
     abort_on_hang: bool = False
@@ -89,6 +92,7 @@ class Monitor:
                 prefix=options.prefix,
                 events_path=options.events_path,
                 ranks_path=options.ranks_path,
+                ranks_tags=options.ranks_tags,
                 config=options.config,
                 poll_s=options.poll_s,
                 metrics_port=options.metrics_port,

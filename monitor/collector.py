@@ -4,7 +4,8 @@ It runs on rank 0 (a daemon thread) or in any process that can reach the store (
 Each new finding is appended to the events file as one JSON line (flushed at once), counted
 in the Prometheus metrics and passed to `on_event`. With `ranks_path`, every step summary it
 reads is appended there too (one JSON line per rank and step: what the dashboard's step-time
-heatmap and link matrix are drawn from after the job is gone). On a hang, with `abort_on_hang`, it sets
+heatmap and link matrix are drawn from after the job is gone), with `ranks_tags[rank]`'s fields
+added to each of that rank's lines. On a hang, with `abort_on_hang`, it sets
 the store's abort key (every rank's reporter exits with ABORT_EXIT_CODE when it sees it) and
 calls `on_abort`, so torchrun restarts the job now instead of after the collective timeout.
 """
@@ -17,7 +18,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from .detector import (
     AnomalyEvent,
@@ -74,6 +76,7 @@ class Collector:
         prefix: str = "ekmon",
         events_path: str | None = None,
         ranks_path: str | None = None,
+        ranks_tags: Mapping[int, Mapping[str, Any]] | None = None,
         config: DetectorConfig | None = None,
         poll_s: float = 0.1,
         metrics_port: int | None = None,
@@ -112,6 +115,12 @@ class Collector:
             os.makedirs(os.path.dirname(os.path.abspath(events_path)), exist_ok=True)
             self._file = open(events_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._ranks_file = None
+        # Each rank's extra fields as a JSON fragment spliced into its lines: `,"gen":2,...`.
+        self._tags = {
+            r: "," + json.dumps(dict(t), separators=(",", ":"))[1:-1]
+            for r, t in (ranks_tags or {}).items()
+            if t
+        }
         if ranks_path:
             os.makedirs(os.path.dirname(os.path.abspath(ranks_path)), exist_ok=True)
             self._ranks_file = open(ranks_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
@@ -156,7 +165,9 @@ class Collector:
                     if not self.store.check([key]):
                         break
                     summary = StepSummary.from_json(self.store.get(key))
-                    recorded.append(summary.to_json())
+                    line = summary.to_json()
+                    tag = self._tags.get(r)
+                    recorded.append(line[:-1] + tag + "}" if tag else line)
                     if self._next[r] >= self.config.warmup_steps:
                         self._summaries[r].append(summary)
                 except Exception:  # noqa: BLE001

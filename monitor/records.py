@@ -177,6 +177,11 @@ class RingBuffer:
             items = list(self._in_flight.values())
         return [p.freeze() for p in items]
 
+    def newest_in_flight(self) -> float | None:
+        """Enter time (Unix seconds) of the newest operation in flight; None when none is."""
+        with self._lock:
+            return max((p.enter_s for p in self._in_flight.values()), default=None)
+
     def entered_seqs(self) -> tuple[dict[str, int], dict[tuple[str, str, int], int]]:
         """(collective seq per group, p2p seq per (group, op, peer)) last entered."""
         with self._lock:

@@ -42,6 +42,8 @@ class ElasticConfig:
     """Training state one rank may hold (the policy's memory budget); None: any."""
     step_sleep_s: float = 0.0
     """Extra seconds per step (to slow a demo down to what a person can follow)."""
+    inject: tuple[str, ...] = ()
+    """`hang:rank=R:step=S` faults the workers inject themselves (tests, benchmarks)."""
     local_busy: float = 0.5
     """The node-local tier's share of a core (its freshness: lost work after a failure)."""
 

@@ -19,6 +19,12 @@ The watcher thread of every member (one poll every `poll_s`):
   would make a larger layout, and raises `grow_pending` for the training loop, which agrees on
   the step to grow at.
 
+A process that lives while its training loop is stuck (its heartbeat goes on) is found by its
+progress (`elastickit.elastic.progress`): while this member has been blocked in a collective for
+`hang_s`, a peer that trains, is in no collective and has not moved for its bound is the one
+everyone waits on. It is left out as `stuck`: every member stops counting it alive, and the
+worker itself exits when it sees the plan (its agent starts a fresh one, which joins as a spare).
+
 A silent peer is only accused of hanging while this member's own training is stuck too (a hung
 peer stops every rank's next collective; a peer whose heartbeat thread is merely starved does
 not). A watcher that was itself descheduled longer than `hang_s / 2` does not accuse anyone in that
@@ -41,6 +47,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from elastickit.monitor.collector import process_exited
+
+from .progress import IDLE, Progress, ProgressWatch
 
 log = logging.getLogger("elastickit.elastic")
 
@@ -117,6 +125,9 @@ class Plan:
     considered: tuple[str, ...] = ()
     """Every member the proposer counted as alive."""
     proposer: str = ""
+    stuck: tuple[str, ...] = ()
+    """Failed members whose process lives but whose training loop stopped: never counted
+    alive again (the worker exits; its agent starts a fresh one)."""
 
     def rank_of(self, member_id: str) -> int | None:
         try:
@@ -135,7 +146,7 @@ class Plan:
     def from_json(cls, text: str | bytes) -> Plan:
         d = json.loads(text)
         d.pop("protocol", None)
-        for name in ("active", "spares", "failed", "failed_ranks", "joined", "considered"):
+        for name in ("active", "spares", "failed", "failed_ranks", "joined", "considered", "stuck"):
             d[name] = tuple(d.get(name) or ())
         return cls(**d)
 
@@ -163,10 +174,17 @@ class Membership:
         poll_s: float = 0.05,
         on_new_plan: Callable[[Plan], None] | None = None,
         progress_s: Callable[[], float | None] | None = None,
+        progress: Callable[[], tuple[Progress, float | None]] | None = None,
     ) -> None:
         self.me = me
         self.progress_s = progress_s
         """Seconds since this member's training last made progress (None: not training)."""
+        self.progress = progress
+        """This member's loop now: its `Progress`, and the seconds it has been blocked in a
+        collective (None: not blocked)."""
+        self._watch = ProgressWatch(hang_s)
+        self._published: Progress | None = None
+        self._evicted: set[str] = set()  # stuck members: never alive again
         self.planner = planner
         self.hang_s = hang_s
         self.form_s = form_s
@@ -199,6 +217,7 @@ class Membership:
         s = self._store
         s.set(f"member/{self.me.id}", self.me.to_json())
         s.add(f"hb/{self.me.id}", 1)
+        s.set(f"prog/{self.me.id}", IDLE.encode())
         index = s.add("joined", 1) - 1
         s.set(f"joined/{index}", self.me.id)
         self._poll()  # a first look before anyone reads `latest`
@@ -219,6 +238,7 @@ class Membership:
         stalled = now - self._last_loop > self.hang_s / 2
         self._last_loop = now
         s.add(f"hb/{self.me.id}", 1)
+        blocked_s = self._publish_progress(s)
         self._read_registry(s)
         self._follow_plans(s)
         if self.done is None and s.check(["done"]):
@@ -237,10 +257,28 @@ class Membership:
             if suspects:
                 self.propose(plan, failed=suspects, store=s)
                 return
+            if blocked_s is not None and blocked_s >= self.hang_s and self.me.id in plan.active:
+                stuck = [m for m in plan.active if m != self.me.id and self._watch.stuck(m, now)]
+                if stuck:
+                    log.info("stuck: %s (idle %s s) while this member waits %.1f s in a collective", stuck,
+                             [round(self._watch.idle_s(m, now), 2) for m in stuck], blocked_s)
+                    self.propose(plan, failed=stuck, stuck=stuck, store=s)
+                    return
             if plan.active and plan.active[0] == self.me.id:
                 self._check_grow(plan)
         elif self.me.id in self.alive_members() and frozenset(self.alive_members()) != frozenset(plan.considered):
             self.propose(plan, store=s)  # paused: members came or went, try again
+
+    def _publish_progress(self, s: Any) -> float | None:
+        """Publish this member's loop progress when it changed; the seconds it has been
+        blocked in a collective (None: not blocked, or nothing to tell)."""
+        if self.progress is None:
+            return None
+        mine, blocked_s = self.progress()
+        if mine != self._published:
+            s.set(f"prog/{self.me.id}", mine.encode())
+            self._published = mine
+        return blocked_s
 
     def _read_registry(self, s: Any) -> None:
         count = s.add("joined", 0)
@@ -264,6 +302,9 @@ class Membership:
             have = [m for m in watched if s.check([f"state/{m}"])]
             states = s.multi_get([f"state/{m}" for m in have]) if have else []
             self._states = {m: v.decode() for m, v in zip(have, states, strict=True)}
+            if self.progress is not None:
+                for m, raw in zip(watched, s.multi_get([f"prog/{m}" for m in watched]), strict=True):
+                    self._watch.observe(m, Progress.decode(raw), now, stalled=stalled)
         with self._lock:
             for m, raw in zip(ids, beats, strict=True):
                 value = int(raw)
@@ -289,6 +330,7 @@ class Membership:
             if self.latest is not None and plan.gen <= self.latest.gen:
                 return
             self.latest = plan
+            self._evicted.update(plan.stuck)
             log.info("plan %d: %s on %d (%s, failed %s, joined %s)", plan.gen, plan.layout or "paused",
                      plan.world_size, plan.cause, list(plan.failed), list(plan.joined))
             self.grow_pending = False
@@ -300,6 +342,8 @@ class Membership:
 
     def alive(self, member_id: str) -> bool:
         """Beating within `hang_s`, not gone from this host, not said goodbye."""
+        if member_id in self._evicted:
+            return False
         if member_id == self.me.id:
             return True
         if member_id in self._bye:
@@ -363,6 +407,7 @@ class Membership:
         failed: Sequence[str] = (),
         cause: str | None = None,
         step: int | None = None,
+        stuck: Sequence[str] = (),
         store: Any = None,
     ) -> Plan:
         """Propose the plan after `base` without `failed`; return the plan the store holds."""
@@ -405,6 +450,7 @@ class Membership:
             reason=reason,
             considered=tuple(alive),
             proposer=self.me.id,
+            stuck=tuple(stuck),
         )
         held = Plan.from_json(s.compare_set(f"plan/{gen}", "", plan.to_json()))
         log.info("proposed plan %d (%s, failed %s): %s; the store holds %s's", gen, plan.cause,

@@ -130,6 +130,7 @@ class RunDir:
         self.ckpt = os.path.abspath(ckpt) if ckpt else os.path.join(self.root, "ckpt")
         self.events = os.path.join(self.root, "events.jsonl")
         self.steps = os.path.join(self.root, "steps.jsonl")
+        self.ranks = os.path.join(self.root, "ranks.jsonl")
         self.nodes = os.path.join(self.root, "nodes.json")
 
     def local_tier(self, node: int | str) -> str:

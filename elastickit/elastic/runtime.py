@@ -31,6 +31,8 @@ from typing import Any
 
 from .config import ElasticConfig, WorkerEnv, model_limits
 from .membership import Member, Membership, Plan, Superseded
+from .monitoring import backend, close_monitor, start_monitor
+from .progress import IDLE, Progress
 from .policy import Layout, LayoutRequest, NoLayoutError, choose_layout, parse_pins
 from .record import recovery_record
 from .reform import close_async, forget_process_groups, looks_like_comm_failure, wait_quietly
@@ -39,7 +41,11 @@ from .sockets import SocketTracker
 
 log = logging.getLogger("elastickit.elastic")
 
-__all__ = ["ElasticWorker"]
+__all__ = ["STUCK_EXIT_CODE", "ElasticWorker"]
+
+STUCK_EXIT_CODE = 75
+"""A worker the job left out because its training loop stopped exits with this (EX_TEMPFAIL):
+its agent starts a fresh one, which joins as a spare."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -54,6 +60,8 @@ class _Gen:
     voluntary: bool = False
     job: Any = None
     ck: Any = None
+    monitor: Any = None
+    started: float = dataclasses.field(default_factory=time.time)
 
 
 class _Transition(Exception):
@@ -79,9 +87,12 @@ class ElasticWorker:
         self._said: set[str] = set()
         self._closing: threading.Event | None = None  # set when the last generation's checkpointer closed
         self._progress_at: float | None = None  # monotonic time of this rank's last step, while training
+        self._monitor_closing: threading.Event | None = None
+        self._hangs = _hang_faults(cfg.inject)
         self.membership = Membership(
             self._store_client, self.me, self._planner, hang_s=cfg.hang_s, on_new_plan=self._on_new_plan,
             progress_s=lambda: None if self._progress_at is None else time.monotonic() - self._progress_at,
+            progress=self._progress,
         )
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -127,8 +138,28 @@ class ElasticWorker:
             "",
         )
 
+    def _progress(self) -> tuple[Progress, float | None]:
+        """Watcher thread: this rank's loop progress (collectives entered, steps done) and how
+        long it has been blocked in a collective (`elastickit.elastic.progress`)."""
+        from elastickit.monitor.probe import PROBE
+
+        g = self._gen
+        if g is None or self._progress_at is None:
+            return IDLE, None
+        entered, p2p = PROBE.buffer.entered_seqs()
+        newest = PROBE.buffer.newest_in_flight()
+        blocked = newest is not None and newest >= g.started  # older ones: a past generation's
+        counter = f"{g.plan.gen}:{self._last_step}:{sum(entered.values()) + sum(p2p.values())}"
+        return Progress(counter=counter, blocked=blocked), (time.time() - newest if blocked else None)
+
     def _on_new_plan(self, plan: Plan) -> None:
         """Watcher thread: a newer plan ends the current generation at once."""
+        if self.me.id in plan.stuck:
+            # The training thread is stuck where nothing can wake it; a fresh process can serve.
+            print(f"elastickit: worker {self.me.id}: its training loop made no progress while its peers waited "
+                  f"in a collective; the job went on without it (plan {plan.gen}); exiting so that its agent "
+                  "starts a fresh worker", file=sys.stderr, flush=True)
+            os._exit(STUCK_EXIT_CODE)
         g = self._gen
         if g is None or plan.gen <= g.plan.gen or g.voluntary or g.aborted:
             return
@@ -170,6 +201,8 @@ class ElasticWorker:
         finally:
             if self._closing is not None:
                 self._closing.wait(30.0)  # the last checkpoints are durable; let the threads end
+            if self._monitor_closing is not None:
+                self._monitor_closing.wait(5.0)
             self.membership.leave()
         return 0
 
@@ -208,7 +241,7 @@ class ElasticWorker:
         if g.aborted:  # superseded before the client existed: nothing would wake it
             raise Superseded(f"plan {plan.gen} was superseded while it formed")
         dist.init_process_group(
-            "gloo",
+            backend(),  # gloo inside the monitor's probes
             store=store,
             rank=g.rank,
             world_size=plan.world_size,
@@ -236,6 +269,9 @@ class ElasticWorker:
         self._closing = None
         g.ck = self._checkpointer(g)
         g.times["ck"] = time.time()
+        with self.membership._lock:
+            members = dict(self.membership.members)
+        g.monitor = start_monitor(store, plan=plan, rank=g.rank, members=members, run=self.rundir)
         g.tracker.stop()  # every connection of this generation is open by now
         log.info("generation %d: %d socket(s) tracked", plan.gen, len(g.tracker.owned))
         if g.aborted:
@@ -279,7 +315,10 @@ class ElasticWorker:
         for step in range(start, cfg.steps):
             if g.aborted:
                 raise Superseded(f"plan {plan.gen} was superseded")
+            if (g.rank, step + 1) in self._hangs:
+                self._hang(step + 1)
             torch.manual_seed(_step_seed(cfg.seed, step, g.rank))
+            g.monitor.on_step_start(step + 1)
             t0 = time.perf_counter()
             vote = 1.0 if self.membership.grow_pending else 0.0
             first_sample = job.loader.sample_index
@@ -288,6 +327,7 @@ class ElasticWorker:
             if cfg.step_sleep_s:
                 time.sleep(cfg.step_sleep_s)
             dt = time.perf_counter() - t0
+            g.monitor.on_step_end(step + 1, loss, dt)
             self._progress_at = time.monotonic()
             self._last_step = step + 1
             if g.rank == 0:
@@ -306,14 +346,19 @@ class ElasticWorker:
         wait_quietly(ck, "the last checkpoint")
         import torch.distributed as dist
 
+        g.monitor.reporter.close()  # the last summaries are in the store before the barrier
         dist.barrier()
         if g.rank == 0:
+            g.monitor.collector.close(final_wait_s=2.0)
             self.membership.finish({"step": cfg.steps, "time": time.time()})
         return None
 
     def _grow(self, g: _Gen, step: int) -> Plan:
         """Every rank agreed (through the loss all-reduce) to grow after `step`."""
         wait_quietly(g.ck, f"checkpoint {step} before growing")  # the node-local tier and its peer copies hold `step`
+        g.monitor.reporter.close()
+        if g.monitor.collector is not None:
+            g.monitor.collector.close(final_wait_s=1.0)  # the others' last summaries, before the connections end
         g.voluntary = True
         g.times["voted"] = time.time()
         self._abort_times = {"caught": g.times["voted"]}
@@ -332,6 +377,8 @@ class ElasticWorker:
         caught = time.time()
         if not g.voluntary:
             g.tracker.shutdown()  # a background tier blocked on a peer wakes up too
+        if g.monitor is not None:
+            self._monitor_closing = close_monitor(g.monitor, wait_s=0.0)  # a no-op when closed already
         t1 = time.time()
         if g.ck is not None:
             # Its threads fail fast now that their connections are gone; the close overlaps the
@@ -342,12 +389,26 @@ class ElasticWorker:
         forget_process_groups()
         # No gc.collect() here: a full collection of a torch heap costs 0.2-0.8 s of the stall;
         # the old model's cycles go with the automatic collections.
-        g.job = g.ck = None
+        g.job = g.ck = g.monitor = None
         self._gen = None
         self._progress_at = None
         log.info("teardown: shut %.3f close %.3f destroy %.3f", t1 - caught, t2 - t1, time.time() - t2)
         self._abort_times = {"caught": g.times.get("abort_signal", caught), "aborted": time.time()}
         log.info("left generation %d in %.3f s", g.plan.gen, self._abort_times["aborted"] - caught)
+
+    def _hang(self, step: int) -> None:
+        """The injected `hang:rank=R:step=S`: this training loop stops for good (once in the
+        job: the first rank to claim it), while the process and its heartbeat live on."""
+        import json
+
+        s = self.membership._store
+        if s.compare_set(f"inject/hang/{step}", "", self.me.id).decode() != self.me.id:
+            return  # claimed before: a step redone after the hang does not hang again
+        s.set(f"fault/{self.env.node}", json.dumps({"kind": "hang", "time": time.time()}))
+        print(f"elastickit: injected hang: the training loop of worker {self.me.id} stops at step {step}",
+              file=sys.stderr, flush=True)
+        while True:
+            time.sleep(1.0)
 
     # -- the recovery record ----------------------------------------------------------------
 
@@ -393,6 +454,14 @@ def _restore_info(last: Any) -> dict[str, Any]:
         return {"bytes": 0, "path": "", **last}
     tier = "peer" if getattr(last, "fetched", ()) else getattr(last, "tier", "?")
     return {"step": last.step, "tier": tier, "bytes": getattr(last, "bytes", 0), "path": getattr(last, "path", "")}
+
+
+def _hang_faults(texts: Sequence[str]) -> frozenset[tuple[int, int]]:
+    """(rank, step) of each `hang:rank=R:step=S` (checked when the flags were parsed)."""
+    from .simulate import parse_node_fault
+
+    faults = [parse_node_fault(t, nodes=1 << 30) for t in texts]
+    return frozenset((f.rank, f.step) for f in faults if f.kind == "hang")
 
 
 def _preload() -> None:

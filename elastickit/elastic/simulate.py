@@ -12,6 +12,10 @@ Faults are what an operator would do from outside:
                              has left it out, the supervisor fences it (SIGKILL), as a cluster
                              manager would before giving its place to anyone else
 
+    hang:rank=R:step=S       rank R's training loop stops at the start of step S (steps.jsonl
+                             numbering), once in the job; its process and heartbeat live on.
+                             Done by the worker itself (`--inject` is passed on to the workers)
+
 Each injected fault is also written to the store (`fault/<node>`), so the recovery event can say
 how long detection took. `rejoin_after_s` restarts a killed or fenced node that many seconds
 later: it comes back as a spare, and the job grows back onto it.
@@ -37,7 +41,8 @@ from .rundir import NodeRecord, RunDir
 
 __all__ = ["Cluster", "NodeFault", "SimRequest", "parse_node_fault"]
 
-_USAGE = "use killnode:node=J:step=S or stopnode:node=J:step=S"
+_USAGE = "use killnode:node=J:step=S, stopnode:node=J:step=S or hang:rank=R:step=S"
+_FIELDS = {"killnode": ("node", "step"), "stopnode": ("node", "step"), "hang": ("rank", "step")}
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,32 +50,38 @@ class NodeFault:
     """One `--inject` of a whole node."""
 
     kind: str
-    node: int
+    node: int = -1
     step: int
+    rank: int = -1
+    """The rank (in the plan when step S comes) of a `hang`."""
     text: str = ""
 
 
-def parse_node_fault(text: str, nodes: int) -> NodeFault:
-    """Parse `killnode:node=J:step=S`; RequestError names the value and the fix."""
+def parse_node_fault(text: str, nodes: int, ranks: int | None = None) -> NodeFault:
+    """Parse `killnode:node=J:step=S` (or stopnode, or `hang:rank=R:step=S` with `ranks` the
+    world at the start); RequestError names the value and the fix."""
     kind, _, rest = text.strip().partition(":")
-    if kind not in ("killnode", "stopnode"):
-        raise RequestError(f"--inject {text!r}: with --nodes, faults are whole nodes; {_USAGE}")
+    if kind not in _FIELDS:
+        raise RequestError(f"--inject {text!r}: with --nodes, faults are whole nodes or a hung loop; {_USAGE}")
+    names = _FIELDS[kind]
     fields: dict[str, int] = {}
     for part in filter(None, rest.split(":")):
         key, eq, value = part.partition("=")
-        if not eq or key not in ("node", "step") or key in fields:
+        if not eq or key not in names or key in fields:
             raise RequestError(f"--inject {text!r}: unexpected field {part!r}; {_USAGE}")
         if not value.isdigit():
             raise RequestError(f"--inject {text!r}: {key}={value!r} is not a whole number")
         fields[key] = int(value)
-    for key in ("node", "step"):
+    for key in names:
         if key not in fields:
             raise RequestError(f"--inject {text!r}: field {key!r} is missing; {_USAGE}")
-    if fields["node"] >= nodes:
+    if ranks is not None and fields.get("rank", -1) >= ranks:
+        raise RequestError(f"--inject {text!r}: rank={fields['rank']} is outside ranks 0..{ranks - 1}")
+    if fields.get("node", -1) >= nodes:
         raise RequestError(f"--inject {text!r}: node={fields['node']} is outside nodes 0..{nodes - 1}")
     if fields["step"] < 1:
         raise RequestError(f"--inject {text!r}: step must be at least 1 (the fault comes after that step)")
-    return NodeFault(kind=kind, node=fields["node"], step=fields["step"], text=text)
+    return NodeFault(kind=kind, text=text, **fields)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -124,7 +135,7 @@ class Cluster:
         self.rundir = RunDir(req.run)
         self.run_id = f"ek-{uuid.uuid4().hex[:12]}"
         self.nodes = [_Node(index=j) for j in range(req.nodes)]
-        self.pending = sorted(req.faults, key=lambda f: f.step)
+        self.pending = sorted((f for f in req.faults if f.kind != "hang"), key=lambda f: f.step)
         self.on_line = on_line or (lambda s: print(s, file=sys.stderr, flush=True))
         self.store: Any = None
         self.port = 0
@@ -454,7 +465,10 @@ def nodes_request(
         raise RequestError(f"--run {run} is a file; give a directory for the run")
     flags = worker_flags(**trainer)
     cfg = parse_flags((*flags, "--run", run))
-    faults = tuple(parse_node_fault(f, nodes) for f in inject)
+    faults = tuple(parse_node_fault(f, nodes, nodes * nproc_per_node) for f in inject)
+    for f in faults:
+        if f.kind == "hang":  # the worker's own doing: its training loop stops
+            flags += ("--inject", f.text)
     req = SimRequest(
         nodes=nodes,
         run=run,

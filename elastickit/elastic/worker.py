@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hang-timeout", type=float, default=1.0)
     p.add_argument("--rank-memory-mib", type=float, default=None)
     p.add_argument("--step-sleep", type=float, default=0.0)
+    p.add_argument("--inject", action="append", default=[], help="hang:rank=R:step=S (a hung training loop)")
     return p
 
 
@@ -67,6 +68,11 @@ def config_from(args: argparse.Namespace) -> ElasticConfig:
     """The ElasticConfig of parsed worker flags (ValueError names a bad flag)."""
     from .config import ElasticConfig
 
+    from .simulate import parse_node_fault
+
+    for text in args.inject:
+        if parse_node_fault(text, nodes=1 << 30).kind != "hang":
+            raise ValueError(f"--inject {text!r}: a worker injects only hang:rank=R:step=S (whole nodes are the supervisor's)")
     if not args.run:
         raise ValueError("--run is missing: give the run directory (steps.jsonl, events.jsonl, ckpt/)")
     return ElasticConfig(
@@ -86,6 +92,7 @@ def config_from(args: argparse.Namespace) -> ElasticConfig:
         hang_s=args.hang_timeout,
         rank_memory_mib=args.rank_memory_mib,
         step_sleep_s=args.step_sleep,
+        inject=tuple(args.inject),
     )
 
 

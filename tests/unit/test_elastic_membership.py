@@ -182,3 +182,68 @@ def test_a_silent_peer_is_not_hung_while_training_moves(store, procs):
     _until(lambda: a.latest.gen == 2)
     assert a.latest.cause == "hang" and a.latest.failed == (b.me.id,)
     a.leave()
+
+
+def test_a_stuck_loop_is_left_out_while_its_peers_wait_and_never_counted_alive_again(store, procs):
+    from elastickit.elastic.progress import Progress
+
+    # Each member's loop as the runtime would report it: (counter, blocked since | None).
+    loops = {j: {"counter": 0, "blocked_at": None} for j in range(3)}
+
+    def progress(j):
+        def now():
+            loop = loops[j]
+            at = loop["blocked_at"]
+            return Progress(counter=str(loop["counter"]), blocked=at is not None), (
+                None if at is None else time.monotonic() - at
+            )
+        return now
+
+    ps = [procs() for _ in range(3)]
+    ms = [_member(store, j, p.pid, progress=progress(j), hang_s=0.4) for j, p in enumerate(ps)]
+    ms[0].first_plan(expected=3, timeout_s=10)
+    _until(lambda: all(m.latest is not None for m in ms))
+    for m in ms:
+        m.set_state("training")
+    for _ in range(5):  # everyone makes progress for a while
+        for loop in loops.values():
+            loop["counter"] += 1
+        time.sleep(0.05)
+    # Every loop blocked in the same collective: nobody is to blame among them.
+    for loop in loops.values():
+        loop["blocked_at"] = time.monotonic()
+    time.sleep(1.2)
+    assert ms[0].latest.gen == 1, ms[0].latest
+    # Member 1's loop stops outside any collective (its heartbeat goes on); 0 and 2 wait on it.
+    loops[1]["blocked_at"] = None
+    t0 = time.monotonic()
+    _until(lambda: ms[0].latest.gen == 2)
+    nxt = ms[0].latest
+    assert nxt.cause == "hang" and nxt.failed == (ms[1].me.id,) and nxt.stuck == (ms[1].me.id,)
+    assert nxt.failed_ranks == (1,) and nxt.active == (ms[0].me.id, ms[2].me.id)
+    assert time.monotonic() - t0 < 3.0
+    # Its heartbeat still beats, yet it is not alive to the others: the job never grows onto it.
+    time.sleep(0.3)
+    assert ms[1].me.id not in ms[0].alive_members() and not ms[0].grow_pending
+    for m in ms:
+        m.leave()
+
+
+def test_a_slow_peer_that_keeps_moving_is_not_stuck():
+    from elastickit.elastic.progress import Progress, ProgressWatch
+
+    w = ProgressWatch(hang_s=1.0)
+    t = 100.0
+    for i in range(6):  # moves every 0.6 s (a slow step)
+        t += 0.6
+        w.observe("b", Progress(counter=str(i), blocked=False), t)
+    assert w.bound("b") == pytest.approx(1.5)  # 2.5x its longest gap
+    assert not w.stuck("b", t + 1.2) and w.stuck("b", t + 1.6)
+    w.observe("b", Progress(counter="5", blocked=True), t + 1.7)  # now waiting in a collective
+    assert not w.stuck("b", t + 3.0)
+    w.observe("c", Progress(counter="0", blocked=False), t)  # never moved since first seen
+    assert not w.stuck("c", t + 10)
+    w.observe("d", Progress(counter="0", blocked=False, training=False), t)
+    w.observe("d", Progress(counter="1", blocked=False, training=False), t + 0.1)
+    assert not w.stuck("d", t + 10)  # forming or a spare: never judged
+    assert Progress.decode(Progress(counter="3:17:4", blocked=True).encode()) == Progress(counter="3:17:4", blocked=True)
