@@ -60,13 +60,14 @@ def train(
         None, "--rejoin-after", help="With --nodes: restart a killed node after S seconds; the job grows back."
     ),
     hang_timeout: float | None = typer.Option(
-        None, "--hang-timeout", help="With --nodes: seconds of silence after which a node counts as hung (default 1)."
+        None, "--hang-timeout", help="With --nodes: seconds of silence (or of a training loop standing still while its peers wait) after which a worker counts as hung (default 1)."
     ),
 ) -> None:
     """Train the reference GPT under torchrun; print each step's loss and time.
 
     With --nodes N: N simulated nodes (torchrun elastic agents) train elastically; a node killed
-    (--inject killnode:node=J:step=S) or hung (stopnode:...) is left out in seconds, the job goes
+    (--inject killnode:node=J:step=S) or hung (stopnode:...), or a worker whose training loop
+    stopped while its process lives (hang:rank=R:step=S), is left out in seconds, the job goes
     on at a new layout, and with --rejoin-after it grows back."""
     if nodes is not None:
         from .train_nodes import train_nodes

@@ -62,6 +62,7 @@ def recovery_record(plan: Plan, times: list[dict[str, Any]]) -> RecoveryRecord:
             "in_process": True,
             "mttr_s": round(bounds[-1] - fault, 4),
             "failed_members": list(plan.failed),
+            "stuck_members": list(plan.stuck),  # alive, beating, but their training loop stopped
             "joined_members": list(plan.joined),
         },
     )

@@ -257,10 +257,14 @@ class Cluster:
             node.rejoin_at = node.down_at + self.req.rejoin_after_s
         self.on_line(f"elastickit train: stopped node {node.index} (SIGSTOP) after step {self.step}")
 
+    def _in_plan(self, node: _Node) -> bool:
+        """The job's newest plan still has a worker of `node` training (or there is no plan)."""
+        plan = self._latest_plan()
+        return plan is None or any(m.split(".")[0] == str(node.index) for m in plan.get("active", ()))
+
     def _fence_if_evicted(self, node: _Node) -> None:
         """A stopped node the job left out is killed (fenced), never woken into a stale plan."""
-        plan = self._latest_plan()
-        if plan is None or any(m.split(".")[0] == str(node.index) for m in plan.get("active", ())):
+        if self._in_plan(node):
             return
         rejoin_at = node.rejoin_at
         self.kill_node(node, kind="stopnode", quiet=True)
@@ -319,7 +323,8 @@ class Cluster:
             if node.state == "stopped":
                 self._fence_if_evicted(node)
                 changed = True
-            if node.rejoin_at is not None and now >= node.rejoin_at and node.state in ("killed", "fenced"):
+            if (node.rejoin_at is not None and now >= node.rejoin_at and node.state in ("killed", "fenced")
+                    and not self._in_plan(node)):  # not before the job left it out: the fault is named then
                 self._rejoin(node)
                 changed = True
             if node.state in ("running", "rejoining") and node.proc is not None:

@@ -125,7 +125,10 @@ def test_run_directory_files(tmp_path):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("crash:rank=1:step=3", "with --nodes, faults are whole nodes"),
+        ("crash:rank=1:step=3", "with --nodes, faults are whole nodes or a hung loop"),
+        ("hang:node=1:step=3", "unexpected field 'node=1'"),
+        ("hang:rank=4:step=3", "rank=4 is outside ranks 0..3"),
+        ("hang:rank=1", "field 'step' is missing"),
         ("killnode:node=4:step=3", "node=4 is outside nodes 0..3"),
         ("killnode:node=1", "field 'step' is missing"),
         ("stopnode:node=1:step=0", "step must be at least 1"),
@@ -136,8 +139,10 @@ def test_node_faults_are_checked(text, message):
     from elastickit.elastic.simulate import parse_node_fault
 
     with pytest.raises(RequestError, match=message):
-        parse_node_fault(text, 4)
+        parse_node_fault(text, 4, 4)
     assert parse_node_fault("killnode:node=2:step=5", 4).node == 2
+    hang = parse_node_fault("hang:rank=3:step=7", 2, 4)  # 2 nodes x 2 workers
+    assert (hang.kind, hang.rank, hang.step) == ("hang", 3, 7)
 
 
 @pytest.mark.parametrize(
@@ -170,10 +175,13 @@ def test_trainer_flags_are_checked_before_launch():
         (["--run", "r", "--global-batch", "25"], "not a multiple of --micro-batch"),
         (["--run", "r", "--layout", "tp=2,tp=2"], "--layout 'tp=2,tp=2'"),
         (["--run", "r", "--model", "huge"], "--model 'huge' is unknown"),
+        (["--run", "r", "--inject", "killnode:node=1:step=2"], "a worker injects only hang:rank=R:step=S"),
+        (["--run", "r", "--inject", "hang:rank=1"], "field 'step' is missing"),
     ]:
         with pytest.raises(RequestError, match=message):
             parse_flags(flags)
     assert parse_flags(["--run", "r", "--layout", "tp=2"]).layout == "tp=2"
+    assert parse_flags(["--run", "r", "--inject", "hang:rank=1:step=4"]).inject == ("hang:rank=1:step=4",)
 
 
 def test_ls_shows_a_runs_recoveries(tmp_path):

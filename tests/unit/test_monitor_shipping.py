@@ -182,3 +182,29 @@ def test_ring_buffer_is_bounded() -> None:
     assert [r.op for r in buf.drain()] == ["allreduce"] * 3
     assert buf.dropped == 3
     assert buf.drain() == []
+
+
+def test_ranks_lines_carry_each_ranks_tags_and_the_newest_op_in_flight_is_known(tmp_path) -> None:
+    from elastickit.monitor import StepSummary
+    from elastickit.monitor.shipping import summary_key
+
+    store = MemStore()
+    path = tmp_path / "ranks.jsonl"
+    tags = {0: {"gen": 3, "node": "0", "member": "0.0.h.1"}, 1: {"gen": 3, "node": "2", "member": "2.0.h.7"}}
+    col = Collector(store, world_size=2, ranks_path=str(path), ranks_tags=tags, poll_s=0.01, on_abort=None)
+    for rank in range(2):
+        s = StepSummary(rank=rank, step=5, time_s=1.0, step_time_s=0.1, wait_s=0.0, num_ops=1)
+        store.set(summary_key("ekmon", rank, 0), s.to_json())
+    col.poll_once()
+    col.close(final_wait_s=0)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert {(d["rank"], d["gen"], d["node"], d["member"]) for d in lines} == {(0, 3, "0", "0.0.h.1"), (1, 3, "2", "2.0.h.7")}
+    assert all(StepSummary.from_json(x).step == 5 for x in path.read_text().splitlines())  # still summaries
+
+    buf = RingBuffer()
+    assert buf.newest_in_flight() is None
+    a = buf.enter("allreduce", "0", (0, 1), -1, 4, 1, 10.0)
+    buf.enter("allreduce", "0", (0, 1), -1, 4, 2, 12.0)
+    assert buf.newest_in_flight() == 12.0
+    buf.complete(a, 13.0, True)
+    assert buf.newest_in_flight() == 12.0
