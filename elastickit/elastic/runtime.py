@@ -32,8 +32,8 @@ from typing import Any
 from .config import ElasticConfig, WorkerEnv, model_limits
 from .membership import Member, Membership, Plan, Superseded
 from .monitoring import backend, close_monitor, start_monitor
-from .progress import IDLE, Progress
 from .policy import Layout, LayoutRequest, NoLayoutError, choose_layout, parse_pins
+from .progress import IDLE, Progress
 from .record import recovery_record
 from .reform import close_async, forget_process_groups, looks_like_comm_failure, wait_quietly
 from .rundir import RunDir, StepRecord
