@@ -258,7 +258,7 @@ class Membership:
                 self.propose(plan, failed=suspects, store=s)
                 return
             if blocked_s is not None and blocked_s >= self.hang_s and self.me.id in plan.active:
-                stuck = [m for m in plan.active if m != self.me.id and self._watch.stuck(m, now)]
+                stuck = [m for m in plan.active if m != self.me.id and self._watch.stuck(m, now, plan.gen)]
                 if stuck:
                     log.info("stuck: %s (idle %s s) while this member waits %.1f s in a collective", stuck,
                              [round(self._watch.idle_s(m, now), 2) for m in stuck], blocked_s)
@@ -278,6 +278,9 @@ class Membership:
         if mine != self._published:
             s.set(f"prog/{self.me.id}", mine.encode())
             self._published = mine
+        latest = self.latest
+        if latest is None or mine.gen != latest.gen:
+            return None  # blocked in a superseded plan's collective: it is being woken
         return blocked_s
 
     def _read_registry(self, s: Any) -> None:

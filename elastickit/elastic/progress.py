@@ -34,15 +34,19 @@ class Progress:
     """Inside a collective (entered, not completed)."""
     training: bool = True
     """Running steps (False: forming a generation, waiting as a spare; never judged)."""
+    gen: int = 0
+    """The plan the loop trains in: a record of an older plan than the judge's proves nothing
+    (a loop that was just woken out of a superseded plan's collective is leaving it)."""
 
     def encode(self) -> str:
-        return f"{int(self.blocked)}{int(self.training)}|{self.counter}"
+        return f"{int(self.blocked)}{int(self.training)}|{self.gen}|{self.counter}"
 
     @classmethod
     def decode(cls, text: str | bytes) -> Progress:
         raw = text.decode() if isinstance(text, bytes) else text
-        flags, _, counter = raw.partition("|")
-        return cls(counter=counter, blocked=flags[:1] == "1", training=flags[1:2] == "1")
+        flags, _, rest = raw.partition("|")
+        gen, _, counter = rest.partition("|")
+        return cls(counter=counter, blocked=flags[:1] == "1", training=flags[1:2] == "1", gen=int(gen or 0))
 
 
 IDLE = Progress(counter="", blocked=False, training=False)
@@ -63,7 +67,10 @@ class ProgressWatch:
         """Record what `member` published at `now` (`stalled`: this watcher itself was
         descheduled, so an unchanged counter proves nothing this round)."""
         old = self._last.get(member)
-        if old is None or old.counter != progress.counter or old.training != progress.training or stalled:
+        # A collective that completed (blocked -> not) is progress too.
+        if old is None or old.counter != progress.counter or old.training != progress.training or (
+            old.blocked and not progress.blocked
+        ) or stalled:
             if old is not None and member in self._moved and not stalled:
                 self._gaps.setdefault(member, collections.deque(maxlen=200)).append(now - self._moved[member])
             self._moved[member] = now
@@ -78,11 +85,14 @@ class ProgressWatch:
             return self.hang_s
         return min(5 * self.hang_s, max(self.hang_s, 2.5 * max(gaps)))
 
-    def stuck(self, member: str, now: float) -> bool:
-        """`member` is not blocked in a collective and its counter stood still for its bound
-        (having moved at least once since first seen: a member just starting is not judged)."""
+    def stuck(self, member: str, now: float, gen: int | None = None) -> bool:
+        """`member` trains (in plan `gen`, if given), is not blocked in a collective, and its
+        counter stood still for its bound (having moved at least once since first seen: a member
+        just starting is not judged)."""
         last = self._last.get(member)
         if last is None or last.blocked or not last.training or self._moves.get(member, 0) < 1:
+            return False
+        if gen is not None and last.gen != gen:
             return False
         return now - self._moved[member] >= self.bound(member)
 

@@ -150,7 +150,7 @@ class ElasticWorker:
         newest = PROBE.buffer.newest_in_flight()
         blocked = newest is not None and newest >= g.started  # older ones: a past generation's
         counter = f"{g.plan.gen}:{self._last_step}:{sum(entered.values()) + sum(p2p.values())}"
-        return Progress(counter=counter, blocked=blocked), (time.time() - newest if blocked else None)
+        return Progress(counter=counter, blocked=blocked, gen=g.plan.gen), (time.time() - newest if blocked else None)
 
     def _on_new_plan(self, plan: Plan) -> None:
         """Watcher thread: a newer plan ends the current generation at once."""

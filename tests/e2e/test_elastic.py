@@ -26,8 +26,8 @@ RTOL = 5e-5  # another layout sums in another order; a wrong restore is off by f
 
 
 # This 2-core machine is shared: a worker can be starved of the CPU for over a second. A hang
-# timeout of 2 s (the default is 1 s) keeps such a worker from being taken for a hung one.
-HANG_TIMEOUT = "2"
+# timeout of 3 s (the default is 1 s) keeps such a worker from being taken for a hung one.
+HANG_TIMEOUT = "3"
 
 
 def _cmd(run, *args: str) -> list[str]:
@@ -205,7 +205,7 @@ def test_a_hung_training_loop_in_a_live_process_is_found_by_its_progress(tmp_pat
     # is what the freshest complete checkpoint misses of it.
     assert rec["restore"]["step"] + rec["lost_steps"] == step - 1, rec
     # Detected by its progress, not by a collective's timeout (60 s) nor its heartbeat (it beat on).
-    assert rec["phases"]["detect_s"] < 10, rec
+    assert rec["phases"]["detect_s"] < 20, rec
     log = (run / "logs" / "node1.log").read_text()
     assert f"stops at step {step}" in log and "exiting so that its agent starts a fresh worker" in log
 

@@ -194,13 +194,16 @@ def test_a_stuck_loop_is_left_out_while_its_peers_wait_and_never_counted_alive_a
         def now():
             loop = loops[j]
             at = loop["blocked_at"]
-            return Progress(counter=str(loop["counter"]), blocked=at is not None), (
+            plan = ms[j].latest if len(ms) > j else None
+            return Progress(counter=str(loop["counter"]), blocked=at is not None, gen=plan.gen if plan else 0), (
                 None if at is None else time.monotonic() - at
             )
         return now
 
     ps = [procs() for _ in range(3)]
-    ms = [_member(store, j, p.pid, progress=progress(j), hang_s=0.4) for j, p in enumerate(ps)]
+    ms: list[Membership] = []
+    for j, p in enumerate(ps):
+        ms.append(_member(store, j, p.pid, progress=progress(j), hang_s=0.4))
     ms[0].first_plan(expected=3, timeout_s=10)
     _until(lambda: all(m.latest is not None for m in ms))
     for m in ms:
@@ -246,4 +249,11 @@ def test_a_slow_peer_that_keeps_moving_is_not_stuck():
     w.observe("d", Progress(counter="0", blocked=False, training=False), t)
     w.observe("d", Progress(counter="1", blocked=False, training=False), t + 0.1)
     assert not w.stuck("d", t + 10)  # forming or a spare: never judged
-    assert Progress.decode(Progress(counter="3:17:4", blocked=True).encode()) == Progress(counter="3:17:4", blocked=True)
+    assert Progress.decode(Progress(counter="3:17:4", blocked=True, gen=3).encode()) == Progress(
+        counter="3:17:4", blocked=True, gen=3
+    )
+    # A loop woken out of a superseded plan's collective (blocked -> not) moved: not stuck.
+    w.observe("e", Progress(counter="0", gen=1), t)
+    w.observe("e", Progress(counter="1", gen=1, blocked=True), t + 0.1)
+    w.observe("e", Progress(counter="1", gen=1, blocked=False), t + 5)
+    assert not w.stuck("e", t + 5.5) and not w.stuck("e", t + 20, gen=2)
