@@ -434,6 +434,10 @@ class Membership:
             else:
                 cause_found = cause_found or ("crash" if all(self.exited(m) for m in failed) else "hang")
                 fault_time = min(self.last_seen(m) for m in failed)
+        if failed:
+            # Members of the old plan that nobody counted alive went with the failure too (a
+            # node's other workers die a moment after the first one is seen gone).
+            failed = [*failed, *(m for m in prev_active if m not in active and m not in spares and m not in failed)]
         plan = Plan(
             gen=gen,
             active=active,
