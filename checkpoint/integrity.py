@@ -27,18 +27,6 @@ def checksum(data: bytes | memoryview) -> str:
     return xxhash.xxh3_64_hexdigest(data)
 
 
-def file_checksum(path: str, chunk_bytes: int = 16 << 20) -> str:
-    """xxh3-64 of a whole file, streamed."""
-    h = new_hasher()
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            block = f.read(chunk_bytes)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
-
-
 def fsync_dir(path: str) -> None:
     """Make a directory's entries (new files, renames) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -38,8 +38,6 @@ from .writer import PlanCache, SaveRequest, write_checkpoint
 
 log = logging.getLogger("elastickit")
 
-FILE_TIERS = ("local", "persistent")
-
 
 @dataclass(eq=False)
 class _Job:

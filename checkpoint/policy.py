@@ -10,10 +10,11 @@ checkpoint is at step S" from the measured step time (`next_due_step`).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
+
+from .events import read_events
 
 DEFAULT_MTBF_S = 3 * 3600.0  # Llama 3: 419 interruptions in 54 days, about one per 3 hours
 FAILURE_EVENTS = ("crash", "hang", "restart", "rank_failure")
@@ -31,11 +32,7 @@ def mtbf_from_events(path: str) -> float | None:
 
     None when the log holds fewer than one failure or spans no time.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            records = [json.loads(line) for line in f if line.strip()]
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    records = read_events(path)
     times = [float(r["time"]) for r in records if "time" in r]
     failures = sum(1 for r in records if r.get("type") in FAILURE_EVENTS)
     if failures == 0 or len(times) < 2 or max(times) <= min(times):

@@ -73,10 +73,6 @@ class SlotPool:
         self.slots: list[Slot] = []
         self._lock = threading.Lock()
 
-    def free_indices(self) -> list[int]:
-        with self._lock:
-            return [s.index for s in self.slots if not s.refs]
-
     def count(self) -> int:
         with self._lock:
             return len(self.slots)

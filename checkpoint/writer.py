@@ -152,11 +152,6 @@ class SavePlan:
         return got
 
 
-def describe(items: Sequence[SaveItem]) -> list[dict[str, Any]]:
-    """A rank's items as JSON, for the plan all-gather."""
-    return _describe(items)
-
-
 def _same_items(a: Sequence[SaveItem], b: Sequence[SaveItem]) -> bool:
     return len(a) == len(b) and all(
         x.key == y.key and x.pieces is y.pieces and x.specs is y.specs for x, y in zip(a, b, strict=True)

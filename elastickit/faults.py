@@ -17,9 +17,10 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any, Protocol
+from typing import Any
 
 from elastickit.checkpoint.errors import RequestError
+from elastickit.trainer.hooks import StepHook
 
 CRASH_EXIT_CODE = 13
 _KINDS = {
@@ -28,16 +29,6 @@ _KINDS = {
     "hang": ({"rank", "step"}, set()),
     "crash": ({"rank", "step"}, set()),
 }
-
-
-class StepHook(Protocol):
-    """What the trainer calls around every step."""
-
-    def on_step_start(self, step: int) -> None: ...
-
-    def on_step_end(self, step: int, loss: float, step_time_s: float) -> None: ...
-
-    def close(self) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

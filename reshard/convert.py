@@ -27,7 +27,7 @@ from elastickit.checkpoint.errors import ElastickitError, RequestError
 from elastickit.checkpoint.manifest import DTYPE_SIZES, LayoutRecord
 
 if TYPE_CHECKING:
-    from .adapters.registry import LogicalSource
+    from .adapters.source import LogicalSource
     from .rules import RuleSet
 
 TARGETS = ("elastickit", "dcp", "safetensors", "deepspeed-universal")

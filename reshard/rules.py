@@ -29,7 +29,7 @@ import math
 import re
 import string
 import tomllib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -688,5 +688,3 @@ def load_rules(path: str) -> RuleSet:
         )
     return RuleSet.from_json(data.get("rule", []), source=path)
 
-
-PieceRuleFactory = Callable[[LayoutRecord, int], PieceRule]

@@ -70,13 +70,7 @@ def _root(
 
 
 for _name, _module, _func in COMMANDS:
-    try:
-        _mod = importlib.import_module(f"elastickit.cli.{_module}")
-    except ModuleNotFoundError as _e:  # a command whose module is not there yet
-        if _e.name != f"elastickit.cli.{_module}":
-            raise
-        continue
-    app.command(_name)(getattr(_mod, _func))
+    app.command(_name)(getattr(importlib.import_module(f"elastickit.cli.{_module}"), _func))
 
 
 def global_flags(argv: list[str]) -> list[str]:

@@ -10,7 +10,6 @@ command; `launch` runs it under `supervise.run_job` and returns what happened.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -116,10 +115,6 @@ class TrainRequest:
         ):
             if value not in choices:
                 raise RequestError(f"{flag} {value!r} is unknown; choose {' or '.join(choices)}")
-        if (self.inject or self.events) and importlib.util.find_spec("elastickit.faults") is None:
-            raise RequestError(
-                "fault injection is not available in this build; drop --inject/--events"
-            )
         cfg = self._config()
         from .preflight import check_faults, check_layout
 

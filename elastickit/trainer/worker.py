@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -77,33 +76,19 @@ def _backend(monitor: bool) -> str:
     base = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if not monitor:
         return base
-    try:
-        from elastickit.monitor import register_backend
-    except ImportError:
-        warnings.warn(
-            "elastickit.monitor.register_backend is not available in this build; "
-            f"running on plain {base} without communication monitoring",
-            stacklevel=2,
-        )
-        return base
+    from elastickit.monitor import register_backend
+
     return register_backend()
 
 
 def _step_hooks(args: argparse.Namespace, rank: int, world_size: int) -> list:
-    from elastickit.checkpoint.errors import RequestError
-
     if not args.inject and not args.events and not args.monitor:
         return []
     # Monitor events go under the run directory by default: the checkpoint root's event log,
     # where the `auto` interval policy learns the failure rate from them.
     events = args.events or os.path.join(args.ckpt or ".", "events.jsonl")
-    try:
-        from elastickit.faults import build_step_hooks
-    except ImportError as e:
-        raise RequestError(
-            "fault injection is not available in this build (no elastickit.faults); "
-            "drop --inject/--events"
-        ) from e
+    from elastickit.faults import build_step_hooks
+
     return list(
         build_step_hooks(
             specs=list(args.inject), events_path=events, rank=rank, world_size=world_size

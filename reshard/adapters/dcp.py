@@ -34,7 +34,7 @@ import torch
 from elastickit.checkpoint.errors import DataError, RequestError
 from elastickit.checkpoint.stfile import st_dtype
 
-from .registry import LogicalTensorInfo
+from .source import LogicalTensorInfo
 
 METADATA = ".metadata"
 RESERVED = "elastickit"

@@ -26,8 +26,6 @@ from .deepspeed import DeepSpeedCheckpoint, is_deepspeed_checkpoint
 
 __all__ = ["DeepSpeedSource", "is_deepspeed_checkpoint", "open_deepspeed_source"]
 
-_OPTIM_STATES = ("exp_avg", "exp_avg_sq", "step")
-
 
 class DeepSpeedSource:
     """Logical tensors of a DeepSpeed ZeRO 0-3 checkpoint (see the module docstring)."""
@@ -38,7 +36,7 @@ class DeepSpeedSource:
         self.rules: tuple[dict[str, Any], ...] = ()
         self._names: dict[str, tuple[str, str]] = {}  # logical -> (parameter, state)
         self._infos: dict[str, Any] = {}
-        from .registry import LogicalTensorInfo
+        from .source import LogicalTensorInfo
 
         ck = self.checkpoint
         for p in ck.params.values():

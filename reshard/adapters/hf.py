@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from elastickit.checkpoint.errors import DataError, RequestError
 
-from .registry import LogicalTensorInfo
+from .source import LogicalTensorInfo
 
 INDEX = "model.safetensors.index.json"
 RANK_FILE = re.compile(r"^rank-\d{5}\.safetensors$")

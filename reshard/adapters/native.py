@@ -13,7 +13,7 @@ from elastickit.checkpoint.stfile import torch_dtype
 
 from ..executor import execute
 from ..planner import plan_reads
-from .registry import LogicalTensorInfo
+from .source import LogicalTensorInfo
 
 
 def is_elastickit_checkpoint(path: str) -> bool:

@@ -15,45 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from elastickit.checkpoint.errors import RequestError
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LogicalTensorInfo:
-    """A logical tensor of a source: its safetensors dtype name and global shape."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-
-class LogicalSource(Protocol):
-    """A checkpoint as logical tensors. `convert` calls `tensors`, then `read` once per name
-    (in any order), `objects`, and finally `close`.
-
-    `step` is the training step the source was saved at (0 when it does not say); `rules` are
-    the resharding rules in the manifest's JSON form (`RuleSet.to_json`), empty when unknown."""
-
-    step: int
-    rules: tuple[dict[str, Any], ...]
-
-    def tensors(self) -> dict[str, LogicalTensorInfo]:
-        """Every logical tensor, by name."""
-        ...
-
-    def read(self, name: str) -> torch.Tensor:
-        """The whole logical tensor `name`, on the host."""
-        ...
-
-    def objects(self) -> dict[str, Any]:
-        """Non-tensor state in the manifest's JSON encoding (`elastickit.checkpoint.values`:
-        tuples, bytes and BytesIO tagged); a value that cannot be kept raises, naming it."""
-        ...
-
-    def close(self) -> None: ...
+from .source import LogicalSource
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +41,6 @@ def register_source(
 ) -> None:
     """Register (or replace) the source format `name`."""
     _SOURCES[name] = SourceFormat(name, detect, open)
-
-
-def source_formats() -> list[str]:
-    """Registered source formats, in detection order."""
-    _builtin()
-    return list(_SOURCES)
 
 
 def detect_format(path: str) -> str:

@@ -269,6 +269,17 @@ def test_mtbf_learned_from_event_log(tmp_path):
     assert IntervalPolicy(auto=True, events_path=str(p)).mtbf() == pytest.approx(3000.0)
 
 
+def test_mtbf_reads_the_event_log_as_every_reader_does(tmp_path):
+    """A record torn by a killed writer costs its own line, not the failures around it."""
+    p = tmp_path / "events.jsonl"
+    p.write_text(
+        '{"type":"checkpoint","time":1000}\n{"type":"crash","time":4000}\n{"type":"checkp\n'
+        '{"type":"hang","time":6000}\n{"type":"checkpoint","time":7000}\n'
+    )
+    assert mtbf_from_events(str(p)) == pytest.approx(3000.0)
+    assert mtbf_from_events(str(tmp_path / "absent.jsonl")) is None
+
+
 def test_every_seconds_policy_schedules_by_measured_step_time(tmp_path):
     m, o = _setup()
     with ek.Checkpointer(str(tmp_path), every_seconds=0.05) as ck:
