@@ -49,7 +49,7 @@ def _save(rank: int, world: int, root: str, gib: float) -> dict:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from elastickit.checkpoint.coord import StoreCoordinator
-    from elastickit.checkpoint.state import FlatState, save_items
+    from elastickit.checkpoint.plan.pieces import save_items
     from elastickit.checkpoint.writer import SaveRequest, write_checkpoint
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
@@ -69,7 +69,7 @@ def _save(rank: int, world: int, root: str, gib: float) -> dict:
     req = SaveRequest(
         root=os.path.join(root, "ek"),
         step=1,
-        items=save_items(FlatState(tensors=state)),
+        items=save_items(state),
         fsync=False,
     )
     write_checkpoint(req, coord)
@@ -86,8 +86,8 @@ def _load(rank: int, world: int, root: str, gib: float, method: str) -> dict:
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from elastickit.checkpoint.catalog import load_manifest
-    from elastickit.checkpoint.state import FlatState, load_items
+    from elastickit.checkpoint.format.directory import StepDir
+    from elastickit.checkpoint.plan.pieces import load_items
     from elastickit.reshard.executor import execute
     from elastickit.reshard.planner import plan_reads
     from torch.distributed.device_mesh import init_device_mesh
@@ -119,11 +119,11 @@ def _load(rank: int, world: int, root: str, gib: float, method: str) -> dict:
     t0 = time.perf_counter()
     if method == "elastickit":
         path = os.path.join(root, "ek", "step-00000001")
-        manifest = load_manifest(path)
-        items = load_items(FlatState(tensors=targets))
-        plan = plan_reads(manifest, [(it.key, it.pieces) for it in items])
+        source = StepDir(path)
+        items = load_items(targets)
+        plan = plan_reads(source.manifest, [(it.key, it.pieces) for it in items])
         with torch.no_grad():
-            execute(plan, path, manifest, {it.key: it.tensor for it in items})
+            execute(plan, source, {it.key: it.tensor for it in items})
     else:
         sd = {k.replace("model/", ""): v for k, v in targets.items()}
         dcp.load(sd, checkpoint_id=os.path.join(root, "dcp"))

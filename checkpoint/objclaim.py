@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import RequestError
+from .format.manifest import MANIFEST_NAME, STEP_DIR_RE
 from .lock import LOCK_NAME
-from .manifest import MANIFEST_NAME, STEP_DIR_RE
 from .objstore import ObjectRoot, store_error
 from .runs import RUN_FILE
 

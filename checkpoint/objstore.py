@@ -23,7 +23,6 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .catalog import CheckpointInfo, Problem
 from .errors import (
     CorruptCheckpointError,
     DataError,
@@ -31,9 +30,10 @@ from .errors import (
     IncompleteCheckpointError,
     RequestError,
 )
-from .manifest import MANIFEST_NAME, STEP_DIR_RE, FileRecord, Manifest, step_dir_name
+from .format.directory import CheckpointInfo, Problem
+from .format.manifest import MANIFEST_NAME, STEP_DIR_RE, FileRecord, Manifest, step_dir_name
+from .format.stfile import write_stream
 from .objio import RangedFile, is_s3, open_upload
-from .stfile import write_stream
 
 if TYPE_CHECKING:  # the CLI's torch-free paths import this module
     import torch
@@ -317,9 +317,10 @@ class ObjectRoot:
         """A rank file of `step`, read by ranged GETs and verified (see `objio.RangedFile`)."""
         return RangedFile(self.fs, self._obj(step, name), record, label=f"{self.step_url(step)}/{name}", verify=verify)
 
-    def opener(self, step: int, *, verify: bool = True) -> Callable[[str, FileRecord], RangedFile]:
-        """`(name, record) -> RangedFile` for the executor (`reshard.executor.execute`)."""
-        return lambda name, record: self.open_file(step, name, record, verify=verify)
+    def open_step(self, step: int, manifest: Manifest | None = None) -> ObjectStep:
+        """Committed `step` as readers take it (the executor's `StepSource`, as a step directory's
+        `StepDir` is): its manifest (read now unless given) and its files by ranged reads."""
+        return ObjectStep(self, step, manifest if manifest is not None else self.read_manifest(step))
 
     def verify_step(self, step: int) -> list[Problem]:
         """Check every byte of every object of `step` against its manifest (sorted problems)."""
@@ -383,3 +384,21 @@ class ObjectRoot:
             self.fs.put_file(full, f"{self.path}/{rel.replace(os.sep, '/')}")
             total += os.path.getsize(full)
         return total
+
+
+class ObjectStep:
+    """One committed step of an object root, as readers take it (see `format.directory.StepDir`).
+
+    Attributes:
+        manifest: the step's manifest.
+        where: the step's URL (what messages call it).
+    """
+
+    def __init__(self, root: ObjectRoot, step: int, manifest: Manifest) -> None:
+        self._root, self._step = root, step
+        self.manifest = manifest
+        self.where = root.step_url(step)
+
+    def open(self, name: str, record: FileRecord, *, verify: bool = True) -> RangedFile:
+        """File `name` of this step, by ranged GETs, each tensor verified on first access."""
+        return self._root.open_file(self._step, name, record, verify=verify)

@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-from .catalog import list_checkpoints, remove_incomplete
 from .coord import Coordinator
 from .errors import ElastickitError, NotDurableError
 from .events import EventLog
-from .integrity import atomic_write_text, fsync_dir
-from .manifest import MANIFEST_NAME, LayoutRecord, Manifest, step_dir_name
+from .format.directory import list_checkpoints
+from .format.integrity import atomic_write
+from .format.manifest import MANIFEST_NAME, LayoutRecord, Manifest, step_dir_name
 from .objstore import ObjectRoot
 from .paths import is_url
 from .snapshot import SlotPool, Snapshot
@@ -258,7 +258,7 @@ class TierWorker:
         if self._node_leader() and self.ctx.rank != 0:
             d = os.path.join(self.root, step_dir_name(manifest.step))
             os.makedirs(d, exist_ok=True)
-            atomic_write_text(os.path.join(d, MANIFEST_NAME), manifest.dumps(), fsync=self.ctx.fsync)
+            atomic_write(os.path.join(d, MANIFEST_NAME), manifest.dumps(), fsync=self.ctx.fsync)
 
     def _peer_copy(self, manifest: Manifest) -> int:
         """Send this rank's local file to its buddy; store the ward's file here. Returns bytes sent."""
@@ -290,16 +290,7 @@ class TierWorker:
             w.wait()
         theirs = [f for f in manifest.files.values() if f.rank == ward]
         if theirs and buf_in.numel():
-            path = os.path.join(step_dir, theirs[0].name)
-            tmp = path + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(memoryview(buf_in.numpy()))
-                f.flush()
-                if self.ctx.fsync:
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-            if self.ctx.fsync:
-                fsync_dir(step_dir)
+            atomic_write(os.path.join(step_dir, theirs[0].name), memoryview(buf_in.numpy()), fsync=self.ctx.fsync)
         return len(data)
 
     def committed(self) -> list[int]:
@@ -329,6 +320,20 @@ class TierWorker:
                 shutil.rmtree(c.path, ignore_errors=True)
         if done:
             remove_incomplete(self.root, keep_newer_than=done[-1].step)
+
+
+def remove_incomplete(root: str, *, keep_newer_than: int | None = None) -> list[str]:
+    """Delete incomplete checkpoint directories (no manifest) under `root`; returns their paths.
+
+    `keep_newer_than`: leave incomplete directories with a larger step alone (a save in flight).
+    """
+    removed = []
+    for c in list_checkpoints(root):
+        if c.complete or (keep_newer_than is not None and c.step > keep_newer_than):
+            continue
+        shutil.rmtree(c.path, ignore_errors=True)
+        removed.append(c.path)
+    return removed
 
 
 class AsyncWriter:

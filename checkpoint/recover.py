@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from .catalog import list_checkpoints
 from .coord import Coordinator
 from .errors import DataError
-from .integrity import fsync_dir
-from .manifest import MANIFEST_NAME, Manifest, step_dir_name
+from .format.directory import list_checkpoints
+from .format.integrity import atomic_write
+from .format.manifest import MANIFEST_NAME, Manifest, step_dir_name
 
 TIER_PREFERENCE = {"memory": 0, "local": 1, "persistent": 2}
 
@@ -94,10 +94,7 @@ def share_manifest(coord: Coordinator, root: str, step: int) -> Manifest:
     manifest = Manifest.loads(mine, source=path)
     if text is None:  # keep a copy here: this directory becomes self-describing again
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(mine)
-        os.replace(tmp, path)
+        atomic_write(path, mine)
     return manifest
 
 
@@ -151,13 +148,6 @@ def fetch_files(
         elif coord.rank == dst:
             buf = torch.empty(manifest.files[name].size_bytes, dtype=torch.uint8)
             dist.recv(buf, src, group=group)
-            path = os.path.join(step_dir, name)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(memoryview(buf.numpy()))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fsync_dir(step_dir)
+            atomic_write(os.path.join(step_dir, name), memoryview(buf.numpy()))
             received.append(name)
     return received

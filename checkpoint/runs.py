@@ -31,9 +31,9 @@ from typing import Any
 
 from .coord import Coordinator
 from .errors import RequestError
-from .integrity import atomic_write_text
+from .format.integrity import atomic_write
+from .format.manifest import MANIFEST_NAME, STEP_DIR_RE, step_dir_name
 from .lock import RootLock
-from .manifest import MANIFEST_NAME, STEP_DIR_RE, step_dir_name
 from .paths import is_url, writable_dir
 
 RUN_FILE = ".elastickit-run"
@@ -81,7 +81,7 @@ def run_key(root: str) -> str:
             run_id = str(json.load(f)["run_id"])
     except FileNotFoundError:
         run_id = os.urandom(8).hex()
-        atomic_write_text(path, json.dumps({"run_id": run_id, "created_s": time.time()}) + "\n")
+        atomic_write(path, json.dumps({"run_id": run_id, "created_s": time.time()}) + "\n")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise RequestError(
             f"{path} is unreadable ({e}); it names this root's run: restore it, or remove it to "
@@ -200,11 +200,8 @@ def local_run_dir(base: str, key: str, anchor: str) -> str:
     mine = os.path.join(base, f"run-{key}")
     os.makedirs(mine, exist_ok=True)
     info = os.path.join(mine, RUN_INFO)
-    if not os.path.exists(info):
-        tmp = f"{info}.{os.getpid()}.tmp"  # ranks sharing a node label it at once
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"key": key, "root": anchor}, f)
-        os.replace(tmp, info)
+    if not os.path.exists(info):  # ranks sharing a node label it at once: each renames its own
+        atomic_write(info, json.dumps({"key": key, "root": anchor}), fsync=False)
     for name in os.listdir(base):
         other = os.path.join(base, name)
         if name == f"run-{key}" or not name.startswith("run-"):

@@ -17,7 +17,6 @@ A crash at any instant leaves the previous checkpoints untouched and this one wi
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,19 +25,18 @@ import torch
 
 from .coord import Coordinator, gather_or_raise
 from .errors import ElastickitError
-from .integrity import atomic_write_text, fsync_dir
-from .items import LogicalSpec, Piece, SaveItem
-from .manifest import (
+from .format.integrity import commit_step, fsync_dir
+from .format.items import SaveItem
+from .format.manifest import (
     MANIFEST_NAME,
     FileRecord,
     LayoutRecord,
     Manifest,
-    ShardRef,
-    TensorEntry,
     rank_file_name,
     step_dir_name,
 )
-from .stfile import write_file
+from .format.stfile import write_file
+from .plan.save import PlanCache, SavePlan, build_manifest, describe_items
 
 if TYPE_CHECKING:
     from .objstore import ObjectRoot
@@ -77,57 +75,6 @@ class SaveRequest:
     before_item: Callable[[str], None] | None = None
 
 
-def _describe(items: Sequence[SaveItem]) -> list[dict[str, Any]]:
-    return [
-        {
-            "key": it.key,
-            "pieces": [[p.logical, list(p.offsets), list(p.lengths), list(p.stored_offsets)] for p in it.pieces],
-            "specs": [[s.name, s.dtype, list(s.shape), s.merge] for s in it.specs],
-        }
-        for it in items
-    ]
-
-
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    specs: dict[str, LogicalSpec]
-    # rank -> key -> list of (Piece, replica) that rank writes
-    owned: list[dict[str, list[tuple[Piece, int]]]]
-
-
-def plan_dedup(described: list[list[dict[str, Any]]]) -> _Plan:
-    """Decide who writes what, identically on every rank (a pure function of the gathered plans).
-
-    Raises ValueError naming the tensor when ranks disagree on a logical tensor's dtype or shape.
-    """
-    specs: dict[str, LogicalSpec] = {}
-    seen: dict[tuple[str, tuple[int, ...], tuple[int, ...]], int] = {}
-    owned: list[dict[str, list[tuple[Piece, int]]]] = []
-    for rank, items in enumerate(described):
-        mine: dict[str, list[tuple[Piece, int]]] = {}
-        for it in items:
-            for name, dtype, shape, merge in it["specs"]:
-                spec = LogicalSpec(name=name, dtype=dtype, shape=tuple(shape), merge=merge)
-                prev = specs.setdefault(name, spec)
-                if prev != spec:
-                    raise ValueError(
-                        f"tensor {name!r} is {prev.dtype}{list(prev.shape)} on one rank but "
-                        f"{dtype}{list(shape)} on rank {rank}; every rank must agree on a logical tensor"
-                    )
-            for logical, offsets, lengths, stored in it["pieces"]:
-                region = (logical, tuple(offsets), tuple(lengths))
-                count = seen.get(region, 0)
-                seen[region] = count + 1
-                if count and specs[logical].merge == "first":
-                    continue  # an identical replica is already written by a lower rank
-                piece = Piece(
-                    logical=logical, offsets=tuple(offsets), lengths=tuple(lengths), stored_offsets=tuple(stored)
-                )
-                mine.setdefault(it["key"], []).append((piece, count))
-        owned.append(mine)
-    return _Plan(specs=specs, owned=owned)
-
-
 def _host(t: torch.Tensor) -> torch.Tensor:
     if hasattr(t, "to_local"):  # a DTensor: its local shard is what this rank stores
         t = t.to_local()
@@ -135,51 +82,6 @@ def _host(t: torch.Tensor) -> torch.Tensor:
     if t.device.type != "cpu":
         t = t.to("cpu")
     return t.contiguous()
-
-
-@dataclass(frozen=True)
-class SavePlan:
-    """What every rank holds, gathered once per checkpoint, and who writes what."""
-
-    described: list[list[dict[str, Any]]]
-
-    def dedup(self) -> _Plan:
-        """The deduplication of `described`, computed once (every tier uses it)."""
-        got = self.__dict__.get("_dedup")
-        if got is None:
-            got = plan_dedup(self.described)
-            object.__setattr__(self, "_dedup", got)
-        return got
-
-
-def _same_items(a: Sequence[SaveItem], b: Sequence[SaveItem]) -> bool:
-    return len(a) == len(b) and all(
-        x.key == y.key and x.pieces is y.pieces and x.specs is y.specs for x, y in zip(a, b, strict=True)
-    )
-
-
-class PlanCache:
-    """The plan of the last commit of a sequence (one per tier): a rank describes its items
-    only when they changed since, and the deduplication is computed again only then."""
-
-    def __init__(self) -> None:
-        self._items: Sequence[SaveItem] | None = None
-        self._described: list[list[dict[str, Any]]] = []
-        self._plan: SavePlan | None = None
-
-    def describe(self, items: Sequence[SaveItem]) -> list[dict[str, Any]] | None:
-        """This rank's description for the plan round, or None when unchanged."""
-        if self._items is not None and _same_items(self._items, items):
-            return None
-        return _describe(items)
-
-    def update(self, items: Sequence[SaveItem], gathered: list[list[dict[str, Any]] | None]) -> SavePlan:
-        """The plan, from every rank's description (None: the rank's previous one)."""
-        if self._plan is None or any(d is not None for d in gathered):
-            self._described = [d if d is not None else self._described[r] for r, d in enumerate(gathered)]
-            self._plan = SavePlan(described=self._described)
-        self._items = items
-        return self._plan
 
 
 def write_checkpoint(
@@ -216,7 +118,7 @@ def write_checkpoint(
                 fsync_dir(step_dir)
     except OSError as e:
         error = f"cannot prepare {step_dir} ({e.strerror}); check the path and its permissions"
-    desc = plans.describe(req.items) if plans is not None else _describe(req.items)
+    desc = plans.describe(req.items) if plans is not None else describe_items(req.items)
     payload = {"items": desc, "rank_object": req.rank_object}
     gathered = gather_or_raise(coord, error, payload, phase="checkpoint plan")
     if plans is not None:
@@ -252,8 +154,16 @@ def write_checkpoint(
     error, manifest, manifest_json = None, None, None
     if rank == 0:
         try:
-            manifest = _build_manifest(req, plan.dedup(), rank_objects, records, coord.world_size)
-            atomic_write_text(os.path.join(step_dir, MANIFEST_NAME), manifest.dumps(), fsync=req.fsync)
+            files = [
+                FileRecord.from_json(rank_file_name(r, compressed=rec.get("compression", "none") == "zstd"), rec)
+                if rec is not None else None
+                for r, rec in enumerate(records)
+            ]
+            manifest = build_manifest(
+                step=req.step, dedup=plan.dedup(), records=files, layout=req.layout, rules=req.rules,
+                objects=req.objects, rank_objects=rank_objects, framework=req.framework,
+            )
+            commit_step(step_dir, manifest, fsync=req.fsync)
             if req.fsync:
                 fsync_dir(req.root)
             if share and coord.world_size > 1:
@@ -277,7 +187,7 @@ def _write_objects(
             store.retire(req.step)
         except Exception as e:  # noqa: BLE001 - every rank raises it below
             error = f"cannot prepare {where} ({type(e).__name__}: {e})"
-    desc = plans.describe(req.items) if plans is not None else _describe(req.items)
+    desc = plans.describe(req.items) if plans is not None else describe_items(req.items)
     gathered = gather_or_raise(coord, error, {"items": desc, "rank_object": req.rank_object}, phase="checkpoint plan")
     if plans is not None:
         plan = plans.update(req.items, [g["items"] for g in gathered])
@@ -308,7 +218,15 @@ def _write_objects(
     error, manifest, manifest_json = None, None, None
     if rank == 0:
         try:
-            manifest = _build_manifest(req, plan.dedup(), rank_objects, records, coord.world_size)
+            files = [
+                FileRecord.from_json(rank_file_name(r, compressed=rec.get("compression", "none") == "zstd"), rec)
+                if rec is not None else None
+                for r, rec in enumerate(records)
+            ]
+            manifest = build_manifest(
+                step=req.step, dedup=plan.dedup(), records=files, layout=req.layout, rules=req.rules,
+                objects=req.objects, rank_objects=rank_objects, framework=req.framework,
+            )
             store.commit(req.step, manifest)
             if share and coord.world_size > 1:
                 manifest_json = manifest.to_json()
@@ -319,55 +237,3 @@ def _write_objects(
         return manifest
     return Manifest.from_json(committed[0], source=f"{where}/{MANIFEST_NAME}")
 
-
-def _build_manifest(
-    req: SaveRequest,
-    plan: _Plan,
-    rank_objects: tuple[dict[str, Any], ...],
-    records: list[Any],
-    world_size: int,
-) -> Manifest:
-    files: dict[str, FileRecord] = {}
-    for rank, rec in enumerate(records):
-        if rec is not None:
-            name = rank_file_name(rank, compressed=rec.get("compression", "none") == "zstd")
-            files[name] = FileRecord.from_json(name, rec)
-    shards: dict[str, list[ShardRef]] = {name: [] for name in plan.specs}
-    for rank, mine in enumerate(plan.owned):
-        if not mine:
-            continue
-        fname = rank_file_name(rank, compressed=records[rank].get("compression", "none") == "zstd")
-        for key, pieces in mine.items():
-            for piece, replica in pieces:
-                shards[piece.logical].append(
-                    ShardRef(
-                        file=fname,
-                        key=key,
-                        offsets=piece.offsets,
-                        lengths=piece.lengths,
-                        stored_offsets=piece.stored_offsets,
-                        replica=replica,
-                    )
-                )
-    tensors = {
-        name: TensorEntry(
-            name=name,
-            dtype=spec.dtype,
-            shape=spec.shape,
-            shards=tuple(sorted(shards[name], key=lambda s: (s.replica, s.offsets, s.file))),
-            merge=spec.merge,
-        )
-        for name, spec in plan.specs.items()
-    }
-    return Manifest(
-        step=req.step,
-        created_s=time.time(),
-        world_size=world_size,
-        layout=req.layout,
-        rules=req.rules,
-        tensors=tensors,
-        files=files,
-        objects=req.objects,
-        rank_objects=rank_objects,
-        framework=req.framework,
-    )

@@ -43,17 +43,18 @@ from elastickit.checkpoint.coord import (
 )
 from elastickit.checkpoint.errors import ElastickitError, NotDurableError, RequestError
 from elastickit.checkpoint.events import EventLog
-from elastickit.checkpoint.manifest import LayoutRecord
+from elastickit.checkpoint.format.manifest import LayoutRecord
 from elastickit.checkpoint.paths import is_url, local_path, location
 from elastickit.checkpoint.pipeline import AsyncWriter, WriterContext
+from elastickit.checkpoint.plan.pieces import PieceRule, save_items
 from elastickit.checkpoint.policy import IntervalPolicy
 from elastickit.checkpoint.runs import RootClaim, claim_root, join_run
 from elastickit.checkpoint.snapshot import snapshot_bytes
-from elastickit.checkpoint.state import PieceRule, StateDictCache, flatten_state, save_items
 from elastickit.checkpoint.threads import lower_priority
 from elastickit.checkpoint.tiers import Tiers, TierSpec
 from elastickit.restoring import RestoreReport, Sources, restore_state
 from elastickit.rng import rng_capture, rng_encode
+from elastickit.state import StateDictCache, flatten_state
 
 log = logging.getLogger("elastickit")
 
@@ -412,7 +413,7 @@ class Checkpointer:
         t0 = time.perf_counter()
         self.fence()  # one snapshot in flight at a time keeps the copy order simple
         flat, _ = flatten_state(state, self._sd_cache)
-        items = save_items(flat, self._piece_rule(), self._item_memo)
+        items = save_items(flat.tensors, self._piece_rule(), self._item_memo)
         prev = self._prev_items
         if len(items) == len(prev) and all(map(operator.is_, items, prev)):
             items = prev  # the same list object: what is derived from it is reused

@@ -5,15 +5,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from elastickit.checkpoint.catalog import (
+from elastickit.checkpoint.errors import ElastickitError, IncompleteCheckpointError, RequestError
+from elastickit.checkpoint.events import read_events
+from elastickit.checkpoint.format.directory import (
     list_checkpoints,
     load_manifest,
     resolve,
     verify_checkpoint,
 )
-from elastickit.checkpoint.errors import ElastickitError, IncompleteCheckpointError, RequestError
-from elastickit.checkpoint.events import read_events
-from elastickit.checkpoint.manifest import MANIFEST_NAME
+from elastickit.checkpoint.format.manifest import MANIFEST_NAME
 from elastickit.checkpoint.paths import is_url
 
 EVENTS_NAME = "events.jsonl"

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from elastickit.checkpoint.errors import DataError, RequestError
-from elastickit.checkpoint.items import Piece
-from elastickit.checkpoint.manifest import FileRecord, Manifest
-from elastickit.checkpoint.matching import check_specs, compare_specs, memory_gap
+from elastickit.checkpoint.format.items import Piece
+from elastickit.checkpoint.format.manifest import Manifest
+from elastickit.checkpoint.plan.matching import check_specs, compare_specs, memory_gap
+from elastickit.checkpoint.plan.pieces import PieceRule, load_items
 from elastickit.checkpoint.snapshot import Snapshot
-from elastickit.checkpoint.state import (
-    PieceRule,
-    apply_state,
-    flatten_state,
-    load_items,
-    missing_tensors,
-    new_tensor,
-)
-from elastickit.reshard.executor import execute
+from elastickit.reshard.executor import StepSource, execute
 from elastickit.reshard.planner import ReshardPlan, plan_reads
+from elastickit.state import apply_state, flatten_state, missing_tensors, new_tensor
 
 
 def check_names(manifest_objects: Mapping[str, Any], state: Mapping[str, Any], where: str) -> None:
@@ -48,7 +42,7 @@ class Loader:
         self.manifest = manifest
         self.state = state
         self.flat, self.sds = flatten_state(state)
-        items = load_items(self.flat, rule)
+        items = load_items(self.flat.tensors, rule)
         lacking = {p.logical for it in items for p in it.pieces if p.logical not in manifest.tensors}
         self.missing = sorted(lacking.union(check_specs(manifest, (s for it in items for s in it.specs), where)))
         gone = set(self.missing)
@@ -70,10 +64,10 @@ class Loader:
     def files(self) -> set[str]:
         return set(self.plan.files)
 
-    def run(self, ckpt_dir: str, open_file: Callable[[str, FileRecord], Any] | None = None) -> None:
-        """Read the plan's files from `ckpt_dir` (or through `open_file`: an object store)."""
+    def run(self, source: StepSource) -> None:
+        """Read the plan from `source` (the step whose manifest this loader matched) and load it."""
         with torch.no_grad():
-            execute(self.plan, ckpt_dir, self.manifest, self.targets, open_file=open_file)
+            execute(self.plan, source, self.targets)
         apply_state(self.state, self.sds, self.manifest.objects, {**self.flat.tensors, **self.extra})
 
 
@@ -87,7 +81,7 @@ class SnapshotLoader:
         snap.staged.result()
         self.snap, self.state = snap, state
         self.flat, self.sds = flatten_state(state)
-        self.items = {it.key: it for it in load_items(self.flat, rule)}
+        self.items = {it.key: it for it in load_items(self.flat.tensors, rule)}
         self.saved = {it.key: it for it in snap.items}
         # Another model is a mismatch (raised); another layout only needs a file tier (below).
         specs = {s.name: (s.dtype, s.shape) for it in snap.items for s in it.specs}

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from elastickit.checkpoint.errors import ElastickitError, IncompleteCheckpointError, RequestError
-from elastickit.checkpoint.manifest import MANIFEST_NAME, STEP_DIR_RE
+from elastickit.checkpoint.format.manifest import MANIFEST_NAME, STEP_DIR_RE
 from elastickit.checkpoint.objstore import ObjectRoot
 
 

@@ -21,12 +21,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from elastickit.checkpoint.catalog import list_checkpoints, load_manifest
 from elastickit.checkpoint.coord import Coordinator, gather_or_raise
 from elastickit.checkpoint.errors import DataError, MismatchError, RankFailure, RequestError
 from elastickit.checkpoint.events import EventLog
-from elastickit.checkpoint.manifest import step_dir_name
-from elastickit.checkpoint.matching import (
+from elastickit.checkpoint.format.directory import StepDir, list_checkpoints, load_manifest
+from elastickit.checkpoint.format.manifest import step_dir_name
+from elastickit.checkpoint.objstore import ObjectRoot
+from elastickit.checkpoint.plan.matching import (
     RestoreReport,
     check_fit,
     describe_gap,
@@ -35,7 +36,7 @@ from elastickit.checkpoint.matching import (
     unused_names,
     used_bitmap,
 )
-from elastickit.checkpoint.objstore import ObjectRoot
+from elastickit.checkpoint.plan.pieces import PieceRule
 from elastickit.checkpoint.recover import (
     Candidate,
     candidates,
@@ -44,7 +45,6 @@ from elastickit.checkpoint.recover import (
     share_manifest,
 )
 from elastickit.checkpoint.snapshot import Snapshot
-from elastickit.checkpoint.state import PieceRule
 from elastickit.loading import Loader, SnapshotLoader
 from elastickit.rng import set_rng_state
 
@@ -164,7 +164,7 @@ def _restore_one(src: Sources, cand: Candidate, state: Mapping[str, Any], strict
             if cand.tier == "local":
                 fetched = fetch_files(coord, src.peer_group, root, loader.manifest, loader.files())
             store = src.stores.get(cand.tier)
-            loader.run(path, store.opener(cand.step) if store is not None else None)
+            loader.run(store.open_step(cand.step, loader.manifest) if store is not None else StepDir(path, loader.manifest))
             nbytes = loader.plan.bytes_read
             m = loader.manifest
             rng = m.rank_objects[coord.rank].get("rng") if m.rank_objects and m.world_size == coord.world_size else None

@@ -24,7 +24,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from elastickit.checkpoint.errors import ElastickitError, RequestError
-from elastickit.checkpoint.manifest import DTYPE_SIZES, LayoutRecord
+from elastickit.checkpoint.format.codec import place_tensors
+from elastickit.checkpoint.format.integrity import commit_step, fsync_dir
+from elastickit.checkpoint.format.manifest import (
+    DTYPE_SIZES,
+    MANIFEST_NAME,
+    LayoutRecord,
+    rank_file_name,
+    step_dir_name,
+)
 
 if TYPE_CHECKING:
     from .adapters.source import LogicalSource
@@ -272,42 +280,6 @@ def _to_dcp(reader: LogicalSource, dst: str) -> tuple[list[str], int, int]:
     return sorted(os.listdir(dst)), len(infos), total
 
 
-def tag_tree(objects: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """A copy of an objects tree with a tensor tag at the path of every name in `names`."""
-    import copy
-
-    # Sources give either nested trees or `a/b`-keyed leaves (DCP): nest the keys, keep lists.
-    root: dict[str, Any] = {}
-    for key, value in objects.items():
-        *parents, last = key.split("/")
-        node = root
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise RequestError(f"state {key!r} collides with another entry at {p!r}; the checkpoint cannot be nested")
-        node[last] = copy.deepcopy(value)
-    for name in names:
-        *parents, last = name.split("/")
-        node: Any = root
-        for p in parents:
-            if isinstance(node, list) and p.isdigit() and int(p) < len(node):
-                node = node[int(p)]
-            elif isinstance(node, dict):
-                nxt = node.setdefault(p, {})
-                if not isinstance(nxt, dict | list) or (isinstance(nxt, dict) and set(nxt) == {"__tensor__"}):
-                    raise RequestError(f"tensor {name!r} collides with another entry at {p!r}; the checkpoint cannot be nested")
-                node = nxt
-            else:
-                raise RequestError(f"tensor {name!r} collides with another entry at {p!r}; the checkpoint cannot be nested")
-        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
-            node[int(last)] = {"__tensor__": name}
-        elif isinstance(node, dict):
-            node[last] = {"__tensor__": name}
-        else:
-            raise RequestError(f"tensor {name!r} collides with another entry; the checkpoint cannot be nested")
-    return root
-
-
 def _dcp_leaves(objects: dict[str, Any]) -> dict[str, Any]:
     """The non-tensor entries DCP would make of an objects tree, keyed by path, as Python values.
 
@@ -316,7 +288,7 @@ def _dcp_leaves(objects: dict[str, Any]) -> dict[str, Any]:
     one entry. The same walk here puts each value back at the key it had (Adam's `betas` stays
     one tuple, a dataloader's bytes stay bytes), decoded from the manifest's tags.
     """
-    from elastickit.checkpoint.values import TENSOR_TAG, TUPLE_TAG, decode, tag_of
+    from elastickit.checkpoint.format.values import TENSOR_TAG, TUPLE_TAG, decode, tag_of
 
     out: dict[str, Any] = {}
 
@@ -358,10 +330,11 @@ def _dcp_leaves(objects: dict[str, Any]) -> dict[str, Any]:
 def _to_elastickit(
     reader: LogicalSource, dst: str, rules: RuleSet | None = None
 ) -> tuple[list[str], int, int]:
-    from elastickit.checkpoint.coord import LocalCoordinator
-    from elastickit.checkpoint.items import LogicalSpec, Piece, SaveItem
-    from elastickit.checkpoint.stfile import st_dtype
-    from elastickit.checkpoint.writer import SaveRequest, write_checkpoint
+    """A one-rank checkpoint root `dst/step-<step>/`, written and committed as the format says
+    (the rank file fsynced, then the manifest last)."""
+    from elastickit.checkpoint.format.items import LogicalSpec, Piece, SaveItem
+    from elastickit.checkpoint.format.stfile import st_dtype, write_file
+    from elastickit.checkpoint.plan.save import build_manifest, describe_items, plan_dedup
 
     infos = reader.tensors()
     items = []
@@ -373,27 +346,33 @@ def _to_elastickit(
         items.append(
             SaveItem(
                 key=n,
-                tensor=t,
+                tensor=t.detach().cpu().contiguous(),
                 pieces=(Piece.whole(n, (0,) * t.dim(), tuple(t.shape)),),
                 specs=(spec,),
             )
         )
+    step_dir = os.path.join(dst, step_dir_name(reader.step))
+    os.makedirs(step_dir, exist_ok=True)
+    record = None
+    if items:
+        record = write_file(os.path.join(step_dir, rank_file_name(0)), [(it.key, it.tensor) for it in items])
+        fsync_dir(step_dir)
     # The objects tree tags every tensor where elastickit's state flattening would put it, so
     # that `Checkpointer.restore({"model": model, ...})` finds it; lists (param groups) stay lists.
-    req = SaveRequest(
-        root=dst,
+    manifest = build_manifest(
         step=reader.step,
-        items=items,
-        objects=tag_tree(reader.objects(), sorted(infos)),
+        dedup=plan_dedup([describe_items(items)]),
+        records=[record],
         layout=LayoutRecord(axes=(("dp", 1),)),
-        rules=tuple(rules.to_json()) if rules is not None else tuple(reader.rules),
+        rules=rules.to_json() if rules is not None else reader.rules,
+        objects=place_tensors(reader.objects(), sorted(infos)),
         framework={"converted": "true"},
     )
-    manifest = write_checkpoint(req, LocalCoordinator())
-    step_dir = f"step-{manifest.step:08d}"
+    commit_step(step_dir, manifest)
+    fsync_dir(dst)
+    rel = os.path.relpath(step_dir, dst)
     return (
-        [os.path.join(step_dir, f) for f in sorted(manifest.files)]
-        + [os.path.join(step_dir, "manifest.json")],
+        [os.path.join(rel, f) for f in sorted(manifest.files)] + [os.path.join(rel, MANIFEST_NAME)],
         len(items),
         manifest.total_bytes,
     )

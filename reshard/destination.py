@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from elastickit.checkpoint.errors import DataError, RequestError
-from elastickit.checkpoint.integrity import fsync_dir
-from elastickit.checkpoint.manifest import STEP_DIR_RE
+from elastickit.checkpoint.format.integrity import fsync_dir
+from elastickit.checkpoint.format.manifest import STEP_DIR_RE
 
 PARTIAL = ".partial-"
 

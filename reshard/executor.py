@@ -1,6 +1,9 @@
-"""The executor: carries out a ReshardPlan by streaming slices of memory-mapped source files.
+"""The executor: carries out a ReshardPlan by streaming slices of a checkpoint's stored tensors.
 
-One source file is open at a time; each stored tensor a read touches is verified against its
+It reads through `StepSource`, the shape every reader of a committed step has (a step directory,
+`elastickit.checkpoint.format.directory.StepDir`; a tier's step, from `Tier.open_step`): the
+executor never builds a path, so a step held anywhere reads the same way. One source file is
+open at a time; each stored tensor a read touches is verified against its
 checksum once, then the needed boxes are copied straight from the mapping into the target
 tensors, and the stored tensor's mapped pages are given back (reads are sorted by key, so each is
 touched once). Extra memory is bounded by one stored tensor's mapped pages or, for a compressed
@@ -9,17 +12,44 @@ file, its decompressed bytes.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import torch
 from elastickit.checkpoint.errors import DataError
-from elastickit.checkpoint.manifest import FileRecord, Manifest
-from elastickit.checkpoint.stfile import StFile
+from elastickit.checkpoint.format.manifest import FileRecord, Manifest
 
 from .planner import ReadOp, ReshardPlan
+
+
+class StoredTensors(Protocol):
+    """One open file of a step: its stored tensors by key, verified on first access."""
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The stored tensor `key` (a view; verified against the manifest's checksum)."""
+        ...
+
+    def release(self, key: str) -> None:
+        """Done with `key`: its memory may be given back."""
+        ...
+
+
+class StepSource(Protocol):
+    """A committed step as the executor reads it.
+
+    Attributes:
+        manifest: the step's manifest.
+        where: what messages call the step (a path or a URL).
+    """
+
+    manifest: Manifest
+    where: str
+
+    def open(self, name: str, record: FileRecord, *, verify: bool = True) -> AbstractContextManager[StoredTensors]:
+        """File `name` of the step (raises CorruptCheckpointError when it is missing or damaged)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -38,18 +68,13 @@ def _box(t: torch.Tensor, offsets: tuple[int, ...], lengths: tuple[int, ...]) ->
 
 def execute(
     plan: ReshardPlan,
-    ckpt_dir: str,
-    manifest: Manifest,
+    source: StepSource,
     targets: Mapping[str, torch.Tensor],
     *,
     verify: bool = True,
-    open_file: Callable[[str, FileRecord], Any] | None = None,
 ) -> ExecReport:
-    """Fill `targets` (key -> tensor, written in place) as `plan` says.
-
-    The source files are `ckpt_dir/<file>`, memory-mapped; `open_file(name, record)` opens them
-    elsewhere instead (an object store's ranged reads: `checkpoint.objstore.ObjectRoot.opener`),
-    returning a context manager with StFile's `tensor` and `release`.
+    """Fill `targets` (key -> tensor, written in place) as `plan` says, reading from `source`
+    (a step directory, memory-mapped; an object store's step, by ranged reads; any tier's step).
 
     Replicas merge as the manifest says: `first` copies, `average` averages every copy, `check`
     raises DataError if copies differ.
@@ -57,16 +82,14 @@ def execute(
     by_file: dict[str, list[ReadOp]] = {}
     for r in plan.reads:
         by_file.setdefault(r.file, []).append(r)
+    manifest = source.manifest
     copied = 0
     acc: dict[tuple[str, tuple[int, ...], tuple[int, ...]], int] = {}
     for fname in sorted(by_file):
         record = manifest.files.get(fname)
         if record is None:
-            raise DataError(f"the manifest of {ckpt_dir} lists no file {fname!r}", path=ckpt_dir)
-        opened = (
-            open_file(fname, record) if open_file is not None else StFile(os.path.join(ckpt_dir, fname), record, verify=verify)
-        )
-        with opened as f:
+            raise DataError(f"the manifest of {source.where} lists no file {fname!r}", path=source.where)
+        with source.open(fname, record, verify=verify) as f:
             reads = by_file[fname]
             if hasattr(f, "will_read"):  # a ranged reader fetches what comes next together
                 f.will_read([r.key for r in reads])

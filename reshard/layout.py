@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from elastickit.checkpoint.manifest import LayoutRecord
+from elastickit.checkpoint.format.manifest import LayoutRecord
 
 AXES = ("pp", "dp", "ep", "cp", "tp")
 """The axes a layout knows, in the default order (outermost first, tp innermost)."""

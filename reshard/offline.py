@@ -15,28 +15,27 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from elastickit.checkpoint.catalog import load_manifest, resolve
 from elastickit.checkpoint.errors import RequestError
-from elastickit.checkpoint.integrity import atomic_write_text, fsync_dir
-from elastickit.checkpoint.items import LogicalSpec, Piece
-from elastickit.checkpoint.manifest import (
+from elastickit.checkpoint.format.directory import StepDir, resolve
+from elastickit.checkpoint.format.integrity import commit_step, fsync_dir
+from elastickit.checkpoint.format.items import LogicalSpec, Piece
+from elastickit.checkpoint.format.manifest import (
     DTYPE_SIZES,
-    MANIFEST_NAME,
     FileRecord,
     Manifest,
     rank_file_name,
     step_dir_name,
 )
-from elastickit.checkpoint.stfile import torch_dtype, write_file
-from elastickit.checkpoint.writer import SaveRequest, _build_manifest, plan_dedup
+from elastickit.checkpoint.format.stfile import torch_dtype, write_file
+from elastickit.checkpoint.plan.save import build_manifest, describe_items, plan_dedup
 
 from .destination import check_destination, staged_output
-from .executor import execute
+from .executor import StepSource, execute
 from .layout import ParallelLayout, axis_sizes
 from .planner import ReshardPlan, plan_reads
 from .rules import Fused, Pad, Rule, RuleSet
@@ -180,17 +179,6 @@ def target_tensors(
     return out
 
 
-def _describe(t: PhysicalTensor) -> dict[str, Any]:
-    """What a rank publishes about one tensor in the writer's plan phase (its JSON form)."""
-    return {
-        "key": t.key,
-        "pieces": [
-            [p.logical, list(p.offsets), list(p.lengths), list(p.stored_offsets)] for p in t.pieces
-        ],
-        "specs": [[s.name, s.dtype, list(s.shape), s.merge] for s in t.specs],
-    }
-
-
 Progress = Callable[[str, int, int], None]
 """`(phase, done, total)`, called as long work advances (the CLI draws a progress bar)."""
 
@@ -222,20 +210,13 @@ def _rank_axes(rules: RuleSet, bases: Iterable[str]) -> tuple[str, ...]:
 
 
 def plan_reshard(
-    src: str,
-    layout: ParallelLayout,
-    rules: RuleSet,
-    *,
-    on_progress: Progress | None = None,
-    manifest: Manifest | None = None,
-) -> tuple[Manifest, list[RankPlan]]:
+    manifest: Manifest, layout: ParallelLayout, rules: RuleSet, *, on_progress: Progress | None = None
+) -> list[RankPlan]:
     """Plan every target rank (pure: reads only the manifest).
 
     Ranks that differ only along axes that replicate share one plan (planned once), so a wide
     data-parallel layout costs one plan per distinct shard, not one per rank. A world larger
-    than the checkpoint's element count is refused (`check_world`). `manifest`: the source's,
-    when it is not read from the directory `src` (an object store's)."""
-    manifest = manifest if manifest is not None else load_manifest(src)
+    than the checkpoint's element count is refused (`check_world`)."""
     check_world(manifest, layout)
     axes = _rank_axes(rules, _physical_groups(manifest))
     shared: dict[tuple[int, ...], tuple[tuple[PhysicalTensor, ...], ReshardPlan]] = {}
@@ -252,7 +233,7 @@ def plan_reshard(
         plans.append(RankPlan(rank=rank, tensors=tensors, plan=plan))
         if on_progress is not None:
             on_progress("planning", rank + 1, total)
-    return manifest, plans
+    return plans
 
 
 def reshard_checkpoint(
@@ -263,45 +244,55 @@ def reshard_checkpoint(
     *,
     fsync: bool = True,
     on_progress: Progress | None = None,
-    manifest: Manifest | None = None,
-    open_file: Callable[[str, FileRecord], Any] | None = None,
 ) -> Manifest:
     """Write checkpoint `src` (a step directory, or a root: its newest) to the new root `dst`
     laid out for `layout`, one target rank at a time: `dst/step-<8 digits>/`, the step of the
     source, so that `Checkpointer(dst)` and `train --ckpt dst` resume from it.
 
-    `dst` must be new or empty and outside the source; it appears only when complete. A source
-    elsewhere (an object store) comes as its `manifest` and `open_file` (ranged reads, see
-    `executor.execute`), `src` then only naming it."""
-    path = resolve(src) if manifest is None else src
-    check_destination([src, path], dst)
-    manifest, plans = plan_reshard(path, layout, rules, on_progress=on_progress, manifest=manifest)
-    with staged_output([src, path], dst, fsync=fsync) as root:
+    `dst` must be new or empty and outside the source; it appears only when complete."""
+    return reshard_step(StepDir(resolve(src)), dst, layout, rules, protect=[src], fsync=fsync, on_progress=on_progress)
+
+
+def reshard_step(
+    source: StepSource,
+    dst: str,
+    layout: ParallelLayout,
+    rules: RuleSet,
+    *,
+    protect: Sequence[str] = (),
+    fsync: bool = True,
+    on_progress: Progress | None = None,
+) -> Manifest:
+    """`reshard_checkpoint` of a step read through `source` (a directory, or a step a tier
+    opened). `dst` may lie neither inside `source.where` nor inside any path of `protect`."""
+    check_destination([*protect, source.where], dst)
+    manifest = source.manifest
+    plans = plan_reshard(manifest, layout, rules, on_progress=on_progress)
+    with staged_output([*protect, source.where], dst, fsync=fsync) as root:
         step_dir = os.path.join(root, step_dir_name(manifest.step))
         os.makedirs(step_dir)
         out = _write_ranks(
-            path, step_dir, manifest, plans, layout, rules, fsync=fsync, on_progress=on_progress, open_file=open_file
+            source, step_dir, plans, layout, rules, fsync=fsync, on_progress=on_progress
         )
     return out
 
 
 def _write_ranks(
-    src: str,
+    source: StepSource,
     dst: str,
-    manifest: Manifest,
     plans: list[RankPlan],
     layout: ParallelLayout,
     rules: RuleSet,
     *,
     fsync: bool,
     on_progress: Progress | None,
-    open_file: Callable[[str, FileRecord], Any] | None = None,
 ) -> Manifest:
+    manifest = source.manifest
     shared: dict[int, list[dict[str, Any]]] = {}  # ranks that share a plan share its description
-    described = [shared.setdefault(id(p.tensors), [_describe(t) for t in p.tensors]) for p in plans]
+    described = [shared.setdefault(id(p.tensors), describe_items(p.tensors)) for p in plans]
     dedup = plan_dedup(described)
     owned = dedup.owned
-    records: list[dict | None] = []
+    records: list[FileRecord | None] = []
     for p in plans:
         if on_progress is not None:
             on_progress("writing", p.rank, len(plans))
@@ -313,29 +304,27 @@ def _write_ranks(
         targets = {t.key: torch.zeros(t.shape, dtype=torch_dtype(t.dtype)) for t in wanted}
         sub = plan_reads(manifest, [(t.key, t.pieces) for t in wanted])
         with torch.no_grad():
-            execute(sub, src, manifest, targets, open_file=open_file)
+            execute(sub, source, targets)
         rec = write_file(
             os.path.join(dst, rank_file_name(p.rank)),
             list(targets.items()),
             rank=p.rank,
             fsync=fsync,
         )
-        records.append(rec.to_json())
+        records.append(rec)
         del targets
-    req = SaveRequest(
-        root=dst,
+    out = build_manifest(
         step=manifest.step,
-        items=(),
-        objects=manifest.objects,
+        dedup=dedup,
+        records=records,
         layout=layout.to_record(),
-        rules=tuple(rules.to_json()),
-        framework={**manifest.framework, "resharded_from": str(src)},
-        fsync=fsync,
+        rules=rules.to_json(),
+        objects=manifest.objects,
+        framework={**manifest.framework, "resharded_from": source.where},
     )
-    out = _build_manifest(req, dedup, ({},) * layout.world_size, records, layout.world_size)
     if on_progress is not None:
         on_progress("writing", len(plans), len(plans))
     if fsync:
         fsync_dir(dst)
-    atomic_write_text(os.path.join(dst, MANIFEST_NAME), out.dumps(), fsync=fsync)
+    commit_step(dst, out, fsync=fsync)
     return out

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from elastickit.checkpoint.errors import DataError
-from elastickit.checkpoint.items import Piece
-from elastickit.checkpoint.manifest import DTYPE_SIZES, Manifest
+from elastickit.checkpoint.format.items import Piece
+from elastickit.checkpoint.format.manifest import DTYPE_SIZES, Manifest
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -35,10 +35,10 @@ from typing import Any
 
 import torch
 from elastickit.checkpoint.errors import RequestError
-from elastickit.checkpoint.items import LogicalSpec, Piece
-from elastickit.checkpoint.manifest import LayoutRecord
-from elastickit.checkpoint.state import PieceRule, default_pieces
-from elastickit.checkpoint.stfile import st_dtype
+from elastickit.checkpoint.format.items import LogicalSpec, Piece
+from elastickit.checkpoint.format.manifest import LayoutRecord
+from elastickit.checkpoint.format.stfile import st_dtype
+from elastickit.checkpoint.plan.pieces import PieceRule, default_pieces
 
 from .layout import AXES, axis_coords, axis_sizes
 

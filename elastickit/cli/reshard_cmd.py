@@ -38,14 +38,14 @@ def reshard(
     ),
 ) -> None:
     """Reshard a checkpoint for another layout (the target's rules say how tensors split)."""
-    from elastickit.checkpoint.catalog import load_manifest
     from elastickit.checkpoint.errors import RequestError
-    from elastickit.checkpoint.manifest import step_dir_name
+    from elastickit.checkpoint.format.directory import StepDir
+    from elastickit.checkpoint.format.manifest import step_dir_name
     from elastickit.checkpoint.paths import is_url, location
     from elastickit.inspection import resolve_elastickit
     from elastickit.remote import object_step, upload_destination
     from elastickit.reshard.layout import ParallelLayout
-    from elastickit.reshard.offline import plan_reshard, reshard_checkpoint
+    from elastickit.reshard.offline import plan_reshard, reshard_step
     from elastickit.reshard.rules import RuleSet, load_rules
 
     try:
@@ -53,20 +53,16 @@ def reshard(
     except ValueError as e:
         raise RequestError(f"--to: {e}") from None
     src = location(src, what="SRC")
-    source, open_file = None, None  # a URL source: its manifest, read by ranged GETs
-    if is_url(src):
+    if is_url(src):  # read by ranged GETs
         store, step = object_step(src)
-        path, source, open_file = store.step_url(step), store.read_manifest(step), store.opener(step)
+        source = store.open_step(step)
     else:
-        path = resolve_elastickit(src)
-    ruleset = (
-        load_rules(rules)
-        if rules
-        else RuleSet.from_json((source or load_manifest(path)).rules, source=f"{path} rules")
-    )
+        source = StepDir(resolve_elastickit(src))
+    path, manifest = source.where, source.manifest
+    ruleset = load_rules(rules) if rules else RuleSet.from_json(manifest.rules, source=f"{path} rules")
     if dry_run:
         with progress() as bar:
-            manifest, plans = plan_reshard(path, layout, ruleset, on_progress=bar, manifest=source)
+            plans = plan_reshard(manifest, layout, ruleset, on_progress=bar)
         rows = [_row(p, layout) for p in plans]
         if as_json:
             print(
@@ -92,9 +88,7 @@ def reshard(
     dst = location(dst, what="DST")
     with contextlib.ExitStack() as stack, progress() as bar:
         here = stack.enter_context(upload_destination(dst, sources=[src, path])) if is_url(dst) else dst
-        manifest = reshard_checkpoint(
-            path if source is not None else src, here, layout, ruleset, on_progress=bar, manifest=source, open_file=open_file
-        )
+        manifest = reshard_step(source, here, layout, ruleset, protect=[src], on_progress=bar)
     if as_json:
         print(
             json.dumps(

@@ -69,7 +69,7 @@ class TierContents:
 
 def scan_tiers(sources: RunSources, nodes: tuple[dict[str, Any], ...]) -> TierContents:
     """Read the tiers' contents from disk (listing directories and reading manifests only)."""
-    from elastickit.checkpoint.catalog import list_checkpoints
+    from elastickit.checkpoint.format.directory import list_checkpoints
     from elastickit.checkpoint.recover import local_inventory
 
     persistent: tuple[int, ...] = ()

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 
 from elastickit.checkpoint.errors import DataError, RequestError
+from elastickit.checkpoint.format import codec
+from elastickit.checkpoint.format.manifest import step_dir_name
 from elastickit.reshard.adapters.deepspeed_pickle import DEEPSPEED_ALLOWLIST
 
 MARKER_FORMAT = "elastickit-deepspeed-marker"
@@ -52,64 +54,23 @@ except ImportError:  # pragma: no cover - exercised only without DeepSpeed
 
 
 def encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """JSON skeleton of a DeepSpeed state dict; tensors collected under `path`-based names."""
-    if isinstance(value, torch.Tensor):
-        tensors[path] = value.detach()
-        return {"__t__": path}
-    if value is None or isinstance(value, bool | str) or type(value) in (int, float):
-        return value
-    if isinstance(value, torch.Size):
-        return {"__size__": list(value)}
-    if isinstance(value, torch.dtype):
-        return {"__dtype__": str(value).removeprefix("torch.")}
-    cls_name = f"{type(value).__module__}.{type(value).__qualname__}"
-    if cls_name in DEEPSPEED_ALLOWLIST:
-        if isinstance(value, int):  # ZeroStageEnum (an int enum)
-            return {"__enum__": cls_name, "value": int(value)}
-        return {"__obj__": cls_name, "state": encode(vars(value), f"{path}/__obj__", tensors)}
-    if isinstance(value, dict):
-        if all(isinstance(k, str) for k in value):
-            return {"__dict__": [[k, encode(v, f"{path}/{k}", tensors)] for k, v in value.items()]}
-        return {"__dict__": [[encode(k, f"{path}/#k{i}", tensors), encode(v, f"{path}/{i}", tensors)]
-                             for i, (k, v) in enumerate(value.items())]}
-    if isinstance(value, list | tuple):
-        items = [encode(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]
-        return {"__tuple__": items} if isinstance(value, tuple) else items
-    if isinstance(value, int | float):  # numpy scalars and the like
-        return value.item() if hasattr(value, "item") else float(value)
-    raise RequestError(
-        f"DeepSpeed state at {path!r} holds a {cls_name}, which elastickit's DeepSpeed engine cannot "
-        "store without pickle; use DeepSpeed's default checkpoint engine for this model"
-    )
+    """JSON skeleton of a DeepSpeed state dict (the format's codec, exact mode); tensors
+    collected under `path`-based names."""
+    try:
+        return codec.encode(value, path, tensors, exact=True, allow=DEEPSPEED_ALLOWLIST)
+    except RequestError as e:
+        raise RequestError(f"DeepSpeed {e}; use DeepSpeed's default checkpoint engine for this model") from None
 
 
 def decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
     """Inverse of `encode`: DeepSpeed's objects come back as DeepSpeed's classes."""
-    if isinstance(node, list):
-        return [decode(v, tensors) for v in node]
-    if not isinstance(node, dict):
-        return node
-    if "__t__" in node:
-        return tensors[node["__t__"]]
-    if "__size__" in node:
-        return torch.Size(node["__size__"])
-    if "__dtype__" in node:
-        return getattr(torch, node["__dtype__"])
-    if "__tuple__" in node:
-        return tuple(decode(v, tensors) for v in node["__tuple__"])
-    if "__dict__" in node:
-        return {decode(k, tensors): decode(v, tensors) for k, v in node["__dict__"]}
-    if "__enum__" in node or "__obj__" in node:
-        name = node.get("__enum__") or node["__obj__"]
-        if name not in DEEPSPEED_ALLOWLIST:
-            raise DataError(f"checkpoint names class {name}, which is not on the DeepSpeed allowlist")
-        cls = _deepspeed_class(name)
-        if "__enum__" in node:
-            return cls(node["value"])
-        obj = cls.__new__(cls)
-        obj.__dict__.update(decode(node["state"], tensors))
-        return obj
-    raise DataError(f"unknown node in a DeepSpeed skeleton: {sorted(node)}")
+    return codec.decode(node, tensors, exact=True, classes=_allowed_class)
+
+
+def _allowed_class(name: str) -> type:
+    if name not in DEEPSPEED_ALLOWLIST:
+        raise DataError(f"checkpoint names class {name}, which is not on the DeepSpeed allowlist")
+    return _deepspeed_class(name)
 
 
 def _skeleton_tensor(skeleton: Any) -> torch.Tensor:
@@ -204,7 +165,7 @@ class ElastickitCheckpointEngine(CheckpointEngine):  # type: ignore[misc,valid-t
             return _load_deepspeed_pt(path, map_location)
         tag_dir = os.path.dirname(os.path.abspath(path))
         root = os.path.join(os.path.dirname(tag_dir), marker["root"])
-        step_dir = os.path.join(root, f"step-{int(marker['step']):08d}")
+        step_dir = os.path.join(root, step_dir_name(int(marker["step"])))
         source = self._source(step_dir, marker)
         prefix = f"ds/{marker['file']}/"
         skeleton_name = f"{prefix}__skeleton__"
@@ -217,7 +178,7 @@ class ElastickitCheckpointEngine(CheckpointEngine):  # type: ignore[misc,valid-t
 
     def _source(self, step_dir: str, marker: dict[str, Any]) -> Any:
         if step_dir not in self._sources:
-            from elastickit.checkpoint.catalog import list_checkpoints
+            from elastickit.checkpoint.format.directory import list_checkpoints
             from elastickit.reshard.adapters.native import ElastickitSource
 
             root = os.path.dirname(step_dir)

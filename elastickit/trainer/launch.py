@@ -221,8 +221,8 @@ def launch(req: TrainRequest) -> TrainOutcome:
     """
     import time
 
-    from elastickit.checkpoint.catalog import list_checkpoints
     from elastickit.checkpoint.events import read_events
+    from elastickit.checkpoint.format.directory import list_checkpoints
 
     from . import report
     from .supervise import run_job

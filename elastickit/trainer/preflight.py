@@ -147,7 +147,7 @@ def newest_step(root: str) -> tuple[int, dict[str, tuple[int, ...]], str | None]
     """(step, model entries, model name it was saved with) of the checkpoint a restore from
     `root` takes: the newest committed one whose manifest reads (restore falls back past a
     corrupt manifest the same way); None when there is none."""
-    from elastickit.checkpoint.catalog import list_checkpoints, load_manifest
+    from elastickit.checkpoint.format.directory import list_checkpoints, load_manifest
 
     for info in reversed(list_checkpoints(root)):
         if not info.complete:

@@ -8,7 +8,7 @@ length); it is read with `torch.load(weights_only=True)` from a memory-mapped sl
 Every non-tensor item is kept exactly: DCP stores each as a `torch.save` blob (an int, a float, a
 tuple such as Adam's `betas`, a dataloader's pickled state as `bytes`, an `io.BytesIO`); they are
 read with `torch.load(weights_only=True)` and `io.BytesIO` as the only class allowed beyond what
-that allows, and handed out in the manifest's JSON encoding (`elastickit.checkpoint.values`:
+that allows, and handed out in the manifest's JSON encoding (`elastickit.checkpoint.format.values`:
 tuples, bytes and BytesIO tagged). An item that cannot be read that way stops the conversion with
 its name: nothing is dropped. Pickled bytes inside an item (torchtitan's dataloader state) stay
 opaque bytes: elastickit never unpickles them.
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 from elastickit.checkpoint.errors import DataError, RequestError
-from elastickit.checkpoint.stfile import st_dtype
+from elastickit.checkpoint.format.stfile import st_dtype
 
 from .source import LogicalTensorInfo
 
@@ -216,7 +216,7 @@ class DcpSource:
         return dict(self._tensors)
 
     def read(self, name: str) -> torch.Tensor:
-        from elastickit.checkpoint.stfile import torch_dtype
+        from elastickit.checkpoint.format.stfile import torch_dtype
 
         info = self._tensors[name]
         out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
@@ -245,7 +245,7 @@ class DcpSource:
     def objects(self) -> dict[str, Any]:
         """Every non-tensor item by path (`a/b/c`), in the manifest's JSON encoding (tuples,
         bytes and BytesIO tagged). Raises, naming the item, for one that cannot be kept."""
-        from elastickit.checkpoint.values import encode
+        from elastickit.checkpoint.format.values import encode
 
         out: dict[str, Any] = {}
         for name in self._bytes:

@@ -1,6 +1,6 @@
 """A DeepSpeed checkpoint as a `LogicalSource` for `elastickit convert --from deepspeed`.
 
-Logical names follow elastickit's state flattening (checkpoint/state.py), so that a converted
+Logical names follow elastickit's state flattening (elastickit/state.py), so that a converted
 checkpoint restores with `Checkpointer.restore({"model": model, "optim": optimizer})`:
 
 - `model/<name>`: the fp32 master weight of a trainable parameter; a frozen parameter or buffer
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ...checkpoint.errors import RequestError
-from ...checkpoint.stfile import st_dtype
+from ...checkpoint.format.stfile import st_dtype
 from .deepspeed import DeepSpeedCheckpoint, is_deepspeed_checkpoint
 
 __all__ = ["DeepSpeedSource", "is_deepspeed_checkpoint", "open_deepspeed_source"]

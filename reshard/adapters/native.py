@@ -7,9 +7,10 @@ import os
 from typing import Any
 
 import torch
-from elastickit.checkpoint.catalog import is_checkpoint_dir, load_manifest, resolve
-from elastickit.checkpoint.items import Piece
-from elastickit.checkpoint.stfile import torch_dtype
+from elastickit.checkpoint.format.directory import StepDir, is_checkpoint_dir, resolve
+from elastickit.checkpoint.format.items import Piece
+from elastickit.checkpoint.format.manifest import STEP_DIR_RE
+from elastickit.checkpoint.format.stfile import torch_dtype
 
 from ..executor import execute
 from ..planner import plan_reads
@@ -21,7 +22,7 @@ def is_elastickit_checkpoint(path: str) -> bool:
     if is_checkpoint_dir(path):
         return True
     try:
-        return os.path.isdir(path) and any(n.startswith("step-") for n in os.listdir(path))
+        return os.path.isdir(path) and any(STEP_DIR_RE.match(n) for n in os.listdir(path))
     except OSError:
         return False
 
@@ -31,7 +32,8 @@ class ElastickitSource:
 
     def __init__(self, path: str) -> None:
         self.path = resolve(path)
-        self.manifest = load_manifest(self.path)
+        self.source = StepDir(self.path)
+        self.manifest = self.source.manifest
         self.step = self.manifest.step
         self.rules = tuple(self.manifest.rules)
 
@@ -48,7 +50,7 @@ class ElastickitSource:
             self.manifest, [(name, (Piece.whole(name, (0,) * len(t.shape), t.shape),))]
         )
         with torch.no_grad():
-            execute(plan, self.path, self.manifest, {name: out})
+            execute(plan, self.source, {name: out})
         return out
 
     def objects(self) -> dict[str, Any]:

@@ -40,7 +40,7 @@ class LogicalSource(Protocol):
         ...
 
     def objects(self) -> dict[str, Any]:
-        """Non-tensor state in the manifest's JSON encoding (`elastickit.checkpoint.values`:
+        """Non-tensor state in the manifest's JSON encoding (`elastickit.checkpoint.format.values`:
         tuples, bytes and BytesIO tagged); a value that cannot be kept raises, naming it."""
         ...
 

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.timeout(180)]
 
 def _reform(rank: int, world: int, tmp: str) -> list[list[float]]:
     import torch.distributed as dist
-    from elastickit.checkpoint.state import default_pieces
+    from elastickit.checkpoint.plan.pieces import default_pieces
 
     from elastickit.elastic.reform import forget_process_groups
     from elastickit.trainer.loop import TrainConfig, build_job

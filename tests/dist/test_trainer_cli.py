@@ -14,7 +14,7 @@ import tempfile
 
 import psutil
 import pytest
-from elastickit.checkpoint.catalog import list_checkpoints
+from elastickit.checkpoint.format.directory import list_checkpoints
 from elastickit.checkpoint.events import read_events
 
 from elastickit.trainer.report import checkpoint_lines

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from elastickit.checkpoint.errors import CorruptCheckpointError, RequestError
+from elastickit.checkpoint.format.stfile import StFile, write_file
 from elastickit.checkpoint.objio import S3Upload
 from elastickit.checkpoint.objstore import ObjectRoot, open_filesystem, redact
-from elastickit.checkpoint.stfile import StFile, write_file
 
 from tests._s3 import s3fs_client
 
@@ -84,7 +84,7 @@ def test_redact_drops_userinfo():
 def test_delete_takes_the_manifest_first(bucket, monkeypatch):
     """A crash in the middle of retention leaves an incomplete step, never a manifest that names
     deleted objects: the manifest is gone before any rank file is touched."""
-    from elastickit.checkpoint.manifest import LayoutRecord, Manifest
+    from elastickit.checkpoint.format.manifest import LayoutRecord, Manifest
 
     root = ObjectRoot(f"s3://{bucket}/run")
     items = _items()

@@ -11,7 +11,7 @@ import torch
 import elastickit as ek
 from elastickit.checkpoint import snapshot as snapshot_mod
 from elastickit.checkpoint import writer as writer_mod
-from elastickit.checkpoint.catalog import list_checkpoints
+from elastickit.checkpoint.format.directory import list_checkpoints
 from elastickit.checkpoint.events import read_events
 from elastickit.checkpoint.policy import IntervalPolicy, mtbf_from_events, young_daly_interval_s
 from elastickit.checkpoint.tiers import TierSpec, Tiers

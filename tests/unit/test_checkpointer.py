@@ -11,7 +11,7 @@ import torch
 import elastickit as ek
 from elastickit.checkpoint import writer as writer_mod
 from elastickit.checkpoint.errors import DataError, ElastickitError, RequestError
-from elastickit.checkpoint.catalog import list_checkpoints, verify_checkpoint
+from elastickit.checkpoint.format.directory import list_checkpoints, verify_checkpoint
 from elastickit.checkpoint.tiers import Tiers
 
 
@@ -146,7 +146,7 @@ def test_newer_major_version_is_refused(tmp_path):
     cut = text.rfind(',"manifest_checksum"')
     d = json.loads(text[:cut] + "}")
     d["version"] = "9.0"
-    from elastickit.checkpoint.manifest import Manifest
+    from elastickit.checkpoint.format.manifest import Manifest
 
     body = json.dumps(d, separators=(",", ":"))
     import xxhash
@@ -167,7 +167,7 @@ def test_failure_mid_save_leaves_earlier_checkpoints_loadable(tmp_path, monkeypa
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(writer_mod, "write_file" if phase == "write" else "atomic_write_text", boom)
+    monkeypatch.setattr(writer_mod, "write_file" if phase == "write" else "commit_step", boom)
     ck = ek.Checkpointer(str(tmp_path))
     handle = ck.save(2, {"model": m, "optim": o, "data": Loader(), "extra": {}})  # never raises into training
     with pytest.raises(ElastickitError, match="No space left"):
@@ -184,7 +184,7 @@ def test_failure_mid_save_leaves_earlier_checkpoints_loadable(tmp_path, monkeypa
 KILL_SCRIPT = r"""
 import os, sys, torch
 import elastickit as ek
-from elastickit.checkpoint import stfile
+from elastickit.checkpoint.format import stfile
 root, when = sys.argv[1], sys.argv[2]
 m = torch.nn.Linear(512, 512)
 real = stfile.write_file

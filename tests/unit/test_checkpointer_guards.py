@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from elastickit.checkpoint.catalog import list_checkpoints
+from elastickit.checkpoint.format.directory import list_checkpoints
 from elastickit.checkpoint.errors import RequestError
 from elastickit.checkpoint.tiers import Tiers, TierSpec
 from typer.testing import CliRunner

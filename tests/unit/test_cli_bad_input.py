@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from elastickit.reshard.layout import ParallelLayout
-from elastickit.reshard.virtual import save_virtual
+from elastickit.virtual import save_virtual
 from typer.testing import CliRunner
 
 from elastickit.cli.main import app

@@ -12,7 +12,7 @@ import pytest
 import torch
 from elastickit.checkpoint.errors import RequestError
 from elastickit.reshard.layout import ParallelLayout
-from elastickit.reshard.virtual import save_virtual
+from elastickit.virtual import save_virtual
 from typer.testing import CliRunner
 
 from elastickit.cli.main import app, global_flags

@@ -139,7 +139,7 @@ def test_reshard_and_convert_both_write_a_root_that_training_resumes_from(c1, tm
 
 _CRASH = r"""
 import os, signal, sys
-from elastickit.checkpoint import integrity
+from elastickit.checkpoint.format import integrity
 import safetensors.torch as st
 calls = {"n": 0}
 real_save = st.save_file
@@ -149,14 +149,12 @@ def save_then_die(*a, **k):
     if calls["n"] == 2:
         os.kill(os.getpid(), signal.SIGKILL)
 st.save_file = save_then_die
-real_commit = integrity.atomic_write_text
+real_commit = integrity.atomic_write
 def die_before_commit(path, *a, **k):
     if path.endswith("manifest.json"):
         os.kill(os.getpid(), signal.SIGKILL)
     real_commit(path, *a, **k)
-integrity.atomic_write_text = die_before_commit
-import elastickit.checkpoint.writer as w
-w.atomic_write_text = die_before_commit
+integrity.atomic_write = die_before_commit
 from elastickit.cli.main import app
 app(sys.argv[1:])
 """

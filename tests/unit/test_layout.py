@@ -1,7 +1,7 @@
 """ParallelLayout: parsing, printing, rank <-> coordinates, validation, records."""
 
 import pytest
-from elastickit.checkpoint.manifest import LayoutRecord
+from elastickit.checkpoint.format.manifest import LayoutRecord
 from elastickit.reshard.layout import ParallelLayout, axis_coords, axis_sizes
 
 pytestmark = pytest.mark.timeout(30)

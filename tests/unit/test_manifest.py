@@ -5,7 +5,7 @@ import json
 import pytest
 
 from elastickit.checkpoint.errors import DataError, UnsupportedFormatError
-from elastickit.checkpoint.manifest import (
+from elastickit.checkpoint.format.manifest import (
     FileRecord,
     LayoutRecord,
     Manifest,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from elastickit.reshard.layout import ParallelLayout
 from elastickit.reshard.rules import RuleSet, fused, replicate, rule, shard
-from elastickit.reshard.virtual import load_virtual, save_virtual
+from elastickit.virtual import load_virtual, save_virtual
 from typer.testing import CliRunner
 
 from elastickit.cli.main import app

@@ -1,6 +1,6 @@
 """Property tests of the resharding language: random logical tensors, rules and layout pairs.
 
-Every rank of a layout is simulated in one process (`reshard.virtual`: the real writer and commit
+Every rank of a layout is simulated in one process (`elastickit.virtual`: the real writer and commit
 protocol, a thread per virtual rank). Physical tensors are built explicitly from the logical ones
 (fused GQA [q_r; k_r; v_r], vocabulary padding, column shards, stacked experts, pipeline-local
 layer names, a nested ZeRO-style dp split), so that "A -> B equals slicing the logical tensors for
@@ -15,7 +15,7 @@ from elastickit.checkpoint.errors import DataError
 from elastickit.reshard.layout import ParallelLayout
 from elastickit.reshard.offline import reshard_checkpoint
 from elastickit.reshard.rules import RuleSet, expert, fused, pad, rename, replicate, rule, shard
-from elastickit.reshard.virtual import load_virtual, save_virtual
+from elastickit.virtual import load_virtual, save_virtual
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -248,9 +248,9 @@ def test_merge_average_and_check(tmp_path, a, b):
 def test_a_model_larger_than_the_checkpoint_is_named_plainly(tmp_path):
     """Was: `'model/0.weight' wants rows up to 64 of 'model/0.weight' whose global shape is
     [32, 16]` (issue 13 item 16)."""
-    from elastickit.checkpoint.catalog import load_manifest
+    from elastickit.checkpoint.format.directory import load_manifest
     from elastickit.checkpoint.errors import DataError
-    from elastickit.checkpoint.items import Piece
+    from elastickit.checkpoint.format.items import Piece
     from elastickit.reshard.planner import plan_reads
 
     import elastickit as ek

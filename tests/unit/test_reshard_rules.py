@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from elastickit.checkpoint.manifest import LayoutRecord
+from elastickit.checkpoint.format.manifest import LayoutRecord
 from elastickit.reshard.layout import ParallelLayout
 from elastickit.reshard.rules import (
     RuleError,

@@ -8,10 +8,11 @@ import json
 
 import pytest
 import torch
+from elastickit.checkpoint.format.directory import load_manifest
 from elastickit.reshard import offline
 from elastickit.reshard.layout import ParallelLayout
 from elastickit.reshard.rules import RuleSet, rule, shard
-from elastickit.reshard.virtual import save_virtual
+from elastickit.virtual import save_virtual
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -52,8 +53,8 @@ def test_ranks_that_only_replicate_share_one_plan(ck, monkeypatch):
 
     monkeypatch.setattr(offline, "target_tensors", counted)
     seen = []
-    _, plans = offline.plan_reshard(
-        ck + "/step-00000003", ParallelLayout(dp=4096, tp=2), RULES,
+    plans = offline.plan_reshard(
+        load_manifest(ck + "/step-00000003"), ParallelLayout(dp=4096, tp=2), RULES,
         on_progress=lambda phase, done, total: seen.append((phase, done, total)),
     )
     assert len(plans) == 8192 and calls == [0, 1]  # one plan per tp shard, not per rank

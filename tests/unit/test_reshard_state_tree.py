@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from elastickit.checkpoint.state import overlay_tree
+from elastickit.state import overlay_tree
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from elastickit.checkpoint.errors import CorruptCheckpointError
-from elastickit.checkpoint.stfile import StFile, write_file
+from elastickit.checkpoint.format.stfile import StFile, write_file
 
 
 def _tensors():

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from elastickit.checkpoint import stfile
-from elastickit.checkpoint.stfile import StFile, write_file
+from elastickit.checkpoint.format import stfile
+from elastickit.checkpoint.format.stfile import StFile, write_file
 
 
 def _items():

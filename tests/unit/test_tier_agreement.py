@@ -10,14 +10,14 @@ import time
 
 import torch
 import torch.distributed as dist
-from elastickit.checkpoint.catalog import list_checkpoints, load_manifest
+from elastickit.checkpoint.format.directory import list_checkpoints, load_manifest
 from elastickit.checkpoint.coord import StoreCoordinator
 from elastickit.checkpoint.events import EventLog, read_events
-from elastickit.checkpoint.items import SaveItem
-from elastickit.checkpoint.manifest import LayoutRecord
+from elastickit.checkpoint.format.items import SaveItem
+from elastickit.checkpoint.format.manifest import LayoutRecord
 from elastickit.checkpoint.pipeline import AsyncWriter, WriterContext
-from elastickit.checkpoint.state import default_pieces
-from elastickit.checkpoint.stfile import StFile
+from elastickit.checkpoint.plan.pieces import default_pieces
+from elastickit.checkpoint.format.stfile import StFile
 from elastickit.checkpoint.tiers import Tiers, TierSpec
 
 

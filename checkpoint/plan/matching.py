@@ -19,9 +19,9 @@ import base64
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import MismatchError
-from .items import LogicalSpec
-from .manifest import Manifest
+from ..errors import MismatchError
+from ..format.items import LogicalSpec
+from ..format.manifest import Manifest
 
 #: how many names a message lists before "and N more"
 SHOWN = 3

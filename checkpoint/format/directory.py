@@ -1,17 +1,21 @@
-"""Finding, opening and verifying checkpoints under a root directory.
+"""Checkpoints as directories (DESIGN.md section 2): finding, opening and verifying them.
 
 A directory `step-<8 digits>` with `manifest.json` is a committed checkpoint; without it, an
-incomplete one, which readers never load and garbage collection removes.
+incomplete one, which readers never load and garbage collection removes. Everything here reads;
+writing and deleting belong to the tiers (`checkpoint.storage`).
+
+`StepDir` is one committed step directory as readers take it: its manifest, and its files
+opened by name (memory-mapped, checksums verified). The resharding executor reads any step
+through that shape, so a step held elsewhere (an object store) reads the same way.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 
-from .errors import CorruptCheckpointError, IncompleteCheckpointError, RequestError
-from .manifest import MANIFEST_NAME, STEP_DIR_RE, Manifest
+from ..errors import CorruptCheckpointError, IncompleteCheckpointError, RequestError
+from .manifest import MANIFEST_NAME, STEP_DIR_RE, FileRecord, Manifest
 from .stfile import StFile
 
 
@@ -75,6 +79,25 @@ def load_manifest(path: str) -> Manifest:
     return Manifest.loads(text, source=mpath)
 
 
+class StepDir:
+    """One committed checkpoint directory, as readers take it.
+
+    Attributes:
+        path: the step directory.
+        manifest: its manifest (read on construction unless given).
+        where: what messages call it (the path).
+    """
+
+    def __init__(self, path: str, manifest: Manifest | None = None) -> None:
+        self.path = path
+        self.where = path
+        self.manifest = manifest if manifest is not None else load_manifest(path)
+
+    def open(self, name: str, record: FileRecord, *, verify: bool = True) -> StFile:
+        """File `name` of this step, memory-mapped; each tensor verified on first access."""
+        return StFile(os.path.join(self.path, name), record, verify=verify)
+
+
 def resolve(path: str) -> str:
     """A checkpoint directory from either a checkpoint directory or a root (its latest one)."""
     if is_checkpoint_dir(path) or STEP_DIR_RE.match(os.path.basename(os.path.normpath(path))):
@@ -104,13 +127,14 @@ def verify_checkpoint(path: str) -> list[Problem]:
     Returns the problems sorted by file; empty when the checkpoint is intact. Raises for a
     missing or unreadable manifest (which is itself the problem).
     """
-    manifest = load_manifest(path)
+    step = StepDir(path)
+    manifest = step.manifest
     problems: list[Problem] = []
     for name, rec in sorted(manifest.files.items()):
         fpath = os.path.join(path, name)
         held = tuple(manifest.tensors_in_file(name))
         try:
-            with StFile(fpath, rec) as f:
+            with step.open(name, rec) as f:
                 bad_keys = f.verify_all()
         except CorruptCheckpointError as e:
             problems.append(Problem(file=fpath, tensors=held, reason=str(e)))
@@ -131,18 +155,3 @@ def verify_checkpoint(path: str) -> list[Problem]:
                 )
             )
     return problems
-
-
-def remove_incomplete(root: str, *, keep_newer_than: int | None = None) -> list[str]:
-    """Delete incomplete checkpoint directories (no manifest) under `root`; returns their paths.
-
-    `keep_newer_than`: leave incomplete directories with a larger step alone (a save in flight).
-    """
-    removed = []
-    for c in list_checkpoints(root):
-        if c.complete or (keep_newer_than is not None and c.step > keep_newer_than):
-            continue
-        shutil.rmtree(c.path, ignore_errors=True)
-        removed.append(c.path)
-    return removed
-

@@ -20,7 +20,7 @@ from typing import Any
 
 import xxhash
 
-from .errors import DataError, UnsupportedFormatError
+from ..errors import DataError, UnsupportedFormatError
 
 FORMAT_NAME = "elastickit"
 # 1.1: non-tensor values JSON cannot hold (tuples, bytes, BytesIO) are tagged objects in

@@ -14,15 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from elastickit.checkpoint.catalog import load_manifest
-from elastickit.checkpoint.manifest import Manifest
-from elastickit.checkpoint.state import FlatState, load_items, save_items
-from elastickit.checkpoint.writer import SaveRequest, write_checkpoint
 
-from .executor import execute
-from .layout import ParallelLayout
-from .planner import plan_reads
-from .rules import RuleSet
+from elastickit.checkpoint.format.directory import StepDir
+from elastickit.checkpoint.format.manifest import Manifest
+from elastickit.checkpoint.plan.pieces import load_items, save_items
+from elastickit.checkpoint.writer import SaveRequest, write_checkpoint
+from elastickit.reshard.executor import execute
+from elastickit.reshard.layout import ParallelLayout
+from elastickit.reshard.planner import plan_reads
+from elastickit.reshard.rules import RuleSet
 
 
 class _Shared:
@@ -88,7 +88,7 @@ def save_virtual(
 
     def one(rank: int) -> Manifest:
         rule = rules.piece_rule(record, rank) if rules is not None else None
-        items = save_items(FlatState(tensors=dict(states[rank])), rule)
+        items = save_items(states[rank], rule)
         req = SaveRequest(
             root=root,
             step=step,
@@ -115,10 +115,10 @@ def load_virtual(
     strict: bool = True,
 ) -> Manifest:
     """Fill rank `rank`'s physical `tensors` (in place) from `ckpt_dir`, resharding as needed."""
-    manifest = load_manifest(ckpt_dir)
+    source = StepDir(ckpt_dir)
     rule = rules.piece_rule(layout.to_record(), rank) if rules is not None else None
-    items = load_items(FlatState(tensors=dict(tensors)), rule)
-    plan = plan_reads(manifest, [(it.key, it.pieces) for it in items], strict=strict)
+    items = load_items(tensors, rule)
+    plan = plan_reads(source.manifest, [(it.key, it.pieces) for it in items], strict=strict)
     with torch.no_grad():
-        execute(plan, ckpt_dir, manifest, {it.key: it.tensor for it in items})
-    return manifest
+        execute(plan, source, {it.key: it.tensor for it in items})
+    return source.manifest

@@ -22,7 +22,7 @@ import io
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import RequestError
+from ..errors import RequestError
 
 TENSOR_TAG = "__tensor__"
 TUPLE_TAG = "__tuple__"

@@ -9,14 +9,15 @@ is what lets a checkpoint load into another layout.
 
 Logical names: `<state name>/<path>`, where nested dicts and lists join with `/`, e.g.
 `model/layers.0.attn.wqkv.weight`, `optim/state/layers.0.attn.wqkv.weight/exp_avg`.
-Non-tensor leaves are kept as JSON with tensors replaced by `{"__tensor__": logical name}`, and
-tuples, bytes and BytesIO values tagged (`values`).
+Non-tensor leaves are kept as JSON with tensors replaced by tags and tuples, bytes and BytesIO
+values tagged (the format's codec, `elastickit.checkpoint.format.codec`). Which boxes of which logical tensors each tensor holds is
+the plan's business (`elastickit.checkpoint.plan.pieces`); this module is the torch side only.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,62 +32,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .errors import RequestError
-from .items import LoadItem, LogicalSpec, Piece, SaveItem
-from .stfile import st_dtype, torch_dtype
-from .values import TENSOR_TAG, TUPLE_TAG, check_key, decode, encode_scalar, tag_of
-
-#: Extra logical boxes for a tensor, decided above the format (by resharding rules). Given the
-#: logical name and the local tensor, return its pieces and logical specs, or None for the
-#: default (DTensor placements, or a replicated plain tensor).
-PieceRule = Callable[[str, torch.Tensor], "tuple[tuple[Piece, ...], tuple[LogicalSpec, ...]] | None"]
-
-
-def _is_dtensor(t: object) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "placements")
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
-
-
-def default_pieces(logical: str, t: torch.Tensor) -> tuple[tuple[Piece, ...], tuple[LogicalSpec, ...]]:
-    """Pieces from DTensor placements; a plain tensor is one replicated box."""
-    dtype = st_dtype(t.dtype, what=f"tensor {logical!r}")
-    if _is_dtensor(t):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        local_shape, offset = compute_local_shape_and_global_offset(
-            t.shape, t.device_mesh, t.placements  # type: ignore[attr-defined]
-        )
-        local = t.to_local()  # type: ignore[attr-defined]
-        if tuple(local.shape) != tuple(local_shape):
-            raise ValueError(
-                f"tensor {logical!r}: local shard shape {list(local.shape)} differs from what its "
-                f"placements imply ({list(local_shape)}); give a rule for it"
-            )
-        piece = Piece.whole(logical, tuple(int(o) for o in offset), tuple(local_shape))
-    else:
-        piece = Piece.whole(logical, (0,) * t.dim(), tuple(t.shape))
-    return (piece,), (LogicalSpec(name=logical, dtype=dtype, shape=tuple(t.shape)),)
-
-
-def _flatten(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """JSON tree of `value` with tensor leaves replaced by tags; tensors collected by name.
-
-    Tuples, bytes and BytesIO values are tagged (`values`), so that they come back as they were."""
-    if isinstance(value, torch.Tensor):
-        tensors[path] = value
-        return {TENSOR_TAG: path}
-    if isinstance(value, Mapping):
-        return {check_key(k, value, path): _flatten(v, f"{path}/{k}", tensors) for k, v in value.items()}
-    if isinstance(value, list):
-        if all(type(v) is str for v in value):  # a param group's FQNs: no tensor, no recursion
-            return list(value)
-        return [_flatten(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]
-    if isinstance(value, tuple):
-        return {TUPLE_TAG: [_flatten(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]}
-    return encode_scalar(value, path)
+from elastickit.checkpoint.errors import RequestError
+from elastickit.checkpoint.format.codec import decode, encode, only_tags, tensor_name, tensor_names
+from elastickit.checkpoint.format.stfile import torch_dtype
+from elastickit.checkpoint.format.values import TUPLE_TAG, tag_of
 
 
 def _owner_module(optim: torch.optim.Optimizer, state: Mapping[str, Any]) -> nn.Module:
@@ -183,7 +132,7 @@ class StateDictCache:
         hit = self._flat.get(path)
         if hit is None or hit[0] is not sd:
             mine: dict[str, torch.Tensor] = {}
-            hit = (sd, _flatten(sd, path, mine), mine)
+            hit = (sd, encode(sd, path, mine), mine)
             self._flat[path] = hit
         tensors.update(hit[2])
         return hit[1]
@@ -259,53 +208,13 @@ def flatten_state(
             # The per-parameter state is the cached dict; the param groups are read afresh.
             flat.objects[name] = {
                 "state": cache.flatten(sd["state"], f"{name}/state", flat.tensors),
-                "param_groups": _flatten(sd["param_groups"], f"{name}/param_groups", flat.tensors),
+                "param_groups": encode(sd["param_groups"], f"{name}/param_groups", flat.tensors),
             }
         else:
-            flat.objects[name] = _flatten(sd, name, flat.tensors)
+            flat.objects[name] = encode(sd, name, flat.tensors)
         if isinstance(obj, nn.Module | torch.optim.Optimizer):
             flat.owned.add(name)
     return flat, sds
-
-
-def save_items(
-    flat: FlatState,
-    rule: PieceRule | None = None,
-    memo: dict[str, tuple[torch.Tensor, SaveItem]] | None = None,
-) -> list[SaveItem]:
-    """SaveItems for every tensor of a flattened state.
-
-    `memo` (logical name -> (tensor, item)) reuses the items of the previous save for tensors
-    that are the same objects: their pieces cannot have changed, and the item's local view
-    shares their storage.
-    """
-    items = []
-    for logical, t in flat.tensors.items():
-        hit = memo.get(logical) if memo is not None else None
-        if hit is not None and hit[0] is t:
-            items.append(hit[1])
-            continue
-        got = rule(logical, t) if rule is not None else None
-        pieces, specs = got if got is not None else default_pieces(logical, t)
-        item = SaveItem(key=logical, tensor=_local(t).detach(), pieces=pieces, specs=specs)
-        if memo is not None:
-            memo[logical] = (t, item)
-        items.append(item)
-    return items
-
-
-def load_items(flat: FlatState, rule: PieceRule | None = None) -> list[LoadItem]:
-    """LoadItems that fill every tensor of a flattened (target) state in place."""
-    items = []
-    for logical, t in flat.tensors.items():
-        got = rule(logical, t) if rule is not None else None
-        pieces, specs = got if got is not None else default_pieces(logical, t)
-        items.append(LoadItem(key=logical, tensor=_local(t).detach(), pieces=pieces, specs=specs))
-    return items
-
-
-def _unflatten(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    return decode(tree, tensors)
 
 
 def _rekey(saved: Any, target: Any) -> Any:
@@ -321,23 +230,11 @@ def _rekey(saved: Any, target: Any) -> Any:
 def missing_tensors(saved_objects: Mapping[str, Any], flat_target: FlatState) -> dict[str, None]:
     """Logical tensors tagged in the saved trees that the target state does not have yet."""
     found: dict[str, None] = {}
-
-    def walk(tree: Any) -> None:
-        if isinstance(tree, dict):
-            if set(tree) == {TENSOR_TAG}:
-                if tree[TENSOR_TAG] not in flat_target.tensors:
-                    found[tree[TENSOR_TAG]] = None
-                return
-            for v in tree.values():
-                walk(v)
-        elif isinstance(tree, list):
-            for v in tree:
-                walk(v)
-
     for name in flat_target.objects:
         if name in saved_objects:
             saved = saved_objects[name]
-            walk(overlay_tree(saved, flat_target.objects[name]) if name in flat_target.owned else saved)
+            tree = overlay_tree(saved, flat_target.objects[name]) if name in flat_target.owned else saved
+            found.update((n, None) for n in tensor_names(tree) if n not in flat_target.tensors)
     return found
 
 
@@ -368,8 +265,8 @@ def apply_state(
         if isinstance(obj, nn.Module | torch.optim.Optimizer):
             # Its own tree, with the saved non-tensor values: a pipeline stage takes only its
             # layers, a whole model takes every stage's (rank 0's tree lists only stage 0).
-            saved = overlay_tree(saved, _flatten(sds[name], name, {}))
-        sd = _rekey(_unflatten(saved, all_tensors), sds[name])
+            saved = overlay_tree(saved, encode(sds[name], name, {}))
+        sd = _rekey(decode(saved, all_tensors), sds[name])
         if isinstance(obj, nn.Module):
             set_model_state_dict(obj, sd)
         elif isinstance(obj, torch.optim.Optimizer):
@@ -386,7 +283,6 @@ def apply_state(
                 state[name] = sd
 
 
-
 def overlay_tree(saved: Any, target: Any) -> Any:
     """The tree to load into a module's or optimizer's state: the target's own structure and
     tensor names, with the saved non-tensor values where the checkpoint has them.
@@ -401,11 +297,11 @@ def overlay_tree(saved: Any, target: Any) -> Any:
     if isinstance(target, list) and tag_of(saved) == TUPLE_TAG:
         saved = saved[TUPLE_TAG]
     if isinstance(target, dict):
-        if set(target) == {TENSOR_TAG}:
+        if tensor_name(target) is not None:
             return target
-        s = saved if isinstance(saved, dict) and set(saved) != {TENSOR_TAG} else {}
+        s = saved if isinstance(saved, dict) and tensor_name(saved) is None else {}
         out = {k: overlay_tree(s.get(k), v) for k, v in target.items()}
-        out.update({k: v for k, v in s.items() if k not in out and not _only_tags(v)})
+        out.update({k: v for k, v in s.items() if k not in out and not only_tags(v)})
         return out
     if isinstance(target, list):
         if all(isinstance(x, str) for x in target) and target:
@@ -413,11 +309,3 @@ def overlay_tree(saved: Any, target: Any) -> Any:
         s = saved if isinstance(saved, list) else []
         return [overlay_tree(s[i] if i < len(s) else None, v) for i, v in enumerate(target)]
     return target if saved is None or isinstance(saved, dict) else saved
-
-
-def _only_tags(tree: Any) -> bool:
-    if isinstance(tree, dict):
-        if set(tree) == {TENSOR_TAG}:
-            return True
-        return bool(tree) and all(_only_tags(v) for v in tree.values())
-    return False

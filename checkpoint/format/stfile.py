@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 import torch
 import zstandard
 
-from .errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError
 from .integrity import checksum, new_hasher
 from .manifest import FileRecord
 
