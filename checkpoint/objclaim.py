@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import RequestError
+from .format.directory import RUN_FILE
 from .format.manifest import MANIFEST_NAME, STEP_DIR_RE
 from .lock import LOCK_NAME
 from .objstore import ObjectRoot, store_error
-from .runs import RUN_FILE
 
 log = logging.getLogger("elastickit")
 

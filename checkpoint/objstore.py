@@ -34,6 +34,10 @@ from .format.directory import CheckpointInfo, Problem
 from .format.manifest import MANIFEST_NAME, STEP_DIR_RE, FileRecord, Manifest, step_dir_name
 from .format.stfile import write_stream
 from .objio import RangedFile, is_s3, open_upload
+from .storage.tier import retain_order, shared_restorable
+
+if TYPE_CHECKING:  # the CLI's torch-free paths import this module
+    import torch
 
 if TYPE_CHECKING:  # the CLI's torch-free paths import this module
     import torch
@@ -144,10 +148,23 @@ class ObjectRoot:
     """One checkpoint root under an fsspec URL: list, write, commit, read, verify, delete steps.
 
     Every method may be called from any rank; `commit`, `retire` and `delete_step` are rank 0's.
+    It is a `storage.tier.Tier` (the persistent tier on object storage): object stores have no
+    rename, so `commit` puts the manifest last, after every object is confirmed.
     """
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None, *, what: str = "the checkpoint root") -> None:
+    shares_manifest = False
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        what: str = "the checkpoint root",
+        name: str = "persistent",
+    ) -> None:
+        self.name = name
         self.url = redact(url.rstrip("/"))
+        self.root = self.url
         self.fs, self.path = open_filesystem(url, storage_options, what=what)
         self.s3 = is_s3(self.fs)
 
@@ -211,8 +228,10 @@ class ObjectRoot:
         zstd_level: int | None = None,
         zstd_threads: int = 0,
         before_item: Callable[[str], None] | None = None,
+        fsync: bool = True,
     ) -> FileRecord:
-        """Upload one rank file, streamed from the tensors through a bounded part buffer; the
+        """Upload one rank file (`fsync` is moot: the object exists durably once the upload
+        completes), streamed from the tensors through a bounded part buffer; the
         bytes and checksums are those of `stfile.write_file`. The object exists on return."""
         upload = open_upload(self.fs, self._obj(step, name))
         try:
@@ -247,10 +266,48 @@ class ObjectRoot:
                     path=self.step_url(step),
                 )
 
-    def commit(self, step: int, manifest: Manifest) -> None:
+    def commit(self, step: int, manifest: Manifest, *, fsync: bool = True) -> None:
         """Put the manifest (one PUT, atomic in the store): the step becomes visible."""
         self.confirm(step, manifest.files)
         self.fs.pipe_file(self._obj(step, MANIFEST_NAME), manifest.dumps().encode("utf-8"))
+
+    # -- as a tier (storage.tier.Tier) -----------------------------------------------------
+
+    def step_where(self, step: int) -> str:
+        return self.step_url(step)
+
+    def committed(self) -> list[int]:
+        return self.committed_steps()
+
+    def prepare(self, step: int, *, leader: bool) -> None:
+        """No directories to make; the leader retires an existing manifest of `step`."""
+        if leader:
+            self.retire(step)
+
+    def after_commit(self, manifest: Manifest) -> dict[str, Any]:
+        return {}
+
+    def retains(self, rank: int) -> bool:
+        return rank == 0
+
+    def retain(self, keeps: Callable[[int, int], bool]) -> None:
+        done = self.committed_steps()
+        for step in retain_order(done, keeps):
+            self.delete_step(step)  # the manifest first, then the objects
+        if done:
+            self.remove_incomplete(keep_newer_than=done[-1])
+
+    def restore_manifest(self, coord: Any, step: int) -> Manifest:
+        return self.read_manifest(step)
+
+    def bring_files(self, coord: Any, group: Any, manifest: Manifest, files: set[str]) -> list[str]:
+        return []
+
+    def inventory(self, rank: int) -> list[int]:
+        return self.committed_steps() if rank == 0 else []
+
+    def restorable(self, gathered: Sequence[Any]) -> list[int]:
+        return shared_restorable(gathered)
 
     # -- deleting --------------------------------------------------------------------------
 

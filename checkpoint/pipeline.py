@@ -12,8 +12,6 @@ newest checkpoint always reaches every tier (`flush`).
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -26,12 +24,13 @@ import torch
 from .coord import Coordinator
 from .errors import ElastickitError, NotDurableError
 from .events import EventLog
-from .format.directory import list_checkpoints
-from .format.integrity import atomic_write
-from .format.manifest import MANIFEST_NAME, LayoutRecord, Manifest, step_dir_name
+from .format.manifest import LayoutRecord, Manifest
 from .objstore import ObjectRoot
 from .paths import is_url
 from .snapshot import SlotPool, Snapshot
+from .storage.files import DirTier
+from .storage.node import NodeTier
+from .storage.tier import Tier
 from .threads import lower_priority
 from .tiers import Tiers, TierSpec
 from .writer import PlanCache, SaveRequest, write_checkpoint
@@ -68,6 +67,27 @@ class WriterContext:
     timeout_s: float = 600.0  # how long a tier waits for the other ranks
 
 
+def file_tiers(ctx: WriterContext) -> list[tuple[Tier, TierSpec]]:
+    """The tiers below memory, in the order a checkpoint flows down them, as storage objects:
+    the node-local tier (with buddy copies when `Tiers.peer`), then the persistent one (a
+    directory, or an object store for a URL root)."""
+    t, out = ctx.tiers, []
+    if t.local is not None:
+        n = t.node_size(ctx.world_size)
+        peer = {"buddy": t.buddy(ctx.rank, ctx.world_size), "ward": t.ward(ctx.rank, ctx.world_size)} if t.peer else {}
+        root = ctx.local_root or t.local_path(ctx.rank, ctx.world_size)
+        out.append((NodeTier("local", root, rank=ctx.rank, node_size=n, peer_group=ctx.peer_group, fsync=ctx.fsync, **peer), t.local))
+    if t.persistent is not None:
+        root = t.persistent.path or ctx.persistent_root
+        tier: Tier = (
+            ObjectRoot(root, t.persistent.storage_options, what="the persistent tier", name="persistent")
+            if is_url(root)
+            else DirTier("persistent", root)
+        )
+        out.append((tier, t.persistent))
+    return out
+
+
 class TierWorker:
     """One file tier (local or persistent) on its own thread, pulling the newest snapshot.
 
@@ -78,12 +98,11 @@ class TierWorker:
     event log says so. Training never takes part: `save()` only hands its snapshot over.
     """
 
-    def __init__(self, name: str, spec: TierSpec, root: str, coord: Coordinator, ctx: WriterContext, writer: AsyncWriter) -> None:
-        self.name = name
+    def __init__(self, tier: Tier, spec: TierSpec, coord: Coordinator, ctx: WriterContext, writer: AsyncWriter) -> None:
+        self.tier = tier  # where this worker's checkpoints go: any storage.tier.Tier
+        self.name = tier.name
         self.spec = spec
-        self.root = root
-        # A URL root (the persistent tier on object storage) writes through its ObjectRoot.
-        self.store = ObjectRoot(root, spec.storage_options, what="the persistent tier") if is_url(root) else None
+        self.root = tier.root
         self.coord = coord
         self.ctx = ctx
         self.writer = writer
@@ -95,7 +114,7 @@ class TierWorker:
         self._tried: Snapshot | None = None  # the last snapshot this tier wrote (or failed to)
         self._rest_until = 0.0
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name=f"elastickit-{name}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"elastickit-{self.name}", daemon=True)
         self._thread.start()
 
     def _next(self) -> Snapshot | None:
@@ -198,14 +217,9 @@ class TierWorker:
                     stats["stored_bytes"] = sum(f.size_bytes for f in manifest.files.values())
                     logical = manifest.total_bytes
                     stats["compression_ratio"] = round(logical / stats["stored_bytes"], 3) if stats["stored_bytes"] else None
-                if self.name == "local":
-                    assert manifest is not None
-                    self._share_manifest(manifest)
-                    if self.ctx.tiers.peer:
-                        t2 = time.monotonic()
-                        stats["peer_bytes"] = self._peer_copy(manifest)
-                        stats["peer_s"] = round(time.monotonic() - t2, 6)
-                self._retain()
+                    stats.update(self.tier.after_commit(manifest))  # a node-local tier's copies
+                if self.tier.retains(self.ctx.rank):
+                    self.tier.retain(self.spec.keeps)
             except ElastickitError as e:
                 error = str(e)
             except Exception as e:  # a tier failure is reported, never raised into training
@@ -240,8 +254,8 @@ class TierWorker:
             zstd_threads=self.spec.zstd_threads,
             before_item=snap.wait_item,
         )
-        # Only the local tier's other ranks use the manifest (a node's copy, peer copies).
-        return write_checkpoint(req, self.coord, plans=self.plans, share=self.name == "local", store=self.store)
+        # Only a tier whose other ranks use the manifest (a node's copy, peer copies) shares it.
+        return write_checkpoint(req, self.coord, plans=self.plans, share=self.tier.shares_manifest, tier=self.tier)
 
     def stop(self) -> None:
         with self.writer.cond:
@@ -249,91 +263,9 @@ class TierWorker:
             self.writer.cond.notify_all()
         self._thread.join(timeout=600)
 
-    def _node_leader(self) -> bool:
-        return self.ctx.rank % self.ctx.tiers.node_size(self.ctx.world_size) == 0
-
-    def _share_manifest(self, manifest: Manifest) -> None:
-        # Rank 0 committed the manifest in its node's directory; every other node gets a copy,
-        # so that each node-local directory is self-describing.
-        if self._node_leader() and self.ctx.rank != 0:
-            d = os.path.join(self.root, step_dir_name(manifest.step))
-            os.makedirs(d, exist_ok=True)
-            atomic_write(os.path.join(d, MANIFEST_NAME), manifest.dumps(), fsync=self.ctx.fsync)
-
-    def _peer_copy(self, manifest: Manifest) -> int:
-        """Send this rank's local file to its buddy; store the ward's file here. Returns bytes sent."""
-        import torch.distributed as dist
-
-        tiers, rank, world = self.ctx.tiers, self.ctx.rank, self.ctx.world_size
-        buddy, ward = tiers.buddy(rank, world), tiers.ward(rank, world)
-        if buddy == rank:
-            return 0
-        step_dir = os.path.join(self.root, step_dir_name(manifest.step))
-        mine = [f for f in manifest.files.values() if f.rank == rank]
-        data = b""
-        if mine:
-            with open(os.path.join(step_dir, mine[0].name), "rb") as f:
-                data = f.read()
-        group = self.ctx.peer_group
-        size_out = torch.tensor([len(data)], dtype=torch.int64)
-        size_in = torch.zeros(1, dtype=torch.int64)
-        works = [dist.isend(size_out, buddy, group=group), dist.irecv(size_in, ward, group=group)]
-        for w in works:
-            w.wait()
-        buf_in = torch.empty(int(size_in.item()), dtype=torch.uint8)
-        works = []
-        if data:
-            works.append(dist.isend(torch.frombuffer(bytearray(data), dtype=torch.uint8), buddy, group=group))
-        if buf_in.numel():
-            works.append(dist.irecv(buf_in, ward, group=group))
-        for w in works:
-            w.wait()
-        theirs = [f for f in manifest.files.values() if f.rank == ward]
-        if theirs and buf_in.numel():
-            atomic_write(os.path.join(step_dir, theirs[0].name), memoryview(buf_in.numpy()), fsync=self.ctx.fsync)
-        return len(data)
-
     def committed(self) -> list[int]:
         """The steps this tier holds committed (in this rank's directory), oldest first."""
-        if self.store is not None:
-            return self.store.committed_steps()
-        return [c.step for c in list_checkpoints(self.root) if c.complete]
-
-    def _retain(self) -> None:
-        leader = self.ctx.rank == 0 if self.name == "persistent" else self._node_leader()
-        if not leader:
-            return
-        if self.store is not None:
-            done_steps = self.store.committed_steps()
-            for i, step in enumerate(done_steps):
-                if not self.spec.keeps(step, newer_committed=len(done_steps) - 1 - i):
-                    self.store.delete_step(step)  # the manifest first, then the objects
-            if done_steps:
-                self.store.remove_incomplete(keep_newer_than=done_steps[-1])
-            return
-        done = [c for c in list_checkpoints(self.root) if c.complete]
-        for i, c in enumerate(done):
-            if not self.spec.keeps(c.step, newer_committed=len(done) - 1 - i):
-                # The manifest goes first: a crash midway leaves an incomplete directory,
-                # never a manifest that names deleted files.
-                os.remove(os.path.join(c.path, MANIFEST_NAME))
-                shutil.rmtree(c.path, ignore_errors=True)
-        if done:
-            remove_incomplete(self.root, keep_newer_than=done[-1].step)
-
-
-def remove_incomplete(root: str, *, keep_newer_than: int | None = None) -> list[str]:
-    """Delete incomplete checkpoint directories (no manifest) under `root`; returns their paths.
-
-    `keep_newer_than`: leave incomplete directories with a larger step alone (a save in flight).
-    """
-    removed = []
-    for c in list_checkpoints(root):
-        if c.complete or (keep_newer_than is not None and c.step > keep_newer_than):
-            continue
-        shutil.rmtree(c.path, ignore_errors=True)
-        removed.append(c.path)
-    return removed
+        return self.tier.committed()
 
 
 class AsyncWriter:
@@ -364,12 +296,8 @@ class AsyncWriter:
         self.newest_outcome: tuple[int, dict[str, str]] | None = None
         self.draining = False  # the training thread waits in drain(): no save will arrive
         self.workers: dict[str, TierWorker] = {}
-        t = ctx.tiers
-        specs = [("local", t.local, (ctx.local_root or t.local_path(ctx.rank, ctx.world_size)) if t.local else ""),
-                 ("persistent", t.persistent, (t.persistent.path or ctx.persistent_root) if t.persistent else "")]
-        for name, spec, root in specs:
-            if spec is not None:
-                self.workers[name] = TierWorker(name, spec, root, coord_for(name), ctx, self)
+        for tier, spec in file_tiers(ctx):
+            self.workers[tier.name] = TierWorker(tier, spec, coord_for(tier.name), ctx, self)
 
     def submit(
         self,
@@ -485,7 +413,7 @@ class AsyncWriter:
                         log.warning("elastickit: checkpoint %d on tier %s failed: %s", step, tier, error)
                     else:
                         job.record["tiers"][tier] = {**stats, "status": "committed"}
-                        job.results[tier] = os.path.join(self.workers[tier].root, step_dir_name(step))
+                        job.results[tier] = self.workers[tier].tier.step_where(step)
                 else:
                     job.record["tiers"][tier] = {"status": f"superseded by step {step}"}
                     job.record["skipped_tiers"][tier] = f"superseded by step {step} (the tier was busy)"
@@ -558,6 +486,25 @@ class AsyncWriter:
         finally:
             with self.cond:
                 self.draining = False
+
+    def tiers(self) -> list[Tier]:
+        """The tiers below memory, in the order a checkpoint flows down them (fastest first)."""
+        return [w.tier for w in self.workers.values()]
+
+    def snapshots(self) -> list[Snapshot]:
+        """What the memory tier holds, oldest first."""
+        with self.cond:
+            return list(self.memory)
+
+    def committed(self) -> list[int]:
+        """Every step committed on some tier below memory (sorted, unique)."""
+        return sorted({s for w in self.workers.values() for s in w.committed()})
+
+    def take_failures(self) -> list[ElastickitError]:
+        """The saves no tier committed since the last call (each reported once)."""
+        with self.cond:
+            out, self.failures = self.failures, []
+        return out
 
     def pending(self) -> list[Future[str]]:
         with self.cond:

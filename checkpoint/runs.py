@@ -33,10 +33,10 @@ from .coord import Coordinator
 from .errors import RequestError
 from .format.integrity import atomic_write
 from .format.manifest import MANIFEST_NAME, STEP_DIR_RE, step_dir_name
+from .format.directory import RUN_FILE
 from .lock import RootLock
 from .paths import is_url, writable_dir
 
-RUN_FILE = ".elastickit-run"
 RUN_INFO = "run.json"
 
 

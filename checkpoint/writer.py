@@ -8,15 +8,17 @@ items):
    once, by the lowest rank that holds it (all holders when a rule asks for merge=average/check).
 2. write: every rank writes `rank-<r>.safetensors` with the keys it owns, fsyncs it and the
    directory, and publishes the file's record (or its error).
-3. commit: rank 0 builds the manifest, writes it last by atomic rename, and publishes the result;
-   every rank returns the manifest or raises the same `RankFailure`.
+3. commit: rank 0 builds the manifest, commits it last (an atomic rename in a directory, a PUT
+   after every object is confirmed in an object store), and publishes the result; every rank
+   returns the manifest or raises the same `RankFailure`.
+
+Where the files go is the tier's business (`storage.tier.Tier`): this driver never builds a path.
 
 A crash at any instant leaves the previous checkpoints untouched and this one without a manifest.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -24,22 +26,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .coord import Coordinator, gather_or_raise
-from .errors import ElastickitError
-from .format.integrity import commit_step, fsync_dir
 from .format.items import SaveItem
-from .format.manifest import (
-    MANIFEST_NAME,
-    FileRecord,
-    LayoutRecord,
-    Manifest,
-    rank_file_name,
-    step_dir_name,
-)
-from .format.stfile import write_file
+from .format.manifest import MANIFEST_NAME, FileRecord, LayoutRecord, Manifest, rank_file_name
 from .plan.save import PlanCache, SavePlan, build_manifest, describe_items
+from .storage.files import DirTier
 
 if TYPE_CHECKING:
-    from .objstore import ObjectRoot
+    from .storage.tier import Tier
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,34 +83,29 @@ def write_checkpoint(
     *,
     plans: PlanCache | None = None,
     share: bool = True,
-    store: ObjectRoot | None = None,
+    tier: Tier | None = None,
 ) -> Manifest | None:
-    """Write this rank's part of checkpoint `req.step` and commit it with the others.
+    """Write this rank's part of checkpoint `req.step` to `tier` and commit it with the others.
 
     Every rank of `coord` calls it with its own request; all return the committed Manifest or all
-    raise `RankFailure` naming each failing rank's cause. `plans` remembers the plan between
-    commits of one tier (ranks then send their descriptions only when they changed). With
-    `share=False` only rank 0 gets the Manifest (the others None): it does not travel through the
-    store. With `store` (an object-storage root, `req.root` its URL) the same three phases
-    upload the rank files and put the manifest last, after every object is confirmed.
+    raise `RankFailure` naming each failing rank's cause. `tier`: where the step goes (any
+    `storage.tier.Tier`: a directory, a node-local directory, an object store); None means the
+    directory root `req.root`. `plans` remembers the plan between commits of one tier (ranks then
+    send their descriptions only when they changed). With `share=False` only rank 0 gets the
+    Manifest (the others None): it does not travel through the store.
     """
-    if store is not None:
-        return _write_objects(req, coord, plans, share, store)
-    step_dir = os.path.join(req.root, step_dir_name(req.step))
+    tier = tier if tier is not None else DirTier("persistent", req.root)
+    where = tier.step_where(req.step)
     rank = coord.rank
 
     # Phase 1: plan. Rank 0 first retires an existing manifest of this step, so that a re-save
     # never leaves a manifest pointing at files being rewritten.
     error = None
     try:
-        os.makedirs(step_dir, exist_ok=True)
-        if rank == 0:
-            man = os.path.join(step_dir, MANIFEST_NAME)
-            if os.path.exists(man):
-                os.replace(man, man + ".replaced")
-                fsync_dir(step_dir)
-    except OSError as e:
-        error = f"cannot prepare {step_dir} ({e.strerror}); check the path and its permissions"
+        tier.prepare(req.step, leader=rank == 0)
+    except Exception as e:  # noqa: BLE001 - every rank raises it below, with each rank's cause
+        why = f"{e.strerror}); check the path and its permissions" if isinstance(e, OSError) and e.strerror else f"{_why(e)})"
+        error = f"cannot prepare {where} ({why}"
     desc = plans.describe(req.items) if plans is not None else describe_items(req.items)
     payload = {"items": desc, "rank_object": req.rank_object}
     gathered = gather_or_raise(coord, error, payload, phase="checkpoint plan")
@@ -127,16 +115,16 @@ def write_checkpoint(
         plan = SavePlan(described=[g["items"] for g in gathered])
     rank_objects = tuple(g["rank_object"] for g in gathered)
 
-    # Phase 2: write what this rank owns.
+    # Phase 2: write what this rank owns (durable on return).
     error, record = None, None
     try:
         mine = plan.dedup().owned[rank]
         by_key = {it.key: it for it in req.items}
         tensors = [(key, _host(by_key[key].tensor)) for key in mine]
-        path = os.path.join(step_dir, rank_file_name(rank, compressed=req.zstd_level is not None))
         if tensors:
-            record = write_file(
-                path,
+            record = tier.write_rank_file(
+                req.step,
+                rank_file_name(rank, compressed=req.zstd_level is not None),
                 tensors,
                 rank=rank,
                 fsync=req.fsync,
@@ -144,13 +132,11 @@ def write_checkpoint(
                 zstd_threads=req.zstd_threads,
                 before_item=req.before_item,
             ).to_json()
-            if req.fsync:
-                fsync_dir(step_dir)
-    except (OSError, ValueError, ElastickitError) as e:
-        error = f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - every rank raises it below
+        error = _why(e)  # the rank and the tier are named by whoever reports it
     records = gather_or_raise(coord, error, record, phase="checkpoint write")
 
-    # Phase 3: commit on rank 0.
+    # Phase 3: commit on rank 0: the manifest last.
     error, manifest, manifest_json = None, None, None
     if rank == 0:
         try:
@@ -163,77 +149,17 @@ def write_checkpoint(
                 step=req.step, dedup=plan.dedup(), records=files, layout=req.layout, rules=req.rules,
                 objects=req.objects, rank_objects=rank_objects, framework=req.framework,
             )
-            commit_step(step_dir, manifest, fsync=req.fsync)
-            if req.fsync:
-                fsync_dir(req.root)
-            if share and coord.world_size > 1:
-                manifest_json = manifest.to_json()
-        except (OSError, ValueError) as e:
-            error = f"cannot commit {step_dir}: {e}"
-    committed = gather_or_raise(coord, error, manifest_json, phase="checkpoint commit")
-    if manifest is not None or not share:
-        return manifest
-    return Manifest.from_json(committed[0], source=os.path.join(step_dir, MANIFEST_NAME))
-
-
-def _write_objects(
-    req: SaveRequest, coord: Coordinator, plans: PlanCache | None, share: bool, store: ObjectRoot
-) -> Manifest | None:
-    """`write_checkpoint` on object storage: no directories, no rename, the same commit rule."""
-    rank, where = coord.rank, store.step_url(req.step)
-    error = None
-    if rank == 0:  # a re-save: the old manifest goes first, so it never names replaced objects
-        try:
-            store.retire(req.step)
-        except Exception as e:  # noqa: BLE001 - every rank raises it below
-            error = f"cannot prepare {where} ({type(e).__name__}: {e})"
-    desc = plans.describe(req.items) if plans is not None else describe_items(req.items)
-    gathered = gather_or_raise(coord, error, {"items": desc, "rank_object": req.rank_object}, phase="checkpoint plan")
-    if plans is not None:
-        plan = plans.update(req.items, [g["items"] for g in gathered])
-    else:
-        plan = SavePlan(described=[g["items"] for g in gathered])
-    rank_objects = tuple(g["rank_object"] for g in gathered)
-
-    error, record = None, None
-    try:
-        mine = plan.dedup().owned[rank]
-        by_key = {it.key: it for it in req.items}
-        tensors = [(key, _host(by_key[key].tensor)) for key in mine]
-        if tensors:
-            name = rank_file_name(rank, compressed=req.zstd_level is not None)
-            record = store.write_rank_file(
-                req.step,
-                name,
-                tensors,
-                rank=rank,
-                zstd_level=req.zstd_level,
-                zstd_threads=req.zstd_threads,
-                before_item=req.before_item,
-            ).to_json()
-    except Exception as e:  # noqa: BLE001 - the store's errors are many; every rank raises them
-        error = f"cannot upload to {where} ({type(e).__name__}: {e})"
-    records = gather_or_raise(coord, error, record, phase="checkpoint write")
-
-    error, manifest, manifest_json = None, None, None
-    if rank == 0:
-        try:
-            files = [
-                FileRecord.from_json(rank_file_name(r, compressed=rec.get("compression", "none") == "zstd"), rec)
-                if rec is not None else None
-                for r, rec in enumerate(records)
-            ]
-            manifest = build_manifest(
-                step=req.step, dedup=plan.dedup(), records=files, layout=req.layout, rules=req.rules,
-                objects=req.objects, rank_objects=rank_objects, framework=req.framework,
-            )
-            store.commit(req.step, manifest)
+            tier.commit(req.step, manifest, fsync=req.fsync)
             if share and coord.world_size > 1:
                 manifest_json = manifest.to_json()
         except Exception as e:  # noqa: BLE001
-            error = f"cannot commit {where} ({type(e).__name__}: {e})"
+            error = f"cannot commit {where} ({_why(e)})"
     committed = gather_or_raise(coord, error, manifest_json, phase="checkpoint commit")
     if manifest is not None or not share:
         return manifest
     return Manifest.from_json(committed[0], source=f"{where}/{MANIFEST_NAME}")
 
+
+def _why(e: BaseException) -> str:
+    """An exception as a sentence's cause: its type and text."""
+    return f"{type(e).__name__}: {e}"

@@ -493,7 +493,7 @@ class Checkpointer:
         self._check_open()
         self._await_round()
         errors = self._writer.drain()
-        failures, self._writer.failures = self._writer.failures, []
+        failures = self._writer.take_failures()
         first = self._not_durable() or (errors[0] if errors else (failures[0] if failures else None))
         if first is not None:
             raise first
@@ -508,7 +508,7 @@ class Checkpointer:
 
     def latest(self) -> int | None:
         """The newest step committed on the persistent tier (or the local one), or None."""
-        steps = [s for w in self._writer.workers.values() for s in w.committed()]
+        steps = self._writer.committed()
         return max(steps) if steps else None
 
     def host_buffer_bytes(self) -> int:
@@ -537,9 +537,8 @@ class Checkpointer:
         sources = Sources(
             coord=self._coord,
             peer_group=self._peer_group,
-            memory=list(self._writer.memory),
-            roots={name: w.root for name, w in self._writer.workers.items()},
-            stores={name: w.store for name, w in self._writer.workers.items() if w.store is not None},
+            memory=self._writer.snapshots(),
+            tiers=self._writer.tiers(),
             rule=self._piece_rule(),
             rng=self.rng,
             root=self.root,

@@ -16,17 +16,13 @@ For each candidate (freshest first, the faster tier first), two rounds:
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from elastickit.checkpoint.coord import Coordinator, gather_or_raise
 from elastickit.checkpoint.errors import DataError, MismatchError, RankFailure, RequestError
 from elastickit.checkpoint.events import EventLog
-from elastickit.checkpoint.format.directory import StepDir, list_checkpoints, load_manifest
-from elastickit.checkpoint.format.manifest import step_dir_name
-from elastickit.checkpoint.objstore import ObjectRoot
 from elastickit.checkpoint.plan.matching import (
     RestoreReport,
     check_fit,
@@ -37,14 +33,8 @@ from elastickit.checkpoint.plan.matching import (
     used_bitmap,
 )
 from elastickit.checkpoint.plan.pieces import PieceRule
-from elastickit.checkpoint.recover import (
-    Candidate,
-    candidates,
-    fetch_files,
-    local_inventory,
-    share_manifest,
-)
 from elastickit.checkpoint.snapshot import Snapshot
+from elastickit.checkpoint.storage.tier import Tier
 from elastickit.loading import Loader, SnapshotLoader
 from elastickit.rng import set_rng_state
 
@@ -59,8 +49,8 @@ class Sources:
         coord: the store all-gather of the Checkpointer.
         peer_group: the gloo group for peer fetches (local tier).
         memory: this rank's in-memory snapshots.
-        roots: file tier name -> this rank's directory of it (or its URL).
-        stores: file tier name -> its object-storage root, for tiers whose root is a URL.
+        tiers: the tiers below memory, fastest first (any `storage.tier.Tier`: a node-local
+            directory, a directory, an object store); a restore tries them in this order.
         rule: the resharding rules' piece rule for this rank.
         rng: restore each rank's RNG state when the world size is unchanged.
         root: the Checkpointer's root (for messages).
@@ -70,24 +60,18 @@ class Sources:
     coord: Coordinator
     peer_group: Any
     memory: Sequence[Snapshot]
-    roots: Mapping[str, str]
+    tiers: Sequence[Tier]
     rule: PieceRule | None
     rng: bool
     root: str
     events: EventLog
-    stores: Mapping[str, ObjectRoot] = field(default_factory=dict)
 
 
 def restore_state(src: Sources, state: Mapping[str, Any], *, step: int | None, strict: bool) -> RestoreReport | None:
     """Load the freshest checkpoint that fits `state` (or `step`); None when there is none."""
     coord = src.coord
-    local, persistent = src.roots.get("local"), src.roots.get("persistent")
-    mine = {
-        "memory": [s.step for s in src.memory],
-        "local": local_inventory(local) if local else {},
-        "persistent": _committed(src, "persistent") if persistent and coord.rank == 0 else [],
-    }
-    found = candidates(coord.all_gather(mine, phase="restore inventory"))
+    mine = {"memory": [s.step for s in src.memory], **{t.name: t.inventory(coord.rank) for t in src.tiers}}
+    found = candidates(coord.all_gather(mine, phase="restore inventory"), src.tiers)
     if step is not None:
         found = [c for c in found if c.step == step]
         if not found:
@@ -118,23 +102,17 @@ def restore_state(src: Sources, state: Mapping[str, Any], *, step: int | None, s
 def _restore_one(src: Sources, cand: Candidate, state: Mapping[str, Any], strict: bool, what: str) -> RestoreReport:
     """Open, match and load one candidate on every rank; RankFailure means: try the next."""
     coord = src.coord
-    root = src.roots.get(cand.tier, "")
-    path = os.path.join(root, step_dir_name(cand.step)) if root else "memory"
+    tier = cand.source
+    path = tier.step_where(cand.step) if tier is not None else "memory"
     loader: Loader | SnapshotLoader | None = None
     names: list[str] = []
     opened: dict[str, Any] = {"error": None, "kind": "", "missing": [], "unused": [], "used": ""}
     try:
-        if cand.tier == "memory":
+        if tier is None:
             loader = SnapshotLoader(next(s for s in src.memory if s.step == cand.step), state, src.rule)
             opened.update(missing=loader.missing, unused=loader.unused)
         else:
-            store = src.stores.get(cand.tier)
-            if store is not None:
-                manifest = store.read_manifest(cand.step)
-            elif cand.tier == "local":
-                manifest = share_manifest(coord, root, cand.step)
-            else:
-                manifest = load_manifest(path)
+            manifest = tier.restore_manifest(coord, cand.step)  # a node-local tier shares it
             loader = Loader(manifest, state, src.rule, path)
             names = restored_names(manifest, state)
             opened.update(missing=loader.missing, used=used_bitmap(names, loader.used))
@@ -146,7 +124,7 @@ def _restore_one(src: Sources, cand: Candidate, state: Mapping[str, Any], strict
     got = coord.all_gather(opened, phase=f"restore plan of {what}")
     _raise_failures(got, coord.world_size, what)
     missing = merge_missing(g["missing"] for g in got)
-    if cand.tier == "memory":
+    if tier is None:
         unused = merge_missing(g["unused"] for g in got)
     else:
         unused = unused_names(names, (g["used"] for g in got))
@@ -161,10 +139,9 @@ def _restore_one(src: Sources, cand: Candidate, state: Mapping[str, Any], strict
             rng = (loader.snap.rank_object or {}).get("rng")
             nbytes = loader.snap.nbytes
         else:
-            if cand.tier == "local":
-                fetched = fetch_files(coord, src.peer_group, root, loader.manifest, loader.files())
-            store = src.stores.get(cand.tier)
-            loader.run(store.open_step(cand.step, loader.manifest) if store is not None else StepDir(path, loader.manifest))
+            assert tier is not None
+            fetched = tier.bring_files(coord, src.peer_group, loader.manifest, loader.files())  # from buddies
+            loader.run(tier.open_step(cand.step, loader.manifest))
             nbytes = loader.plan.bytes_read
             m = loader.manifest
             rng = m.rank_objects[coord.rank].get("rng") if m.rank_objects and m.world_size == coord.world_size else None
@@ -177,11 +154,30 @@ def _restore_one(src: Sources, cand: Candidate, state: Mapping[str, Any], strict
                          bytes=nbytes, fetched=tuple(fetched))
 
 
-def _committed(src: Sources, tier: str) -> list[int]:
-    store = src.stores.get(tier)
-    if store is not None:
-        return store.committed_steps()
-    return [c.step for c in list_checkpoints(src.roots[tier]) if c.complete]
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Candidate:
+    """A checkpoint some tier can serve: its step, the tier's name, and the tier (None: this
+    process's memory snapshots)."""
+
+    step: int
+    tier: str
+    source: Tier | None = None
+
+
+def candidates(gathered: list[dict[str, Any]], tiers: Sequence[Tier]) -> list[Candidate]:
+    """Every restorable (step, tier), freshest first, the faster tier first for equal steps.
+
+    `gathered[r]` is rank r's inventory: {"memory": [steps], <tier name>: tier.inventory(r)}.
+    A memory snapshot counts when every rank holds it; a tier says itself what it can serve.
+    """
+    out: list[tuple[int, int, Candidate]] = []
+    mem = [set(g.get("memory", [])) for g in gathered]
+    for step in set.intersection(*mem) if mem else set():
+        out.append((-step, 0, Candidate(step=step, tier="memory")))
+    for order, t in enumerate(tiers, start=1):
+        for step in t.restorable([g.get(t.name) for g in gathered]):
+            out.append((-step, order, Candidate(step=step, tier=t.name, source=t)))
+    return [c for _, _, c in sorted(out, key=lambda x: (x[0], x[1]))]
 
 
 def _raise_failures(got: list[dict[str, Any]], world_size: int, what: str) -> None:

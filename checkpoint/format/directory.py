@@ -19,6 +19,9 @@ from .manifest import MANIFEST_NAME, STEP_DIR_RE, FileRecord, Manifest
 from .stfile import StFile
 
 
+RUN_FILE = ".elastickit-run"
+"""The marker a checkpoint root keeps with its run's key (see `checkpoint.runs`)."""
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CheckpointInfo:
     """A checkpoint directory found under a root.

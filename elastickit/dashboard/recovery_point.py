@@ -6,8 +6,9 @@ node's local directory: manifests, its own rank files and the peer copies of its
 `what_if` is pure over that scan. A Checkpointer keeps each run's node-local checkpoints in a
 directory of their own (`<local path>/run-<key>/`, see `elastickit.checkpoint.runs`): the scan
 reads the one of this run (the key of the persistent root's run id), not whatever else the node's
-storage holds. It asks the question exactly as a restore would, with
-`elastickit.checkpoint.recover.candidates` over the inventories of the nodes that would
+storage holds. It asks the question exactly as a restore would, with the restore's rule
+(`elastickit.checkpoint.storage.node.local_restorable`, the persistent tier's committed steps,
+the node-local tier first at equal steps) over the inventories of the nodes that would
 survive, so the answer is the checkpoint the survivors would actually load (memory snapshots
 live inside the processes and are not counted: a lost node takes its ranks' with it).
 """
@@ -33,7 +34,7 @@ class NodeTier:
         node: the node index.
         path: its local tier directory ("" when unknown).
         state: the node's state in nodes.json ("running", ...; "" when not listed).
-        inventory: `recover.local_inventory` of `path`: step -> {"files", "needs"}.
+        inventory: `storage.node.node_inventory` of `path`: step -> {"files", "needs"}.
     """
 
     node: int
@@ -70,7 +71,7 @@ class TierContents:
 def scan_tiers(sources: RunSources, nodes: tuple[dict[str, Any], ...]) -> TierContents:
     """Read the tiers' contents from disk (listing directories and reading manifests only)."""
     from elastickit.checkpoint.format.directory import list_checkpoints
-    from elastickit.checkpoint.recover import local_inventory
+    from elastickit.checkpoint.storage.node import node_inventory
 
     persistent: tuple[int, ...] = ()
     if sources.ckpt_root and os.path.isdir(sources.ckpt_root):
@@ -89,7 +90,7 @@ def scan_tiers(sources: RunSources, nodes: tuple[dict[str, Any], ...]) -> TierCo
     found = []
     for idx in sorted(set(paths) | set(states)):
         path = _this_run(paths.get(idx, ""), sources.ckpt_root, base)
-        inv = local_inventory(path) if path and os.path.isdir(path) else {}
+        inv = node_inventory(path) if path and os.path.isdir(path) else {}
         found.append(NodeTier(node=idx, path=path, state=states.get(idx, ""), inventory=inv))
     return TierContents(
         persistent_root=sources.ckpt_root, persistent_steps=persistent, nodes=tuple(found)
@@ -132,20 +133,16 @@ def restore_point(contents: TierContents, lost: set[int]) -> dict[str, Any]:
     """The checkpoint the nodes not in `lost` would restore: {"step", "tier", "from_nodes"}
     (step None when nothing survives). tier is "persistent", "peer" (a lost node took part in
     that checkpoint: its shards come from the copies on its buddy) or "local"."""
-    from elastickit.checkpoint.recover import candidates
+    from elastickit.checkpoint.storage.node import local_restorable
 
     survivors = [n for n in contents.nodes if n.up and n.node not in lost]
-    persistent = list(contents.persistent_steps)
-    gathered = [{"memory": [], "local": n.inventory, "persistent": persistent} for n in survivors]
-    if not gathered:
-        gathered = [{"memory": [], "local": {}, "persistent": persistent}]
-    found = candidates(gathered)
-    if not found:
+    local = max(local_restorable([n.inventory for n in survivors]), default=None)
+    persistent = max(contents.persistent_steps, default=None)
+    if local is None and persistent is None:
         return {"step": None, "tier": None, "from_nodes": []}
-    best = found[0]
-    if best.tier == "persistent":
-        return {"step": best.step, "tier": "persistent", "from_nodes": []}
-    key = str(best.step)
+    if local is None or (persistent is not None and persistent > local):  # equal: the node-local tier is faster
+        return {"step": persistent, "tier": "persistent", "from_nodes": []}
+    key = str(local)
     needs: dict[str, int] = next(
         (n.inventory[key]["needs"] for n in survivors if "needs" in n.inventory.get(key, {})), {}
     )
@@ -156,7 +153,7 @@ def restore_point(contents: TierContents, lost: set[int]) -> dict[str, Any]:
     # from the copies its buddy holds.
     took_part = any(key in n.inventory for n in contents.nodes if n.node in lost)
     tier = "peer" if took_part else "local"
-    return {"step": best.step, "tier": tier, "from_nodes": serving}
+    return {"step": local, "tier": tier, "from_nodes": serving}
 
 
 def what_if(contents: TierContents, current_step: int | None) -> list[dict[str, Any]]:

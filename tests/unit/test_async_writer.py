@@ -10,7 +10,7 @@ import torch
 
 import elastickit as ek
 from elastickit.checkpoint import snapshot as snapshot_mod
-from elastickit.checkpoint import writer as writer_mod
+from elastickit.checkpoint.storage import files as writer_mod
 from elastickit.checkpoint.format.directory import list_checkpoints
 from elastickit.checkpoint.events import read_events
 from elastickit.checkpoint.policy import IntervalPolicy, mtbf_from_events, young_daly_interval_s

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import elastickit as ek
-from elastickit.checkpoint import writer as writer_mod
+from elastickit.checkpoint.storage import files as writer_mod
 from elastickit.checkpoint.errors import DataError, ElastickitError, RequestError
 from elastickit.checkpoint.format.directory import list_checkpoints, verify_checkpoint
 from elastickit.checkpoint.tiers import Tiers
@@ -197,7 +197,7 @@ def dying(path, items, **kw):
     if when == "before-manifest":
         os.kill(os.getpid(), 9)
     return rec
-import elastickit.checkpoint.writer as w
+import elastickit.checkpoint.storage.files as w
 w.write_file = dying
 ck = ek.Checkpointer(root)
 ck.save(2, {"model": m})

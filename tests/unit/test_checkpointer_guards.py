@@ -169,7 +169,7 @@ def test_a_read_only_root_or_parent_fails_at_construction(tmp_path):
 
 
 def test_close_raises_when_the_newest_checkpoint_misses_a_tier(tmp_path, monkeypatch):
-    from elastickit.checkpoint import writer as writer_mod
+    from elastickit.checkpoint.storage import files as writer_mod
     from elastickit.checkpoint.errors import NotDurableError
 
     root = str(tmp_path / "root")
@@ -204,7 +204,7 @@ def test_close_raises_when_the_newest_checkpoint_misses_a_tier(tmp_path, monkeyp
 
 
 def test_a_context_manager_does_not_hide_the_error_in_flight(tmp_path, monkeypatch, caplog):
-    from elastickit.checkpoint import writer as writer_mod
+    from elastickit.checkpoint.storage import files as writer_mod
 
     def full_disk(path, items, **kw):
         raise OSError(28, "No space left on device")

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 import torch
-from elastickit.checkpoint import writer as writer_mod
+from elastickit.checkpoint.storage import files as writer_mod
 from elastickit.checkpoint.tiers import Tiers
 from typer.testing import CliRunner
 
