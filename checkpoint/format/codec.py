@@ -23,11 +23,9 @@ Two encodings of the containers, one set of tags (`values`):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator, Mapping
-from typing import Any
-
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Collection, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DataError, RequestError
 from .values import TENSOR_TAG, TUPLE_TAG, check_key, encode_scalar, tag_of
