@@ -34,7 +34,7 @@ from .values import decode as decode_values
 if TYPE_CHECKING:
     import torch
 
-_EXACT_TAGS = ("__tuple__", "__dict__", "__size__", "__dtype__", "__obj__", "__enum__")
+_EXACT_TAGS = (TUPLE_TAG, "__dict__", "__size__", "__dtype__", "__obj__", "__enum__")
 
 
 def tensor_ref(name: str) -> dict[str, str]:
@@ -112,7 +112,7 @@ def _exact(value: Any, path: str, tensors: dict[str, torch.Tensor], allow: froze
                              for i, (k, v) in enumerate(value.items())]}
     if isinstance(value, list | tuple):
         items = [_exact(v, f"{path}/{i}", tensors, allow) for i, v in enumerate(value)]
-        return {"__tuple__": items} if isinstance(value, tuple) else items
+        return {TUPLE_TAG: items} if isinstance(value, tuple) else items
     if isinstance(value, int | float):  # numpy scalars and the like
         return value.item() if hasattr(value, "item") else float(value)
     raise RequestError(
@@ -156,8 +156,8 @@ def _undo_exact(node: Any, tensors: Mapping[str, torch.Tensor], classes: Callabl
         return torch.Size(node["__size__"])
     if "__dtype__" in node:
         return getattr(torch, node["__dtype__"])
-    if "__tuple__" in node:
-        return tuple(_undo_exact(v, tensors, classes) for v in node["__tuple__"])
+    if TUPLE_TAG in node:
+        return tuple(_undo_exact(v, tensors, classes) for v in node[TUPLE_TAG])
     if "__dict__" in node:
         return {_undo_exact(k, tensors, classes): _undo_exact(v, tensors, classes) for k, v in node["__dict__"]}
     if "__enum__" in node or "__obj__" in node:
