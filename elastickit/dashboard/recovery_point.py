@@ -106,7 +106,7 @@ def _this_run(path: str, ckpt_root: str, run_dir: str) -> str:
     one whose `run.json` names this root; else, when `path` lies inside the run directory (as
     `elastickit train --nodes` keeps it) and holds a single run directory, that one: the run
     directory was moved or copied (the key hashes the root's real path), its tiers with it."""
-    from elastickit.checkpoint.manifest import STEP_DIR_RE
+    from elastickit.checkpoint.format.manifest import STEP_DIR_RE
     from elastickit.checkpoint.runs import existing_run_key, local_run_dirs
 
     if not path or not os.path.isdir(path):
