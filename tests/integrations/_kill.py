@@ -39,6 +39,9 @@ def env() -> dict[str, str]:
     e["HF_HUB_OFFLINE"] = "1"
     e["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
     e.setdefault("DS_ACCELERATOR", "cpu")
+    # pyarrow (imported by transformers where `datasets` is installed, as the [torchtitan] extra
+    # does) starts jemalloc's background thread; the zygote forks only when single-threaded.
+    e.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     e["PYTHONPATH"] = root + os.pathsep + e.get("PYTHONPATH", "")
     return e
