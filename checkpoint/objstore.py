@@ -309,6 +309,9 @@ class ObjectRoot:
     def restorable(self, gathered: Sequence[Any]) -> list[int]:
         return shared_restorable(gathered)
 
+    def unservable(self, gathered: Sequence[Any]) -> dict[int, str]:
+        return {}  # a damaged step is found when it is opened (and the restore falls back)
+
     # -- deleting --------------------------------------------------------------------------
 
     @_one_sentence("delete from")

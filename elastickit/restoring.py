@@ -79,6 +79,12 @@ def restore_state(src: Sources, state: Mapping[str, Any], *, step: int | None, s
     reasons: list[str] = []
     for cand in found:
         what = f"step {cand.step} on the {cand.tier} tier"
+        if cand.unservable:  # committed, but the tier cannot serve it whole: skipped like a failure
+            reasons.append(f"{what}: {cand.unservable}")
+            log.warning("elastickit: cannot restore %s (%s); trying the next", what, cand.unservable)
+            if coord.rank == 0:
+                src.events.emit("restore_fallback", step=cand.step, tier=cand.tier, reason=cand.unservable)
+            continue
         try:
             report = _restore_one(src, cand, state, strict, what)
         except RankFailure as e:
@@ -157,26 +163,32 @@ def _restore_one(src: Sources, cand: Candidate, state: Mapping[str, Any], strict
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Candidate:
     """A checkpoint some tier can serve: its step, the tier's name, and the tier (None: this
-    process's memory snapshots)."""
+    process's memory snapshots). `unservable`: why the tier holds the step committed but cannot
+    serve it whole (the restore skips it, saying so)."""
 
     step: int
     tier: str
     source: Tier | None = None
+    unservable: str = ""
 
 
 def candidates(gathered: list[dict[str, Any]], tiers: Sequence[Tier]) -> list[Candidate]:
     """Every restorable (step, tier), freshest first, the faster tier first for equal steps.
 
     `gathered[r]` is rank r's inventory: {"memory": [steps], <tier name>: tier.inventory(r)}.
-    A memory snapshot counts when every rank holds it; a tier says itself what it can serve.
+    A memory snapshot counts when every rank holds it; a tier says itself what it can serve,
+    and what it holds but cannot serve (a candidate with `unservable` set, in the same order).
     """
     out: list[tuple[int, int, Candidate]] = []
     mem = [set(g.get("memory", [])) for g in gathered]
     for step in set.intersection(*mem) if mem else set():
         out.append((-step, 0, Candidate(step=step, tier="memory")))
     for order, t in enumerate(tiers, start=1):
-        for step in t.restorable([g.get(t.name) for g in gathered]):
+        inventories = [g.get(t.name) for g in gathered]
+        for step in t.restorable(inventories):
             out.append((-step, order, Candidate(step=step, tier=t.name, source=t)))
+        for step, why in t.unservable(inventories).items():
+            out.append((-step, order, Candidate(step=step, tier=t.name, source=t, unservable=why)))
     return [c for _, _, c in sorted(out, key=lambda x: (x[0], x[1]))]
 
 

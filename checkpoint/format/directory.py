@@ -65,14 +65,27 @@ def is_checkpoint_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MANIFEST_NAME))
 
 
+def read_manifest_text(mpath: str) -> str:
+    """The text of the manifest file `mpath`; a file that is not UTF-8 is corrupt (raises
+    CorruptCheckpointError naming it). FileNotFoundError passes through."""
+    with open(mpath, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorruptCheckpointError(
+            f"{mpath} is not valid UTF-8 (byte {e.start}); it is corrupt, restore an earlier checkpoint",
+            path=mpath,
+        ) from None
+
+
 def load_manifest(path: str) -> Manifest:
     """The manifest of the checkpoint directory `path`; refuses incomplete or foreign ones."""
     if not os.path.isdir(path):
         raise RequestError(f"{path} does not exist or is not a directory", path=path)
     mpath = os.path.join(path, MANIFEST_NAME)
     try:
-        with open(mpath, encoding="utf-8") as f:
-            text = f.read()
+        text = read_manifest_text(mpath)
     except FileNotFoundError:
         raise IncompleteCheckpointError(
             f"{path} has no {MANIFEST_NAME}: the save never committed, so it cannot be loaded; "

@@ -112,6 +112,9 @@ class DirTier:
     def restorable(self, gathered: Sequence[Any]) -> list[int]:
         return shared_restorable(gathered)
 
+    def unservable(self, gathered: Sequence[Any]) -> dict[int, str]:
+        return {}  # a damaged step is found when it is opened (and the restore falls back)
+
 
 def remove_incomplete(root: str, *, keep_newer_than: int | None = None) -> list[str]:
     """Delete incomplete checkpoint directories (no manifest) under `root`; returns their paths.

@@ -9,7 +9,6 @@ published, so all ranks agree without a leader.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ import torch
 
 from ..coord import Coordinator
 from ..errors import DataError
-from ..format.directory import list_checkpoints
+from ..format.directory import list_checkpoints, read_manifest_text
 from ..format.integrity import atomic_write
 from ..format.manifest import MANIFEST_NAME, Manifest
 from .files import DirTier
@@ -108,16 +107,31 @@ class NodeTier(DirTier):
         """The steps whose every file some rank holds, with a manifest on some rank."""
         return local_restorable(gathered)
 
+    def unservable(self, gathered: Sequence[Any]) -> dict[int, str]:
+        """Steps some node committed that no node can serve whole, with why."""
+        return local_unservable(gathered)
+
     def restore_manifest(self, coord: Coordinator, step: int) -> Manifest:
-        """The manifest of `step` on every rank, from whichever rank's directory has it."""
+        """The manifest of `step` on every rank, from whichever rank's directory has an intact
+        copy (a damaged copy on one node does not stop the others)."""
         path = os.path.join(self.step_where(step), MANIFEST_NAME)
-        text = None
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        got = coord.all_gather(text if coord.rank == _min_rank_with(coord, text is not None) else None, phase="manifest share")
-        mine = next((t for t in got if t is not None), None)
+        text, error = None, None
+        try:
+            text = read_manifest_text(path)
+            Manifest.loads(text, source=path)
+        except FileNotFoundError:
+            text = None
+        except (OSError, DataError) as e:
+            text, error = None, str(e)
+        got = coord.all_gather(
+            {"text": text if coord.rank == _min_rank_with(coord, text is not None) else None, "error": error},
+            phase="manifest share",
+        )
+        mine = next((g["text"] for g in got if g["text"] is not None), None)
         if mine is None:
+            why = next((g["error"] for g in got if g["error"]), None)
+            if why is not None:
+                raise DataError(f"no rank holds an intact manifest of step {step} in its local tier: {why}", path=path)
             raise DataError(f"no rank holds the manifest of step {step} in its local tier", path=path)
         manifest = Manifest.loads(mine, source=path)
         if text is None:  # keep a copy here: this directory becomes self-describing again
@@ -170,7 +184,8 @@ class NodeTier(DirTier):
 
 def node_inventory(root: str) -> dict[str, Any]:
     """What one rank's node-local directory holds: step -> {"files": {name: size}, "needs":
-    {name: size} (from the manifest, if present)}."""
+    {name: size} (from the manifest, if present and intact), "bad_manifest": why this rank's
+    manifest cannot be used (if present and damaged)}."""
     out: dict[str, Any] = {}
     for c in list_checkpoints(root):
         files = {}
@@ -179,12 +194,15 @@ def node_inventory(root: str) -> dict[str, Any]:
                 files[name] = os.path.getsize(os.path.join(c.path, name))
         entry: dict[str, Any] = {"files": files}
         if c.complete:
+            mpath = os.path.join(c.path, MANIFEST_NAME)
             try:
-                with open(os.path.join(c.path, MANIFEST_NAME), encoding="utf-8") as f:
-                    d = json.load(f)
-                entry["needs"] = {n: int(r["size_bytes"]) for n, r in d["files"].items()}
-            except (OSError, ValueError, KeyError):
-                pass  # an unreadable manifest: this rank cannot vouch for the step
+                # Verified whole (its own checksum): a damaged copy must not vouch for the step.
+                manifest = Manifest.loads(read_manifest_text(mpath), source=mpath)
+                entry["needs"] = {n: r.size_bytes for n, r in manifest.files.items()}
+            except FileNotFoundError:
+                pass  # removed since the listing (retention)
+            except (OSError, DataError) as e:
+                entry["bad_manifest"] = str(e)
         out[str(c.step)] = entry
     return out
 
@@ -207,6 +225,36 @@ def local_restorable(gathered: Sequence[dict[str, Any]]) -> list[int]:
         if all((n, size) in have for n, size in needs.items()):
             out.append(int(s))
     return sorted(out)
+
+
+def local_unservable(gathered: Sequence[dict[str, Any]]) -> dict[int, str]:
+    """From every rank's node-local inventory: the steps some node committed that
+    `local_restorable` leaves out, with why (every copy of the manifest is damaged, or a file is
+    missing or has the wrong size on every node); a pure function."""
+    out: dict[int, str] = {}
+    entries: dict[str, list[dict[str, Any]]] = {}
+    for g in gathered:
+        for s, e in (g or {}).items():
+            entries.setdefault(s, []).append(e)
+    for s, es in entries.items():
+        needs = next((e["needs"] for e in es if "needs" in e), None)
+        if needs is None:
+            bad = next((e["bad_manifest"] for e in es if "bad_manifest" in e), None)
+            if bad is not None:
+                out[int(s)] = bad
+            continue
+        have: dict[str, set[int]] = {}
+        for e in es:
+            for name, size in (e.get("files") or {}).items():
+                have.setdefault(name, set()).add(size)
+        lost = []
+        for name, size in sorted(needs.items()):
+            if size not in have.get(name, set()):
+                sizes = sorted(have.get(name, set()))
+                lost.append(f"{name} is " + (f"{sizes[0]} bytes instead of {size}" if sizes else "missing"))
+        if lost:
+            out[int(s)] = f"on every node that holds step {s}: {'; '.join(lost)}"
+    return out
 
 
 def _min_rank_with(coord: Coordinator, has: bool) -> int:

@@ -12,7 +12,7 @@ Call order, on every rank of a tier's group, for one save (`writer.write_checkpo
    to buddies here; other tiers do nothing). Then `retain(spec)` on the ranks `retains` names.
 
 Readers: `committed()`, `read_manifest(step)`, `open_step(step)` (the executor's `StepSource`),
-and, for the restore driver's inventory, `inventory()` / `restorable(...)`.
+and, for the restore driver's inventory, `inventory()` / `restorable(...)` / `unservable(...)`.
 """
 
 from __future__ import annotations
@@ -106,6 +106,11 @@ class Tier(Protocol):
 
     def restorable(self, gathered: Sequence[Any]) -> list[int]:
         """The steps a restore can read, from every rank's `inventory` (a pure function)."""
+        ...
+
+    def unservable(self, gathered: Sequence[Any]) -> dict[int, str]:
+        """Steps committed here that `restorable` leaves out because the tier cannot serve them
+        whole (a damaged manifest, a file lost on every node), with why; a pure function."""
         ...
 
 
