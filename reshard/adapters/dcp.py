@@ -28,6 +28,7 @@ import json
 import mmap
 import os
 import pickle
+import zipfile
 from typing import Any
 
 import torch
@@ -82,16 +83,31 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def read_metadata(path: str) -> Any:
     """DCP's `Metadata` of checkpoint directory `path`, through the restricted unpickler."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
     mpath = os.path.join(path, METADATA)
     try:
         with open(mpath, "rb") as f:
-            return _MetadataUnpickler(f, mpath).load()  # type: ignore[arg-type]
+            raw = f.read()
     except FileNotFoundError:
         raise RequestError(
             f"{path} has no {METADATA}: not a (complete) DCP checkpoint", path=path
         ) from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
-        raise DataError(f"{mpath} is not a readable DCP metadata file ({e})", path=mpath) from e
+    try:
+        meta = _MetadataUnpickler(io.BytesIO(raw), mpath).load()  # type: ignore[arg-type]
+    except DataError:
+        raise
+    except Exception as e:  # a damaged pickle makes the unpickler fail in many ways (a huge
+        # length: MemoryError; a wrong opcode: UnpicklingError, KeyError, ...): all mean damage
+        raise DataError(
+            f"{mpath} is not a readable DCP metadata file ({type(e).__name__}: {e}); it is damaged",
+            path=mpath,
+        ) from e
+    if not isinstance(meta, Metadata):
+        raise DataError(
+            f"{mpath} holds a {type(meta).__name__}, not DCP's Metadata; it is damaged", path=mpath
+        )
+    return meta
 
 
 def is_dcp_checkpoint(path: str) -> bool:
@@ -113,35 +129,45 @@ class DcpSource:
         self.rules: tuple[dict[str, Any], ...] = ()
         self._tensors: dict[str, LogicalTensorInfo] = {}
         self._bytes: list[str] = []
+        try:
+            self._interpret(BytesStorageMetadata, TensorStorageMetadata)
+        except DataError:
+            raise
+        except (AttributeError, TypeError, KeyError, ValueError, IndexError) as e:
+            mpath = os.path.join(path, METADATA)
+            raise DataError(f"{mpath} is malformed ({type(e).__name__}: {e}); it is damaged", path=mpath) from e
+        self._maps: dict[str, tuple[Any, mmap.mmap]] = {}
+        self._read_reserved()
+
+    def _interpret(self, bytes_md: type, tensor_md: type) -> None:
+        """Index the metadata: logical names, tensor infos, and the stored items of each."""
         # DCP flattens nested state dicts with "."; planner_data keeps each key's path, which
         # gives elastickit's logical name ("model/layers.0.w" for ("model", "layers.0.w")).
         paths = getattr(self.meta, "planner_data", None) or {}
         self._fqn: dict[str, str] = {}
         for fqn, md in self.meta.state_dict_metadata.items():
-            path = paths.get(fqn)
+            key_path = paths.get(fqn)
             name = (
-                "/".join(str(p) for p in path) if isinstance(path, tuple | list) and path else fqn
+                "/".join(str(p) for p in key_path) if isinstance(key_path, tuple | list) and key_path else fqn
             )
             self._fqn[name] = fqn
-            if isinstance(md, TensorStorageMetadata):
+            if isinstance(md, tensor_md):
                 dtype = st_dtype(md.properties.dtype, what=f"DCP tensor {fqn!r}")
                 self._tensors[name] = LogicalTensorInfo(
                     name=name, dtype=dtype, shape=tuple(md.size)
                 )
-            elif isinstance(md, BytesStorageMetadata):
+            elif isinstance(md, bytes_md):
                 self._bytes.append(name)
         self._index: dict[str, list[tuple[Any, Any]]] = {}
         for idx, info in self.meta.storage_data.items():
             if getattr(info, "transform_descriptors", None):
                 raise DataError(
-                    f"{path}: item {idx.fqn!r} is stored with transforms {info.transform_descriptors} "
+                    f"{self.path}: item {idx.fqn!r} is stored with transforms {info.transform_descriptors} "
                     "(compression extensions), which this reader does not support",
-                    path=path,
+                    path=self.path,
                     tensor=idx.fqn,
                 )
             self._index.setdefault(idx.fqn, []).append((idx, info))
-        self._maps: dict[str, tuple[Any, mmap.mmap]] = {}
-        self._read_reserved()
 
     def _read_reserved(self) -> None:
         """The step and rules `convert --to dcp` stored (see the module docstring)."""
@@ -199,16 +225,43 @@ class DcpSource:
         return m[info.offset : info.offset + info.length]
 
     def _load(self, info: Any, fqn: str) -> Any:
+        blob = self._blob(info)
+        where = os.path.join(self.path, str(info.relative_path))
+        try:
+            # Each item is a torch.save archive whose records carry a CRC32 that torch.load does
+            # not check: check it here, or a flipped bit would load as a wrong value.
+            with zipfile.ZipFile(io.BytesIO(blob)) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+            raise DataError(
+                f"{where}: item {fqn!r} is not a readable torch archive ({e}); the file is damaged",
+                path=where,
+                tensor=fqn,
+            ) from e
+        if bad is not None:
+            raise DataError(
+                f"{where}: record {bad} of item {fqn!r} does not match its CRC32 checksum; the file "
+                "is damaged",
+                path=where,
+                tensor=fqn,
+            )
         try:
             # DCP stores every non-tensor value with torch.save, a BytesIO too (torchtitan keeps
             # some state that way): the one class allowed beyond weights_only's own list.
             with torch.serialization.safe_globals([io.BytesIO]):
-                return torch.load(io.BytesIO(self._blob(info)), weights_only=True, map_location="cpu")
+                return torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
         except pickle.UnpicklingError as e:
             raise DataError(
                 f"{self.path}: item {fqn!r} needs more than weights_only loading allows ({e}); "
                 "it cannot be read safely",
                 path=self.path,
+                tensor=fqn,
+            ) from e
+        except Exception as e:  # torch's reader raises RuntimeError, ValueError... on damage
+            raise DataError(
+                f"{where}: item {fqn!r} cannot be loaded ({type(e).__name__}: {e}); the file is "
+                "damaged",
+                path=where,
                 tensor=fqn,
             ) from e
 
@@ -228,10 +281,19 @@ class DcpSource:
                     f"{self.path}: item {name!r} holds a {type(chunk).__name__}, not a tensor",
                     tensor=name,
                 )
-            view = out
-            for dim, (o, n) in enumerate(zip(idx.offset, chunk.shape, strict=True)):
-                view = view.narrow(dim, o, n)
-            view.copy_(chunk)
+            try:
+                view = out
+                for dim, (o, n) in enumerate(zip(idx.offset, chunk.shape, strict=True)):
+                    view = view.narrow(dim, o, n)
+                view.copy_(chunk)
+            except (IndexError, RuntimeError, ValueError, TypeError) as e:
+                raise DataError(
+                    f"{self.path}: a chunk of {name!r} (offsets {list(idx.offset)}, shape "
+                    f"{list(chunk.shape)}) does not fit its shape {list(info.shape)}; the metadata "
+                    "is damaged",
+                    path=self.path,
+                    tensor=name,
+                ) from e
             covered += chunk.numel()
         if covered != out.numel():
             raise DataError(

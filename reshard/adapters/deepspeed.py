@@ -86,8 +86,20 @@ def resolve_folder(path: str, tag: str | None = None) -> tuple[str, str]:
     for latest in ("latest", "latest_universal"):
         marker = os.path.join(path, latest)
         if os.path.isfile(marker):
-            with open(marker) as f:
-                found = f.read().strip()
+            with open(marker, "rb") as f:
+                raw = f.read()
+            try:
+                found = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                found = ""
+            # The tag names a folder beside `latest`; anything else (a path, binary junk) is not
+            # followed: a damaged or hostile marker must not send the reader elsewhere.
+            if not found or os.path.basename(found) != found or found in (".", "..") or not found.isprintable():
+                raise DataError(
+                    f"{marker} does not name a tag folder (it holds {raw[:40]!r}); it is damaged: give the "
+                    "tag folder itself",
+                    path=marker,
+                )
             return resolve_folder(path, found)
     raise RequestError(
         f"{path} holds no *_model_states.pt and no 'latest' file; is it a DeepSpeed checkpoint?", path=path

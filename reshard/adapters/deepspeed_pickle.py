@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ...checkpoint.errors import DataError
-from .ptfile import read_pt, write_pt
+from .ptfile import ChecksumError, read_pt, write_pt
 
 
 class _Stand_in:
@@ -118,8 +118,15 @@ def load_pt(path: str, *, trust_pickle: bool = False) -> Any:
             "allowlist; pass --trust-pickle (trust_pickle=True) only if you trust this file",
             path=path,
         ) from e
+    except ChecksumError as e:
+        raise DataError(f"{path} is corrupt: {e}; restore it from a good copy", path=path) from e
     except (EOFError, OSError, ValueError, struct.error, AttributeError, ImportError, TypeError) as e:
         raise DataError(f"{path} is not a readable torch checkpoint: {e}", path=path) from e
+    except (MemoryError, RecursionError, KeyError, IndexError, OverflowError) as e:
+        # What a damaged pickle stream makes the unpickler do (a huge length, a deep nesting).
+        raise DataError(
+            f"{path} is not a readable torch checkpoint ({type(e).__name__}: {e}); it is damaged", path=path
+        ) from e
 
 
 def _jsonable(value: Any) -> Any:

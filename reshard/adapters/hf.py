@@ -22,14 +22,22 @@ PREFIX = "model/"
 
 def _files(path: str) -> list[str]:
     if os.path.isfile(os.path.join(path, INDEX)):
-        with open(os.path.join(path, INDEX), encoding="utf-8") as f:
-            try:
-                weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(
-                    f"{path}/{INDEX} has no readable weight_map ({e})", path=path
-                ) from e
-        return sorted(set(weight_map.values()))
+        with open(os.path.join(path, INDEX), "rb") as f:
+            raw = f.read()
+        try:
+            weight_map = json.loads(raw)["weight_map"]  # ValueError: not UTF-8, not JSON
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path}/{INDEX} has no readable weight_map ({e})", path=path) from e
+        files = set(weight_map.values())
+        # Shard names are file names in this directory: nothing else (no path) is read.
+        bad = sorted(repr(f) for f in files if not isinstance(f, str) or os.path.basename(f) != f or f in ("", ".", ".."))
+        if bad:
+            raise DataError(
+                f"{path}/{INDEX} maps tensors to {', '.join(bad[:3])}, not file names in {path}", path=path
+            )
+        return sorted(files)
     return sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
 
 

@@ -256,18 +256,49 @@ class _Unpickler(pickle.Unpickler):
         return self._storage(str(pid[2]), pid[1].dtype, int(pid[4]))
 
 
-def _records(mm: mmap.mmap, path: str) -> dict[str, tuple[int, int]]:
-    """name -> (data offset, size) of every record, from the zip's central directory."""
+class ChecksumError(ValueError):
+    """A record's bytes do not match the CRC32 that `torch.save` stored for it (the file is corrupt)."""
+
+
+def _records(mm: mmap.mmap, path: str) -> dict[str, tuple[int, int, int]]:
+    """name -> (data offset, size, CRC32) of every record, from the zip's central directory."""
     with zipfile.ZipFile(path) as z:  # only the central directory is parsed here
         infos = z.infolist()
-    out: dict[str, tuple[int, int]] = {}
+    out: dict[str, tuple[int, int, int]] = {}
     for info in infos:
         h = info.header_offset
         if mm[h:h + 4] != b"PK\x03\x04" or info.compress_type != 0:
             raise ValueError(f"record {info.filename} is not a stored zip entry")
         name_len, extra_len = struct.unpack_from("<HH", mm, h + 26)
-        out[info.filename] = (h + 30 + name_len + extra_len, info.file_size)
+        start = h + 30 + name_len + extra_len
+        if start + info.file_size > len(mm):
+            raise ValueError(f"record {info.filename} runs past the end of the file (truncated)")
+        out[info.filename] = (start, info.file_size, info.CRC)
     return out
+
+
+_CRC_CHUNK = 64 << 20
+
+
+def _check_crc(mm: mmap.mmap, name: str, where: tuple[int, int, int]) -> None:
+    """Compare record `name` with its stored CRC32 (0: `torch.save` stored none), in chunks whose
+    pages are given back as soon as they are hashed, so that resident memory stays small."""
+    start, size, want = where
+    if want == 0 or size == 0:
+        return
+    crc = 0
+    view = memoryview(mm)
+    try:
+        for a in range(start, start + size, _CRC_CHUNK):
+            b = min(a + _CRC_CHUNK, start + size)
+            crc = zlib.crc32(view[a:b], crc)
+            lo, hi = -(-a // _PAGE) * _PAGE, b // _PAGE * _PAGE
+            if size > _CRC_CHUNK and hi > lo and hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    finally:
+        view.release()
+    if crc != want:
+        raise ChecksumError(f"record {name} does not match its CRC32 checksum")
 
 
 def read_pt(path: str, *, allow: Mapping[str, Any] | None = None, trust: bool = False) -> Any:
@@ -281,6 +312,8 @@ def read_pt(path: str, *, allow: Mapping[str, Any] | None = None, trust: bool = 
 
     Raises:
         OSError: the file cannot be opened. ValueError: it is not a torch zip file.
+        ChecksumError (a ValueError): a record the object tree uses does not match the CRC32
+            `torch.save` stored for it (files written with CRC32 off, or by `write_pt`, carry none).
         pickle.UnpicklingError: the pickle names a global outside the allowed set.
     """
     with open(path, "rb") as f:
@@ -292,6 +325,8 @@ def read_pt(path: str, *, allow: Mapping[str, Any] | None = None, trust: bool = 
         records = _records(mm, path)
     except zipfile.BadZipFile as e:
         raise ValueError(f"not a zip file ({e}); legacy torch.save files are not supported") from e
+    except (NotImplementedError, struct.error, OverflowError) as e:  # a damaged central directory
+        raise ValueError(f"its zip directory is damaged ({type(e).__name__}: {e})") from e
     pkl = [n for n in records if n == "data.pkl" or n.endswith("/data.pkl")]
     if len(pkl) != 1:
         raise ValueError("no data.pkl record; not a torch.save file")
@@ -306,14 +341,17 @@ def read_pt(path: str, *, allow: Mapping[str, Any] | None = None, trust: bool = 
 
     def storage(key: str, dtype: str, numel: int) -> np.ndarray:
         if key not in storages:
-            where = records.get(f"{prefix}data/{key}")
+            name = f"{prefix}data/{key}"
+            where = records.get(name)
             dt = np_dtype(dtype)
             if where is None or where[1] < numel * dt.itemsize:
                 raise pickle.UnpicklingError(f"storage {key} is missing or shorter than {numel} elements")
+            _check_crc(mm, name, where)  # once per storage, when the pickle first names it
             storages[key] = whole[where[0]:where[0] + numel * dt.itemsize].view(dt)
         return storages[key]
 
-    off, size = records[pkl[0]]
+    _check_crc(mm, pkl[0], records[pkl[0]])
+    off, size, _ = records[pkl[0]]
     return _Unpickler(bytes(mm[off:off + size]), storage, allow or {}, trust).load()
 
 

@@ -149,6 +149,34 @@ def _rank_main(
     os._exit(0)
 
 
+def _child_main(fn: Callable[..., Any], args: tuple[Any, ...], out: str) -> None:
+    try:
+        fn(*args)
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        with open(out, "w") as f:
+            f.write(traceback.format_exc())
+        os._exit(1)
+    os._exit(0)
+
+
+def run_in_child(fn: Callable[..., Any], *args: Any, timeout_s: float = 120) -> None:
+    """Run `fn(*args)` in a fresh process forked from the preloaded server; raise its error."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ek_child_") as d:
+        out = os.path.join(d, "error.txt")
+        p = _context().Process(target=_child_main, args=(fn, args, out), daemon=True)
+        p.start()
+        p.join(timeout_s)
+        if p.is_alive():
+            p.kill()
+            p.join()
+            raise RuntimeError(f"{fn.__name__} did not finish within {timeout_s} s")
+        if os.path.exists(out):
+            with open(out) as f:
+                raise RuntimeError(f"{fn.__name__} failed:\n{f.read()}")
+
+
 def _write_json(path: str, value: Any) -> None:
     tmp = path + ".part"
     with open(tmp, "w") as f:
