@@ -287,6 +287,9 @@ class ObjectRoot:
     def after_commit(self, manifest: Manifest) -> dict[str, Any]:
         return {}
 
+    def discard_partial(self, step: int) -> None:
+        pass  # failed uploads are aborted, and no manifest makes the step's objects a checkpoint
+
     def retains(self, rank: int) -> bool:
         return rank == 0
 

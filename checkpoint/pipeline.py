@@ -12,6 +12,7 @@ newest checkpoint always reaches every tier (`flush`).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -25,8 +26,10 @@ from .coord import Coordinator
 from .errors import ElastickitError, NotDurableError
 from .events import EventLog
 from .format.manifest import LayoutRecord, Manifest
+from .lock import LOCK_NAME
 from .objstore import ObjectRoot
 from .paths import is_url
+from .runs import RUN_INFO
 from .snapshot import SlotPool, Snapshot
 from .storage.files import DirTier
 from .storage.node import NodeTier
@@ -76,16 +79,25 @@ def file_tiers(ctx: WriterContext) -> list[tuple[Tier, TierSpec]]:
         n = t.node_size(ctx.world_size)
         peer = {"buddy": t.buddy(ctx.rank, ctx.world_size), "ward": t.ward(ctx.rank, ctx.world_size)} if t.peer else {}
         root = ctx.local_root or t.local_path(ctx.rank, ctx.world_size)
-        out.append((NodeTier("local", root, rank=ctx.rank, node_size=n, peer_group=ctx.peer_group, fsync=ctx.fsync, **peer), t.local))
+        node = NodeTier(
+            "local", root, rank=ctx.rank, node_size=n, peer_group=ctx.peer_group, fsync=ctx.fsync, markers=root_markers(root), **peer
+        )
+        out.append((node, t.local))
     if t.persistent is not None:
         root = t.persistent.path or ctx.persistent_root
         tier: Tier = (
             ObjectRoot(root, t.persistent.storage_options, what="the persistent tier", name="persistent")
             if is_url(root)
-            else DirTier("persistent", root)
+            else DirTier("persistent", root, markers=root_markers(root))
         )
         out.append((tier, t.persistent))
     return out
+
+
+def root_markers(root: str) -> tuple[str, ...]:
+    """What the root holds when the job starts and must still hold when it saves (the lock
+    file, the run label): their absence means the root vanished (see `DirTier.prepare`)."""
+    return tuple(m for m in (LOCK_NAME, RUN_INFO) if os.path.exists(os.path.join(root, m)))
 
 
 class TierWorker:
@@ -224,6 +236,8 @@ class TierWorker:
                 error = str(e)
             except Exception as e:  # a tier failure is reported, never raised into training
                 error = f"{type(e).__name__}: {e}"
+            if error is not None and self.tier.retains(self.ctx.rank):
+                self._discard_partial(target)
             cpu_s = time.thread_time() - cpu0
             stats["cpu_s"] = round(cpu_s, 6)
             with cond:
@@ -256,6 +270,14 @@ class TierWorker:
         )
         # Only a tier whose other ranks use the manifest (a node's copy, peer copies) shares it.
         return write_checkpoint(req, self.coord, plans=self.plans, share=self.tier.shares_manifest, tier=self.tier)
+
+    def _discard_partial(self, step: int) -> None:
+        """A failed save's leftovers go (every rank is past writing: the failure was agreed in a
+        store round), so that a full disk is not filled further by the attempts."""
+        try:
+            self.tier.discard_partial(step)
+        except Exception as e:  # noqa: BLE001 - cleaning up must not hide the save's failure
+            log.warning("elastickit: tier %s: cannot remove the failed step %d (%s)", self.name, step, e)
 
     def stop(self) -> None:
         with self.writer.cond:

@@ -29,7 +29,7 @@ from .coord import Coordinator, gather_or_raise
 from .format.items import SaveItem
 from .format.manifest import MANIFEST_NAME, FileRecord, LayoutRecord, Manifest, rank_file_name
 from .plan.save import PlanCache, SavePlan, build_manifest, describe_items
-from .storage.files import DirTier
+from .storage.files import DirTier, RootGoneError
 
 if TYPE_CHECKING:
     from .storage.tier import Tier
@@ -103,6 +103,8 @@ def write_checkpoint(
     error = None
     try:
         tier.prepare(req.step, leader=rank == 0)
+    except RootGoneError as e:
+        error = str(e)  # a whole sentence: the root vanished, nothing is written in its place
     except Exception as e:  # noqa: BLE001 - every rank raises it below, with each rank's cause
         why = f"{e.strerror}); check the path and its permissions" if isinstance(e, OSError) and e.strerror else f"{_why(e)})"
         error = f"cannot prepare {where} ({why}"
@@ -132,6 +134,8 @@ def write_checkpoint(
                 zstd_threads=req.zstd_threads,
                 before_item=req.before_item,
             ).to_json()
+    except OSError as e:  # a full or failing disk: name the file, not only the errno
+        error = f"cannot write {e.filename or where} ({e.strerror or e})"
     except Exception as e:  # noqa: BLE001 - every rank raises it below
         error = _why(e)  # the rank and the tier are named by whoever reports it
     records = gather_or_raise(coord, error, record, phase="checkpoint write")

@@ -32,7 +32,6 @@ import torch
 import elastickit
 from elastickit.capture import LAZY_MODES, StateCapture
 from elastickit.checkpoint.errors import ElastickitError, NotDurableError, RequestError
-from elastickit.checkpoint.events import EventLog
 from elastickit.checkpoint.paths import location
 from elastickit.checkpoint.pipeline import AsyncWriter, WriterContext
 from elastickit.checkpoint.policy import IntervalPolicy
@@ -41,7 +40,13 @@ from elastickit.handle import SaveHandle
 from elastickit.restoring import RestoreReport, Sources, restore_state
 from elastickit.rng import rng_capture, rng_encode
 from elastickit.schedule import SaveSchedule
-from elastickit.session import event_log_path, layout_record, open_session, rank_and_world
+from elastickit.session import (
+    event_log_path,
+    layout_record,
+    open_event_log,
+    open_session,
+    rank_and_world,
+)
 
 log = logging.getLogger("elastickit")
 
@@ -119,7 +124,7 @@ class Checkpointer:
             self.root, rank=self.rank, world_size=self.world_size, tiers=tiers, events=events, timeout_s=timeout_s
         )
         self._coord, self._peer_group = self._session.coord, self._session.peer_group
-        self.events = EventLog(events if self.rank == 0 else None)
+        self.events = open_event_log(self.root, events, rank=self.rank)
         ctx = WriterContext(
             rank=self.rank,
             world_size=self.world_size,
@@ -271,6 +276,8 @@ class Checkpointer:
             self._schedule.close()
             self._writer.close()
             failure = self._not_durable()
+            if not self.events.flush():
+                log.warning("elastickit: some records of the event log %s could not be written", self.events.path)
         finally:
             self._capture.remove_fences()
             self._closed = True

@@ -11,7 +11,9 @@ from typing import Any
 
 from elastickit.checkpoint.coord import Coordinator, LocalCoordinator, StoreCoordinator
 from elastickit.checkpoint.errors import RequestError
+from elastickit.checkpoint.events import EventLog
 from elastickit.checkpoint.format.manifest import LayoutRecord
+from elastickit.checkpoint.lock import LOCK_NAME
 from elastickit.checkpoint.paths import is_url, local_path
 from elastickit.checkpoint.runs import RootClaim, claim_root, join_run
 from elastickit.checkpoint.tiers import Tiers
@@ -28,6 +30,18 @@ def event_log_path(root: str, events: str | None) -> str | None:
         return os.path.join(root, "events.jsonl")
     log.info("elastickit: no event log for %s (give events='a local path' to keep one)", root)
     return None
+
+
+def open_event_log(root: str, events: str | None, *, rank: int) -> EventLog:
+    """The event log (rank 0 writes it; the others get one that writes nothing). A log in the
+    root is written only while the root holds its lock file: an unmounted root's empty mount
+    point must not receive a new log (the records wait in memory meanwhile)."""
+    lock_file = os.path.join(root, LOCK_NAME)
+    in_root = events is not None and os.path.dirname(os.path.abspath(events)) == os.path.abspath(root)
+    return EventLog(
+        events if rank == 0 else None,
+        requires=lock_file if in_root and os.path.exists(lock_file) else None,
+    )
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..coord import Coordinator
+from ..errors import ElastickitError
 from ..format.directory import StepDir, list_checkpoints, load_manifest
 from ..format.integrity import commit_step, fsync_dir
 from ..format.manifest import MANIFEST_NAME, FileRecord, Manifest, step_dir_name
@@ -18,15 +19,25 @@ from ..format.stfile import write_file
 from .tier import retain_order, shared_restorable
 
 
+class RootGoneError(ElastickitError):
+    """The checkpoint root is not there any more (its message says so, whole)."""
+
+
 class DirTier:
     """Checkpoints as step directories under `root`, one copy that rank 0 looks after (the
-    persistent tier on a shared file system). Implements `tier.Tier`."""
+    persistent tier on a shared file system). Implements `tier.Tier`.
+
+    `markers`: files the root must still hold (its lock file, its run label): without them the
+    root was deleted, replaced or unmounted, and nothing is written there (empty: a new root,
+    made when missing, as convert and reshard write).
+    """
 
     shares_manifest = False
 
-    def __init__(self, name: str, root: str) -> None:
+    def __init__(self, name: str, root: str, *, markers: Sequence[str] = ()) -> None:
         self.name = name
         self.root = root
+        self.markers = tuple(markers)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.root!r})"
@@ -39,12 +50,45 @@ class DirTier:
 
     def prepare(self, step: int, *, leader: bool) -> None:
         step_dir = self.step_where(step)
-        os.makedirs(step_dir, exist_ok=True)
+        if self.markers:
+            self._check_root()
+            try:
+                # Never makedirs: a root that vanished (deleted, unmounted) is not made again, in
+                # what may now be another file system (an unmounted share's empty mount point).
+                os.mkdir(step_dir)
+            except FileExistsError:
+                pass
+        else:  # a new root (convert, reshard), or one that held nothing to check it by
+            os.makedirs(step_dir, exist_ok=True)
         if leader:
             man = os.path.join(step_dir, MANIFEST_NAME)
             if os.path.exists(man):
                 os.replace(man, man + ".replaced")
                 fsync_dir(step_dir)
+
+    def _check_root(self) -> None:
+        if not os.path.isdir(self.root):
+            raise RootGoneError(
+                f"the checkpoint directory {self.root} is gone (deleted, moved or unmounted); nothing "
+                "is written in its place, and saving resumes when it is back",
+                path=self.root,
+            )
+        for m in self.markers:
+            if not os.path.exists(os.path.join(self.root, m)):
+                raise RootGoneError(
+                    f"the checkpoint directory {self.root} no longer holds its {m} (it was emptied, "
+                    "replaced or unmounted); nothing is written there, and saving resumes when it is "
+                    "back (if you made it again on purpose, restart the job)",
+                    path=self.root,
+                )
+
+    def discard_partial(self, step: int) -> None:
+        """Remove the uncommitted directory of `step` after a failed save, so that a full disk is
+        not filled further by the attempts (call on the rank `retains` names, once every rank is
+        past writing)."""
+        d = self.step_where(step)
+        if os.path.isdir(d) and not os.path.exists(os.path.join(d, MANIFEST_NAME)):
+            shutil.rmtree(d, ignore_errors=True)
 
     def write_rank_file(
         self,

@@ -29,7 +29,7 @@ class NodeTier(DirTier):
 
     `node_size`: ranks per node; `buddy`/`ward`: the rank that holds this rank's files and the
     rank whose files this rank holds (None: no peer copies); `peer_group`: the gloo group that
-    carries them.
+    carries them; `markers`: see `DirTier`.
     """
 
     shares_manifest = True
@@ -45,8 +45,9 @@ class NodeTier(DirTier):
         ward: int | None = None,
         peer_group: Any = None,
         fsync: bool = True,
+        markers: Sequence[str] = (),
     ) -> None:
-        super().__init__(name, root)
+        super().__init__(name, root, markers=markers)
         self.rank, self.node_size = rank, node_size
         self.buddy, self.ward, self.peer_group, self.fsync = buddy, ward, peer_group, fsync
 

@@ -78,6 +78,12 @@ class Tier(Protocol):
         """Work every rank does once `manifest` is committed; returns stats for the event log."""
         ...
 
+    def discard_partial(self, step: int) -> None:
+        """After a failed save of `step` (every rank past writing): remove what it left
+        uncommitted, so that a full disk is not filled further by the attempts. Called on the
+        ranks `retains` names."""
+        ...
+
     def retains(self, rank: int) -> bool:
         """Whether `rank` applies retention on this tier (one rank per copy of the tier)."""
         ...
