@@ -37,6 +37,7 @@ from elastickit.checkpoint.pipeline import AsyncWriter, WriterContext
 from elastickit.checkpoint.policy import IntervalPolicy
 from elastickit.checkpoint.tiers import Tiers, TierSpec
 from elastickit.handle import SaveHandle
+from elastickit.preempt import check_grace, install_sigterm
 from elastickit.restoring import RestoreReport, Sources, restore_state
 from elastickit.rng import rng_capture, rng_encode
 from elastickit.schedule import SaveSchedule
@@ -81,6 +82,10 @@ class Checkpointer:
         events: the event log path (default: `<root>/events.jsonl`; none for a URL root, where
             it must be a local path given here).
         timeout_s: how long a rank waits for the others in a save or restore.
+        sigterm_grace_s: on SIGTERM (a scheduler's preemption notice), save the last step
+            trained at the next `save` call, make it durable, and exit, all within this many
+            seconds of the signal (see `elastickit.preempt`; None: SIGTERM is left alone). Make
+            the Checkpointer on the main thread, and call `save` every step.
     """
 
     def __init__(
@@ -100,7 +105,9 @@ class Checkpointer:
         lazy: str = "auto",
         events: str | None = None,
         timeout_s: float = 600.0,
+        sigterm_grace_s: float | None = None,
     ) -> None:
+        check_grace(sigterm_grace_s)
         self.root = location(root, what="the Checkpointer root")
         events = event_log_path(self.root, events)
         try:
@@ -144,6 +151,13 @@ class Checkpointer:
         self._closed = False
         self._reported: int | None = None  # the step whose failure wait() or close() raised
         self.last_restore: RestoreReport | None = None  # what the last restore loaded and skipped
+        self._sigterm = install_sigterm(
+            sigterm_grace_s,
+            world_size=self.world_size,
+            key=f"elastickit/{self._session.nonce}/sigterm",
+            flush=self._writer.flush,
+            newest_durable=self.latest,
+        )
         # A script that ends without close() must not lose its last checkpoint: the background
         # threads are daemons, so wait for them at interpreter exit (close() unregisters this).
         atexit.register(self._close_at_exit)
@@ -169,8 +183,17 @@ class Checkpointer:
         takes references to the tensors and hands them to the background copy; no store round,
         no collective. The tiers pull the snapshot in the background. Never raises for a tier
         failure (see the handle's `durable` future, `wait()` and the event log).
+
+        With `sigterm_grace_s`, after a SIGTERM: the step the ranks agreed on is saved, made
+        durable, and the process exits (it never returns then); each call reads one store key.
         """
         self._check_open()
+        if self._sigterm is not None:
+            save = lambda f: self._save(step, state, force=f)
+            return self._sigterm.save(step, save, force=force, close=self.close, emit=self.events.emit)
+        return self._save(step, state, force=force)
+
+    def _save(self, step: int, state: Mapping[str, Any], *, force: bool) -> SaveHandle:
         self._schedule.settle()  # a time-based policy: the previous round set the next due step
         self._schedule.called(step)
         if not (force or self.due(step)):
@@ -267,6 +290,8 @@ class Checkpointer:
         if self._closed:
             return
         atexit.unregister(self._close_at_exit)
+        if self._sigterm is not None:
+            self._sigterm.uninstall()
         failure = None
         try:
             try:

@@ -110,6 +110,7 @@ class Session:
             are counted.
         coord_for: the store all-gather for one purpose (`coord_for("main")`, one per tier).
         local_root: this rank's directory in the local tier (None without one).
+        nonce: this job incarnation's store key prefix is `elastickit/<nonce>/`.
     """
 
     claim: RootClaim | None
@@ -117,6 +118,7 @@ class Session:
     coord: Coordinator
     coord_for: Callable[[str], Coordinator]
     local_root: str | None
+    nonce: str
 
 
 def open_session(root: str, *, rank: int, world_size: int, tiers: Tiers, events: str | None, timeout_s: float) -> Session:
@@ -152,4 +154,4 @@ def open_session(root: str, *, rank: int, world_size: int, tiers: Tiers, events:
         if claim is not None:
             claim.release()
         raise
-    return Session(claim=claim, peer_group=group, coord=coord, coord_for=coord_for, local_root=local_root)
+    return Session(claim=claim, peer_group=group, coord=coord, coord_for=coord_for, local_root=local_root, nonce=nonce)

@@ -96,8 +96,9 @@ def scenario(rank: int, world: int, job_dir: str, cfg: dict[str, Any]) -> dict[s
     """The ranks' side: commit 1-3, wait for the fault, save 4-8, wait for the repair, save 9-10."""
     import logging
 
-    import elastickit as ek
     from elastickit.checkpoint.tiers import Tiers, TierSpec
+
+    import elastickit as ek
     from elastickit.errors import ElastickitError
 
     warnings: list[str] = []
