@@ -323,6 +323,14 @@ def _md(data: dict[str, Any]) -> str:
     return "\n".join(L)
 
 
+def _write(path: str, data: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    with open(os.path.join(os.path.dirname(os.path.abspath(path)), "reliability.md"), "w") as f:
+        f.write(_md(data))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=120)
@@ -335,6 +343,10 @@ def main() -> int:
     ap.add_argument("--sigterms", type=int, default=20)
     ap.add_argument("--seed", type=int, default=17)
     ap.add_argument("--only", default=",".join(SECTIONS))
+    ap.add_argument("--json", default=JSON, help="the figures file (several runs at once: one each)")
+    ap.add_argument(
+        "--merge", nargs="*", default=[], help="figures files whose sections join --json's"
+    )
     ap.add_argument(
         "--work", default=None, help="where the runs write (default: a temporary directory)"
     )
@@ -344,9 +356,12 @@ def main() -> int:
     if bad:
         ap.error(f"--only: unknown section(s) {bad}; choose from {', '.join(SECTIONS)}")
     data: dict[str, Any] = {}
-    if os.path.exists(JSON):
-        with open(JSON) as f:
+    if os.path.exists(args.json):
+        with open(args.json) as f:
             data = json.load(f)
+    for path in args.merge:
+        with open(path) as f:
+            data.update({k: v for k, v in json.load(f).items() if k in SECTIONS})
     data["machine"], data["seed"] = machine(), args.seed
     random.seed(args.seed)
     work = args.work or tempfile.mkdtemp(prefix="ek-torture-")
@@ -363,16 +378,20 @@ def main() -> int:
         _say(f"section {name} in {work}/{name}")
         t0 = time.monotonic()
         os.makedirs(os.path.join(work, name), exist_ok=True)
-        data[name] = runs[name](os.path.join(work, name))
+        try:
+            data[name] = runs[name](os.path.join(work, name))
+        except Exception:  # noqa: BLE001 - a harness failure is a result too, and the run goes on
+            import traceback
+
+            data[name] = {"failures": [f"the {name} section raised:\n{traceback.format_exc()[-3000:]}"]}
+            _say(data[name]["failures"][0])
         data[name]["seconds"] = round(time.monotonic() - t0, 1)
         _say(
             f"section {name}: {len(data[name].get('failures', []))} failures, {data[name]['seconds']} s"
         )
-        os.makedirs(RESULTS, exist_ok=True)
-        with open(JSON, "w") as f:
-            json.dump(data, f, indent=1)
-        with open(os.path.join(RESULTS, "reliability.md"), "w") as f:
-            f.write(_md(data))
+        _write(args.json, data)
+    if args.merge or not only:
+        _write(args.json, data)
     fails = sum(len(data[n].get("failures", [])) for n in only)
     _say(f"done: {fails} failures in {', '.join(only)}")
     return 1 if fails else 0

@@ -77,6 +77,7 @@ class _Hook:
         self.count = 0
         self.lock = threading.Lock()
         self.log_path = log_path
+        self.armed = True
 
     def matches(self, kind: str, path: str) -> bool:
         if kind != self.point.kind:
@@ -87,7 +88,7 @@ class _Hook:
 
     def hit(self, kind: str, path: str) -> bool:
         """Count the operation; True when it is the one to die at."""
-        if not self.matches(kind, path):
+        if not self.armed or not self.matches(kind, path):
             return False
         with self.lock:
             self.count += 1
@@ -247,8 +248,17 @@ def _rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
     return _around("rmtree", _abs(path), lambda: _ORIG["shutil.rmtree"](path, *args, **kwargs))
 
 
-def install(point: CrashPoint, *, log_path: str | None = None) -> None:
-    """Arm `point` in this process (once); `log_path` receives what was hit, as JSON."""
+def arm() -> None:
+    """Start counting operations (a point installed with armed=False); no-op without one."""
+    if _HOOK is not None:
+        _HOOK.armed = True
+
+
+def install(point: CrashPoint, *, log_path: str | None = None, armed: bool = True) -> None:
+    """Arm `point` in this process (once); `log_path` receives what was hit, as JSON.
+
+    armed=False: operations are not counted until `arm()` (a job's restore is not its save).
+    """
     global _HOOK
     if _HOOK is not None:
         raise RuntimeError("a crash point is already installed in this process")
@@ -268,6 +278,7 @@ def install(point: CrashPoint, *, log_path: str | None = None) -> None:
         }
     )
     _HOOK = _Hook(point, log_path)
+    _HOOK.armed = armed
     builtins.open = _open
     os.open = _os_open
     os.write = _os_write

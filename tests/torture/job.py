@@ -114,6 +114,9 @@ def run(rank: int, world_size: int, job_dir: str, cfg: dict[str, Any]) -> dict[s
         {"step": start, "digest": digest(model, optim, state["data"])},
     )
     open(os.path.join(job_dir, f"ready-{rank}"), "w").close()
+    from tests.torture import crashpoints
+
+    crashpoints.arm()  # the kill instants aim at the saves, not at the restore above
     dig_dir = os.path.join(work, "digests", f"rank-{rank}")
     os.makedirs(dig_dir, exist_ok=True)
     for step in range(start, start + cfg["steps"]):

@@ -126,8 +126,12 @@ def _rank_main(
         if crash:
             from tests.torture.crashpoints import CrashPoint, install
 
+            # Counted from `crashpoints.arm()` on: the job arms it once it restored (the
+            # instants aim at its saves; a restore's own event must not shift them).
             install(
-                CrashPoint.from_json(crash), log_path=os.path.join(job_dir, f"crashed-{rank}.json")
+                CrashPoint.from_json(crash),
+                log_path=os.path.join(job_dir, f"crashed-{rank}.json"),
+                armed=False,
             )
         import torch
         import torch.distributed as dist
@@ -208,7 +212,8 @@ class Job:
         for r in range(len(self.procs)):
             try:
                 with open(self.file(f"error-{r}.txt")) as f:
-                    out[r] = f.read()
+                    # A rank may be writing it right now: never an empty message.
+                    out[r] = f.read() or "(the rank is still writing its error)"
             except FileNotFoundError:
                 pass
         return out
