@@ -366,8 +366,9 @@ class Manifest:
     def from_json(cls, d: dict[str, Any], *, source: str = "manifest.json") -> Manifest:
         """Parse and validate; refuse a foreign format or an unknown major version."""
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
+            what = f"format={d.get('format')!r}" if isinstance(d, dict) else f"a JSON {type(d).__name__}"
             raise UnsupportedFormatError(
-                f"{source} is not an elastickit manifest (format={d.get('format')!r} if a dict); "
+                f"{source} is not an elastickit manifest ({what}); "
                 "use `elastickit convert --from auto` for foreign checkpoints",
                 path=source,
             )
@@ -395,7 +396,8 @@ class Manifest:
                 tensors={n: TensorEntry.from_json(n, t) for n, t in d["tensors"].items()},
                 version=(major, minor),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+            # A field of the wrong JSON type (null, a list for an object, an infinite number).
             raise DataError(f"{source} is malformed: {e}; the checkpoint cannot be read", path=source) from e
 
     @classmethod
