@@ -42,7 +42,7 @@ sys.path.insert(0, _HERE)
 sys.path.insert(0, os.path.dirname(_HERE))
 from _common import RESULTS, machine
 
-SECTIONS = ("kills", "ours", "peers", "foreign", "disks", "load", "sigterm")
+SECTIONS = ("kills", "objkills", "ours", "peers", "foreign", "disks", "load", "sigterm")
 JSON = os.path.join(RESULTS, "reliability.json")
 
 
@@ -94,6 +94,49 @@ def run_kills(work: str, count: int, seed: int) -> dict[str, Any]:
         out["failures"] += [f"{config}: {f[:800]}" for f in rep.failures]
         _say(f"kills {config}: {out['configs'][config]}")
     return out
+
+
+def run_objkills(work: str, count: int, seed: int) -> dict[str, Any]:
+    from tests.torture import kills, objstore
+
+    why = objstore.missing()
+    if why:
+        return {"skipped": why, "failures": []}
+    t0 = time.monotonic()
+    with objstore.s3_root() as (url, env):
+        os.environ["EK_TORTURE_S3"] = url
+        rep = kills.campaign(
+            work,
+            config="objstore",
+            count=count,
+            seed=seed,
+            env=env,
+            step_s=0.03,
+            log=lambda o: _say(f"  kill #{o.instant.index} {o.instant.describe()}: "
+                               f"{'hit' if o.hit else 'missed'}, restored {o.restored_step}"
+                               f"{' PROBLEM' if o.problems else ''}"),
+        )
+    at_ops = [o for o in rep.outcomes if o.instant.point is not None]
+    row = {
+        "instants": len(rep.outcomes),
+        "kills": rep.kills,
+        "at_operations": sum(o.hit for o in at_ops),
+        "by_time": sum(o.hit for o in rep.outcomes if o.instant.point is None),
+        "sites": len({o.instant.label for o in at_ops if o.hit}),
+        "node_losses": 0,
+        "checkpoints_verified": rep.verified,
+        "restores_newest_bit_exact": sum(
+            o.restored_step == o.expected_step and o.bit_exact is not False for o in rep.outcomes
+        ),
+        "lost_committed": sum(
+            any("verify" in p or "restore picked" in p or "object store step" in p for p in o.problems)
+            for o in rep.outcomes
+        ),
+        "tracebacks": sum(any("Traceback" in p for p in o.problems) for o in rep.outcomes),
+        "problems": len(rep.failures),
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    return {"configs": {"objstore": row}, "failures": [f"objstore: {f[:800]}" for f in rep.failures]}
 
 
 def run_ours(work: str, trials: int, seed: int) -> dict[str, Any]:
@@ -157,7 +200,7 @@ def run_disks(work: str, rounds: int, seed: int) -> dict[str, Any]:
             row["runs"] += 1
             row["failed_saves"] += len(o.failed_steps)
             row["recovered"] += not o.problems
-            row["reasons"] = sorted(set(row["reasons"]) | set(o.reasons))[:4]
+            row["reasons"] = sorted(set(row["reasons"]) | {x.replace(base, "<tmpfs>") for x in o.reasons})[:4]
             failures += [f"{fault}: {p[:800]}" for p in o.problems]
             _say(f"disk {fault} round {r}: failed saves {o.failed_steps}, problems {o.problems}")
     return {"faults": rows, "failures": failures}
@@ -169,7 +212,7 @@ def run_load(work: str, world: int, minutes: float, seed: int) -> dict[str, Any]
     rep = load.run(work, world=world, duration_s=minutes * 60)
     return {
         "world": world,
-        "seconds": minutes * 60,
+        "duration_s": minutes * 60,
         "steps": rep.steps,
         "checkpoints": rep.checkpoints,
         "rss_growth_mib": [round(x / 2**20, 1) for x in rep.rss_growth],
@@ -204,6 +247,9 @@ def _md(data: dict[str, Any]) -> str:
         "",
     ]
     k = data.get("kills")
+    ok = data.get("objkills")
+    if ok and ok.get("configs"):
+        k = {**(k or {}), "configs": {**(k or {}).get("configs", {}), **ok["configs"]}}
     if k:
         L += [
             "## kill -9 at random instants (item 1)",
@@ -299,7 +345,7 @@ def _md(data: dict[str, Any]) -> str:
             "## Load (item 5)",
             "",
             f"{ld['world']} ranks on {data.get('machine', '?')}, saving every step through memory, "
-            f"node-local with peer copies (2 ranks a node) and persistent tiers for {ld['seconds']:.0f} s: "
+            f"node-local with peer copies (2 ranks a node) and persistent tiers for {ld.get('duration_s', ld['seconds']):.0f} s: "
             f"{ld['steps']} steps.",
             "",
             f"- event log (rank 0): {', '.join(f'{k}: {v}' for k, v in sorted(ld['checkpoints'].items()))}",
@@ -334,6 +380,7 @@ def _write(path: str, data: dict[str, Any]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=120)
+    ap.add_argument("--obj-kills", type=int, default=20)
     ap.add_argument("--ours", type=int, default=300)
     ap.add_argument("--peers", type=int, default=8)
     ap.add_argument("--foreign", type=int, default=150)
@@ -367,6 +414,7 @@ def main() -> int:
     work = args.work or tempfile.mkdtemp(prefix="ek-torture-")
     runs = {
         "kills": lambda w: run_kills(w, args.kills, args.seed),
+        "objkills": lambda w: run_objkills(w, args.obj_kills, args.seed),
         "ours": lambda w: run_ours(w, args.ours, args.seed),
         "peers": lambda w: run_peers(w, args.peers, args.seed),
         "foreign": lambda w: run_foreign(w, args.foreign, args.seed),

@@ -28,7 +28,7 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
-KINDS = ("open", "write", "fsync", "replace", "unlink", "rmdir", "rmtree", "mkdir")
+KINDS = ("open", "write", "fsync", "replace", "unlink", "rmdir", "rmtree", "mkdir", "s3")
 WHENS = ("before", "after", "half")
 
 
@@ -290,6 +290,43 @@ def install(point: CrashPoint, *, log_path: str | None = None, armed: bool = Tru
     os.rmdir = _rmdir
     os.mkdir = _mkdir
     shutil.rmtree = _rmtree
+    if point.kind == "s3":
+        _install_s3()
+
+
+def _install_s3() -> None:
+    """Object-store requests as operations ("s3"), named `<request> <bucket>/<key>`: the
+    elastickit upload's S3 calls (create/upload_part/complete_multipart_upload, put_object) and
+    s3fs's pipe_file (the manifest PUT), rm_file and rm (retention)."""
+    import s3fs
+
+    from elastickit.checkpoint import objio
+
+    call = objio.S3Upload._call
+
+    def _call(self: Any, method: str, **kwargs: Any) -> Any:
+        return _around("s3", f"{method} {self._bucket}/{self._key}", lambda: call(self, method, **kwargs))
+
+    objio.S3Upload._call = _call  # type: ignore[method-assign]
+
+    def wrap_async(name: str) -> None:
+        orig = getattr(s3fs.S3FileSystem, name)
+
+        async def wrapped(self: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
+            hook = _HOOK
+            what = f"{name.lstrip('_')} {path}"
+            if hook is None or not hook.hit("s3", what):
+                return await orig(self, path, *args, **kwargs)
+            if hook.point.when == "before":
+                hook.die("s3", what)
+            out = await orig(self, path, *args, **kwargs)
+            hook.die("s3", what)
+            return out
+
+        setattr(s3fs.S3FileSystem, name, wrapped)
+
+    for name in ("_pipe_file", "_rm_file", "_rm"):
+        wrap_async(name)
 
 
 def from_env(var: str = "EK_CRASH_AT") -> None:

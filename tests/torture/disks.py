@@ -222,7 +222,9 @@ def run_fault(base: str, fault: str, *, world: int, agent: Agent | None = None) 
         missing = [s for s in out.failed_steps if s not in failed]
         if missing:
             out.problems.append(f"the event log has no failure record for steps {missing}")
-        out.reasons = sorted({t["status"][:160] for e in failed.values() for t in e["tiers"].values()})
+        out.reasons = sorted(
+            {t["status"].replace(mnt, "<tmpfs>")[:160] for e in failed.values() for t in e["tiers"].values()}
+        )
     finally:
         if job.alive():
             job.kill()

@@ -19,6 +19,11 @@ import time
 from typing import Any
 
 TIER_CONFIGS = ("all", "persistent-zstd", "local-peer")
+#: The persistent tier on object storage (`EK_TORTURE_S3`: the URL; the endpoint and credentials
+#: come from the environment), with a 17 MiB buffer so that rank 0's file goes up in parts (the
+#: buffer is the same on every rank: rank 0 alone writes it, rank 1's file is one PUT).
+OBJECT_CONFIGS = ("objstore",)
+BIG_MIB = 17
 
 
 def tiers(config: str, work: str, *, keep_local: int = 2, keep_persistent: int = 3) -> Any:
@@ -37,6 +42,12 @@ def tiers(config: str, work: str, *, keep_local: int = 2, keep_persistent: int =
     if config == "persistent-zstd":
         return Tiers(
             persistent=TierSpec(keep_last=keep_persistent, zstd_level=1, max_busy_fraction=1.0),
+            ranks_per_node=1,
+        )
+    if config == "objstore":
+        url = os.environ.get("EK_TORTURE_S3", "s3://unset/run")
+        return Tiers(
+            persistent=TierSpec(path=url, keep_last=keep_persistent, max_busy_fraction=1.0),
             ranks_per_node=1,
         )
     if config == "local-peer":
@@ -102,6 +113,11 @@ def run(rank: int, world_size: int, job_dir: str, cfg: dict[str, Any]) -> dict[s
     work = cfg["work"]
     model, optim = build()
     state: dict[str, Any] = {"model": model, "optim": optim, "data": {"pos": 0}}
+    if cfg["config"] in OBJECT_CONFIGS:
+        import torch
+
+        g = torch.Generator().manual_seed(rank)
+        state["big"] = {"buffer": torch.randn(BIG_MIB << 18, generator=g)}  # uploads in parts
     ck = ek.Checkpointer(
         os.path.join(work, "persistent"),
         every=1,

@@ -46,7 +46,7 @@ class OpSite:
     whens: tuple[str, ...]
     victims: tuple[int, ...]
     max_n: int
-    tiers: str  # "persistent" or "local": the configurations that have it
+    tiers: str  # "persistent", "local" or "objstore": the configurations that have it
 
 
 SITES = (
@@ -212,12 +212,69 @@ SITES = (
         max_n=2,
         tiers="local",
     ),
+    OpSite(
+        label="object store: part upload (mid-multipart)",
+        kind="s3",
+        pattern=rf"^upload_part .*/step-\d{{8}}/{_RANK}$",
+        whens=("before", "after"),
+        victims=(0,),
+        max_n=3,
+        tiers="objstore",
+    ),
+    OpSite(
+        label="object store: multipart complete",
+        kind="s3",
+        pattern=rf"^complete_multipart_upload .*/step-\d{{8}}/{_RANK}$",
+        whens=("before", "after"),
+        victims=(0,),
+        max_n=2,
+        tiers="objstore",
+    ),
+    OpSite(
+        # Rank 1's file is small (rank 0 alone writes the replicated buffer): one PUT.
+        label="object store: a small rank file's single PUT",
+        kind="s3",
+        pattern=rf"^put_object .*/step-\d{{8}}/{_RANK}$",
+        whens=("before", "after"),
+        victims=(1,),
+        max_n=2,
+        tiers="objstore",
+    ),
+    OpSite(
+        label="object store: manifest PUT (the commit)",
+        kind="s3",
+        pattern=r"^pipe_file .*/step-\d{8}/manifest\.json$",
+        whens=("before", "after"),
+        victims=(0,),
+        max_n=3,
+        tiers="objstore",
+    ),
+    OpSite(
+        label="object store: retention deletes a manifest",
+        kind="s3",
+        pattern=r"^rm_file .*/step-\d{8}/manifest\.json$",
+        whens=("before", "after"),
+        victims=(0,),
+        max_n=2,
+        tiers="objstore",
+    ),
+    OpSite(
+        label="object store: retention deletes a step's objects",
+        kind="s3",
+        pattern=r"^rm .*/step-\d{8}$",
+        whens=("before", "after"),
+        victims=(0,),
+        max_n=2,
+        tiers="objstore",
+    ),
 )
 
 
 def sites_for(config: str) -> list[OpSite]:
     t = job_mod.tiers(config, "/w")
-    have = {"persistent"} if t.persistent is not None else set()
+    have = set()
+    if t.persistent is not None:
+        have.add("objstore" if "://" in (t.persistent.path or "") else "persistent")
     if t.local is not None:
         have.add("local")
     return [s for s in SITES if s.tiers in have]
@@ -330,7 +387,9 @@ def survey(work: str, config: str) -> Survey:
     catalogue) and find the newest."""
     sv = Survey()
     t = job_mod.tiers(config, work)
-    if t.persistent is not None:
+    if t.persistent is not None and "://" in (t.persistent.path or ""):
+        _survey_objects(t.persistent.path, sv)
+    elif t.persistent is not None:
         for step, d in sorted(_step_dirs(os.path.join(work, "persistent")).items()):
             if not os.path.exists(os.path.join(d, "manifest.json")):
                 continue
@@ -389,9 +448,41 @@ def survey(work: str, config: str) -> Survey:
     return sv
 
 
+def _survey_objects(url: str, sv: Survey) -> None:
+    """Verify every committed step of an object-store root (every byte against its checksums)."""
+    from elastickit.checkpoint.objstore import ObjectRoot
+
+    from elastickit.checkpoint.errors import ElastickitError
+
+    store = ObjectRoot(url)
+    store.fs.invalidate_cache()  # the listing as the store has it now, not as this process saw it
+    for step in store.committed_steps():
+        try:
+            problems = store.verify_step(step)
+        except ElastickitError as e:  # listed with its manifest a moment ago
+            problems = [f"lost after it was listed as committed: {e}"]
+        sv.verified += 1
+        if problems:
+            sv.problems.append(f"object store step {step}: {[str(p) for p in problems][:3]}")
+        else:
+            sv.persistent.append(step)
+
+
 def leftovers(work: str, config: str, newest: int) -> list[str]:
     """Incomplete step directories older than the newest checkpoint, and temp files, on every tier."""
     out = []
+    t = job_mod.tiers(config, work)
+    if t.persistent is not None and "://" in (t.persistent.path or ""):
+        from elastickit.checkpoint.objstore import ObjectRoot
+
+        store = ObjectRoot(t.persistent.path)
+        store.fs.invalidate_cache()
+        done = set(store.committed_steps())
+        out += [
+            f"incomplete {store.step_url(step)} ({sorted(objs)})"
+            for step, objs in store.objects().items()
+            if step < newest and step not in done
+        ]
     for base in (os.path.join(work, "persistent"), os.path.join(work, "local")):
         for step, d in _step_dirs(base).items():
             if step < newest and not os.path.exists(os.path.join(d, "manifest.json")):
@@ -527,6 +618,7 @@ def campaign(
     step_s: float = 0.01,
     max_delay_s: float = 1.5,
     log: Any = None,
+    env: dict[str, str] | None = None,
 ) -> Report:
     """Run `count` kill instants on one checkpoint root under `work`; return what happened."""
     instants = plan(count, seed, config, max_delay_s=max_delay_s)
@@ -547,7 +639,12 @@ def campaign(
             )
             final = inst is None
             job = agent.start(
-                job_mod.run, world, jdir, ({**cfg, "steps": 12 if final else steps},), crash=crash
+                job_mod.run,
+                world,
+                jdir,
+                ({**cfg, "steps": 12 if final else steps},),
+                crash=crash,
+                env=env,
             )
             check = pending or Outcome(
                 instant=Instant(index=-1, config=config, label="first start", victims=(0,))

@@ -45,3 +45,23 @@ def test_kills_persistent_zstd(tmp_path):
 
 def test_kills_local_with_peers_only(tmp_path):
     _run(tmp_path, "local-peer", 6)
+
+
+def test_kills_object_storage(tmp_path, monkeypatch):
+    """The persistent tier on an S3-compatible server: kills mid-multipart upload, at the
+    multipart completion, at the manifest PUT and during retention's deletes, and by time."""
+    from tests.torture import objstore
+
+    why = objstore.missing()
+    if why:
+        pytest.skip(f"{why}: the object-storage kills need it")
+    with objstore.s3_root() as (url, env):
+        monkeypatch.setenv("EK_TORTURE_S3", url)
+        report = kills.campaign(
+            str(tmp_path), config="objstore", count=7, seed=SEED, env=env, step_s=0.03
+        )
+    assert not report.failures, "\n".join(report.failures)
+    missed = [o.instant.describe() for o in report.outcomes if not o.hit]
+    assert not missed, f"instants that never happened: {missed}"
+    assert all(o.restored_step == o.expected_step and o.bit_exact is not False for o in report.outcomes)
+    assert {o.instant.label for o in report.outcomes} >= {s.label for s in kills.sites_for("objstore")}
