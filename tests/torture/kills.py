@@ -450,9 +450,8 @@ def survey(work: str, config: str) -> Survey:
 
 def _survey_objects(url: str, sv: Survey) -> None:
     """Verify every committed step of an object-store root (every byte against its checksums)."""
-    from elastickit.checkpoint.objstore import ObjectRoot
-
     from elastickit.checkpoint.errors import ElastickitError
+    from elastickit.checkpoint.objstore import ObjectRoot
 
     store = ObjectRoot(url)
     store.fs.invalidate_cache()  # the listing as the store has it now, not as this process saw it

@@ -12,9 +12,9 @@ import subprocess
 import sys
 
 import pytest
+from elastickit.checkpoint.errors import RequestError
 
 import elastickit as ek
-from elastickit.checkpoint.errors import RequestError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,6 +46,7 @@ def _run(root, mode: str, grace: float) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=100,
+        check=False,
         env={**os.environ, "PYTHONPATH": os.getcwd()},
     )
 
