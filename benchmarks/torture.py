@@ -112,9 +112,11 @@ def run_objkills(work: str, count: int, seed: int) -> dict[str, Any]:
             seed=seed,
             env=env,
             step_s=0.03,
-            log=lambda o: _say(f"  kill #{o.instant.index} {o.instant.describe()}: "
-                               f"{'hit' if o.hit else 'missed'}, restored {o.restored_step}"
-                               f"{' PROBLEM' if o.problems else ''}"),
+            log=lambda o: _say(
+                f"  kill #{o.instant.index} {o.instant.describe()}: "
+                f"{'hit' if o.hit else 'missed'}, restored {o.restored_step}"
+                f"{' PROBLEM' if o.problems else ''}"
+            ),
         )
     at_ops = [o for o in rep.outcomes if o.instant.point is not None]
     row = {
@@ -129,14 +131,20 @@ def run_objkills(work: str, count: int, seed: int) -> dict[str, Any]:
             o.restored_step == o.expected_step and o.bit_exact is not False for o in rep.outcomes
         ),
         "lost_committed": sum(
-            any("verify" in p or "restore picked" in p or "object store step" in p for p in o.problems)
+            any(
+                "verify" in p or "restore picked" in p or "object store step" in p
+                for p in o.problems
+            )
             for o in rep.outcomes
         ),
         "tracebacks": sum(any("Traceback" in p for p in o.problems) for o in rep.outcomes),
         "problems": len(rep.failures),
         "seconds": round(time.monotonic() - t0, 1),
     }
-    return {"configs": {"objstore": row}, "failures": [f"objstore: {f[:800]}" for f in rep.failures]}
+    return {
+        "configs": {"objstore": row},
+        "failures": [f"objstore: {f[:800]}" for f in rep.failures],
+    }
 
 
 def run_ours(work: str, trials: int, seed: int) -> dict[str, Any]:
@@ -200,7 +208,9 @@ def run_disks(work: str, rounds: int, seed: int) -> dict[str, Any]:
             row["runs"] += 1
             row["failed_saves"] += len(o.failed_steps)
             row["recovered"] += not o.problems
-            row["reasons"] = sorted(set(row["reasons"]) | {x.replace(base, "<tmpfs>") for x in o.reasons})[:4]
+            row["reasons"] = sorted(
+                set(row["reasons"]) | {x.replace(base, "<tmpfs>") for x in o.reasons}
+            )[:4]
             failures += [f"{fault}: {p[:800]}" for p in o.problems]
             _say(f"disk {fault} round {r}: failed saves {o.failed_steps}, problems {o.problems}")
     return {"faults": rows, "failures": failures}
@@ -264,9 +274,16 @@ def _md(data: dict[str, Any]) -> str:
         tot = sum(r["kills"] for r in k["configs"].values())
         L += [
             "",
-            f"{tot} kills in all ({k.get('seconds', '?')} s). 'all' is memory, node-local with peer copies "
-            "and persistent at once; sites are the file-system operations of commit, retention, peer "
-            "copy and event log the kill was aimed at (the Nth write/fsync/rename/unlink/rmdir).",
+            f"{tot} kills in all. 'all' is memory, node-local with peer copies and persistent at "
+            "once; sites are the operations of commit, retention, peer copy and event log the kill "
+            "was aimed at (the Nth write/fsync/rename/unlink/rmdir; on object storage the Nth S3 "
+            "request: upload_part and complete_multipart_upload of a rank file in parts, a small "
+            "rank file's PUT, the manifest PUT, retention's deletes). 'objstore' is the persistent "
+            "tier on an S3-compatible server (moto on 127.0.0.1), 17 MiB in rank 0's file so that "
+            "it goes up in parts. A missed instant is one the job never reached (it ended first). "
+            "After every kill each committed checkpoint is verified byte for byte "
+            "(`elastickit verify`, or the store's ranged reads), and the next job must restore the "
+            "newest one, bit-exact against the digest each rank wrote when it trained that step.",
             "",
         ]
     o = data.get("ours")
@@ -365,7 +382,29 @@ def _md(data: dict[str, Any]) -> str:
             "",
         ]
     fails = sum(len(v.get("failures", [])) for v in data.values() if isinstance(v, dict))
-    L += ["## Summary", "", f"{fails} broken promises in all sections run.", ""]
+    L += ["## Summary", ""]
+    if k:
+        rows = k["configs"].values()
+        L.append(
+            f"- committed checkpoints lost after {sum(r['kills'] for r in rows)} kills: "
+            f"{sum(r['lost_committed'] for r in rows)}; restores that were not the newest or not "
+            f"bit-exact: {sum(r['instants'] - r['restores_newest_bit_exact'] for r in rows)}"
+        )
+    if o:
+        n = sum(r["trials"] for r in o["table"].values())
+        L.append(
+            f"- undetected corruptions in our format: {n - sum(r['detected'] for r in o['table'].values())} of {n}"
+        )
+    if f:
+        L.append(
+            f"- tracebacks on damaged foreign checkpoints: {sum(r['broken'] for r in f['table'].values())}"
+        )
+    if ld:
+        L.append(
+            f"- under load: RSS grew at most {max(ld['rss_growth_mib'])} MiB and descriptors at most "
+            f"{max(ld['fd_growth'])} per rank after warm-up"
+        )
+    L += [f"- broken promises in all sections run: {fails}", ""]
     return "\n".join(L)
 
 
@@ -390,7 +429,9 @@ def main() -> int:
     ap.add_argument("--sigterms", type=int, default=20)
     ap.add_argument("--seed", type=int, default=17)
     ap.add_argument("--only", default=",".join(SECTIONS))
-    ap.add_argument("--json", default=JSON, help="the figures file (several runs at once: one each)")
+    ap.add_argument(
+        "--json", default=JSON, help="the figures file (several runs at once: one each)"
+    )
     ap.add_argument(
         "--merge", nargs="*", default=[], help="figures files whose sections join --json's"
     )
@@ -431,7 +472,9 @@ def main() -> int:
         except Exception:  # noqa: BLE001 - a harness failure is a result too, and the run goes on
             import traceback
 
-            data[name] = {"failures": [f"the {name} section raised:\n{traceback.format_exc()[-3000:]}"]}
+            data[name] = {
+                "failures": [f"the {name} section raised:\n{traceback.format_exc()[-3000:]}"]
+            }
             _say(data[name]["failures"][0])
         data[name]["seconds"] = round(time.monotonic() - t0, 1)
         _say(
