@@ -71,6 +71,8 @@ def _text(path: str | os.PathLike[str], what: str) -> str:
         raise RequestError(f"{what} must be a text path, got bytes {text!r}")
     if not text:
         raise RequestError(f"{what} is empty; give a directory")
+    if "\x00" in text:  # the OS refuses it with a ValueError, not an OSError
+        raise RequestError(f"{what} {text!r} holds a NUL character, which no file name can", path=text)
     return text
 
 
