@@ -71,7 +71,7 @@ SITES = (
     OpSite(
         label="persistent: manifest temp write",
         kind="write",
-        pattern=r"/persistent/step-\d{8}/manifest\.json\.tmp$",
+        pattern=r"/persistent/step-\d{8}/manifest\.json\.\d+\.tmp$",
         whens=("half", "after"),
         victims=(0,),
         max_n=3,
@@ -80,7 +80,7 @@ SITES = (
     OpSite(
         label="persistent: manifest fsync",
         kind="fsync",
-        pattern=r"/persistent/step-\d{8}/manifest\.json\.tmp$",
+        pattern=r"/persistent/step-\d{8}/manifest\.json\.\d+\.tmp$",
         whens=("before", "after"),
         victims=(0,),
         max_n=3,
@@ -179,7 +179,7 @@ SITES = (
     OpSite(
         label="peer copy: write (mid-file)",
         kind="write",
-        pattern=rf"/local/\d+/.*step-\d{{8}}/{_RANK}\.tmp$",
+        pattern=rf"/local/\d+/.*step-\d{{8}}/{_RANK}\.\d+\.tmp$",
         whens=("half", "after"),
         victims=(0, 1),
         max_n=3,

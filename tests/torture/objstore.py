@@ -52,3 +52,6 @@ def s3_root() -> Iterator[tuple[str, dict[str, str]]]:
             else:
                 os.environ[k] = v
         server.stop()
+        # fsspec caches filesystems by their arguments, not by the environment: a later test's
+        # `s3://` root in this process would reach this stopped server through the cache.
+        s3fs.S3FileSystem.clear_instance_cache()
