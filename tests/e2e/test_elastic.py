@@ -231,19 +231,26 @@ def test_launch_on_every_node_with_the_store_outside_the_nodes_and_tp_kept(tmp_p
         assert "rendezvous store serving" in store.stdout.readline()
         for j in range(2):
             env = {**_env(), "ELASTICKIT_LOCAL_TIER": str(tmp_path / "local" / f"node{j}")}
+            # Into files, not pipes nobody reads while the job trains: a full pipe (64 KiB of
+            # agent and worker logs) would block the node mid-step.
+            log = open(tmp_path / f"node{j}.log", "w")  # noqa: SIM115 (the child keeps it)
             nodes.append(subprocess.Popen(
                 [*cli, "--nnodes", "2:2", "--nproc-per-node", "2", "--rdzv-endpoint", endpoint, "--rdzv-id", "job1",
                  "--node", str(j), "--max-restarts", "0", "--", "--run", str(run), "--steps", str(steps),
                  "--layout", "tp=2", "--hang-timeout", HANG_TIMEOUT, "--micro-batch", MICRO_BATCH],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                stdout=log, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
             ))
+
+        def logs() -> str:
+            return "\n".join(f"--- node {j}:\n" + (tmp_path / f"node{j}.log").read_text()[-3000:] for j in range(2))
+
         deadline = time.monotonic() + 150
         while not (run / "steps.jsonl").exists() or len(_steps(run)) < 6:
-            assert all(n.poll() is None for n in nodes) and time.monotonic() < deadline, "the job did not train"
+            assert all(n.poll() is None for n in nodes) and time.monotonic() < deadline, "the job did not train\n" + logs()
             time.sleep(0.2)
         os.killpg(nodes[1].pid, signal.SIGKILL)  # node 1's launch process is its agent
-        out, err = nodes[0].communicate(timeout=180)
-        assert nodes[0].returncode == 0, out[-2000:] + err[-3000:]
+        nodes[0].wait(timeout=180)
+        assert nodes[0].returncode == 0, logs()
     finally:
         for n in nodes:
             if n.poll() is None:
