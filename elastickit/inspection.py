@@ -74,8 +74,14 @@ def inspect_checkpoint(path: str) -> dict[str, Any]:
         except FileNotFoundError:
             size = None
         present[name] = "ok" if size == rec.size_bytes else ("missing" if size is None else "size mismatch")
+    return describe(ckpt, m, present)
+
+
+def describe(path: str, m: Any, present: dict[str, str]) -> dict[str, Any]:
+    """The inspect report of manifest `m` at `path` (a directory or a URL), with each file's
+    presence as checked by the caller."""
     return {
-        "path": ckpt,
+        "path": path,
         "step": m.step,
         "format_version": f"{m.version[0]}.{m.version[1]}",
         "created_s": m.created_s,

@@ -88,30 +88,9 @@ def inspect_object(url: str) -> dict[str, Any]:
         n: "ok" if sizes.get(n) == r.size_bytes else ("missing" if n not in sizes else "size mismatch")
         for n, r in m.files.items()
     }
-    return {
-        "path": root.step_url(step),
-        "step": m.step,
-        "format_version": f"{m.version[0]}.{m.version[1]}",
-        "created_s": m.created_s,
-        "world_size": m.world_size,
-        "layout": {"axes": {a: n for a, n in m.layout.axes}, "zero": m.layout.zero},
-        "num_rules": len(m.rules),
-        "rules": list(m.rules),
-        "framework": m.framework,
-        "num_tensors": len(m.tensors),
-        "total_bytes": m.total_bytes,
-        "stored_bytes": sum(f.size_bytes for f in m.files.values()),
-        "files": [
-            {"name": n, "size_bytes": f.size_bytes, "rank": f.rank, "compression": f.compression, "status": present[n]}
-            for n, f in sorted(m.files.items())
-        ],
-        "tensors": [
-            {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "num_shards": len(t.shards), "bytes": t.nbytes}
-            for t in sorted(m.tensors.values(), key=lambda t: t.name)
-        ],
-        "objects": sorted(m.objects),
-        "integrity": "files present" if all(v == "ok" for v in present.values()) else "damaged (run verify)",
-    }
+    from elastickit.inspection import describe
+
+    return describe(root.step_url(step), m, present)
 
 
 def verify_object(url: str) -> dict[str, Any]:
