@@ -62,6 +62,9 @@ def train(
     hang_timeout: float | None = typer.Option(
         None, "--hang-timeout", help="With --nodes: seconds of silence (or of a training loop standing still while its peers wait) after which a worker counts as hung (default 1)."
     ),
+    step_sleep: float | None = typer.Option(
+        None, "--step-sleep", help="With --nodes: extra seconds per step, to follow a run as it happens (or leave a killed node time to come back before the end)."
+    ),
 ) -> None:
     """Train the reference GPT under torchrun; print each step's loss and time.
 
@@ -76,14 +79,15 @@ def train(
             nodes=nodes, min_nodes=min_nodes, nproc_per_node=nproc_per_node or 1, run=run, ckpt=ckpt,
             layout=layout or "auto", steps=steps, model=model, every=every or 1, inject=inject or [],
             global_batch=global_batch, micro_batch=micro_batch, rejoin_after=rejoin_after,
-            hang_timeout=hang_timeout, dp_mode=dp_mode,
+            hang_timeout=hang_timeout, dp_mode=dp_mode, step_sleep=step_sleep,
         )
         if code:
             raise typer.Exit(code)
         return
     elastic_only = {"--min-nodes": min_nodes, "--nproc-per-node": nproc_per_node, "--global-batch": global_batch,
                     "--micro-batch": micro_batch,
-                    "--run": run, "--rejoin-after": rejoin_after, "--hang-timeout": hang_timeout}
+                    "--run": run, "--rejoin-after": rejoin_after, "--hang-timeout": hang_timeout,
+                    "--step-sleep": step_sleep}
     for flag, value in elastic_only.items():
         if value is not None:
             from ._errors import fail

@@ -26,6 +26,7 @@ def train_nodes(
     rejoin_after: float | None,
     hang_timeout: float | None,
     dp_mode: str,
+    step_sleep: float | None = None,
 ) -> int:
     """Check everything, run the simulated nodes to the end, print the recoveries; exit code."""
     from elastickit.elastic.rundir import mttr_lines, read_recoveries, read_steps
@@ -38,7 +39,7 @@ def train_nodes(
         trainer={
             "steps": steps, "model": model, "layout": layout, "every": every, "ckpt": ckpt,
             "global_batch": global_batch, "micro_batch": micro_batch, "hang_timeout": hang_timeout,
-            "dp_mode": dp_mode,
+            "dp_mode": dp_mode, "step_sleep": step_sleep,
         },
         inject=inject,
         min_nodes=min_nodes,

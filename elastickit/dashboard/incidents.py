@@ -126,9 +126,9 @@ def _incident(group: list[Mapping[str, Any]], r: Recovery | None, logs: RunLogs)
         status = "not recovered"
     kind = "join" if r is not None and not r.is_failure else "failure"
     cause = r.cause if r is not None else str(first.get("type")) if first else ""
-    # Without the monitor's finding, the recovery says when: the last step done before the
-    # failure is the restored one plus the steps redone.
-    after = (r.restore_step + r.lost_steps if first is None and r is not None and r.is_failure
+    # The recovery's own account of when: the last step done before the failure is the restored
+    # one plus the steps redone.
+    after = (r.restore_step + r.lost_steps if r is not None and r.is_failure
              and r.restore_step is not None else None)
     return {
         "time": t,
@@ -164,7 +164,13 @@ def _summary(kind: str, cause: str, ranks: list[int], node: int | None,
             text = f"node {node} {NODE_CAUSES[cause]}: {who}"
         else:
             text = f"{cause}: {who}{where}"
-        text += f" at step {step}" if isinstance(step, int) else f" after step {after}" if after is not None else ""
+        # A hang finding names the step the rank stands in; a crash finding only the step of the
+        # rank's last heartbeat, which can lag a step behind (or run one ahead of) the last step
+        # done, so the recovery's account wins there.
+        if isinstance(step, int) and (after is None or first is not None and first.get("type") == "hang"):
+            text += f" at step {step}"
+        elif after is not None:
+            text += f" after step {after}"
         if first is not None and first.get("type") == "hang" and first.get("op"):
             text += f" (never entered {first['op']} seq {first.get('seq')})"
     if r is not None and r.old_layout and r.new_layout and r.old_layout != r.new_layout:

@@ -57,6 +57,8 @@ class ElasticConfig:
             )
         if self.hang_s <= 0:
             raise ValueError(f"--hang-timeout must be positive, got {self.hang_s}")
+        if self.step_sleep_s < 0:
+            raise ValueError(f"--step-sleep must be >= 0 seconds, got {self.step_sleep_s}")
         try:
             parse_pins(self.layout)
         except ValueError as e:

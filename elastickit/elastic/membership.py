@@ -398,7 +398,9 @@ class Membership:
         return time.time() - (time.monotonic() - changed)
 
     def alive_members(self) -> list[str]:
-        ms = sorted((m for m in self.members.values() if self.alive(m.id)), key=Member.sort_key)
+        with self._lock:  # the watcher thread adds members while the training thread asks
+            known = list(self.members.values())
+        ms = sorted((m for m in known if self.alive(m.id)), key=Member.sort_key)
         return [m.id for m in ms]
 
     # -- plans ----------------------------------------------------------------------------

@@ -64,14 +64,18 @@ def test_an_elastic_run_with_a_killed_node_on_the_served_dashboard(tmp_path) -> 
         assert [i["cause"] for i in failures] == ["killnode"], failures
         killed = failures[0]
         assert (killed["node"], killed["ranks"]) == (1, [1])
-        # "at step 5" when the monitor in the workers saw the rank go (its finding names the
-        # step), "after step 5" when only the recovery record says it.
-        assert re.match(r"node 1 killed \(SIGKILL\): rank 1 (at|after) step 5\b", killed["summary"]), killed
+        # The step from the recovery's own account (the monitor's crash finding only knows the
+        # rank's last heartbeat). The kill lands once step 5 is in steps.jsonl: on a loaded
+        # machine node 1 can finish a step more before it does.
+        said = re.match(r"node 1 killed \(SIGKILL\): rank 1 after step (\d+)\b", killed["summary"])
+        assert said and 5 <= int(said.group(1)) <= 8, killed
+        assert killed["finding"]["type"] == "crash" and killed["finding"]["evidence"]["process_exited"], killed
         rec = killed["recovery"]
         assert [p["phase"] for p in rec["phases"]] == inc["phases"]
         assert all(p["s"] >= 0 for p in rec["phases"]) and rec["phases"][0]["phase"] == "detect"
         assert killed["cost_s"] == pytest.approx(sum(p["s"] for p in rec["phases"]), abs=0.01)
-        assert rec["restore"]["step"] + rec["lost_steps"] == 5
+        # The summary's step and the recovery's own account of it agree.
+        assert rec["restore"]["step"] + rec["lost_steps"] == int(said.group(1))
         ck = _get(url + "api/checkpoints")
         tiers = {t["tier"]: t for t in ck["tiers"]}
         assert tiers["persistent"]["newest_step"] == 12 and tiers["local"]["newest_step"] == 12

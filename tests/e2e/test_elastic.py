@@ -111,11 +111,13 @@ def test_a_killed_node_costs_seconds_the_run_goes_on_at_a_new_layout_and_grows_b
     step = random.Random(seed).randrange(2, 7)
     run = tmp_path / "run"
     # Room for the node to come back before the end: a new agent, a rendezvous round (its last
-    # call waits 5 s) and a worker that imports torch, on a loaded 2-core machine (~20 s).
-    steps = 140
+    # call waits 5 s) and a worker that imports torch take ~8 s on a quiet 2-core machine and
+    # over 20 s on a loaded one, while steps take 0.1-0.3 s. Counting steps alone, the end raced
+    # the rejoin (a CI run ended first); paced steps give it 30 s of wall time whatever the load.
+    steps = 60
     p = subprocess.run(
         _cmd(run, "--nodes", "3", "--steps", str(steps), "--inject", f"killnode:node=1:step={step}",
-             "--rejoin-after", "0"),
+             "--rejoin-after", "0", "--step-sleep", "0.5"),
         capture_output=True, text=True, timeout=280, env=_env(), check=False,
     )
     assert p.returncode == 0, f"seed {seed}, step {step}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"

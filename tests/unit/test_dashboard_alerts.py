@@ -87,3 +87,18 @@ def test_findings_after_a_failure_are_its_consequences() -> None:
     assert only["ranks"] == [3] and only["node"] == 1 and only["finding"]["ranks"] == [3]
     assert [f["ranks"] for f in only["followed_by"]] == [[2]]
     assert only["status"] == "recovered"
+
+
+def test_a_crash_is_told_at_the_recoverys_step_a_hang_at_the_monitors() -> None:
+    """A crash finding carries the step of the rank's last heartbeat, which can lag the last
+    step done: the summary names the recovery's account (restored step + steps redone). A hang
+    finding names the step the rank stands in, and keeps it."""
+    crash = {"type": "crash", "time": 1005.5, "ranks": [1], "step": 3, "evidence": {"process_exited": True}}
+    logs = RunLogs(steps=_steps(8), events=(crash, {**_recovery(1007.0, 4), "cause": "killnode"}))
+    (inc,) = incidents_panel(logs)["incidents"]
+    assert inc["step"] == 3 and inc["after_step"] == 5
+    assert inc["summary"].startswith("node 1 killed (SIGKILL): rank 1 after step 5;"), inc["summary"]
+    hang = {**crash, "type": "hang", "step": 6, "op": "allreduce", "seq": 9}
+    logs = RunLogs(steps=_steps(8), events=(hang, {**_recovery(1007.0, 4), "cause": "hang"}))
+    (inc,) = incidents_panel(logs)["incidents"]
+    assert inc["summary"].startswith("hang: rank 1 on node 1 at step 6 (never entered allreduce seq 9)"), inc["summary"]

@@ -177,10 +177,12 @@ def test_trainer_flags_are_checked_before_launch():
         (["--run", "r", "--model", "huge"], "--model 'huge' is unknown"),
         (["--run", "r", "--inject", "killnode:node=1:step=2"], "a worker injects only hang:rank=R:step=S"),
         (["--run", "r", "--inject", "hang:rank=1"], "field 'step' is missing"),
+        (["--run", "r", "--step-sleep", "-1"], "--step-sleep must be >= 0 seconds, got -1"),
     ]:
         with pytest.raises(RequestError, match=message):
             parse_flags(flags)
     assert parse_flags(["--run", "r", "--layout", "tp=2"]).layout == "tp=2"
+    assert parse_flags(["--run", "r", "--step-sleep", "0.5"]).step_sleep_s == 0.5
     assert parse_flags(["--run", "r", "--inject", "hang:rank=1:step=4"]).inject == ("hang:rank=1:step=4",)
 
 
