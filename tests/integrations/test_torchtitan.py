@@ -99,3 +99,81 @@ def test_elastickit_as_torchtitans_checkpointer_sigkill_then_rerun(launcher, tmp
     # The elastickit checkpoint, as DCP, under torchtitan's own checkpoint manager.
     launcher.run(2, "--out", titan, "--steps", "8", "--interval", "2", "--load", str(tmp_path / "dcp"), logs=titan)
     _same(full, titan, resumed_at=4)
+
+
+def test_fused_qkv_rows_are_torchtitans_split_for_any_row_range():
+    """A rank holding rows [lo, hi) of a fused `wqkv` (FSDP/TP shards, aligned to kv heads or
+    not) saves, for each of wq/wk/wv, those of its rows that belong to it: consecutive rows of
+    the logical tensor that torchtitan's own save hook makes (GQA, weight and bias)."""
+    from torchtitan.models.common.attention import FusedQKVLinear
+    from torchtitan.models.common.linear import Linear
+
+    from elastickit.integrations.torchtitan import qkv_rows
+
+    hd, n_heads, n_kv, dim = 4, 8, 2, 5
+    m = FusedQKVLinear.Config(head_dim=hd, n_heads=n_heads, n_kv_heads=n_kv,
+                              wqkv=Linear.Config(in_features=dim, out_features=n_kv * 6 * hd, bias=True)).build()
+    with torch.no_grad():
+        m.wqkv.weight.copy_(torch.randn(m.wqkv.weight.shape))
+        m.wqkv.bias.copy_(torch.randn(m.wqkv.bias.shape))
+    ref = m.state_dict()
+    n = m.wqkv.weight.shape[0]
+    for lo, hi in [(0, n), (0, n // 2), (n // 2, n), (3, 29), (17, 18), (30, n), (0, 0)]:
+        covered = 0
+        for part, (idx, first) in zip(("wq", "wk", "wv"), qkv_rows(lo, hi, hd, m.heads_per_kv), strict=True):
+            for param in ("weight", "bias"):
+                got = getattr(m.wqkv, param).detach()[lo:hi].index_select(0, idx)
+                want = ref[f"{part}.{param}"][first : first + idx.numel()]
+                assert torch.equal(got, want), (lo, hi, part, param)
+            covered += idx.numel()
+        assert covered == hi - lo
+
+
+def test_manager_saves_what_torchtitans_state_dict_holds(tmp_path):
+    """One process, the llama3 debug model: each checkpoint holds the model's tensors exactly as
+    torchtitan's `model.state_dict()` gives them at that step (its fused QKV split included),
+    without running that state_dict at the save; a later save sees the later values, and a
+    parameter replaced by a new one (not updated in place) is seen too."""
+    from elastickit.reshard.adapters.registry import open_source
+    from torchtitan.models.llama3 import model_registry
+
+    from elastickit.integrations.torchtitan import ElastickitCheckpointManager
+
+    torch.manual_seed(0)
+    model = model_registry("debugmodel").model.build()
+    with torch.no_grad():
+        model.init_states()
+    opt = torch.optim.AdamW(model.parameters())
+    config = ElastickitCheckpointManager.Config(enable=True, folder="ek", interval=1)
+    ckm = config.build(dataloader=None, model_parts=[model], optimizers=opt, lr_schedulers=_NoState(),
+                       states={}, sd_adapter=None, base_folder=str(tmp_path))
+    want = {}
+    try:
+        for step in (1, 2):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p))  # a stand-in for an optimizer step
+            if step == 2:
+                model.norm.weight = torch.nn.Parameter(torch.randn_like(model.norm.weight))
+            want[step] = {k: v.clone() for k, v in model.state_dict().items()}
+            assert ckm._save(step)
+            ckm._wait_for_saving()
+        assert not ckm.model_state.fallback
+    finally:
+        ckm.close()
+    for step in (1, 2):
+        src = open_source(str(tmp_path / "ek" / f"step-{step:08d}"))
+        try:
+            assert any(k.endswith("qkv_linear.wq.weight") for k in want[step])
+            for k, v in want[step].items():
+                assert torch.equal(src.read(k), v), (step, k)
+        finally:
+            src.close()
+
+
+class _NoState:
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, d):
+        assert d == {}
