@@ -445,6 +445,17 @@ def main() -> None:
         " optimizer step takes most of a step, so the copy has little to overlap and the fence waits for"
         " the rest of it.",
     ]
+    if "torchtitan" in results:
+        md += [
+            "",
+            "torchtitan rows: its own manager with `async_mode=\"async\"` (DCP `async_save`, the default"
+            " here) or `\"disabled\"` (its own default, EK_BENCH_TITAN_ASYNC=disabled, the `-sync` file);"
+            " its blocking = the `save` call + `maybe_wait_for_staging` before the next optimizer step"
+            " (shown as elastickit's \"fence\"). torchtitan's save runs its `ModelWrapper.state_dict()` on"
+            " the training thread (the fused-QKV hook gathers `wqkv` and splits it through DTensor ops,"
+            " ~7 ms here); elastickit's takes the parameters as they are and splits `wqkv` with one row"
+            " copy per part (the dataloader state is still gathered at the save).",
+        ]
     with open(os.path.join(HERE, "results", f"{a.name}.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))

@@ -190,11 +190,16 @@ class _ModelState:
     def invalidate(self) -> None:
         self._plan = None
 
+    def prepare(self) -> None:
+        """Take the model's state-dict structure (at the manager's construction, so that the
+        first save does not pay for it; again when a parameter has changed since)."""
+        self._plan = self._build()
+        self.fallback = self._plan is None
+
     def state_dict(self) -> dict[str, Any]:
         self.fence()  # the previous snapshot may still be copying the buffers
         if not self.fallback and (self._plan is None or not self._valid()):
-            self._plan = self._build()
-            self.fallback = self._plan is None
+            self.prepare()
         if self._plan is None:
             self.rows.table.clear()
             return self.wrapper.state_dict()
@@ -322,6 +327,7 @@ class ElastickitCheckpointManager(BaseCheckpointManager):
             keep_last=config.keep_latest_k or None, rules=rows,
         )
         self.model_state = _ModelState(self.model, rows, self.checkpointer.fence)
+        self.model_state.prepare()
         # lazy="always": every saved tensor is copied in the background, and torchtitan changes
         # them only in an optimizer step. A global pre-hook runs before any optimizer's own
         # hooks (torchtitan's MoE load balancing updates its expert bias in one).
