@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/bench_recovery.py            # the full run, ~45 min on 2 cores
     .venv/bin/python benchmarks/bench_recovery.py --quick    # a check of the harness, ~8 min
+    .venv/bin/python benchmarks/bench_recovery.py --only stop --stop-samples 5
+        # only the SIGSTOP row, ~1 min a sample: replaces the hang row of results/recovery.json
+        # and .md, keeps every other row
 
 Both sides train the same model (the reference GPT, `tiny`, FSDP2), the same data and the same
 global batch (24 samples, microbatches of 2) on 4 simulated nodes of one worker each, one
@@ -145,7 +148,7 @@ class ElastickitSide:
 
 
 def elastickit_samples(args: argparse.Namespace, work: str) -> dict[str, Any]:
-    run = os.path.join(work, "ek-a")
+    run = os.path.join(work, f"ek-{args.only}" if getattr(args, "only", None) else "ek-a")
     side = ElastickitSide(run, args.rejoin_after)
     side.start()
     kills, stops = [], []
@@ -386,9 +389,18 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         "Phases (elastickit): detect / abort / rendezvous / start (rebuild in-process) / restore / first step. "
         "torchrun: kill -> the restarted worker process exists (detection, stop, re-rendezvous) / imports + "
         "init + build / DCP load / first step.",
-        f"Median step time at 4 nodes (elastickit run): {_fmt(ek.get('step_s_4'), 3)} s; the hang target is "
-        f"2 x step time + 2 s = {_fmt(2 * ek['step_s_4'] + 2 if ek.get('step_s_4') else None)} s.",
     ]
+    sr = results.get("stop_run")
+    hang_step = sr["step_s_4"] if sr is not None else ek.get("step_s_4")
+    notes.append(f"Median step time at 4 nodes (elastickit run of the kills): {_fmt(ek.get('step_s_4'), 3)} s; the hang "
+                 f"target is 2 x step time + 2 s = {_fmt(2 * hang_step + 2 if hang_step else None)} s"
+                 + (f" (step time of the SIGSTOP run: {_fmt(hang_step, 3)} s)." if sr is not None else "."))
+    for kind, label in (("kill", "SIGKILL"), ("stop", "SIGSTOP")):
+        r = results.get(f"{kind}_run")
+        if r is not None:
+            notes.append(f"The {label} row comes from a run of its own (`--only {kind}`, {r['time']}, {r['samples']} "
+                         f"samples): median step time at 4 nodes {_fmt(r['step_s_4'], 3)} s; 1-minute load average "
+                         f"{r['load_start']:.1f} at its start, {r['load_end']:.1f} at its end.")
     b = results.get("b") or {}
     ettr_rows = []
     for which, r in b.items():
@@ -461,6 +473,29 @@ def _plot(results: dict[str, Any]) -> None:
     plt.close(fig)
 
 
+def only_run(args: argparse.Namespace, work: str) -> None:
+    """`--only stop` (or `kill`): those samples alone, in a run of their own; they replace that row
+    (and its step time and load) in results/recovery.json, and the report is redone from it."""
+    path = os.path.join(RESULTS, "recovery.json")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except FileNotFoundError:
+        results = {"args": vars(args), "a": {}, "b": {}, "load_start": os.getloadavg()[0]}
+    kind = args.only
+    load_start = os.getloadavg()[0]
+    n = args.stop_samples if kind == "stop" else args.samples
+    log(f"elastickit: {n} {'SIGSTOP' if kind == 'stop' else 'SIGKILL'}s only (1-minute load {load_start:.2f})")
+    got = elastickit_samples(argparse.Namespace(**{**vars(args), "samples": 0 if kind == "stop" else n,
+                                                   "stop_samples": n if kind == "stop" else 0}), work)
+    ek = results["a"].setdefault("elastickit", {"kills": [], "stops": [], "step_s_4": None})
+    ek["stops" if kind == "stop" else "kills"] = got["stops" if kind == "stop" else "kills"]
+    results[f"{kind}_run"] = {"step_s_4": got["step_s_4"], "load_start": load_start, "load_end": os.getloadavg()[0],
+                              "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "samples": n}
+    log(f"1-minute load {results[f'{kind}_run']['load_end']:.2f} at the end")
+    report(results, argparse.Namespace(**results["args"]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 samples, a 3-minute ETTR run, no torchrun defaults")
@@ -476,6 +511,10 @@ def main() -> None:
     p.add_argument("--torchrun-wait", type=float, default=400.0)
     p.add_argument("--skip", action="append", default=[], choices=["defaults", "ettr", "torchrun"])
     p.add_argument("--report-only", action="store_true", help="redo the table and chart from results/recovery.json")
+    p.add_argument("--only", choices=["stop", "kill"], help="only the SIGSTOP samples (--stop-samples of them), or "
+                   "only the SIGKILL ones (--samples), in a run of their own: they replace that row of "
+                   "results/recovery.json and .md, the other rows stay")
+    p.add_argument("--keep", metavar="DIR", help="run in DIR and keep it (node logs, events) instead of a temporary directory")
     args = p.parse_args()
     if args.report_only:
         with open(os.path.join(RESULTS, "recovery.json")) as f:
@@ -488,7 +527,15 @@ def main() -> None:
         args.ettr_minutes, args.kill_every, args.first_kill = 3.0, 60.0, 30.0
         args.skip.append("defaults")
     os.makedirs(RESULTS, exist_ok=True)
-    work = tempfile.mkdtemp(prefix="ek-bench-recovery-")
+    work = args.keep or tempfile.mkdtemp(prefix="ek-bench-recovery-")
+    os.makedirs(work, exist_ok=True)
+    if args.only:
+        try:
+            only_run(args, work)
+        finally:
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+        return
     results: dict[str, Any] = {"args": vars(args), "a": {}, "b": {}, "load_start": os.getloadavg()[0]}
     try:
         log(f"(a) elastickit: {args.samples} kills, {args.stop_samples} SIGSTOPs")
@@ -506,7 +553,8 @@ def main() -> None:
         results["load_end"] = os.getloadavg()[0]
         report(results, args)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

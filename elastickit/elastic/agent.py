@@ -4,7 +4,7 @@
         --rdzv-endpoint 127.0.0.1:29500 --rdzv-id job1 -- --run runs/job1 --steps 200
 
 (`elastickit launch` is the same with the CLI's checks in front.) It is torchrun's own
-`LocalElasticAgent` over a c10d rendezvous, with three changes:
+`LocalElasticAgent` over a c10d rendezvous, with these changes:
 
 - the rendezvous store is not hosted by any agent (`is_host=false`): a separate store process
   serves it (`elastickit.elastic.store`), so losing any node never loses the store;
@@ -16,7 +16,10 @@
   its workers left running (they grow in-process: `elastickit.elastic.runtime`); the joining
   node's agent completes the round and starts its workers, which register as joiners. Workers
   that exit are restarted by torchrun as always (`--max-restarts`), and rejoin the same way.
-  The exit barrier is skipped: the workers agree on the end of training among themselves.
+  The exit barrier is skipped: the workers agree on the end of training among themselves;
+- the workers' c10d C++ log level is ERROR unless TORCH_CPP_LOG_LEVEL says otherwise: the
+  warnings of the connections the runtime shuts down on purpose cost a reverse DNS lookup each
+  (`run_agent`).
 
 Workers get the rendezvous store's address (ELASTICKIT_STORE), the run id, the node's name, the
 agent's pid (they arm PR_SET_PDEATHSIG against it, so they die with their agent) and the node-local
@@ -146,6 +149,12 @@ def run_agent(req: AgentRequest) -> int:
     req.check()
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # c10d's C++ warnings (each "sendBytes failed on SocketImpl(...)" of a connection the elastic
+    # runtime shut down on purpose when a peer failed, dozens per recovery) format the socket's
+    # address with a reverse DNS lookup apiece: a burst of lookups at the moment the new
+    # generation opens its connections, whose own lookups the resolver then drops (5 s each,
+    # seen here after a hung node). Errors still print; TORCH_CPP_LOG_LEVEL=WARNING shows all.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     node = req.node or socket.gethostname()
     # The node-local tier: RAM-backed storage of this machine, not the (shared) run directory.
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()

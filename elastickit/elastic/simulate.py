@@ -145,12 +145,12 @@ class Cluster:
     # -- processes ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        import torch.distributed as dist
+        from .store import master_store
 
         self.rundir.make()
         os.makedirs(os.path.join(self.rundir.root, "logs"), exist_ok=True)
         # The store lives here, outside every node: a node's death never takes it down.
-        self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True, wait_for_workers=False)
+        self.store = master_store("127.0.0.1", 0)
         self.port = self.store.port
         for node in self.nodes:
             self._start_node(node)

@@ -10,6 +10,15 @@ or, on one machine, `elastickit launch` starts it on its own (detached, in its o
 that no node's death takes it down) when nothing answers at a local endpoint yet. The store
 holds the torchrun rendezvous and elastickit's membership (heartbeats, plans) of every job that
 uses it, each under its own prefix.
+
+The server listens on an IPv4 socket of its own when the address is IPv4 (`master_store`):
+c10d's libuv server names every connection it accepts with a reverse DNS lookup
+(`getnameinfo`), inside its one event-loop thread. On a dual-stack listener an IPv4 peer
+arrives as `::ffff:a.b.c.d`, which /etc/hosts never holds, so each accept asks the resolver, and
+one lost DNS answer froze the whole store (every heartbeat, plan and connect of every node) for
+the resolver's 5 s timeout: seen here in 2 of 3 recoveries from a hung node, whose survivors open
+and break dozens of connections at once. An IPv4 peer is looked up as `a.b.c.d` (the loopback
+and cluster hosts are in /etc/hosts).
 """
 
 from __future__ import annotations
@@ -20,8 +29,39 @@ import subprocess
 import sys
 import time
 from datetime import timedelta
+from typing import Any
 
-__all__ = ["reachable", "serve", "spawn_detached"]
+__all__ = ["master_store", "reachable", "serve", "spawn_detached"]
+
+
+def master_store(host: str, port: int, *, timeout_s: float = 60.0) -> Any:
+    """A TCPStore server (multi-tenant, not waiting for workers) at host:port (0: any free
+    port); on an IPv4 socket of its own when `host` is an IPv4 address (see the module
+    docstring), else c10d's own dual-stack listener."""
+    import ipaddress
+
+    import torch.distributed as dist
+
+    kwargs: dict[str, Any] = {}
+    try:
+        v4 = isinstance(ipaddress.ip_address(host), ipaddress.IPv4Address)
+    except ValueError:
+        v4 = False
+    if v4:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(socket.SOMAXCONN)
+        except OSError:
+            sock.close()
+            raise
+        port = sock.getsockname()[1]
+        kwargs["master_listen_fd"] = sock.detach()  # the server owns the descriptor now
+    return dist.TCPStore(
+        host, port, is_master=True, multi_tenant=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s),
+        **kwargs,
+    )
 
 
 def reachable(host: str, port: int, timeout_s: float = 0.5) -> bool:
@@ -35,11 +75,7 @@ def reachable(host: str, port: int, timeout_s: float = 0.5) -> bool:
 
 def serve(host: str, port: int, *, run_id: str | None = None, grace_s: float = 10.0) -> int:
     """Serve the store until interrupted, or (with `run_id`) until that job is done."""
-    import torch.distributed as dist
-
-    store = dist.TCPStore(
-        host, port, is_master=True, multi_tenant=True, wait_for_workers=False, timeout=timedelta(seconds=60)
-    )
+    store = master_store(host, port)
     print(f"elastickit: rendezvous store serving on {host}:{store.port} (pid {os.getpid()})", flush=True)
     done_key = f"ek/{run_id}/done" if run_id else None
     try:

@@ -50,6 +50,39 @@ def test_shutdown_wakes_a_blocked_wait_on_a_connection_the_generation_opened():
     listener.close()
 
 
+def _listeners(port: int) -> list[int]:
+    """Address families of this process's listening sockets on `port`."""
+    from elastickit.elastic.sockets import open_sockets
+
+    out = []
+    for fd in open_sockets():
+        try:
+            sk = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            if sk.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) and sk.getsockname()[1] == port:
+                out.append(sk.family)
+        except OSError:
+            pass
+        finally:
+            sk.detach()
+    return out
+
+
+def test_the_rendezvous_store_listens_on_ipv4_for_an_ipv4_address():
+    # An IPv4 peer of a dual-stack listener is ::ffff:a.b.c.d, which c10d's server looks up in
+    # DNS on every accept (in its event loop); on an IPv4 socket the peer is a.b.c.d.
+    from elastickit.elastic.store import master_store
+
+    store = master_store("127.0.0.1", 0)
+    assert _listeners(store.port) == [socket.AF_INET]
+    client = dist.TCPStore("127.0.0.1", store.port, is_master=False, timeout=timedelta(seconds=10))
+    client.set("k", "v")
+    assert store.get("k") == b"v"
+    assert client.clone().get("k") == b"v"
+
+
 def _plan(**kw) -> Plan:
     base = dict(gen=2, active=("a", "b"), layout="pp=1,dp=2,tp=1", grad_accum=6, cause="killnode",
                 failed=("c",), failed_ranks=(2,), failed_node="2", fault_time=100.0, detected_at=100.1,
