@@ -168,8 +168,8 @@ def claim_root(
     try:
         for d in dirs:
             if is_url(d):
-                from .objclaim import claim_object_root  # fsspec is optional: only URLs need it
-                from .objstore import ObjectRoot
+                from .storage.objclaim import claim_object_root  # fsspec is optional: only URLs need it
+                from .storage.objstore import ObjectRoot
 
                 claim = claim_object_root(ObjectRoot(d, storage_options))
                 locks.append(claim.lease)

@@ -33,7 +33,7 @@ import elastickit
 from elastickit.capture import LAZY_MODES, StateCapture
 from elastickit.checkpoint.errors import ElastickitError, NotDurableError, RequestError
 from elastickit.checkpoint.paths import location
-from elastickit.checkpoint.pipeline import AsyncWriter, WriterContext
+from elastickit.checkpoint.drivers.pipeline import AsyncWriter, WriterContext
 from elastickit.checkpoint.policy import IntervalPolicy
 from elastickit.checkpoint.tiers import Tiers, TierSpec
 from elastickit.handle import SaveHandle

@@ -33,7 +33,7 @@ from elastickit.checkpoint.plan.matching import (
     used_bitmap,
 )
 from elastickit.checkpoint.plan.pieces import PieceRule
-from elastickit.checkpoint.snapshot import Snapshot
+from elastickit.checkpoint.drivers.snapshot import Snapshot
 from elastickit.checkpoint.storage.tier import Tier
 from elastickit.loading import Loader, SnapshotLoader
 from elastickit.rng import set_rng_state

@@ -16,7 +16,7 @@ from concurrent.futures import Future
 
 from elastickit.checkpoint.coord import Coordinator, gather_or_raise
 from elastickit.checkpoint.policy import IntervalPolicy
-from elastickit.checkpoint.threads import lower_priority
+from elastickit.checkpoint.drivers.threads import lower_priority
 
 
 class SaveSchedule:

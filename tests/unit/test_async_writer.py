@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import elastickit as ek
-from elastickit.checkpoint import snapshot as snapshot_mod
+from elastickit.checkpoint.drivers import snapshot as snapshot_mod
 from elastickit.checkpoint.storage import files as writer_mod
 from elastickit.checkpoint.format.directory import list_checkpoints
 from elastickit.checkpoint.events import read_events

@@ -15,7 +15,7 @@ from elastickit.checkpoint.coord import StoreCoordinator
 from elastickit.checkpoint.events import EventLog, read_events
 from elastickit.checkpoint.format.items import SaveItem
 from elastickit.checkpoint.format.manifest import LayoutRecord
-from elastickit.checkpoint.pipeline import AsyncWriter, WriterContext
+from elastickit.checkpoint.drivers.pipeline import AsyncWriter, WriterContext
 from elastickit.checkpoint.plan.pieces import default_pieces
 from elastickit.checkpoint.format.stfile import StFile
 from elastickit.checkpoint.tiers import Tiers, TierSpec

@@ -22,20 +22,20 @@ from typing import Any
 
 import torch
 
-from .coord import Coordinator
-from .errors import ElastickitError, NotDurableError
-from .events import EventLog
-from .format.manifest import LayoutRecord, Manifest
-from .lock import LOCK_NAME
-from .objstore import ObjectRoot
-from .paths import is_url
-from .runs import RUN_INFO
+from ..coord import Coordinator
+from ..errors import ElastickitError, NotDurableError
+from ..events import EventLog
+from ..format.manifest import LayoutRecord, Manifest
+from ..lock import LOCK_NAME
+from ..storage.objstore import ObjectRoot
+from ..paths import is_url
+from ..runs import RUN_INFO
 from .snapshot import SlotPool, Snapshot
-from .storage.files import DirTier
-from .storage.node import NodeTier
-from .storage.tier import Tier
+from ..storage.files import DirTier
+from ..storage.node import NodeTier
+from ..storage.tier import Tier
 from .threads import lower_priority
-from .tiers import Tiers, TierSpec
+from ..tiers import Tiers, TierSpec
 from .writer import PlanCache, SaveRequest, write_checkpoint
 
 log = logging.getLogger("elastickit")
