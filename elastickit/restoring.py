@@ -33,7 +33,7 @@ from elastickit.checkpoint.plan.matching import (
     used_bitmap,
 )
 from elastickit.checkpoint.plan.pieces import PieceRule
-from elastickit.checkpoint.drivers.snapshot import Snapshot
+from elastickit.checkpoint.storage.memory import MemoryTier
 from elastickit.checkpoint.storage.tier import Tier
 from elastickit.loading import Loader, SnapshotLoader
 from elastickit.rng import set_rng_state
@@ -48,9 +48,9 @@ class Sources:
     Attributes:
         coord: the store all-gather of the Checkpointer.
         peer_group: the gloo group for peer fetches (local tier).
-        memory: this rank's in-memory snapshots.
-        tiers: the tiers below memory, fastest first (any `storage.tier.Tier`: a node-local
-            directory, a directory, an object store); a restore tries them in this order.
+        tiers: every tier, fastest first (any `storage.tier.Tier`: this process's memory
+            snapshots, a node-local directory, a directory, an object store); a restore tries
+            them in this order.
         rule: the resharding rules' piece rule for this rank.
         rng: restore each rank's RNG state when the world size is unchanged.
         root: the Checkpointer's root (for messages).
@@ -59,7 +59,6 @@ class Sources:
 
     coord: Coordinator
     peer_group: Any
-    memory: Sequence[Snapshot]
     tiers: Sequence[Tier]
     rule: PieceRule | None
     rng: bool
@@ -70,7 +69,7 @@ class Sources:
 def restore_state(src: Sources, state: Mapping[str, Any], *, step: int | None, strict: bool) -> RestoreReport | None:
     """Load the freshest checkpoint that fits `state` (or `step`); None when there is none."""
     coord = src.coord
-    mine = {"memory": [s.step for s in src.memory], **{t.name: t.inventory(coord.rank) for t in src.tiers}}
+    mine = {t.name: t.inventory(coord.rank) for t in src.tiers}
     found = candidates(coord.all_gather(mine, phase="restore inventory"), src.tiers)
     if step is not None:
         found = [c for c in found if c.step == step]
@@ -109,13 +108,13 @@ def _restore_one(src: Sources, cand: Candidate, state: Mapping[str, Any], strict
     """Open, match and load one candidate on every rank; RankFailure means: try the next."""
     coord = src.coord
     tier = cand.source
-    path = tier.step_where(cand.step) if tier is not None else "memory"
+    path = tier.step_where(cand.step)
     loader: Loader | SnapshotLoader | None = None
     names: list[str] = []
     opened: dict[str, Any] = {"error": None, "kind": "", "missing": [], "unused": [], "used": ""}
     try:
-        if tier is None:
-            loader = SnapshotLoader(next(s for s in src.memory if s.step == cand.step), state, src.rule)
+        if isinstance(tier, MemoryTier):
+            loader = SnapshotLoader(tier.snapshot(cand.step), state, src.rule)
             opened.update(missing=loader.missing, unused=loader.unused)
         else:
             manifest = tier.restore_manifest(coord, cand.step)  # a node-local tier shares it
@@ -130,7 +129,7 @@ def _restore_one(src: Sources, cand: Candidate, state: Mapping[str, Any], strict
     got = coord.all_gather(opened, phase=f"restore plan of {what}")
     _raise_failures(got, coord.world_size, what)
     missing = merge_missing(g["missing"] for g in got)
-    if tier is None:
+    if isinstance(loader, SnapshotLoader):
         unused = merge_missing(g["unused"] for g in got)
     else:
         unused = unused_names(names, (g["used"] for g in got))
@@ -145,7 +144,6 @@ def _restore_one(src: Sources, cand: Candidate, state: Mapping[str, Any], strict
             rng = (loader.snap.rank_object or {}).get("rng")
             nbytes = loader.snap.nbytes
         else:
-            assert tier is not None
             fetched = tier.bring_files(coord, src.peer_group, loader.manifest, loader.files())  # from buddies
             loader.run(tier.open_step(cand.step, loader.manifest))
             nbytes = loader.plan.bytes_read
@@ -162,28 +160,25 @@ def _restore_one(src: Sources, cand: Candidate, state: Mapping[str, Any], strict
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Candidate:
-    """A checkpoint some tier can serve: its step, the tier's name, and the tier (None: this
-    process's memory snapshots). `unservable`: why the tier holds the step committed but cannot
-    serve it whole (the restore skips it, saying so)."""
+    """A checkpoint some tier can serve: its step, the tier's name, and the tier. `unservable`:
+    why the tier holds the step committed but cannot serve it whole (the restore skips it,
+    saying so)."""
 
     step: int
     tier: str
-    source: Tier | None = None
+    source: Tier
     unservable: str = ""
 
 
 def candidates(gathered: list[dict[str, Any]], tiers: Sequence[Tier]) -> list[Candidate]:
     """Every restorable (step, tier), freshest first, the faster tier first for equal steps.
 
-    `gathered[r]` is rank r's inventory: {"memory": [steps], <tier name>: tier.inventory(r)}.
-    A memory snapshot counts when every rank holds it; a tier says itself what it can serve,
-    and what it holds but cannot serve (a candidate with `unservable` set, in the same order).
+    `gathered[r]` is rank r's inventory: {<tier name>: tier.inventory(r)}. A tier says itself
+    what it can serve (memory: the snapshots every rank holds), and what it holds but cannot
+    serve (a candidate with `unservable` set, in the same order).
     """
     out: list[tuple[int, int, Candidate]] = []
-    mem = [set(g.get("memory", [])) for g in gathered]
-    for step in set.intersection(*mem) if mem else set():
-        out.append((-step, 0, Candidate(step=step, tier="memory")))
-    for order, t in enumerate(tiers, start=1):
+    for order, t in enumerate(tiers):
         inventories = [g.get(t.name) for g in gathered]
         for step in t.restorable(inventories):
             out.append((-step, order, Candidate(step=step, tier=t.name, source=t)))

@@ -13,11 +13,12 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
+from ..storage.memory import MEMORY, MemoryTier
 from .clock import Clock
 from .snapshot import Slot, SlotPool, Snapshot
 
-#: The slot references the board itself holds (a tier's reference is its name).
-NEWEST, MEMORY = "newest", "memory"
+#: The slot reference the board holds on the newest snapshot (a tier's reference is its name).
+NEWEST = "newest"
 
 
 class SnapshotBoard:
@@ -25,16 +26,15 @@ class SnapshotBoard:
 
     Args:
         pool: the host buffers.
-        memory_keep: how many snapshots the memory tier keeps (0: no memory tier).
+        memory: the memory tier (None: none), which keeps the newest snapshots.
         clock: what waits measure time by.
     """
 
-    def __init__(self, pool: SlotPool, memory_keep: int, clock: Clock) -> None:
+    def __init__(self, pool: SlotPool, memory: MemoryTier | None, clock: Clock) -> None:
         self.pool = pool
+        self.memory = memory
         self._clock = clock
         self._cond = threading.Condition()
-        self._memory_keep = memory_keep
-        self._memory: list[Snapshot] = []  # what the memory tier retains, newest last
         self._newest: Snapshot | None = None  # the snapshot a free tier takes next
         self._draining = False  # the training thread waits in drain(): no save will arrive
         self._wants: dict[str, int] = {}  # tier -> the step it waits for (a rank behind)
@@ -52,17 +52,16 @@ class SnapshotBoard:
             if index is None:
                 return None
             waiting = [name for name, want in self._wants.items() if want == step]
-            refs = {NEWEST, *waiting} | ({MEMORY} if self._memory_keep else set())
+            refs = {NEWEST, *waiting} | ({MEMORY} if self.memory is not None else set())
             snap = start(self.pool.acquire(index, nbytes, refs))
             for name in waiting:
                 self._handed[name] = snap
             if self._newest is not None:
                 self.pool.release(self._newest.slot, NEWEST)
             self._newest = snap
-            if self._memory_keep:
-                self._memory.append(snap)
-                while len(self._memory) > self._memory_keep:
-                    self.pool.release(self._memory.pop(0).slot, MEMORY)
+            if self.memory is not None:
+                for old in self.memory.hold(snap):
+                    self.pool.release(old.slot, MEMORY)
             self._cond.notify_all()
             return snap
 
@@ -90,11 +89,6 @@ class SnapshotBoard:
         with self._cond:
             self._stopped.add(tier)
             self._cond.notify_all()
-
-    def snapshots(self) -> list[Snapshot]:
-        """What the memory tier holds, oldest first."""
-        with self._cond:
-            return list(self._memory)
 
     # The tier workers' side.
 
@@ -175,8 +169,8 @@ class SnapshotBoard:
         mapped already. Then a free buffer, a new one, or the oldest that only the memory tier
         still holds. None when tiers are writing from every buffer.
         """
-        outgoing = self._memory[: max(0, len(self._memory) - self._memory_keep + 1)]
-        if self._newest is not None and self._newest not in self._memory:
+        outgoing = self.memory.outgoing() if self.memory is not None else []
+        if self._newest is not None and not self._held_in_memory(self._newest):
             outgoing.append(self._newest)
         for snap in outgoing:
             if snap.slot.refs <= {MEMORY, NEWEST}:
@@ -193,13 +187,16 @@ class SnapshotBoard:
 
     def _live(self) -> list[Snapshot]:
         """The snapshots still in host buffers for the memory tier or as the newest, oldest first."""
-        newest = self._newest
-        return [*self._memory, *([newest] if newest is not None and newest not in self._memory else [])]
+        newest, memory = self._newest, self.memory.snapshots() if self.memory is not None else []
+        return [*memory, *([newest] if newest is not None and newest not in memory else [])]
+
+    def _held_in_memory(self, snap: Snapshot) -> bool:
+        return self.memory is not None and snap in self.memory
 
     def _evict(self, snap: Snapshot) -> int:
         """Take `snap`'s buffer back from the memory tier."""
-        if snap in self._memory:
-            self._memory.remove(snap)
+        if self.memory is not None:
+            self.memory.drop(snap)
         if snap is self._newest:
             self._newest = None
         snap.slot.refs.clear()

@@ -29,6 +29,7 @@ from ..lock import LOCK_NAME
 from ..paths import is_url
 from ..runs import RUN_INFO
 from ..storage.files import DirTier
+from ..storage.memory import MemoryTier
 from ..storage.node import NodeTier
 from ..storage.objstore import ObjectRoot
 from ..storage.tier import Tier
@@ -120,12 +121,9 @@ class AsyncWriter:
     ) -> None:
         self.ctx = ctx
         self.events = events
-        memory = ctx.tiers.memory
-        self.board = SnapshotBoard(
-            SlotPool(ctx.tiers.host_buffers, pin=torch.cuda.is_available()),
-            max(1, memory.keep_last or 1) if memory is not None else 0,
-            clock,
-        )
+        spec = ctx.tiers.memory
+        self.memory = MemoryTier(spec.keep_last or 1) if spec is not None else None
+        self.board = SnapshotBoard(SlotPool(ctx.tiers.host_buffers, pin=torch.cuda.is_available()), self.memory, clock)
         self.snapshotter = Snapshotter()
         self._lock = threading.Lock()  # guards the jobs, the failures and the newest outcome
         self._jobs: list[_Job] = []
@@ -222,7 +220,9 @@ class AsyncWriter:
         if error is not None:
             job.durable.set_exception(error)
         elif not job.durable.done():
-            best = job.results.get("persistent") or job.results.get("local") or ("memory" if self.ctx.tiers.memory else "")
+            # The slowest tier that committed it (persistent, else local), else memory.
+            kept = [job.results[n] for n in self.workers if n in job.results]
+            best = kept[-1] if kept else (self.memory.root if self.memory is not None else "")
             job.durable.set_result(best)
 
     def not_durable(self) -> NotDurableError | None:
@@ -262,12 +262,9 @@ class AsyncWriter:
             return errors
 
     def tiers(self) -> list[Tier]:
-        """The tiers below memory, in the order a checkpoint flows down them (fastest first)."""
-        return [w.tier for w in self.workers.values()]
-
-    def snapshots(self) -> list[Snapshot]:
-        """What the memory tier holds, oldest first."""
-        return self.board.snapshots()
+        """Every tier, in the order a checkpoint flows down them (fastest first): memory, then
+        the file tiers."""
+        return [*([self.memory] if self.memory is not None else []), *(w.tier for w in self.workers.values())]
 
     def committed(self) -> list[int]:
         """Every step committed on some tier below memory (sorted, unique)."""

@@ -7,14 +7,14 @@ import time
 
 import pytest
 import torch
+from elastickit.checkpoint.drivers import snapshot as snapshot_mod
+from elastickit.checkpoint.events import read_events
+from elastickit.checkpoint.format.directory import list_checkpoints
+from elastickit.checkpoint.policy import IntervalPolicy, mtbf_from_events, young_daly_interval_s
+from elastickit.checkpoint.storage import files as writer_mod
+from elastickit.checkpoint.tiers import Tiers, TierSpec
 
 import elastickit as ek
-from elastickit.checkpoint.drivers import snapshot as snapshot_mod
-from elastickit.checkpoint.storage import files as writer_mod
-from elastickit.checkpoint.format.directory import list_checkpoints
-from elastickit.checkpoint.events import read_events
-from elastickit.checkpoint.policy import IntervalPolicy, mtbf_from_events, young_daly_interval_s
-from elastickit.checkpoint.tiers import TierSpec, Tiers
 
 
 class Net(torch.nn.Module):
