@@ -17,7 +17,8 @@ import torch
 
 import elastickit
 from elastickit.capture import StateCapture
-from elastickit.checkpoint.drivers.pipeline import AsyncWriter, WriterContext
+from elastickit.checkpoint.drivers.context import WriterContext
+from elastickit.checkpoint.drivers.pipeline import AsyncWriter
 from elastickit.checkpoint.errors import NotDurableError
 from elastickit.checkpoint.events import EventLog
 from elastickit.checkpoint.format.manifest import LayoutRecord

@@ -24,7 +24,6 @@ import torch
 from ..coord import Coordinator
 from ..errors import ElastickitError, NotDurableError
 from ..events import EventLog
-from ..format.manifest import LayoutRecord
 from ..lock import LOCK_NAME
 from ..paths import is_url
 from ..runs import RUN_INFO
@@ -33,9 +32,10 @@ from ..storage.memory import MemoryTier
 from ..storage.node import NodeTier
 from ..storage.objstore import ObjectRoot
 from ..storage.tier import Tier
-from ..tiers import Tiers, TierSpec
+from ..tiers import TierSpec
 from .board import SnapshotBoard
 from .clock import SYSTEM, Clock
+from .context import WriterContext
 from .snapshot import SlotPool, Snapshot, Snapshotter
 from .worker import Observer, TierWorker
 
@@ -52,23 +52,6 @@ class _Job:
     record: dict[str, Any]
     results: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WriterContext:
-    """What the tier workers need to know about the job and the run."""
-
-    rank: int
-    world_size: int
-    tiers: Tiers
-    persistent_root: str
-    layout: LayoutRecord
-    rules: tuple[dict[str, Any], ...]
-    framework: dict[str, str]
-    fsync: bool
-    peer_group: Any = None  # a dedicated gloo process group for peer copies
-    local_root: str = ""  # this rank's directory in the local tier (the run's, see runs.py)
-    timeout_s: float = 600.0  # how long a tier waits for the other ranks
 
 
 def file_tiers(ctx: WriterContext) -> list[tuple[Tier, TierSpec]]:

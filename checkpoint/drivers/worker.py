@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..coord import Coordinator
 from ..errors import ElastickitError
@@ -29,12 +29,10 @@ from ..storage.tier import Tier
 from ..tiers import TierSpec
 from .board import SnapshotBoard
 from .clock import Clock
+from .context import WriterContext
 from .snapshot import Snapshot
 from .threads import lower_priority
 from .writer import SaveRequest, write_checkpoint
-
-if TYPE_CHECKING:
-    from .pipeline import WriterContext
 
 log = logging.getLogger("elastickit")
 

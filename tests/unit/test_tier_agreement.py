@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from elastickit.checkpoint.coord import StoreCoordinator
 from elastickit.checkpoint.drivers.clock import ManualClock
-from elastickit.checkpoint.drivers.pipeline import AsyncWriter, WriterContext
+from elastickit.checkpoint.drivers.context import WriterContext
+from elastickit.checkpoint.drivers.pipeline import AsyncWriter
 from elastickit.checkpoint.events import EventLog, read_events
 from elastickit.checkpoint.format.directory import list_checkpoints, load_manifest
 from elastickit.checkpoint.format.items import SaveItem
