@@ -49,8 +49,8 @@ def _save(rank: int, world: int, root: str, gib: float) -> dict:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from elastickit.checkpoint.coord import StoreCoordinator
+    from elastickit.checkpoint.drivers.writer import SaveRequest, write_checkpoint
     from elastickit.checkpoint.plan.pieces import save_items
-    from elastickit.checkpoint.writer import SaveRequest, write_checkpoint
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
 

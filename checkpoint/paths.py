@@ -56,7 +56,7 @@ def location(path: str | os.PathLike[str], *, what: str = "path") -> str:
     text = _text(path, what)
     if not is_url(text):
         return local_path(text, what=what)
-    from .objstore import open_filesystem  # fsspec is optional: only URLs need it
+    from .storage.objstore import open_filesystem  # fsspec is optional: only URLs need it
 
     open_filesystem(text, what=what)
     return text.rstrip("/")

@@ -31,9 +31,9 @@ from typing import Any
 
 from .coord import Coordinator
 from .errors import RequestError
+from .format.directory import RUN_FILE
 from .format.integrity import atomic_write
 from .format.manifest import MANIFEST_NAME, STEP_DIR_RE, step_dir_name
-from .format.directory import RUN_FILE
 from .lock import RootLock
 from .paths import is_url, writable_dir
 
@@ -168,8 +168,10 @@ def claim_root(
     try:
         for d in dirs:
             if is_url(d):
-                from .objclaim import claim_object_root  # fsspec is optional: only URLs need it
-                from .objstore import ObjectRoot
+                from .storage.objclaim import (
+                    claim_object_root,  # fsspec is optional: only URLs need it
+                )
+                from .storage.objstore import ObjectRoot
 
                 claim = claim_object_root(ObjectRoot(d, storage_options))
                 locks.append(claim.lease)

@@ -20,27 +20,20 @@ arguments, in the same order). Restore reshards when the running layout differs 
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import logging
 import os
-import time
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
-import elastickit
 from elastickit.capture import LAZY_MODES, StateCapture
-from elastickit.checkpoint.errors import ElastickitError, NotDurableError, RequestError
+from elastickit.checkpoint.errors import ElastickitError, RequestError
 from elastickit.checkpoint.paths import location
-from elastickit.checkpoint.pipeline import AsyncWriter, WriterContext
 from elastickit.checkpoint.policy import IntervalPolicy
 from elastickit.checkpoint.tiers import Tiers, TierSpec
 from elastickit.handle import SaveHandle
 from elastickit.preempt import check_grace, install_sigterm
 from elastickit.restoring import RestoreReport, Sources, restore_state
-from elastickit.rng import rng_capture, rng_encode
-from elastickit.schedule import SaveSchedule
+from elastickit.saving import SaveDriver, resolve_tiers
 from elastickit.session import (
     event_log_path,
     layout_record,
@@ -114,48 +107,31 @@ class Checkpointer:
             self.policy = IntervalPolicy(
                 every=every, every_seconds=every_seconds, auto=auto, mtbf_s=mtbf_s, events_path=events
             )
-            tiers = tiers or Tiers()
-            if keep_last is not None:
-                if tiers.persistent is None:
-                    raise ValueError("keep_last applies to the persistent tier, which these tiers leave out")
-                tiers = dataclasses.replace(tiers, persistent=dataclasses.replace(tiers.persistent, keep_last=keep_last))
+            tiers = resolve_tiers(tiers, keep_last)
         except ValueError as e:
             raise RequestError(f"Checkpointer: {e}") from e
         if lazy not in LAZY_MODES:
             raise RequestError(f"lazy must be 'auto', 'always' or 'never', got {lazy!r}")
         self.tiers, self.lazy, self.rng = tiers, lazy, rng
         self.rank, self.world_size = rank_and_world()
-        self._layout = layout_record(layout, self.world_size)
-        self._capture = StateCapture(lazy, rules.piece_rule(self._layout, self.rank) if rules is not None else None)
+        layout = layout_record(layout, self.world_size)
+        capture = StateCapture(lazy, rules.piece_rule(layout, self.rank) if rules is not None else None)
         self._session = open_session(
             self.root, rank=self.rank, world_size=self.world_size, tiers=tiers, events=events, timeout_s=timeout_s
         )
-        self._coord, self._peer_group = self._session.coord, self._session.peer_group
         self.events = open_event_log(self.root, events, rank=self.rank)
-        ctx = WriterContext(
-            rank=self.rank,
-            world_size=self.world_size,
-            tiers=tiers,
-            persistent_root=self.root,
-            local_root=self._session.local_root or "",
-            layout=self._layout,
-            rules=tuple(rules.to_json()) if rules is not None else (),
-            framework={"torch": torch.__version__, "elastickit": elastickit.__version__},
-            fsync=fsync,
-            peer_group=self._peer_group,
-            timeout_s=timeout_s,
+        self._saves = SaveDriver(
+            root=self.root, session=self._session, tiers=tiers, layout=layout, rules=rules, capture=capture,
+            policy=self.policy, events=self.events, rank=self.rank, world_size=self.world_size, rng=rng,
+            fsync=fsync, timeout_s=timeout_s,
         )
-        self._writer = AsyncWriter(ctx, self._session.coord_for, self.events)
-        self._schedule = SaveSchedule(self.policy, self._coord, rank=self.rank, world_size=self.world_size)
-        self._last_snap: Any = None
         self._closed = False
-        self._reported: int | None = None  # the step whose failure wait() or close() raised
         self.last_restore: RestoreReport | None = None  # what the last restore loaded and skipped
         self._sigterm = install_sigterm(
             sigterm_grace_s,
             world_size=self.world_size,
             key=f"elastickit/{self._session.nonce}/sigterm",
-            flush=self._writer.flush,
+            flush=self._saves.writer.flush,
             newest_durable=self.latest,
         )
         # A script that ends without close() must not lose its last checkpoint: the background
@@ -168,13 +144,11 @@ class Checkpointer:
 
     def due(self, step: int) -> bool:
         """Whether the policy takes a checkpoint at `step` (the same answer on every rank)."""
-        return self._schedule.due(step)
+        return self._saves.schedule.due(step)
 
     def fence(self) -> None:
         """Block until the newest snapshot is copied (called before each optimizer step)."""
-        snap = self._last_snap
-        if snap is not None and not snap.staged.done():
-            snap.staged.result()
+        self._saves.fence()
 
     def save(self, step: int, state: Mapping[str, Any], *, force: bool = False) -> SaveHandle:
         """Checkpoint `state` as of `step` if the policy says it is due (or `force`).
@@ -189,33 +163,9 @@ class Checkpointer:
         """
         self._check_open()
         if self._sigterm is not None:
-            save = lambda f: self._save(step, state, force=f)
+            save = lambda f: self._saves.save(step, state, force=f, lazy=self.lazy)
             return self._sigterm.save(step, save, force=force, close=self.close, emit=self.events.emit)
-        return self._save(step, state, force=force)
-
-    def _save(self, step: int, state: Mapping[str, Any], *, force: bool) -> SaveHandle:
-        self._schedule.settle()  # a time-based policy: the previous round set the next due step
-        self._schedule.called(step)
-        if not (force or self.due(step)):
-            return SaveHandle.not_taken(step, "not due")
-        t0 = time.perf_counter()
-        self.fence()  # one snapshot in flight at a time keeps the copy order simple
-        cap = self._capture.capture(state)
-        self._capture.install_fence(state, self.fence)
-        rank_object: Any = {}
-        if self.rng:
-            raw = rng_capture()  # encoded only if a file tier takes this snapshot
-            rank_object = lambda: {"rng": rng_encode(raw)}
-        snap, durable, reason = self._writer.submit(
-            step, cap.items, cap.objects, rank_object, cap.nbytes, time.perf_counter() - t0, cap.eager
-        )
-        self._schedule.saved(step, time.perf_counter() - t0)
-        if snap is None:
-            return SaveHandle.not_taken(step, reason)
-        self._last_snap = snap
-        if self.lazy == "never":
-            snap.staged.result()
-        return SaveHandle(step=step, scheduled=True, staged=snap.staged, durable=durable)
+        return self._saves.save(step, state, force=force, lazy=self.lazy)
 
     def wait(self) -> None:
         """Block until every checkpoint taken so far is durable on its tiers.
@@ -224,29 +174,15 @@ class Checkpointer:
         reach every tier, else the first earlier checkpoint that no tier could commit.
         """
         self._check_open()
-        self._schedule.settle()
-        errors = self._writer.drain()
-        failures = self._writer.take_failures()
-        first = self._not_durable() or (errors[0] if errors else (failures[0] if failures else None))
-        if first is not None:
-            raise first
-
-    def _not_durable(self) -> NotDurableError | None:
-        """Why the newest checkpoint is not on every tier, once (wait() and close() both ask)."""
-        error = self._writer.not_durable()
-        if error is None or self._reported == error.step:
-            return None
-        self._reported = error.step
-        return error
+        self._saves.wait()
 
     def latest(self) -> int | None:
         """The newest step committed on the persistent tier (or the local one), or None."""
-        steps = self._writer.committed()
-        return max(steps) if steps else None
+        return self._saves.latest()
 
     def host_buffer_bytes(self) -> int:
         """Host memory held by snapshot buffers (bounded by `Tiers.host_buffers`)."""
-        return self._writer.host_bytes()
+        return self._saves.writer.host_bytes()
 
     def restore(self, state: Mapping[str, Any], *, step: int | None = None, strict: bool = True) -> int:
         """Load the freshest loadable checkpoint (or `step`) into `state`; return its step, 0 if none.
@@ -262,20 +198,14 @@ class Checkpointer:
         rest as it is, and reports the skipped tensors (the log, the event log, `last_restore`).
         """
         self._check_open()
-        self._schedule.settle()
+        self._saves.schedule.settle()
         self.fence()
         # Checkpoints still flowing down the tiers finish first: the inventory must not race
         # with commits, and peer copies must not share the peer group with peer fetches.
-        self._writer.drain()  # failures are reported by wait() and the event log
+        self._saves.writer.drain()  # failures are reported by wait() and the event log
         sources = Sources(
-            coord=self._coord,
-            peer_group=self._peer_group,
-            memory=self._writer.snapshots(),
-            tiers=self._writer.tiers(),
-            rule=self._capture.rule,
-            rng=self.rng,
-            root=self.root,
-            events=self.events,
+            coord=self._session.coord, peer_group=self._session.peer_group, tiers=self._saves.writer.tiers(),
+            rule=self._saves.capture.rule, rng=self.rng, root=self.root, events=self.events,
         )
         self.last_restore = restore_state(sources, state, step=step, strict=strict)
         return self.last_restore.step if self.last_restore is not None else 0
@@ -294,17 +224,11 @@ class Checkpointer:
             self._sigterm.uninstall()
         failure = None
         try:
-            try:
-                self._schedule.settle()
-            except BaseException as e:  # the round failed; closing must go on
-                log.warning("elastickit: the last schedule round failed: %s", e)
-            self._schedule.close()
-            self._writer.close()
-            failure = self._not_durable()
+            failure = self._saves.close()
             if not self.events.flush():
                 log.warning("elastickit: some records of the event log %s could not be written", self.events.path)
         finally:
-            self._capture.remove_fences()
+            self._saves.capture.remove_fences()
             self._closed = True
             if self._session.claim is not None:
                 self._session.claim.release()  # after the last write: the next writer may start

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from elastickit.checkpoint.drivers.snapshot import snapshot_bytes
 from elastickit.checkpoint.plan.pieces import PieceRule, save_items
-from elastickit.checkpoint.snapshot import snapshot_bytes
 from elastickit.state import StateDictCache, flatten_state
 
 LAZY_MODES = ("auto", "always", "never")

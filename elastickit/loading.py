@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
+from elastickit.checkpoint.drivers.snapshot import Snapshot
 from elastickit.checkpoint.errors import DataError, RequestError
 from elastickit.checkpoint.format.items import Piece
 from elastickit.checkpoint.format.manifest import Manifest
 from elastickit.checkpoint.plan.matching import check_specs, compare_specs, memory_gap
 from elastickit.checkpoint.plan.pieces import PieceRule, load_items
-from elastickit.checkpoint.snapshot import Snapshot
 from elastickit.reshard.executor import StepSource, execute
 from elastickit.reshard.planner import ReshardPlan, plan_reads
 from elastickit.state import apply_state, flatten_state, missing_tensors, new_tensor

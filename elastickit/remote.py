@@ -18,7 +18,7 @@ from typing import Any
 
 from elastickit.checkpoint.errors import ElastickitError, IncompleteCheckpointError, RequestError
 from elastickit.checkpoint.format.manifest import MANIFEST_NAME, STEP_DIR_RE
-from elastickit.checkpoint.objstore import ObjectRoot
+from elastickit.checkpoint.storage.objstore import ObjectRoot
 
 
 def object_step(url: str) -> tuple[ObjectRoot, int]:

@@ -2,7 +2,8 @@
 
 Every rank calls `restore_state` with the same arguments, in the same order; every decision is
 made from what all ranks published, so they all return the same step or raise the same error.
-For each candidate (freshest first, the faster tier first), two rounds:
+The fallback across tiers is the engine's (`checkpoint.drivers.restore.restore_newest`); this
+module loads one candidate into a torch state, in two rounds:
 
 1. open: read the manifest and match it against the state (names, global shapes, dtype kinds)
    and plan the reads. A mismatch raises at once on every rank, naming the tensor: it is not
@@ -21,19 +22,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from elastickit.checkpoint.coord import Coordinator, gather_or_raise
+from elastickit.checkpoint.drivers.restore import Candidate, restore_newest
 from elastickit.checkpoint.errors import DataError, MismatchError, RankFailure, RequestError
 from elastickit.checkpoint.events import EventLog
 from elastickit.checkpoint.plan.matching import (
     RestoreReport,
     check_fit,
-    describe_gap,
     merge_missing,
     restored_names,
     unused_names,
     used_bitmap,
 )
 from elastickit.checkpoint.plan.pieces import PieceRule
-from elastickit.checkpoint.snapshot import Snapshot
+from elastickit.checkpoint.storage.memory import MemoryTier
 from elastickit.checkpoint.storage.tier import Tier
 from elastickit.loading import Loader, SnapshotLoader
 from elastickit.rng import set_rng_state
@@ -48,9 +49,9 @@ class Sources:
     Attributes:
         coord: the store all-gather of the Checkpointer.
         peer_group: the gloo group for peer fetches (local tier).
-        memory: this rank's in-memory snapshots.
-        tiers: the tiers below memory, fastest first (any `storage.tier.Tier`: a node-local
-            directory, a directory, an object store); a restore tries them in this order.
+        tiers: every tier, fastest first (any `storage.tier.Tier`: this process's memory
+            snapshots, a node-local directory, a directory, an object store); a restore tries
+            them in this order.
         rule: the resharding rules' piece rule for this rank.
         rng: restore each rank's RNG state when the world size is unchanged.
         root: the Checkpointer's root (for messages).
@@ -59,7 +60,6 @@ class Sources:
 
     coord: Coordinator
     peer_group: Any
-    memory: Sequence[Snapshot]
     tiers: Sequence[Tier]
     rule: PieceRule | None
     rng: bool
@@ -69,53 +69,21 @@ class Sources:
 
 def restore_state(src: Sources, state: Mapping[str, Any], *, step: int | None, strict: bool) -> RestoreReport | None:
     """Load the freshest checkpoint that fits `state` (or `step`); None when there is none."""
-    coord = src.coord
-    mine = {"memory": [s.step for s in src.memory], **{t.name: t.inventory(coord.rank) for t in src.tiers}}
-    found = candidates(coord.all_gather(mine, phase="restore inventory"), src.tiers)
-    if step is not None:
-        found = [c for c in found if c.step == step]
-        if not found:
-            raise RequestError(f"no tier holds a committed checkpoint of step {step} under {src.root}")
-    reasons: list[str] = []
-    for cand in found:
-        what = f"step {cand.step} on the {cand.tier} tier"
-        if cand.unservable:  # committed, but the tier cannot serve it whole: skipped like a failure
-            reasons.append(f"{what}: {cand.unservable}")
-            log.warning("elastickit: cannot restore %s (%s); trying the next", what, cand.unservable)
-            if coord.rank == 0:
-                src.events.emit("restore_fallback", step=cand.step, tier=cand.tier, reason=cand.unservable)
-            continue
-        try:
-            report = _restore_one(src, cand, state, strict, what)
-        except RankFailure as e:
-            reasons.append(f"{what}: {e}")
-            log.warning("elastickit: cannot restore %s (%s); trying the next", what, e)
-            if coord.rank == 0:
-                src.events.emit("restore_fallback", step=cand.step, tier=cand.tier, reason=str(e))
-            continue
-        if coord.rank == 0:
-            gap = {"unused": len(report.unused), "missing": len(report.missing)} if report.unused or report.missing else {}
-            src.events.emit("restore", step=cand.step, tier=cand.tier, path=report.path, skipped=reasons, **gap)
-        if report.unused or report.missing:
-            log.warning("elastickit: restored %s with strict=False: %s; they were skipped", what, describe_gap(report.unused, report.missing))
-        log.info("elastickit: restored %s (%s)", what, report.path)
-        return report
-    if reasons:
-        raise DataError(f"no checkpoint under {src.root} could be restored: {'; '.join(reasons)}", path=src.root)
-    return None
+    load = lambda cand, what: _restore_one(src, cand, state, strict, what)
+    return restore_newest(src.coord, src.tiers, load, events=src.events, root=src.root, step=step)
 
 
 def _restore_one(src: Sources, cand: Candidate, state: Mapping[str, Any], strict: bool, what: str) -> RestoreReport:
     """Open, match and load one candidate on every rank; RankFailure means: try the next."""
     coord = src.coord
     tier = cand.source
-    path = tier.step_where(cand.step) if tier is not None else "memory"
+    path = tier.step_where(cand.step)
     loader: Loader | SnapshotLoader | None = None
     names: list[str] = []
     opened: dict[str, Any] = {"error": None, "kind": "", "missing": [], "unused": [], "used": ""}
     try:
-        if tier is None:
-            loader = SnapshotLoader(next(s for s in src.memory if s.step == cand.step), state, src.rule)
+        if isinstance(tier, MemoryTier):
+            loader = SnapshotLoader(tier.snapshot(cand.step), state, src.rule)
             opened.update(missing=loader.missing, unused=loader.unused)
         else:
             manifest = tier.restore_manifest(coord, cand.step)  # a node-local tier shares it
@@ -130,7 +98,7 @@ def _restore_one(src: Sources, cand: Candidate, state: Mapping[str, Any], strict
     got = coord.all_gather(opened, phase=f"restore plan of {what}")
     _raise_failures(got, coord.world_size, what)
     missing = merge_missing(g["missing"] for g in got)
-    if tier is None:
+    if isinstance(loader, SnapshotLoader):
         unused = merge_missing(g["unused"] for g in got)
     else:
         unused = unused_names(names, (g["used"] for g in got))
@@ -145,7 +113,6 @@ def _restore_one(src: Sources, cand: Candidate, state: Mapping[str, Any], strict
             rng = (loader.snap.rank_object or {}).get("rng")
             nbytes = loader.snap.nbytes
         else:
-            assert tier is not None
             fetched = tier.bring_files(coord, src.peer_group, loader.manifest, loader.files())  # from buddies
             loader.run(tier.open_step(cand.step, loader.manifest))
             nbytes = loader.plan.bytes_read
@@ -158,38 +125,6 @@ def _restore_one(src: Sources, cand: Candidate, state: Mapping[str, Any], strict
     gather_or_raise(coord, error, None, phase=f"restore of {what}")
     return RestoreReport(step=cand.step, tier=cand.tier, path=path, unused=tuple(unused), missing=tuple(missing),
                          bytes=nbytes, fetched=tuple(fetched))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Candidate:
-    """A checkpoint some tier can serve: its step, the tier's name, and the tier (None: this
-    process's memory snapshots). `unservable`: why the tier holds the step committed but cannot
-    serve it whole (the restore skips it, saying so)."""
-
-    step: int
-    tier: str
-    source: Tier | None = None
-    unservable: str = ""
-
-
-def candidates(gathered: list[dict[str, Any]], tiers: Sequence[Tier]) -> list[Candidate]:
-    """Every restorable (step, tier), freshest first, the faster tier first for equal steps.
-
-    `gathered[r]` is rank r's inventory: {"memory": [steps], <tier name>: tier.inventory(r)}.
-    A memory snapshot counts when every rank holds it; a tier says itself what it can serve,
-    and what it holds but cannot serve (a candidate with `unservable` set, in the same order).
-    """
-    out: list[tuple[int, int, Candidate]] = []
-    mem = [set(g.get("memory", [])) for g in gathered]
-    for step in set.intersection(*mem) if mem else set():
-        out.append((-step, 0, Candidate(step=step, tier="memory")))
-    for order, t in enumerate(tiers, start=1):
-        inventories = [g.get(t.name) for g in gathered]
-        for step in t.restorable(inventories):
-            out.append((-step, order, Candidate(step=step, tier=t.name, source=t)))
-        for step, why in t.unservable(inventories).items():
-            out.append((-step, order, Candidate(step=step, tier=t.name, source=t, unservable=why)))
-    return [c for _, _, c in sorted(out, key=lambda x: (x[0], x[1]))]
 
 
 def _raise_failures(got: list[dict[str, Any]], world_size: int, what: str) -> None:

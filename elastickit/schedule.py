@@ -15,8 +15,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from elastickit.checkpoint.coord import Coordinator, gather_or_raise
+from elastickit.checkpoint.drivers.threads import lower_priority
 from elastickit.checkpoint.policy import IntervalPolicy
-from elastickit.checkpoint.threads import lower_priority
 
 
 class SaveSchedule:

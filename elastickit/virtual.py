@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
+from elastickit.checkpoint.drivers.writer import SaveRequest, write_checkpoint
 from elastickit.checkpoint.format.directory import StepDir
 from elastickit.checkpoint.format.manifest import Manifest
 from elastickit.checkpoint.plan.pieces import load_items, save_items
-from elastickit.checkpoint.writer import SaveRequest, write_checkpoint
 from elastickit.reshard.executor import execute
 from elastickit.reshard.layout import ParallelLayout
 from elastickit.reshard.planner import plan_reads

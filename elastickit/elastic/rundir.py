@@ -17,6 +17,8 @@ import os
 import time
 from typing import Any
 
+from elastickit.checkpoint.format.integrity import atomic_write
+
 __all__ = [
     "NodeRecord",
     "Phases",
@@ -168,10 +170,8 @@ class RunDir:
                 for n in sorted(nodes, key=lambda n: n.node)
             ]
         }
-        tmp = f"{self.nodes}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-        os.replace(tmp, self.nodes)
+        # Atomic for readers (the dashboard), not fsynced: a live view, rewritten at each change.
+        atomic_write(self.nodes, json.dumps(doc, indent=1), fsync=False)
 
 
 def _lines(path: str) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 from elastickit.checkpoint.errors import DataError, RequestError
-from elastickit.checkpoint.objstore import ObjectRoot
+from elastickit.checkpoint.storage.objstore import ObjectRoot
 from elastickit.checkpoint.tiers import Tiers, TierSpec
 from typer.testing import CliRunner
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from elastickit.checkpoint.errors import CorruptCheckpointError, RequestError
 from elastickit.checkpoint.format.stfile import StFile, write_file
-from elastickit.checkpoint.objio import S3Upload
-from elastickit.checkpoint.objstore import ObjectRoot, open_filesystem, redact
+from elastickit.checkpoint.storage.objio import S3Upload
+from elastickit.checkpoint.storage.objstore import ObjectRoot, open_filesystem, redact
 
 from tests._s3 import s3fs_client
 

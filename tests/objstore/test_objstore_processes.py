@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 from elastickit.checkpoint.errors import RequestError
-from elastickit.checkpoint.objstore import ObjectRoot
+from elastickit.checkpoint.storage.objstore import ObjectRoot
 
 import elastickit as ek
 from tests._dist import run_ranks

@@ -299,7 +299,7 @@ def _install_s3() -> None:
     elastickit upload's S3 calls (create/upload_part/complete_multipart_upload, put_object) and
     s3fs's pipe_file (the manifest PUT), rm_file and rm (retention)."""
     import s3fs
-    from elastickit.checkpoint import objio
+    from elastickit.checkpoint.storage import objio
 
     call = objio.S3Upload._call
 

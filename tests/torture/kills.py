@@ -451,7 +451,7 @@ def survey(work: str, config: str) -> Survey:
 def _survey_objects(url: str, sv: Survey) -> None:
     """Verify every committed step of an object-store root (every byte against its checksums)."""
     from elastickit.checkpoint.errors import ElastickitError
-    from elastickit.checkpoint.objstore import ObjectRoot
+    from elastickit.checkpoint.storage.objstore import ObjectRoot
 
     store = ObjectRoot(url)
     store.fs.invalidate_cache()  # the listing as the store has it now, not as this process saw it
@@ -472,7 +472,7 @@ def leftovers(work: str, config: str, newest: int) -> list[str]:
     out = []
     t = job_mod.tiers(config, work)
     if t.persistent is not None and "://" in (t.persistent.path or ""):
-        from elastickit.checkpoint.objstore import ObjectRoot
+        from elastickit.checkpoint.storage.objstore import ObjectRoot
 
         store = ObjectRoot(t.persistent.path)
         store.fs.invalidate_cache()

@@ -7,14 +7,14 @@ import time
 
 import pytest
 import torch
+from elastickit.checkpoint.drivers import snapshot as snapshot_mod
+from elastickit.checkpoint.events import read_events
+from elastickit.checkpoint.format.directory import list_checkpoints
+from elastickit.checkpoint.policy import IntervalPolicy, mtbf_from_events, young_daly_interval_s
+from elastickit.checkpoint.storage import files as writer_mod
+from elastickit.checkpoint.tiers import Tiers, TierSpec
 
 import elastickit as ek
-from elastickit.checkpoint import snapshot as snapshot_mod
-from elastickit.checkpoint.storage import files as writer_mod
-from elastickit.checkpoint.format.directory import list_checkpoints
-from elastickit.checkpoint.events import read_events
-from elastickit.checkpoint.policy import IntervalPolicy, mtbf_from_events, young_daly_interval_s
-from elastickit.checkpoint.tiers import TierSpec, Tiers
 
 
 class Net(torch.nn.Module):
@@ -41,40 +41,6 @@ def _train_step(m, o):
 
 
 @pytest.fixture
-def slow_copy(monkeypatch):
-    """Make every background copy take a while, and record when copies end and steps start."""
-    log = []
-    real = snapshot_mod.Snapshotter._copy
-
-    def slow(self, snap, sources, event):
-        time.sleep(0.3)
-        real(self, snap, sources, event)
-        log.append(("copied", snap.step))
-
-    monkeypatch.setattr(snapshot_mod.Snapshotter, "_copy", slow)
-    return log
-
-
-def test_fence_keeps_the_snapshot_exact(tmp_path, slow_copy):
-    m, o = _setup()
-    ck = ek.Checkpointer(str(tmp_path))
-    _train_step(m, o)
-    expect_w = m.lin.weight.detach().clone()
-    expect_seen = m.seen.clone()
-    h = ck.save(1, {"model": m, "optim": o})  # installs the fence hook
-    o.register_step_pre_hook(lambda *a: slow_copy.append(("step", None)))  # runs after the fence
-    assert not h.staged.done()  # save returned before the copy finished
-    _train_step(m, o)  # forward changes the buffer at once; the step waits at the fence
-    assert slow_copy[:2] == [("copied", 1), ("step", None)]
-    assert not torch.equal(m.lin.weight, expect_w)
-    ck.close()
-    m2, o2 = _setup(1)
-    assert ek.Checkpointer(str(tmp_path)).restore({"model": m2, "optim": o2}) == 1
-    assert torch.equal(m2.lin.weight, expect_w)
-    assert torch.equal(m2.seen, expect_seen)  # copied eagerly: no optimizer fences it
-
-
-@pytest.fixture
 def gated_copy(monkeypatch):
     """Every background copy waits until `gate` is set (or 10 s): whoever runs before the fence
     can open it, whoever runs after the fence cannot."""
@@ -88,6 +54,27 @@ def gated_copy(monkeypatch):
 
     monkeypatch.setattr(snapshot_mod.Snapshotter, "_copy", gated)
     return gate, log
+
+
+def test_fence_keeps_the_snapshot_exact(tmp_path, gated_copy):
+    gate, log = gated_copy
+    m, o = _setup()
+    ck = ek.Checkpointer(str(tmp_path))
+    _train_step(m, o)
+    expect_w = m.lin.weight.detach().clone()
+    expect_seen = m.seen.clone()
+    h = ck.save(1, {"model": m, "optim": o})  # installs the fence hook
+    o.register_step_pre_hook(lambda *a: log.append(("step", None)))  # runs after the fence
+    assert not h.staged.done()  # save returned before the copy finished
+    m.register_forward_hook(lambda *a: gate.set())  # the copy goes on once forward ran
+    _train_step(m, o)  # forward changes the buffer at once; the step waits at the fence
+    assert log[:2] == [("copied", 1), ("step", None)]
+    assert not torch.equal(m.lin.weight, expect_w)
+    ck.close()
+    m2, o2 = _setup(1)
+    assert ek.Checkpointer(str(tmp_path)).restore({"model": m2, "optim": o2}) == 1
+    assert torch.equal(m2.lin.weight, expect_w)
+    assert torch.equal(m2.seen, expect_seen)  # copied eagerly: no optimizer fences it
 
 
 class Custom(torch.optim.SGD):
@@ -178,14 +165,14 @@ def test_slow_persistent_tier_never_blocks_and_newest_wins(tmp_path, monkeypatch
 
 
 def test_no_free_host_buffer_skips_the_save_instead_of_blocking(tmp_path, monkeypatch):
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
     real = writer_mod.write_file
-    monkeypatch.setattr(writer_mod, "write_file", lambda *a, **k: (gate.wait(60), real(*a, **k))[1])
+    monkeypatch.setattr(writer_mod, "write_file", lambda *a, **k: (entered.set(), gate.wait(60), real(*a, **k))[2])
     m, o = _setup()
     ck = ek.Checkpointer(str(tmp_path), tiers=Tiers(host_buffers=1, memory=None))
     h1 = ck.save(1, {"model": m})
     h1.staged.result()
-    time.sleep(0.2)  # let the tier claim step 1
+    assert entered.wait(10)  # the tier took step 1 and is stuck writing it
     h2 = ck.save(2, {"model": m})
     assert (h1.scheduled, h2.scheduled) == (True, False) and "no host buffer" in h2.reason
     gate.set()

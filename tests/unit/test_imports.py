@@ -81,7 +81,7 @@ def test_reshard_may_read_the_format_and_the_plan_only(tmp_path, monkeypatch):
         "from elastickit.checkpoint.format.manifest import Manifest\n"
         "from elastickit.checkpoint.plan.save import build_manifest\n"
         "from elastickit.checkpoint.errors import DataError\n"
-        "from elastickit.checkpoint.writer import SaveRequest\n"
+        "from elastickit.checkpoint.drivers.writer import SaveRequest\n"
         "import elastickit.checkpoint.coord\n"
     )
     (tmp_path / "reshard" / "adapters" / "y.py").write_text(
@@ -90,7 +90,7 @@ def test_reshard_may_read_the_format_and_the_plan_only(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert _violations("reshard", ALLOWED["reshard"]) == [
         "reshard/adapters/y.py:2 imports elastickit.checkpoint.catalog",
-        "reshard/x.py:4 imports elastickit.checkpoint.writer",
+        "reshard/x.py:4 imports elastickit.checkpoint.drivers.writer",
         "reshard/x.py:5 imports elastickit.checkpoint.coord",
     ]
 

@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .coord import Coordinator, gather_or_raise
-from .format.items import SaveItem
-from .format.manifest import MANIFEST_NAME, FileRecord, LayoutRecord, Manifest, rank_file_name
-from .plan.save import PlanCache, SavePlan, build_manifest, describe_items
-from .storage.files import DirTier, RootGoneError
+from ..coord import Coordinator, gather_or_raise
+from ..format.items import SaveItem
+from ..format.manifest import MANIFEST_NAME, FileRecord, LayoutRecord, Manifest, rank_file_name
+from ..plan.save import PlanCache, SavePlan, build_manifest, describe_items
+from ..storage.files import DirTier, RootGoneError
 
 if TYPE_CHECKING:
-    from .storage.tier import Tier
+    from ..storage.tier import Tier
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

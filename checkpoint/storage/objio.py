@@ -28,10 +28,10 @@ from typing import Any
 import torch
 import zstandard
 
-from .errors import CorruptCheckpointError, DataError
-from .format.integrity import checksum, new_hasher
-from .format.manifest import FileRecord
-from .format.stfile import torch_dtype
+from ..errors import CorruptCheckpointError, DataError
+from ..format.integrity import checksum, new_hasher
+from ..format.manifest import FileRecord
+from ..format.stfile import torch_dtype
 
 PART_BYTES = 16 << 20  # S3 parts must be >= 5 MiB (but the last); 16 MiB: few requests, small buffers
 MAX_INFLIGHT = 4  # parts uploading while the next one fills: memory (4 + 1) x 16 MiB

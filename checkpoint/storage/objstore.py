@@ -23,18 +23,18 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import (
+from ..errors import (
     CorruptCheckpointError,
     DataError,
     ElastickitError,
     IncompleteCheckpointError,
     RequestError,
 )
-from .format.directory import CheckpointInfo, Problem
-from .format.manifest import MANIFEST_NAME, STEP_DIR_RE, FileRecord, Manifest, step_dir_name
-from .format.stfile import write_stream
+from ..format.directory import CheckpointInfo, Problem
+from ..format.manifest import MANIFEST_NAME, STEP_DIR_RE, FileRecord, Manifest, step_dir_name
+from ..format.stfile import write_stream
 from .objio import RangedFile, is_s3, open_upload
-from .storage.tier import retain_order, shared_restorable
+from .tier import retain_order, shared_restorable
 
 if TYPE_CHECKING:  # the CLI's torch-free paths import this module
     import torch

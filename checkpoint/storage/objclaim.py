@@ -35,10 +35,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import RequestError
-from .format.directory import RUN_FILE
-from .format.manifest import MANIFEST_NAME, STEP_DIR_RE
-from .lock import LOCK_NAME
+from ..errors import RequestError
+from ..format.directory import RUN_FILE
+from ..format.manifest import MANIFEST_NAME, STEP_DIR_RE
+from ..lock import LOCK_NAME
 from .objstore import ObjectRoot, store_error
 
 log = logging.getLogger("elastickit")

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .format.items import SaveItem
+from ..format.items import SaveItem
 
 #: A tier may write a tensor once its batch is copied: batches big enough to cost little Python
 #: time per byte, small enough that the write overlaps the copy.
