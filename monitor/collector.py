@@ -108,6 +108,7 @@ class Collector:
         self._changed_at: dict[int, float] = {}
         self._seen: set[tuple[str, tuple[int, ...]]] = set()
         self._aborted = False  # after an abort, ranks exiting is our doing, not a crash
+        self._ended = False  # every rank finished the job: ranks exiting is the end, not a crash
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._file = None
@@ -210,7 +211,7 @@ class Collector:
         new = [
             e
             for e in found
-            if e.key not in self._seen and not (self._aborted and e.type == "crash")
+            if e.key not in self._seen and not ((self._aborted or self._ended) and e.type == "crash")
         ]
         for e in new:
             self._seen.add(e.key)
@@ -259,13 +260,23 @@ class Collector:
         crashed = {r for e in self.events if e.type == "crash" for r in e.ranks}
         return all(hb.state == "closed" or r in crashed for r, hb in self._beats.items())
 
-    def close(self, *, final_wait_s: float | None = None) -> None:
-        """Stop polling; first give ranks still running up to `final_wait_s` (default: the
-        crash silence bound) to close or be found crashed, so a crash that brings the job
-        down is still reported."""
+    def stop_polling(self) -> None:
+        """Stop the background polls; `close()` still reads what is left. A job about to end
+        calls it before its last barrier, so that no poll runs while the ranks leave."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
+
+    def close(self, *, final_wait_s: float | None = None, ended: bool = False) -> None:
+        """Stop polling; first give ranks still running up to `final_wait_s` (default: the
+        crash silence bound) to close or be found crashed, so a crash that brings the job
+        down is still reported.
+
+        `ended`: every rank finished the job (each closed its reporter, then all met in a
+        barrier), so their last summaries are in the store: one last read, and a rank seen
+        leaving now is not a crash (its goodbye can lose the race with its exit)."""
+        self.stop_polling()
+        self._ended = ended
         wait = (
             self.config.crash_silence_s + 2 * self.poll_s if final_wait_s is None else final_wait_s
         )
@@ -275,7 +286,7 @@ class Collector:
                 self.poll_once()
             except Exception:  # noqa: BLE001
                 self.errors += 1
-            if self.settled() or self.clock() >= deadline:
+            if ended or self.settled() or self.clock() >= deadline:
                 break
             time.sleep(self.poll_s)
         if self._file is not None:

@@ -347,9 +347,11 @@ class ElasticWorker:
         import torch.distributed as dist
 
         g.monitor.reporter.close()  # the last summaries are in the store before the barrier
+        if g.monitor.collector is not None:
+            g.monitor.collector.stop_polling()  # no poll while the ranks leave: their exits are the end
         dist.barrier()
         if g.rank == 0:
-            g.monitor.collector.close(final_wait_s=2.0)
+            g.monitor.collector.close(final_wait_s=2.0, ended=True)
             self.membership.finish({"step": cfg.steps, "time": time.time()})
         return None
 

@@ -103,6 +103,28 @@ def test_silent_rank_is_reported_as_crash() -> None:
     assert col.poll_once() == []  # reported once
 
 
+def test_a_rank_leaving_after_the_job_ended_is_no_crash() -> None:
+    """A job that ended (every reporter closed, then a barrier) tells the collector so: a rank
+    whose goodbye lost the race with its exit is not reported as crashed, while the same exit
+    without `ended` is (the elastic demo's dashboard once showed two such false crashes)."""
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(gone.stdout)  # a process of this host that has exited
+    for ended, want in ((True, []), (False, [("crash", (1,))])):
+        store = MemStore()
+        col = Collector(store, world_size=2, poll_s=0.01, on_abort=None)
+        for r in range(2):
+            store.set(heartbeat_key("ekmon", r), Heartbeat(
+                rank=r, pid=pid, host=socket.gethostname(), beat=1, time_s=0.0, step=9,
+                state="closed" if r == 0 else "running").to_json())
+        col.stop_polling()
+        col.close(final_wait_s=0.05, ended=ended)
+        assert [(e.type, e.ranks) for e in col.events] == want
+
+
 def test_hang_aborts_through_the_store_and_metrics_are_served() -> None:
     store = MemStore()
     aborted: list = []
