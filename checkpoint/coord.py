@@ -99,7 +99,7 @@ class StoreCoordinator:
             try:
                 self._wait(keys)
             except Exception as e:  # the store's timeout error type differs across versions
-                missing = [r for r, k in enumerate(keys) if not self._has(k)]
+                missing = self._missing(keys)
                 raise RankFailure(
                     f"rank(s) {missing} did not reach checkpoint phase {phase!r} within "
                     f"{self._timeout.total_seconds():.0f} s ({e}); a rank died or hangs",
@@ -127,11 +127,21 @@ class StoreCoordinator:
             time.sleep(pause)
             pause = min(pause * 1.5, 0.005)
 
-    def _has(self, key: str) -> bool:
-        try:
-            return bool(self._store.check([key]))
-        except Exception:  # a store that cannot answer: count the rank as missing
-            return False
+    def _missing(self, keys: list[str]) -> list[int]:
+        """The ranks whose key is not in the store. Once the store cannot answer (its connection
+        was shut: an elastic job aborting a generation does it on purpose), the rest count as
+        missing without asking: each failed request on a dead connection costs a warning and a
+        reverse DNS lookup in c10d, dozens at once after a hang."""
+        out = []
+        for r, key in enumerate(keys):
+            if r == self._rank:
+                continue  # its own key was set before the wait
+            try:
+                if not self._store.check([key]):
+                    out.append(r)
+            except Exception:  # noqa: BLE001 - any failure: the connection is gone
+                return out + [q for q in range(r, len(keys)) if q != self._rank]
+        return out
 
 
 def gather_or_raise(coord: Coordinator, error: str | None, payload: Any, *, phase: str) -> list[Any]:
