@@ -64,7 +64,7 @@ def inspect_checkpoint(path: str) -> dict[str, Any]:
     if is_url(path):
         from elastickit.remote import inspect_object
 
-        return inspect_object(path)
+        return describe(*inspect_object(path))
     ckpt = resolve_elastickit(path)
     m = load_manifest(ckpt)
     present = {}

@@ -79,8 +79,9 @@ def list_object_root(url: str) -> list[dict[str, Any]]:
     return rows
 
 
-def inspect_object(url: str) -> dict[str, Any]:
-    """`inspection.inspect_checkpoint` for a URL (the manifest and the objects' sizes)."""
+def inspect_object(url: str) -> tuple[str, Any, dict[str, str]]:
+    """What `inspection.inspect_checkpoint` describes for a URL: the step's URL, its manifest,
+    and each rank file's state from the objects' sizes ("ok", "missing", "size mismatch")."""
     root, step = object_step(url)
     m = root.read_manifest(step)
     sizes = root.objects().get(step, {})
@@ -88,9 +89,7 @@ def inspect_object(url: str) -> dict[str, Any]:
         n: "ok" if sizes.get(n) == r.size_bytes else ("missing" if n not in sizes else "size mismatch")
         for n, r in m.files.items()
     }
-    from elastickit.inspection import describe
-
-    return describe(root.step_url(step), m, present)
+    return root.step_url(step), m, present
 
 
 def verify_object(url: str) -> dict[str, Any]:
