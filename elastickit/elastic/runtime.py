@@ -460,7 +460,7 @@ def _restore_info(last: Any) -> dict[str, Any]:
 
 def _hang_faults(texts: Sequence[str]) -> frozenset[tuple[int, int]]:
     """(rank, step) of each `hang:rank=R:step=S` (checked when the flags were parsed)."""
-    from .simulate import parse_node_fault
+    from .injection import parse_node_fault
 
     faults = [parse_node_fault(t, nodes=1 << 30) for t in texts]
     return frozenset((f.rank, f.step) for f in faults if f.kind == "hang")

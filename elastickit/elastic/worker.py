@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from(args: argparse.Namespace) -> ElasticConfig:
     """The ElasticConfig of parsed worker flags (ValueError names a bad flag)."""
     from .config import ElasticConfig
-    from .simulate import parse_node_fault
+    from .injection import parse_node_fault
 
     for text in args.inject:
         if parse_node_fault(text, nodes=1 << 30).kind != "hang":
