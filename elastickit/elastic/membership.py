@@ -368,6 +368,10 @@ class Membership:
         since = self.progress_s()
         return since is not None and since < self.hang_s
 
+    def _recent_gaps(self, member_id: str) -> list[float]:
+        with self._lock:  # the watcher appends while the training thread reads
+            return list(self._gaps.get(member_id, ()))
+
     def silence_bound(self, member_id: str) -> float:
         """How long `member_id` may be silent: `hang_s` while it trains, or 2.5x the longest of
         its recent heartbeat intervals when the machine is so loaded that it beats that
@@ -375,7 +379,7 @@ class Membership:
         generation (connecting, building, restoring: long stretches of Python holding the
         interpreter) the bound is `form_s` (a crash is still seen at once: its process is gone,
         or its peers' connections break)."""
-        gaps = self._gaps.get(member_id)
+        gaps = self._recent_gaps(member_id)
         bound = self.hang_s if not gaps else min(5 * self.hang_s, max(self.hang_s, 2.5 * max(gaps)))
         if self._states.get(member_id) != "training":
             bound = max(bound, self.form_s)
@@ -422,6 +426,9 @@ class Membership:
             plan = Plan.from_json(s.get(f"plan/{gen}"))
             self._adopt(plan)
             return plan
+        seen_failed = list(failed)
+        if failed:
+            failed = [*failed, *self._gone_with(failed, s)]
         alive = [m for m in self.alive_members() if m not in failed]
         members = [self.members[m] for m in alive]
         layout, grad_accum, active, spares, reason = self.planner(members, base)
@@ -434,8 +441,8 @@ class Membership:
                 cause_found = cause_found or injected["kind"]
                 fault_time = float(injected["time"])
             else:
-                cause_found = cause_found or ("crash" if all(self.exited(m) for m in failed) else "hang")
-                fault_time = min(self.last_seen(m) for m in failed)
+                cause_found = cause_found or ("crash" if all(self.exited(m) for m in seen_failed) else "hang")
+                fault_time = min(self.last_seen(m) for m in seen_failed)
         if failed:
             # Members of the old plan that nobody counted alive went with the failure too (a
             # node's other workers die a moment after the first one is seen gone).
@@ -448,7 +455,7 @@ class Membership:
             spares=spares,
             cause=cause_found or ("start" if base is None else "join"),
             failed=tuple(failed),
-            failed_ranks=tuple(prev_active.index(m) for m in failed if m in prev_active),
+            failed_ranks=tuple(sorted(prev_active.index(m) for m in failed if m in prev_active)),
             failed_node=failed_node,
             joined=tuple(m for m in active if m not in prev_active) if base is not None else (),
             fault_time=fault_time,
@@ -466,6 +473,44 @@ class Membership:
                  list(failed), plan.layout or plan.reason, held.proposer)
         self._adopt(held)
         return held
+
+    def _gone_with(self, failed: Sequence[str], s: Any) -> list[str]:
+        """The members of a failed member's node that do not prove alive: they beat twice
+        more (a beat already on its way when its process was killed proves nothing) or they
+        went too. A node's workers die within moments of each other (its agent killed, the
+        machine lost), so the one seen first must not leave its siblings counted alive: they
+        would become spares or, worse, ranks of the next plan that never arrive."""
+        nodes = {self.members[m].node for m in failed if m in self.members}
+        siblings = [m for m in self.alive_members()
+                    if m not in failed and m != self.me.id and self.members[m].node in nodes]
+        if not siblings:
+            return []
+        start = dict(zip(siblings, (int(v) for v in s.multi_get([f"hb/{m}" for m in siblings])), strict=True))
+        now = time.monotonic()
+        deadline = {m: now + self._confirm_s(m) for m in siblings}
+        pending, gone = set(siblings), []
+        while pending:
+            beats = dict(zip(sorted(pending), s.multi_get([f"hb/{m}" for m in sorted(pending)]), strict=True))
+            now = time.monotonic()
+            for m, raw in beats.items():
+                value = int(raw)
+                if value < 0 or self.exited(m) or (value < start[m] + 2 and now > deadline[m]):
+                    gone.append(m)  # said goodbye, exited, or silent past its bound
+                elif value < start[m] + 2:
+                    continue
+                pending.discard(m)
+            if pending:
+                time.sleep(min(self.poll_s / 5, 0.01))
+        if gone:
+            log.info("%s went with %s (same node)", sorted(gone), list(failed))
+        return sorted(gone, key=lambda m: self.members[m].sort_key())
+
+    def _confirm_s(self, member_id: str) -> float:
+        """How long a failed member's sibling gets to beat twice: a few watcher polls, or 3x its
+        longest recent heartbeat interval on a loaded machine, never above its silence bound."""
+        gaps = self._recent_gaps(member_id)
+        wanted = max(5 * self.poll_s, 3 * max(gaps) if gaps else 0.0)
+        return min(wanted, self.silence_bound(member_id))
 
     @staticmethod
     def _injected(s: Any, node: str | None) -> dict[str, Any] | None:

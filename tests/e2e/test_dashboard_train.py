@@ -35,9 +35,14 @@ def test_a_crashed_training_run_on_the_dashboard(tmp_path) -> None:
     assert d["job"]["health"] == "failing"
     assert d["heatmap"]["available"] and d["heatmap"]["ranks"] == [0, 1]
     assert d["heatmap"]["scores"]["1"] > d["heatmap"]["scores"]["0"]
+    # What the disk holds: step 8 is saved in the background while rank 1 runs on to its crash
+    # at step 10, so on a loaded machine it may not be committed when the crash comes (CI saw
+    # that once); step 4 has had six steps of at least 80 ms each to commit.
+    committed = sorted(int(p.name[5:]) for p in (run / "ckpt").glob("step-*") if (p / "manifest.json").is_file())
+    assert committed in ([4], [4, 8]), committed
     persistent = next(t for t in d["checkpoints"]["tiers"] if t["tier"] == "persistent")
-    assert persistent["newest_step"] == 8 and persistent["on_disk"] == [4, 8]
-    assert d["checkpoints"]["what_if"][-1]["step"] == 8
+    assert persistent["newest_step"] == committed[-1] and persistent["on_disk"] == committed
+    assert d["checkpoints"]["what_if"][-1]["step"] == committed[-1]
     assert {e["type"] for e in d["events"]["rows"]} >= {"crash", "checkpoint"}
 
 

@@ -45,8 +45,9 @@ def planner(members, previous):
     return f"pp=1,dp={len(ids)},tp=1", 1, ids, (), ""
 
 
-def _member(store, node: int, pid: int, **kw) -> Membership:
-    me = Member(id=f"{node}.0.host.{pid}", node=str(node), local_rank=0, host=Member.this_process("0", 0).host, pid=pid)
+def _member(store, node: int, pid: int, local_rank: int = 0, **kw) -> Membership:
+    host = Member.this_process("0", 0).host
+    me = Member(id=f"{node}.{local_rank}.host.{pid}", node=str(node), local_rank=local_rank, host=host, pid=pid)
     factory = lambda: dist.PrefixStore("ek/test", dist.TCPStore("127.0.0.1", store.port, is_master=False))
     m = Membership(factory, me, kw.pop("planner", planner), hang_s=kw.pop("hang_s", 0.5), form_s=0.5, poll_s=0.02, **kw)
     m.start()
@@ -106,6 +107,35 @@ def test_a_silent_heartbeat_is_a_hang_and_an_injected_fault_is_named(store, proc
     assert plan.gen == 1
     for m in (ms[0], ms[2]):
         m.leave()
+
+
+@pytest.mark.parametrize("sibling", ["dying", "alive"])
+def test_a_failed_members_node_siblings_go_with_it_unless_they_beat_on(store, procs, sibling):
+    """Node 1 runs two workers; its first one is seen exited. Its sibling, still counted alive
+    (heartbeat within the bound, process not yet gone: killed a moment later, as a node's
+    workers are), goes with it unless it beats on."""
+    ps = [procs() for _ in range(3)]
+    ms = [_member(store, 0, ps[0].pid, hang_s=5.0), _member(store, 1, ps[1].pid, 0, hang_s=5.0),
+          _member(store, 1, ps[2].pid, 1, hang_s=5.0)]
+    plan = ms[0].first_plan(expected=3, timeout_s=10)
+    _until(lambda: all(m.latest is not None for m in ms))
+    for m in ms:
+        m.set_state("training")
+    _silence(ms[0])  # this test proposes for node 0 by hand
+    _silence(ms[1])
+    ps[1].kill()
+    ps[1].wait()
+    if sibling == "dying":
+        _silence(ms[2])  # its process lives, its heartbeat stopped: it is being killed
+    assert ms[0].alive(ms[2].me.id)  # counted alive when the proposal starts
+    nxt = ms[0].propose(plan, failed=[ms[1].me.id])
+    if sibling == "dying":
+        assert nxt.failed == (ms[1].me.id, ms[2].me.id) and nxt.failed_ranks == (1, 2)
+        assert nxt.active == (ms[0].me.id,) and nxt.cause == "crash"
+    else:
+        assert nxt.failed == (ms[1].me.id,) and nxt.failed_ranks == (1,)
+        assert nxt.active == (ms[0].me.id, ms[2].me.id)
+        ms[2].leave()
 
 
 def test_a_clean_exit_is_no_failure(store, procs):
