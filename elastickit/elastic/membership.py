@@ -500,6 +500,7 @@ class Membership:
                     continue
                 pending.discard(m)
             if pending:
+                s.add(f"hb/{self.me.id}", 1)  # the watcher waits here: this member still beats
                 time.sleep(min(self.poll_s / 5, 0.01))
         if gone:
             log.info("%s went with %s (same node)", sorted(gone), list(failed))

@@ -123,10 +123,12 @@ def test_a_failed_members_node_siblings_go_with_it_unless_they_beat_on(store, pr
         m.set_state("training")
     _silence(ms[0])  # this test proposes for node 0 by hand
     _silence(ms[1])
-    ps[1].kill()
-    ps[1].wait()
     if sibling == "dying":
         _silence(ms[2])  # its process lives, its heartbeat stopped: it is being killed
+    # (silenced before the kill: its watcher would otherwise see node 1's first worker exit and
+    # propose the plan itself, without itself among the failed)
+    ps[1].kill()
+    ps[1].wait()
     assert ms[0].alive(ms[2].me.id)  # counted alive when the proposal starts
     nxt = ms[0].propose(plan, failed=[ms[1].me.id])
     if sibling == "dying":
