@@ -4,7 +4,7 @@
 memory tier's snapshots, whether the training thread drains, and per file tier the step it waits
 for, the snapshot handed to it, its flush request and its stop. The saving side (`AsyncWriter`)
 calls `offer`, `flush`, `draining`, `stop`; a tier worker calls `take`, `find_or_wait`,
-`release`, `is_draining`. Neither touches the other's fields.
+`gone`, `release`. Neither touches the other's fields.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from ..storage.memory import MEMORY, MemoryTier
 from .clock import Clock
@@ -19,6 +20,24 @@ from .snapshot import Slot, SlotPool, Snapshot
 
 #: The slot reference the board holds on the newest snapshot (a tier's reference is its name).
 NEWEST = "newest"
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """What a tier worker took from the board for one round of its ranks.
+
+    Attributes:
+        snap: this rank's newest snapshot, pinned for the tier (None: it holds none).
+        fresh: whether `snap` is newer than what the tier last wrote. A stale take joins the
+            round only to answer the other ranks: this rank skipped a save they may hold.
+        stopping: the tier is asked to stop.
+        skipped: the newest step this rank skipped (no free host buffer), -1 for none.
+    """
+
+    snap: Snapshot | None
+    fresh: bool
+    stopping: bool
+    skipped: int
 
 
 class SnapshotBoard:
@@ -41,6 +60,8 @@ class SnapshotBoard:
         self._handed: dict[str, Snapshot] = {}  # tier -> the save of that step, pinned for it
         self._flush: set[str] = set()  # tiers asked to take the newest now, without resting
         self._stopped: set[str] = set()
+        self._attempted = -1  # the newest step the training thread tried to save
+        self._skipped = -1  # the newest step it skipped (no free host buffer)
 
     # The saving side.
 
@@ -48,8 +69,11 @@ class SnapshotBoard:
         """Take a free host buffer, start the snapshot of `step` in it (`start`) and make it the
         newest; None when tiers are writing from every buffer."""
         with self._cond:
+            self._attempted = max(self._attempted, step)
             index = self._free_slot()
             if index is None:
+                self._skipped = max(self._skipped, step)
+                self._cond.notify_all()  # a tier waiting for `step` gives up on it
                 return None
             waiting = [name for name, want in self._wants.items() if want == step]
             refs = {NEWEST, *waiting} | ({MEMORY} if self.memory is not None else set())
@@ -93,44 +117,55 @@ class SnapshotBoard:
     # The tier workers' side.
 
     def take(
-        self, tier: str, tried: Snapshot | None, rest_until: float, resting: Callable[[int], None]
-    ) -> Snapshot | None:
+        self, tier: str, tried: Snapshot | None, rest_until: float, resting: Callable[[int], None], answered: int
+    ) -> Taken | None:
         """Wait until `tier` may take a snapshot newer than `tried` (rested, flushed or
         stopping) and pin it for the tier; None when the tier stops with nothing fresh.
-        `resting(step)` is called each time a fresh snapshot of `step` waits for the rest."""
+        `resting(step)` is called each time a fresh snapshot of `step` waits for the rest.
+
+        Flushed or stopping with nothing fresh, the tier still joins one round (a stale take)
+        when this rank skipped a step newer than `answered` (the newest skip or write its ranks
+        already saw): the other ranks may be waiting in a round for that step, and only this
+        rank can tell them that it will never hold it.
+        """
         with self._cond:
             while True:
                 newest = self._newest
+                stopping = tier in self._stopped
                 if newest is None or newest is tried:
+                    flushed = tier in self._flush
                     self._flush.discard(tier)
-                    if tier in self._stopped:
+                    if (flushed or stopping) and self._skipped > answered:
+                        if newest is not None:
+                            newest.slot.refs.add(tier)
+                        return Taken(newest, fresh=False, stopping=stopping, skipped=self._skipped)
+                    if stopping:
                         return None
                     self._clock.wait(self._cond, None)
                     continue
                 wait = rest_until - self._clock.now()
-                if tier in self._flush or tier in self._stopped or wait <= 0:
+                if tier in self._flush or stopping or wait <= 0:
                     newest.slot.refs.add(tier)
-                    return newest
+                    return Taken(newest, fresh=True, stopping=stopping, skipped=self._skipped)
                 resting(newest.step)
                 self._clock.wait(self._cond, wait)
 
     def find_or_wait(
-        self, tier: str, step: int, mine: Snapshot, deadline: float, waiting: Callable[[], None]
+        self, tier: str, step: int, mine: Snapshot | None, deadline: float, waiting: Callable[[], None]
     ) -> Snapshot | None:
         """This rank's snapshot of `step` pinned for `tier` (`mine`, pinned by `take`, is
-        released unless it is that one); when this rank has not saved `step` yet, wait for the
-        save (calling `waiting` first) until `deadline`, a newer save, a drain or a stop. None
-        when it does not hold `step`."""
+        released unless it is that one); when this rank has not tried to save `step` yet, wait
+        for the save (calling `waiting` first) until `deadline`, a newer save, a skipped one, a
+        drain or a stop. None when it does not hold `step`."""
         with self._cond:
             snap = self._find(step, mine)
-            if snap is None and (self._newest is None or self._newest.step < step):
+            if snap is None and (self._newest is None or self._newest.step < step) and self._attempted < step:
                 self._wants[tier] = step
                 self._handed.pop(tier, None)
                 waiting()
                 while tier not in self._handed and tier not in self._stopped and self._clock.now() < deadline:
-                    newest = self._newest
-                    if newest is not None and newest.step > step:
-                        break  # it skipped `step` (no free buffer): the ranks try again
+                    if self._attempted >= step:
+                        break  # it saved a newer step, or skipped this one (no free buffer)
                     if self._draining:
                         break  # no save arrives while the training thread drains
                     self._clock.wait(self._cond, min(1.0, max(0.0, deadline - self._clock.now())))
@@ -138,9 +173,17 @@ class SnapshotBoard:
                 del self._wants[tier]
             elif snap is not None and snap is not mine:
                 snap.slot.refs.add(tier)
-            if snap is not mine:
+            if mine is not None and snap is not mine:
                 self.pool.release(mine.slot, tier)
             return snap
+
+    def gone(self, tier: str, step: int) -> bool:
+        """Whether this rank will never hold `step` for `tier`: it skipped that save and holds
+        nothing newer, or the training thread drains, or the tier stops."""
+        with self._cond:
+            if self._draining or tier in self._stopped:
+                return True
+            return self._attempted >= step and (self._newest is None or self._newest.step < step)
 
     def release(self, tier: str, snaps: Iterable[Snapshot]) -> None:
         """`tier` is done with `snaps`."""
@@ -148,15 +191,11 @@ class SnapshotBoard:
             for s in snaps:
                 self.pool.release(s.slot, tier)
 
-    def is_draining(self) -> bool:
-        with self._cond:
-            return self._draining
-
     # Internals (with the lock held).
 
-    def _find(self, step: int, mine: Snapshot) -> Snapshot | None:
+    def _find(self, step: int, mine: Snapshot | None) -> Snapshot | None:
         """The newest snapshot of `step` still in a host buffer."""
-        for snap in reversed([mine, *self._live()]):
+        for snap in reversed([*([mine] if mine is not None else []), *self._live()]):
             if snap.step == step and snap.slot.refs:
                 return snap
         return None

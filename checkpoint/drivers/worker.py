@@ -7,11 +7,18 @@ worker as it arrives). The saves in between are skipped by this tier, and the ev
 so. Training never takes part: `save()` only hands its snapshot over.
 
 The worker reads time from its `Clock` and says what it does through `observe(tier, what,
-step)`: "resting" (the snapshot of `step` waits until the tier has rested; said again each
+step)`: "agreeing" (it took its snapshot of `step`, -1 for none, and joins its ranks' round),
+"resting" (the snapshot of `step` waits until the tier has rested; said again each
 time the tier looks and rests on), "waiting" (this rank waits for `step`, which another rank
 holds), "retry" (a rank no
 longer holds the agreed `step`: the ranks take a newer one), "done" (the tier wrote `step` or
-failed to, and reported it). Tests drive the schedule with a `ManualClock` and wait on these.
+failed to, and reported it), "answered" (a flushed or stopping tier told its ranks that this rank
+skipped `step`, and no rank had anything fresh to write).
+
+A rank that skipped a save (no free host buffer) while its tier was busy holds nothing fresh
+afterwards, so its tier would idle while the other ranks' tiers wait in a round for that step.
+Flushed (`wait()`, `restore()`) or stopping (`close()`), such a tier joins one more round to
+say so, and the ranks give that step up at once instead of waiting out their timeout. Tests drive the schedule with a `ManualClock` and wait on these.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from ..format.manifest import Manifest
 from ..plan.save import PlanCache
 from ..storage.tier import Tier
 from ..tiers import TierSpec
-from .board import SnapshotBoard
+from .board import SnapshotBoard, Taken
 from .clock import Clock
 from .context import WriterContext
 from .snapshot import Snapshot
@@ -68,6 +75,7 @@ class TierWorker:
         self._observe = observe
         self._plans = PlanCache()
         self._tried: Snapshot | None = None  # the last snapshot this tier wrote (or failed to)
+        self._answered = -1  # the newest step this rank skipped that its ranks know of
         self._rest_until = float("-inf")
         self._thread = threading.Thread(target=self._run, name=f"elastickit-{self.name}", daemon=True)
         self._thread.start()
@@ -76,17 +84,27 @@ class TierWorker:
         if self._observe is not None:
             self._observe(self.name, what, step)
 
-    def _agree(self, mine: Snapshot) -> tuple[Snapshot | None, int]:
-        """The step every rank writes and this rank's snapshot of it, pinned; (None, step) when
-        some rank no longer holds it (rare: a rank a full step ahead of another), to try again."""
-        board, snap = self._board, None
+    def _agree(self, taken: Taken) -> tuple[Snapshot | None, int]:
+        """The step every rank writes and this rank's snapshot of it, pinned. (None, step) when
+        some rank no longer holds it but a newer save is coming (rare: a rank a full step ahead
+        of another), to try again; (None, -1) when no rank had anything fresh (a round of stale
+        takes only: nothing to write)."""
+        board, mine, snap = self._board, taken.snap, None
         try:
-            got = self._coord.all_gather({"step": mine.step}, phase=f"{self.name} tier: pick a checkpoint")
+            got = self._coord.all_gather(
+                {"step": mine.step if mine is not None else -1, "fresh": taken.fresh},
+                phase=f"{self.name} tier: pick a checkpoint",
+            )
+            self._answered = max(self._answered, taken.skipped)  # every rank has seen it now
+            if not any(g["fresh"] for g in got):
+                if mine is not None:
+                    board.release(self.name, [mine])
+                return None, -1
             target = max(g["step"] for g in got)
             deadline = self._clock.now() + self._ctx.timeout_s
             snap = board.find_or_wait(self.name, target, mine, deadline, lambda: self._note("waiting", target))
             have = self._coord.all_gather(
-                {"ok": snap is not None, "draining": board.is_draining()},
+                {"ok": snap is not None, "gone": snap is None and board.gone(self.name, target)},
                 phase=f"{self.name} tier: confirm step {target}",
             )
         except BaseException:
@@ -96,8 +114,9 @@ class TierWorker:
             if snap is not None:
                 board.release(self.name, [snap])
             missing = [r for r, h in enumerate(have) if not h["ok"]]
-            if any(h["draining"] for h in have):
-                # Nothing newer will come before the drain ends: trying again would not help.
+            if any(h["gone"] for h in have):
+                # It skipped the save, or nothing newer comes before the drain or the stop ends:
+                # trying again would not help.
                 raise ElastickitError(
                     f"step {target} is not held by rank(s) {missing} (they skipped that save: no free "
                     "host buffer), and no newer save came; this tier keeps its previous checkpoint"
@@ -109,15 +128,23 @@ class TierWorker:
         lower_priority()
         clock = self._clock
         while True:
-            mine = self._board.take(self.name, self._tried, self._rest_until, lambda step: self._note("resting", step))
-            if mine is None:
+            taken = self._board.take(
+                self.name, self._tried, self._rest_until, lambda step: self._note("resting", step),
+                max(self._answered, self._tried.step if self._tried is not None else -1),
+            )
+            if taken is None:
                 return
+            mine = taken.snap
             t0 = clock.now()
             cpu0 = clock.thread_cpu()
             stats: dict[str, Any] = {}
-            snap, target, error = None, mine.step, None
+            snap, target, error = None, mine.step if mine is not None else -1, None
+            self._note("agreeing", target)
             try:
-                snap, target = self._agree(mine)
+                snap, target = self._agree(taken)
+                if snap is None and target < 0:
+                    self._note("answered", taken.skipped)
+                    continue  # nobody had anything fresh: this rank's skip is known to all
                 if snap is None:
                     log.info("elastickit: tier %s: a rank no longer holds step %d; taking a newer one", self.name, target)
                     self._tried = None  # try again at once, with the newest
@@ -139,13 +166,14 @@ class TierWorker:
                 error = str(e)
             except Exception as e:  # a tier failure is reported, never raised into training
                 error = f"{type(e).__name__}: {e}"
-            if error is not None and self.tier.retains(self._ctx.rank):
+            if error is not None and target >= 0 and self.tier.retains(self._ctx.rank):
                 self._discard_partial(target)
             cpu_s = clock.thread_cpu() - cpu0
             stats["cpu_s"] = round(cpu_s, 6)
             if snap is not None:
                 self._board.release(self.name, [snap])
-            self._tried = snap if snap is not None else mine
+            if snap is not None or mine is not None:
+                self._tried = snap if snap is not None else mine
             self._rest_until = clock.now() + self._rest_s(cpu_s, failed=error is not None)
             self._report(self.name, snap, target, error, stats)
             self._note("done", target)

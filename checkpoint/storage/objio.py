@@ -1,13 +1,15 @@
 """Bytes to and from object storage: a streamed multipart upload and a ranged, verified reader.
 
 `open_upload` returns a writable that `stfile.write_stream` writes a rank file into. On S3 (and
-S3-compatible servers) it is our own multipart upload: the stream fills one part buffer at a
-time and up to `max_inflight` parts travel at once while the next is filled, so memory holds
-`(max_inflight + 1) * part_bytes`, never a second copy of the file, and the network overlaps
-the hashing. Nothing is visible under the object's name until the upload completes (S3 makes
-the object appear atomically); a process killed midway leaves only unreferenced parts, which
-`abort` (or the bucket's lifecycle rule) removes. Other fsspec backends (gcs, az, ...) get
-their own buffered writer with the same bounded block size.
+S3-compatible servers) it is our own multipart upload. Uncompressed, the parts are sent
+straight from the host snapshot's tensors (`borrow`): the upload holds no copy of the data, and
+each part is read by the HTTP client 256 KiB at a time (`PartBody`). A zstd stream fills part
+buffers instead, at most `max_inflight + 1` of them. Up to `max_inflight` parts travel at once
+while the stream goes on, so the network overlaps the hashing. Nothing is visible under the
+object's name until the upload completes (S3 makes the object appear atomically); a process
+killed midway leaves only unreferenced parts, which `abort` (or the bucket's lifecycle rule)
+removes. Other fsspec backends (gcs, az, ...) get their own buffered writer with the same
+bounded block size.
 
 `RangedFile` is `stfile.StFile` for an object: it reads the header with one ranged GET and each
 stored tensor with ranged GETs (split in parts fetched concurrently), verifies the tensor's
@@ -17,10 +19,11 @@ checksum before handing it out, and keeps only the tensors not yet released.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import struct
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -34,10 +37,73 @@ from ..format.manifest import FileRecord
 from ..format.stfile import torch_dtype
 
 PART_BYTES = 16 << 20  # S3 parts must be >= 5 MiB (but the last); 16 MiB: few requests, small buffers
-MAX_INFLIGHT = 4  # parts uploading while the next one fills: memory (4 + 1) x 16 MiB
+MAX_INFLIGHT = 4  # parts uploading while the next one fills (copy buffers: (4 + 1) x 16 MiB)
 READ_PART_BYTES = 16 << 20  # a ranged read is split in parts this size, fetched concurrently
 READ_WINDOW_BYTES = 64 << 20  # small tensors the reader will want are fetched together, up to this
 _HEAD_GUESS = 64 << 10  # the first GET reads this much: most headers fit
+
+
+class PartBody(io.RawIOBase):
+    """The bytes of one part (a list of buffers, read in order) as the body of a request.
+
+    Handed a bytes-like body, the HTTP client copies it whole: aiohttp slices a bytearray,
+    joins the headers and the body into one new buffer (Python before 3.12.9), and asyncio's
+    transport keeps a copy of what the socket did not take at once; up to three copies of every
+    part in flight. Read as a stream, aiohttp sends 256 KiB at a time and waits for the socket,
+    so a part costs nothing beyond the buffers it reads.
+
+    Every reader reads the whole part from its start: botocore's checksum, then the HTTP
+    client, then any retry (s3fs retries a request with the same body, botocore rewinds it).
+    So `tell()`, which each of them calls before it reads, starts the part again; a reader that
+    stopped midway is never resumed. (A body sent wrong is refused by the store: its length and
+    its checksum header are those of the whole part.)
+    """
+
+    def __init__(self, segments: Sequence[bytes | bytearray | memoryview]) -> None:
+        super().__init__()
+        self._segs = [memoryview(s).cast("B") for s in segments]
+        self._size = sum(len(s) for s in self._segs)
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        self._pos = 0  # a new reader (see the class docstring)
+        return 0
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = min(max(base + offset, 0), self._size)
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = self._size if size is None or size < 0 else min(self._pos + size, self._size)
+        out, at = [], 0
+        for seg in self._segs:  # few segments: a part is 2-3 stream chunks or one buffer
+            lo, hi = max(self._pos - at, 0), min(end - at, len(seg))
+            if lo < hi:
+                out.append(seg[lo:hi])
+            at += len(seg)
+            if at >= end:
+                break
+        self._pos = end
+        return b"".join(out)
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        memoryview(b).cast("B")[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._segs = []  # the buffers go back to their owner
+        super().close()
 
 
 def is_s3(fs: Any) -> bool:
@@ -49,63 +115,89 @@ def is_s3(fs: Any) -> bool:
 class S3Upload:
     """One object written by an S3 multipart upload from a stream (see the module docstring).
 
-    `write` copies into the current part buffer; a full buffer is uploaded by a worker thread
-    while the stream goes on. `close` uploads the last part and completes the upload (a file
-    smaller than one part is one PUT); `abort` gives the parts back. The object exists only
-    after `close` returns.
+    With `borrow=True` the writer promises that the buffers it writes stay alive and unchanged
+    until `close` or `abort` returns (the tensors of a host snapshot, pinned while the tier
+    writes from them): the parts are sent straight from those buffers, so the upload holds no
+    copy of the data at all. Otherwise `write` copies into part buffers, of which at most
+    `max_inflight + 1` exist. Either way a full part is uploaded by a worker thread while the
+    stream goes on, at most `max_inflight` at once. `close` uploads the last part and completes
+    the upload (a file smaller than one part is one PUT); `abort` gives the parts back. The
+    object exists only after `close` returns.
     """
 
-    def __init__(self, fs: Any, path: str, *, part_bytes: int = PART_BYTES, max_inflight: int = MAX_INFLIGHT) -> None:
+    def __init__(
+        self, fs: Any, path: str, *, part_bytes: int = PART_BYTES, max_inflight: int = MAX_INFLIGHT, borrow: bool = False
+    ) -> None:
         if part_bytes < 5 << 20:
             raise ValueError(f"part_bytes must be >= 5 MiB (an S3 limit), got {part_bytes}")
         self._fs = fs
         self._bucket, self._key, _ = fs.split_path(path)
         self._part_bytes = part_bytes
+        self._max_inflight = max_inflight
+        self._borrow = borrow
         self._pool = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="elastickit-upload")
-        self._free = [bytearray(part_bytes)]
-        self._max_buffers = max_inflight + 1
-        self._buf = self._free.pop()
-        self._fill = 0
-        self._inflight: list[tuple[Future[dict[str, Any]], bytearray]] = []
+        self._segs: list[memoryview] = []  # the next part: borrowed buffers, or one copy buffer
+        self._gathered = 0  # bytes in `_segs`
+        self._free: list[bytearray] = []
+        self._buf = bytearray() if borrow else bytearray(part_bytes)
+        self._inflight: list[tuple[Future[dict[str, Any]], bytearray | None]] = []
         self._parts: list[dict[str, Any]] = []
         self._upload_id: str | None = None
         self.size = 0
 
     def write(self, data: bytes | memoryview) -> int:
         view = memoryview(data).cast("B")
-        pos = 0
-        while pos < len(view):
-            n = min(self._part_bytes - self._fill, len(view) - pos)
-            self._buf[self._fill : self._fill + n] = view[pos : pos + n]
-            self._fill += n
-            pos += n
-            if self._fill == self._part_bytes:
+        if self._borrow:
+            if len(view):
+                self._segs.append(view)
+                self._gathered += len(view)
+            if self._gathered >= self._part_bytes:
                 self._send()
+        else:
+            pos = 0
+            while pos < len(view):
+                n = min(self._part_bytes - self._gathered, len(view) - pos)
+                self._buf[self._gathered : self._gathered + n] = view[pos : pos + n]
+                self._gathered += n
+                pos += n
+                if self._gathered == self._part_bytes:
+                    self._send()
         self.size += len(view)
         return len(view)
 
     def _call(self, method: str, **kwargs: Any) -> dict[str, Any]:
         return self._fs.call_s3(method, Bucket=self._bucket, Key=self._key, **kwargs)
 
+    def _part(self) -> list[memoryview]:
+        """The bytes gathered for the next part (taken: the next part starts empty)."""
+        segs = self._segs if self._borrow else [memoryview(self._buf)[: self._gathered]]
+        self._segs, self._gathered = [], 0
+        return segs
+
     def _send(self) -> None:
-        """Upload the full part buffer in the background and take a free one."""
+        """Upload the gathered part in the background; with copy buffers, take a free one."""
         if self._upload_id is None:
             self._upload_id = self._call("create_multipart_upload")["UploadId"]
         number = len(self._parts) + len(self._inflight) + 1
-        buf, n = self._buf, self._fill
-        body = buf if n == len(buf) else bytes(memoryview(buf)[:n])
-        fut = self._pool.submit(self._call, "upload_part", UploadId=self._upload_id, PartNumber=number, Body=body)
+        buf = None if self._borrow else self._buf
+        fut = self._pool.submit(self._send_part, number, self._part())
         self._inflight.append((fut, buf))
-        self._fill = 0
-        if self._free:
+        if self._borrow:
+            if len(self._inflight) > self._max_inflight:
+                self._reap_one()
+        elif self._free:
             self._buf = self._free.pop()
-        elif len(self._inflight) < self._max_buffers:
+        elif len(self._inflight) <= self._max_inflight:
             self._buf = bytearray(self._part_bytes)
         else:
-            self._buf = self._reap_one()
+            self._buf = self._reap_one()  # type: ignore[assignment]
 
-    def _reap_one(self) -> bytearray:
-        """Wait for the oldest part in flight; returns its buffer for reuse."""
+    def _send_part(self, number: int, segs: list[memoryview]) -> dict[str, Any]:
+        with PartBody(segs) as body:
+            return self._call("upload_part", UploadId=self._upload_id, PartNumber=number, Body=body)
+
+    def _reap_one(self) -> bytearray | None:
+        """Wait for the oldest part in flight; returns its copy buffer for reuse."""
         fut, buf = self._inflight.pop(0)
         out = fut.result()
         self._parts.append({"PartNumber": len(self._parts) + 1, "ETag": out["ETag"]})
@@ -115,12 +207,13 @@ class S3Upload:
         """Upload what is left and complete the object (raises on any failed part)."""
         try:
             if self._upload_id is None:  # smaller than one part: one PUT
-                self._call("put_object", Body=bytes(memoryview(self._buf)[: self._fill]))
+                with PartBody(self._part()) as body:
+                    self._call("put_object", Body=body)
                 return
-            if self._fill:
+            if self._gathered:
                 self._send()
             while self._inflight:
-                self._free.append(self._reap_one())
+                self._reap_one()
             self._call(
                 "complete_multipart_upload", UploadId=self._upload_id, MultipartUpload={"Parts": self._parts}
             )
@@ -131,15 +224,17 @@ class S3Upload:
         finally:
             self._pool.shutdown(wait=False)
             self._free.clear()
-            self._buf = bytearray()
+            self._segs, self._buf = [], bytearray()
 
     def abort(self) -> None:
         """Give back the parts uploaded so far (best effort: a bucket lifecycle rule for
-        incomplete multipart uploads catches what a killed process leaves)."""
+        incomplete multipart uploads catches what a killed process leaves). Returns once no
+        part is being read any more."""
         for fut, _ in self._inflight:
             fut.cancel()
         self._inflight.clear()
         self._pool.shutdown(wait=True)
+        self._segs = []
         if self._upload_id is not None:
             with contextlib.suppress(Exception):  # the upload failed already; that error is raised
                 self._call("abort_multipart_upload", UploadId=self._upload_id)
@@ -169,10 +264,10 @@ class FsspecUpload:
             self._f.close()
 
 
-def open_upload(fs: Any, path: str, *, part_bytes: int = PART_BYTES) -> S3Upload | FsspecUpload:
-    """A writable for one object (see the module docstring)."""
+def open_upload(fs: Any, path: str, *, part_bytes: int = PART_BYTES, borrow: bool = False) -> S3Upload | FsspecUpload:
+    """A writable for one object (see the module docstring; `borrow`: see `S3Upload`)."""
     if is_s3(fs):
-        return S3Upload(fs, path, part_bytes=part_bytes)
+        return S3Upload(fs, path, part_bytes=part_bytes, borrow=borrow)
     return FsspecUpload(fs, path, part_bytes=part_bytes)
 
 

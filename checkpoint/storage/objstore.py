@@ -39,9 +39,6 @@ from .tier import retain_order, shared_restorable
 if TYPE_CHECKING:  # the CLI's torch-free paths import this module
     import torch
 
-if TYPE_CHECKING:  # the CLI's torch-free paths import this module
-    import torch
-
 log = logging.getLogger("elastickit")
 T = TypeVar("T")
 
@@ -231,9 +228,11 @@ class ObjectRoot:
         fsync: bool = True,
     ) -> FileRecord:
         """Upload one rank file (`fsync` is moot: the object exists durably once the upload
-        completes), streamed from the tensors through a bounded part buffer; the
-        bytes and checksums are those of `stfile.write_file`. The object exists on return."""
-        upload = open_upload(self.fs, self._obj(step, name))
+        completes), streamed from the tensors: uncompressed, the parts are sent from the
+        tensors' own memory (they stay alive and unchanged until this returns); zstd frames go
+        through bounded part buffers. The bytes and checksums are those of `stfile.write_file`.
+        The object exists on return."""
+        upload = open_upload(self.fs, self._obj(step, name), borrow=zstd_level is None)
         try:
             record = write_stream(
                 upload,

@@ -212,3 +212,38 @@ def test_a_final_step_one_rank_skipped_fails_clearly_instead_of_hanging(tmp_path
     assert "step 3 is not held by rank(s) [1]" in str(results[0][0])
     assert _committed(tmp_path) == [0]
     _close((r0, r1))
+
+
+def test_a_step_skipped_after_the_tier_wrote_its_newest_fails_clearly_at_close(tmp_path):
+    # One host buffer each. Rank 1 skips step 2 while its tier writes step 1 from that buffer;
+    # once step 1 is written, rank 1 holds nothing its tier has not written, so the tier idles
+    # while rank 0's tier waits in a round for step 2: closing must end that round at once.
+    tiers = Tiers(persistent=TierSpec(keep_last=10), memory=None, host_buffers=1)
+    r0, r1 = _pair(tmp_path, tiers)
+    r0.save(1)
+    r1.save(1)
+    r1.writer.flush()
+    r1.notes.wait_for("agreeing", 1)  # rank 1's tier holds the only buffer, in the round for 1
+    snap, _durable, reason = r1.writer.submit(2, r1.items, {}, {"rank": 1}, 64, 0.0)
+    assert snap is None and "no host buffer is free" in reason
+    r0.writer.flush()
+    for r in (r0, r1):
+        r.notes.wait_for("done", 1)
+    assert _committed(tmp_path) == [0, 1]
+    durable = r0.save(2)  # rank 0 holds step 2; rank 1 skipped it
+    errors = {}
+    threads = [threading.Thread(target=lambda r=r: errors.__setitem__(r.rank, r.writer.drain())) for r in (r0, r1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT_S)
+    assert not any(t.is_alive() for t in threads)
+    assert "step 2 is not held by rank(s) [1]" in str(errors[0][0])
+    assert "step 2 is not held by rank(s) [1]" in str(durable.exception())
+    closers = [threading.Thread(target=r.writer.close) for r in (r0, r1)]
+    for t in closers:
+        t.start()
+    for t in closers:
+        t.join(WAIT_S)
+    assert not any(t.is_alive() for t in closers)  # no tier waits out its timeout
+    assert _committed(tmp_path) == [0, 1]
