@@ -69,6 +69,31 @@ def test_save_restore_bit_exact_and_retention(bucket, tmp_path):
     m(torch.ones(3, 16)).sum().backward(), m2(torch.ones(3, 16)).sum().backward()
 
 
+def test_multipart_saves_from_the_snapshot_while_training_goes_on(bucket, tmp_path):
+    # 40 MiB of state: three parts, sent straight from the host snapshot's memory. Training
+    # overwrites the live tensors at once, and saves again while the first upload runs: each
+    # step must come back as it was when it was saved.
+    url = f"s3://{bucket}/big"
+    g = torch.Generator().manual_seed(3)
+    live = {f"w{i}": torch.randn(5 << 18, generator=g) for i in range(8)}  # 8 x 5 MiB
+    saved = {}
+    tiers = Tiers(memory=None, persistent=TierSpec(keep_last=3, max_busy_fraction=1.0))
+    with ek.Checkpointer(url, tiers=tiers, rng=False, events=str(tmp_path / "events.jsonl")) as ck:
+        for step in (1, 2, 3):
+            ck.save(step, {"model": live})
+            saved[step] = {k: v.clone() for k, v in live.items()}
+            for v in live.values():
+                v.mul_(-0.5).add_(step)
+        ck.wait()
+        committed = ObjectRoot(url).committed_steps()
+    assert committed[-1] == 3
+    for step in committed:
+        got = {k: torch.zeros_like(v) for k, v in live.items()}
+        with ek.Checkpointer(url, tiers=tiers, rng=False) as ck:
+            assert ck.restore({"model": got}, step=step) == step
+        assert all(torch.equal(got[k], saved[step][k]) for k in live)
+
+
 def test_tierspec_url_with_storage_options_and_local_root(bucket, tmp_path, monkeypatch):
     """The persistent tier elsewhere than the root, credentials and endpoint in storage_options
     only (none in the environment)."""

@@ -40,10 +40,11 @@ def test_upload_is_byte_identical_to_the_file_tier(bucket, tmp_path, zstd):
         assert f.verify_all() == []
 
 
-def test_multipart_parts_stream_with_a_bounded_buffer(bucket):
+@pytest.mark.parametrize("borrow", [False, True])
+def test_multipart_parts_stream_with_a_bounded_buffer(bucket, borrow):
     fs = s3fs_client()
     data = torch.randint(0, 255, (13 << 20,), dtype=torch.uint8)
-    up = S3Upload(fs, f"{bucket}/big", part_bytes=5 << 20, max_inflight=2)
+    up = S3Upload(fs, f"{bucket}/big", part_bytes=5 << 20, max_inflight=2, borrow=borrow)
     view = memoryview(data.numpy())
     for i in range(0, len(view), 1 << 20):
         up.write(view[i : i + (1 << 20)])

@@ -1,0 +1,80 @@
+"""The multipart upload's parts, without a server: what each request's body reads, and that a
+borrowed upload holds no copy of the data (Python's own allocations, traced)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tracemalloc
+
+import pytest
+from elastickit.checkpoint.storage.objio import PartBody, S3Upload
+
+
+def test_a_part_body_reads_its_segments_whole_for_every_reader():
+    body = PartBody([b"abc", bytearray(b""), memoryview(b"defgh"), b"ij"])
+    assert len(body) == 10
+    assert body.tell() == 0 and body.read(4) == b"abcd"
+    assert body.read(100) == b"efghij" and body.read(1) == b""
+    # A new reader (a checksum pass, the HTTP client, a retry) starts at the beginning, even
+    # after a reader that stopped midway.
+    body.read(0)
+    assert body.tell() == 0 and body.read() == b"abcdefghij"
+    assert body.seek(0, io.SEEK_END) == 10 and body.seek(-3, io.SEEK_CUR) == 7
+    buf = bytearray(8)
+    assert body.readinto(buf) == 3 and bytes(buf[:3]) == b"hij"
+
+
+class _RecordingS3:
+    """Just enough of s3fs for `S3Upload`: it reads each body as the HTTP client would (256 KiB
+    at a time) and remembers what it got."""
+
+    protocol = ("s3",)
+
+    def __init__(self):
+        self.parts: dict[int, bytes] = {}
+        self.digest = hashlib.sha256()
+        self.sizes: list[int] = []
+
+    def split_path(self, path):
+        bucket, _, key = path.partition("/")
+        return bucket, key, None
+
+    def invalidate_cache(self, path=None):
+        pass
+
+    def call_s3(self, method, **kw):
+        if method == "create_multipart_upload":
+            return {"UploadId": "u1"}
+        if method in ("upload_part", "put_object"):
+            body, n = kw["Body"], 0
+            body.tell()
+            for chunk in iter(lambda: body.read(256 << 10), b""):
+                self.digest.update(chunk)
+                n += len(chunk)
+            self.sizes.append(n)
+            return {"ETag": f"e{kw.get('PartNumber', 0)}"}
+        return {}
+
+
+@pytest.mark.parametrize("borrow", [True, False])
+def test_a_borrowed_upload_holds_no_copy_of_the_data(borrow):
+    src = bytearray(range(256)) * ((48 << 20) // 256)  # 48 MiB, written in 8 MiB pieces
+    fs = _RecordingS3()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        up = S3Upload(fs, "bucket/key", part_bytes=16 << 20, max_inflight=2, borrow=borrow)
+        view = memoryview(src)
+        for i in range(0, len(view), 8 << 20):
+            up.write(view[i : i + (8 << 20)])
+        up.close()
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert fs.sizes == [16 << 20] * 3
+    assert fs.digest.hexdigest() == hashlib.sha256(src).hexdigest()
+    if borrow:
+        assert peak < 4 << 20  # a few 256 KiB reads in flight; no part buffer
+    else:
+        assert peak >= 16 << 20  # the copying path holds part buffers (what borrow avoids)
