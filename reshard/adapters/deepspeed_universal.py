@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from ...checkpoint.errors import DataError, RequestError
+from ...checkpoint.format.integrity import atomic_write, fsync_dir
 from .deepspeed import DeepSpeedCheckpoint
 from .deepspeed_pickle import save_pt
 from .ptfile import Pieces, write_pt
@@ -73,6 +74,11 @@ def _save(obj: Any, path: str) -> int:
 
 def _copy(src: str, dst: str) -> int:
     shutil.copy2(src, dst)
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return os.path.getsize(dst)
 
 
@@ -176,12 +182,16 @@ def write_universal(ck: DeepSpeedCheckpoint, out_dir: str, *, overwrite: bool = 
     finally:
         writer.finish()
 
+    # Every file was fsynced as it was written; now their directory entries, deepest first,
+    # and only then the marker that makes DeepSpeed load this folder: a crash at any instant
+    # leaves `latest_universal` naming the previous universal checkpoint, whole.
+    for d, _subdirs, _files in os.walk(zero_dir, topdown=False):
+        fsync_dir(d)
+    parent, name = os.path.split(os.path.normpath(os.path.abspath(out_dir)))
+    fsync_dir(out_dir)
+    fsync_dir(parent)
     if write_latest:
-        parent, name = os.path.split(os.path.normpath(os.path.abspath(out_dir)))
-        marker = os.path.join(parent, "latest_universal")
-        with open(marker + ".tmp", "w") as f:  # a reader sees the old marker or the new, whole
-            f.write(name)
-        os.replace(marker + ".tmp", marker)
+        atomic_write(os.path.join(parent, "latest_universal"), name)
     return UniversalReport(out_dir=out_dir, num_params=num_params, num_files=writer.num_files,
                            bytes_written=writer.num_bytes, seconds=time.perf_counter() - start)
 

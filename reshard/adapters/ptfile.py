@@ -462,8 +462,9 @@ _WRITE_NAMES: dict[int, str] = {
 }
 
 
-def write_pt(obj: Any, path: str, *, names: Mapping[Any, str] | None = None) -> int:
-    """Write `obj` as a `torch.save` file at `path`; returns the file's size.
+def write_pt(obj: Any, path: str, *, names: Mapping[Any, str] | None = None, fsync: bool = True) -> int:
+    """Write `obj` as a `torch.save` file at `path` (fsynced before it is closed, unless
+    `fsync=False`); returns the file's size.
 
     Args:
         obj: dicts, lists, tuples, plain values, numpy arrays and `Pieces` (written as tensors),
@@ -488,6 +489,8 @@ def write_pt(obj: Any, path: str, *, names: Mapping[Any, str] | None = None) -> 
         for name, value in entries:
             zw.add(f"{archive}/{name}", value)
         size = zw.finish()
+        if fsync:
+            os.fsync(fd)
     finally:
         os.close(fd)
     return size

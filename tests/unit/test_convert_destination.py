@@ -186,3 +186,40 @@ def test_deepspeed_universal_goes_next_to_its_tag_not_into_it(tmp_path):
     res = _run("convert", tmp_path / "ds", tmp_path / "ds" / "global_step7_universal", "--to", "deepspeed-universal")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "ds" / "latest_universal").read_text().strip() == "global_step7_universal"
+
+
+def test_deepspeed_universal_export_is_durable_before_its_marker(tmp_path, monkeypatch):
+    # Every file and folder of the export reaches the disk (fsync) before `latest_universal`
+    # names it: a crash at any instant leaves the marker naming a whole checkpoint.
+    from elastickit.reshard.adapters.deepspeed import DeepSpeedCheckpoint
+    from elastickit.reshard.adapters.deepspeed_universal import write_universal
+
+    from tests.unit.test_deepspeed_layout import _zero3
+
+    tag = tmp_path / "ds" / "global_step7"
+    tag.mkdir(parents=True)
+    _zero3(tag)
+    (tmp_path / "ds" / "latest").write_text("global_step7")
+    synced: list[str] = []
+    marker_at: list[int] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append(os.path.realpath(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, *a, **k):
+        if os.path.basename(dst) == "latest_universal":
+            marker_at.append(len(synced))
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "ds" / "global_step7_universal"
+    with DeepSpeedCheckpoint(str(tmp_path / "ds")) as ck:
+        write_universal(ck, str(out))
+    assert (tmp_path / "ds" / "latest_universal").read_text() == "global_step7_universal"
+    assert len(marker_at) == 1
+    before = set(synced[: marker_at[0]])
+    tree = {os.path.realpath(os.path.join(d, n)) for d, ds, fs in os.walk(out) for n in [*fs, *ds]}
+    assert tree and tree | {os.path.realpath(out), os.path.realpath(tmp_path / "ds")} <= before
