@@ -3,7 +3,6 @@
 import math
 import os
 import threading
-import time
 
 import pytest
 import torch
@@ -267,12 +266,22 @@ def test_mtbf_reads_the_event_log_as_every_reader_does(tmp_path):
     assert mtbf_from_events(str(tmp_path / "absent.jsonl")) is None
 
 
-def test_every_seconds_policy_schedules_by_measured_step_time(tmp_path):
-    m, o = _setup()
-    with ek.Checkpointer(str(tmp_path), every_seconds=0.05) as ck:
-        taken = []
-        for step in range(1, 25):
-            time.sleep(0.01)
-            if ck.save(step, {"model": m}).scheduled:
-                taken.append(step)
-    assert taken[0] == 1 and 3 <= len(taken) <= 12
+def test_every_seconds_policy_schedules_by_measured_step_time():
+    # The schedule on a clock the test moves: 0.01 s per step, a checkpoint every 0.05 s. At
+    # step 1 no step time is measured yet, so step 2 is due; from then on every 5th step.
+    from elastickit.checkpoint.coord import LocalCoordinator
+
+    from elastickit.schedule import SaveSchedule
+
+    now = [0.0]
+    sched = SaveSchedule(IntervalPolicy(every_seconds=0.05), LocalCoordinator(), rank=0, world_size=1, clock=lambda: now[0])
+    taken = []
+    for step in range(1, 25):
+        now[0] += 0.01
+        sched.settle()
+        sched.called(step)
+        if sched.due(step):
+            taken.append(step)
+            sched.saved(step, cost_s=0.001)
+    assert taken == [1, 2, 7, 12, 17, 22]
+    assert sched.step_time_s == pytest.approx(0.01)
