@@ -18,11 +18,13 @@ checksum before handing it out, and keeps only the tensors not yet released.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
 import struct
 import warnings
+import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,11 +54,12 @@ class PartBody(io.RawIOBase):
     part in flight. Read as a stream, aiohttp sends 256 KiB at a time and waits for the socket,
     so a part costs nothing beyond the buffers it reads.
 
-    Every reader reads the whole part from its start: botocore's checksum, then the HTTP
-    client, then any retry (s3fs retries a request with the same body, botocore rewinds it).
-    So `tell()`, which each of them calls before it reads, starts the part again; a reader that
-    stopped midway is never resumed. (A body sent wrong is refused by the store: its length and
-    its checksum header are those of the whole part.)
+    The upload gives the part's CRC32 itself (`crc32_b64`), so botocore does not read the body
+    to hash it: the HTTP client is its only reader, once per attempt. Every attempt reads the
+    whole part from its start: aiohttp calls `tell()` before it reads a body, and s3fs retries
+    a request with the same body object, so `tell()` starts the part again (botocore's own
+    retries `seek(0)`). A body sent wrong would be refused by the store: its length and its
+    checksum header are those of the whole part.
     """
 
     def __init__(self, segments: Sequence[bytes | bytearray | memoryview]) -> None:
@@ -100,6 +103,13 @@ class PartBody(io.RawIOBase):
         data = self.read(len(b))
         memoryview(b).cast("B")[: len(data)] = data
         return len(data)
+
+    def crc32_b64(self) -> str:
+        """The part's CRC32 as S3's `x-amz-checksum-crc32` header carries it (base64, big-endian)."""
+        crc = 0
+        for seg in self._segs:
+            crc = zlib.crc32(seg, crc)
+        return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
 
     def close(self) -> None:
         self._segs = []  # the buffers go back to their owner
@@ -194,7 +204,9 @@ class S3Upload:
 
     def _send_part(self, number: int, segs: list[memoryview]) -> dict[str, Any]:
         with PartBody(segs) as body:
-            return self._call("upload_part", UploadId=self._upload_id, PartNumber=number, Body=body)
+            return self._call(
+                "upload_part", UploadId=self._upload_id, PartNumber=number, Body=body, ChecksumCRC32=body.crc32_b64()
+            )
 
     def _reap_one(self) -> bytearray | None:
         """Wait for the oldest part in flight; returns its copy buffer for reuse."""
@@ -208,7 +220,7 @@ class S3Upload:
         try:
             if self._upload_id is None:  # smaller than one part: one PUT
                 with PartBody(self._part()) as body:
-                    self._call("put_object", Body=body)
+                    self._call("put_object", Body=body, ChecksumCRC32=body.crc32_b64())
                 return
             if self._gathered:
                 self._send()

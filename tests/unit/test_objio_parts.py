@@ -3,9 +3,11 @@ borrowed upload holds no copy of the data (Python's own allocations, traced)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import tracemalloc
+import zlib
 
 import pytest
 from elastickit.checkpoint.storage.objio import PartBody, S3Upload
@@ -47,12 +49,14 @@ class _RecordingS3:
         if method == "create_multipart_upload":
             return {"UploadId": "u1"}
         if method in ("upload_part", "put_object"):
-            body, n = kw["Body"], 0
+            body, n, crc = kw["Body"], 0, 0
             body.tell()
             for chunk in iter(lambda: body.read(256 << 10), b""):
                 self.digest.update(chunk)
+                crc = zlib.crc32(chunk, crc)
                 n += len(chunk)
             self.sizes.append(n)
+            assert kw["ChecksumCRC32"] == base64.b64encode(crc.to_bytes(4, "big")).decode()
             return {"ETag": f"e{kw.get('PartNumber', 0)}"}
         return {}
 
@@ -78,3 +82,13 @@ def test_a_borrowed_upload_holds_no_copy_of_the_data(borrow):
         assert peak < 4 << 20  # a few 256 KiB reads in flight; no part buffer
     else:
         assert peak >= 16 << 20  # the copying path holds part buffers (what borrow avoids)
+
+
+def test_the_part_checksum_is_the_one_botocore_would_send():
+    # The upload sends x-amz-checksum-crc32 itself (botocore then leaves the body unread): it
+    # must be exactly the value botocore computes for the same bytes.
+    httpchecksum = pytest.importorskip("botocore.httpchecksum", reason="botocore comes with the s3 extra")
+    data = bytes(range(256)) * 4097
+    body = PartBody([data[:1000], data[1000:]])
+    assert body.crc32_b64() == httpchecksum.Crc32Checksum().handle(data)
+    assert PartBody([]).crc32_b64() == httpchecksum.Crc32Checksum().handle(b"")
