@@ -323,7 +323,7 @@ class RangedFile:
         self.record = record
         self.verify = verify and record is not None
         self._fs, self._obj = fs, path
-        self._held: dict[str, bytes] = {}  # fetched, not yet released
+        self._held: dict[str, bytes | memoryview] = {}  # fetched, not yet released
         self._verified: set[str] = set()
         self._order: list[str] = []  # the keys the reader said it reads, in its order
         self._pos: dict[str, int] = {}
@@ -437,13 +437,17 @@ class RangedFile:
                     raise p
         except Exception as e:
             raise DataError(f"cannot read {self.path} ({type(e).__name__}: {_first_line(e)})", path=self.path) from e
-        blocks: list[tuple[int, bytes]] = []
-        for (b, e) in merged:
-            blocks.append((b, b"".join(p for s, p in zip(starts, parts, strict=True) if b <= s < e)))
+        # Each tensor is a view of the part that holds it (no copy); only a tensor that spans
+        # parts is joined. The parts live until the last tensor viewing them is released.
+        got = sorted(zip(starts, parts, strict=True))
         for k in window:
             ent = self._entries[k]
-            b, blob = next((b, blob) for b, blob in blocks if b <= ent.begin and ent.end <= b + len(blob))
-            self._held[k] = blob[ent.begin - b : ent.end - b]
+            covering = [(s, p) for s, p in got if s < ent.end and s + len(p) > ent.begin]
+            if len(covering) == 1:
+                s, p = covering[0]
+                self._held[k] = memoryview(p)[ent.begin - s : ent.end - s]
+            else:  # spans parts (or is empty)
+                self._held[k] = b"".join(memoryview(p)[max(ent.begin - s, 0) : ent.end - s] for s, p in covering)
 
     def raw(self, key: str) -> memoryview:
         """The tensor's bytes (ranged reads), verified against the manifest."""

@@ -10,7 +10,7 @@ import tracemalloc
 import zlib
 
 import pytest
-from elastickit.checkpoint.storage.objio import PartBody, S3Upload
+from elastickit.checkpoint.storage.objio import PartBody, RangedFile, S3Upload
 
 
 def test_a_part_body_reads_its_segments_whole_for_every_reader():
@@ -92,3 +92,48 @@ def test_the_part_checksum_is_the_one_botocore_would_send():
     body = PartBody([data[:1000], data[1000:]])
     assert body.crc32_b64() == httpchecksum.Crc32Checksum().handle(data)
     assert PartBody([]).crc32_b64() == httpchecksum.Crc32Checksum().handle(b"")
+
+
+class _ServedObject:
+    """Just enough of an fsspec filesystem for `RangedFile`: one object, served by range (each
+    range a new bytes object, as a real client returns)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def invalidate_cache(self, path=None):
+        pass
+
+    def info(self, path):
+        return {"size": len(self.data)}
+
+    def cat_file(self, path, start=None, end=None):
+        return self.data[start:end]
+
+    def cat_ranges(self, paths, starts, ends):
+        return [self.data[s:e] for s, e in zip(starts, ends, strict=True)]
+
+
+def test_a_ranged_read_hands_out_views_of_the_fetched_parts():
+    # 8 tensors of 4 MiB (one 32 MiB window, fetched as two 16 MiB ranged GETs): each tensor
+    # is a view of the part that holds it, so reading the window costs the parts and little
+    # more (it once cost the parts, their join and a copy of every tensor: three times).
+    import torch
+    from elastickit.checkpoint.format.stfile import write_stream
+
+    items = [(f"t{i}", torch.full((1 << 20,), float(i))) for i in range(8)]
+    out = io.BytesIO()
+    record = write_stream(out, items, name="rank-00000.safetensors")
+    fs = _ServedObject(out.getvalue())
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        with RangedFile(fs, "obj", record, label="s3://b/obj") as f:
+            f.will_read([k for k, _ in items])
+            for k, t in items:
+                assert torch.equal(f.tensor(k), t)
+                f.release(k)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 << 20  # the 32 MiB window, not 96
