@@ -6,6 +6,7 @@ import json
 import os
 import resource
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,40 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssPeak:
+    """The peak RSS within a `with` block above the RSS at its start, sampled every 2 ms.
+
+    Unlike `peak_rss_bytes` (the process's high-water mark), a block that follows a hungrier
+    setup still shows its own peak.
+    """
+
+    def __init__(self) -> None:
+        self.extra = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> RssPeak:
+        self._base = rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.extra = max(self.extra, rss_bytes() - self._base)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.extra = max(self.extra, rss_bytes() - self._base)
 
 
 def free_port() -> int:

@@ -30,7 +30,7 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import bar_chart, machine, peak_rss_bytes, spawn, write_table
+from _common import RssPeak, bar_chart, machine, spawn, write_table
 
 METHODS = ["elastickit save", "s3fs pipe_file", "s3fs put_file", "elastickit restore", "s3fs cat_file"]
 
@@ -84,23 +84,23 @@ def _rank(rank: int, world: int, method: str, mib: int, bucket: str, tmp: str) -
     elif method == "s3fs cat_file":
         fs.pipe_file(f"{bucket}/raw/rank.safetensors", __import__("safetensors.torch").torch.save(state))
     ck = ek.Checkpointer(url, tiers=tiers, rng=False, lazy="never") if method.startswith("elastickit") else None
-    base_rss = peak_rss_bytes()
-    t0 = time.perf_counter()
-    if method == "elastickit save":
-        ck.save(1, {"model": state})
-        ck.wait()
-    elif method == "s3fs pipe_file":
-        fs.pipe_file(f"{bucket}/raw/rank.safetensors", prepared)
-    elif method == "s3fs put_file":
-        fs.put_file(prepared, f"{bucket}/raw/rank.safetensors")
-    elif method == "elastickit restore":
-        assert ck.restore({"model": state}) == 1
-    elif method == "s3fs cat_file":
-        data = fs.cat_file(f"{bucket}/raw/rank.safetensors")
-        assert len(data) > nbytes
-        del data
-    seconds = time.perf_counter() - t0
-    extra = peak_rss_bytes() - base_rss
+    with RssPeak() as rss:
+        t0 = time.perf_counter()
+        if method == "elastickit save":
+            ck.save(1, {"model": state})
+            ck.wait()
+        elif method == "s3fs pipe_file":
+            fs.pipe_file(f"{bucket}/raw/rank.safetensors", prepared)
+        elif method == "s3fs put_file":
+            fs.put_file(prepared, f"{bucket}/raw/rank.safetensors")
+        elif method == "elastickit restore":
+            assert ck.restore({"model": state}) == 1
+        elif method == "s3fs cat_file":
+            data = fs.cat_file(f"{bucket}/raw/rank.safetensors")
+            assert len(data) > nbytes
+            del data
+        seconds = time.perf_counter() - t0
+    extra = rss.extra
     if ck is not None:
         ck.close()
     fs.rm(bucket, recursive=True)  # the server keeps objects in memory: give them back
@@ -149,7 +149,7 @@ def main() -> None:
             f"Machine: {machine()}, shared with other work: load average {load_before[0]:.2f} before, "
             f"{load_after[0]:.2f} after. Server: moto {_moto_version()} (standalone, Python, in-memory) on "
             f"127.0.0.1, its own process. State: {args.mib} MiB fp32 in 32 tensors, one process, median of "
-            f"{args.repeats} interleaved runs. Extra RSS: the method's peak RSS minus its RSS before the timed region."
+            f"{args.repeats} interleaved runs. Extra RSS: the method's peak RSS (sampled every 2 ms) minus its RSS at the start of the timed region."
         ),
         (
             f"elastickit save vs s3fs pipe_file of the same bytes: **{save_ratio:.2f}x** the throughput "
