@@ -295,19 +295,29 @@ class _Entry:
     end: int
 
 
-def fetch(fs: Any, path: str, start: int, end: int, *, part_bytes: int = READ_PART_BYTES) -> bytes:
-    """Bytes [start, end) of an object, in parts fetched concurrently where the backend can."""
+def fetch(
+    fs: Any, path: str, start: int, end: int, *, part_bytes: int = READ_PART_BYTES, batch: int = 4
+) -> bytes | bytearray:
+    """Bytes [start, end) of an object. A range of more than one part is fetched `batch` parts
+    at a time (concurrently where the backend can) into one buffer, so that a large tensor
+    costs itself plus one batch, not twice itself (its parts and their join)."""
     if end <= start:  # an empty range would read to the end of the object
         return b""
     if end - start <= part_bytes:
         return fs.cat_file(path, start=start, end=end)
-    starts = list(range(start, end, part_bytes))
-    ends = [min(s + part_bytes, end) for s in starts]
-    parts = fs.cat_ranges([path] * len(starts), starts, ends)
-    for p in parts:
-        if isinstance(p, BaseException):
-            raise p
-    return b"".join(parts)
+    out = bytearray(end - start)
+    step = part_bytes * max(1, batch)
+    for lo in range(start, end, step):
+        hi = min(lo + step, end)
+        starts = list(range(lo, hi, part_bytes))
+        ends = [min(s + part_bytes, hi) for s in starts]
+        for s, e, p in zip(starts, ends, fs.cat_ranges([path] * len(starts), starts, ends), strict=True):
+            if isinstance(p, BaseException):
+                raise p
+            if len(p) != e - s:
+                raise EOFError(f"the store returned {len(p)} bytes for bytes {s}-{e}; the object is shorter than its listing")
+            out[s - start : e - start] = p
+    return out
 
 
 class RangedFile:
@@ -355,7 +365,7 @@ class RangedFile:
             self._size = len(self._whole)
         self._entries = self._parse_header()
 
-    def _read(self, start: int, end: int) -> bytes:
+    def _read(self, start: int, end: int) -> bytes | bytearray:
         if self._whole is not None:
             return self._whole[start:end]
         try:

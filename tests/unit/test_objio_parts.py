@@ -137,3 +137,55 @@ def test_a_ranged_read_hands_out_views_of_the_fetched_parts():
     finally:
         tracemalloc.stop()
     assert peak < 40 << 20  # the 32 MiB window, not 96
+
+
+def test_a_large_range_is_assembled_batch_by_batch():
+    # A 48 MiB tensor read in 1 MiB parts, 4 at a time: it costs itself and one batch, where
+    # fetching every part and joining them cost twice itself.
+    from elastickit.checkpoint.storage.objio import fetch
+
+    data = bytes(range(256)) * ((48 << 20) // 256)
+    fs = _ServedObject(b"head" + data)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        got = fetch(fs, "obj", 4, 4 + len(data), part_bytes=1 << 20, batch=4)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert got == data
+    assert peak < (48 << 20) + (8 << 20)
+    assert fetch(fs, "obj", 4, 4) == b""
+
+
+def test_a_short_ranged_read_is_named():
+    from elastickit.checkpoint.storage.objio import fetch
+
+    class Short(_ServedObject):
+        def cat_ranges(self, paths, starts, ends):
+            return [self.data[s : e - 1] for s, e in zip(starts, ends, strict=True)]
+
+    with pytest.raises(EOFError, match="returned 1048575 bytes for bytes 0-1048576"):
+        fetch(Short(bytes(3 << 20)), "obj", 0, 3 << 20, part_bytes=1 << 20)
+
+
+def test_a_tensor_larger_than_the_read_window_comes_back_whole_and_verified():
+    # 72 MiB: beyond the 64 MiB window, read alone in 16 MiB parts assembled batch by batch.
+    import torch
+    from elastickit.checkpoint.errors import CorruptCheckpointError
+    from elastickit.checkpoint.format.stfile import write_stream
+
+    big = torch.arange(18 << 20, dtype=torch.float32)
+    items = [("small", torch.ones(3)), ("big", big)]
+    out = io.BytesIO()
+    record = write_stream(out, items, name="rank-00000.safetensors")
+    raw = bytearray(out.getvalue())
+    with RangedFile(_ServedObject(bytes(raw)), "obj", record, label="s3://b/obj") as f:
+        f.will_read(["small", "big"])
+        assert torch.equal(f.tensor("small"), torch.ones(3))
+        assert torch.equal(f.tensor("big"), big)
+    raw[-5] ^= 1  # one flipped bit in the last part
+    with RangedFile(_ServedObject(bytes(raw)), "obj", record, label="s3://b/obj") as f, pytest.raises(
+        CorruptCheckpointError, match="tensor 'big' does not match its checksum"
+    ):
+        f.tensor("big")
