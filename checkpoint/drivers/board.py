@@ -30,13 +30,11 @@ class Taken:
         snap: this rank's newest snapshot, pinned for the tier (None: it holds none).
         fresh: whether `snap` is newer than what the tier last wrote. A stale take joins the
             round only to answer the other ranks: this rank skipped a save they may hold.
-        stopping: the tier is asked to stop.
         skipped: the newest step this rank skipped (no free host buffer), -1 for none.
     """
 
     snap: Snapshot | None
     fresh: bool
-    stopping: bool
     skipped: int
 
 
@@ -138,7 +136,7 @@ class SnapshotBoard:
                     if (flushed or stopping) and self._skipped > answered:
                         if newest is not None:
                             newest.slot.refs.add(tier)
-                        return Taken(newest, fresh=False, stopping=stopping, skipped=self._skipped)
+                        return Taken(newest, fresh=False, skipped=self._skipped)
                     if stopping:
                         return None
                     self._clock.wait(self._cond, None)
@@ -146,7 +144,7 @@ class SnapshotBoard:
                 wait = rest_until - self._clock.now()
                 if tier in self._flush or stopping or wait <= 0:
                     newest.slot.refs.add(tier)
-                    return Taken(newest, fresh=True, stopping=stopping, skipped=self._skipped)
+                    return Taken(newest, fresh=True, skipped=self._skipped)
                 resting(newest.step)
                 self._clock.wait(self._cond, wait)
 

@@ -13,12 +13,13 @@ time the tier looks and rests on), "waiting" (this rank waits for `step`, which 
 holds), "retry" (a rank no
 longer holds the agreed `step`: the ranks take a newer one), "done" (the tier wrote `step` or
 failed to, and reported it), "answered" (a flushed or stopping tier told its ranks that this rank
-skipped `step`, and no rank had anything fresh to write).
+skipped `step`, and no rank had anything fresh to write). Tests drive the schedule with a
+`ManualClock` and wait on these.
 
 A rank that skipped a save (no free host buffer) while its tier was busy holds nothing fresh
 afterwards, so its tier would idle while the other ranks' tiers wait in a round for that step.
 Flushed (`wait()`, `restore()`) or stopping (`close()`), such a tier joins one more round to
-say so, and the ranks give that step up at once instead of waiting out their timeout. Tests drive the schedule with a `ManualClock` and wait on these.
+say so, and the ranks give that step up at once instead of waiting out their timeout.
 """
 
 from __future__ import annotations

@@ -148,7 +148,6 @@ class S3Upload:
         self._pool = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="elastickit-upload")
         self._segs: list[memoryview] = []  # the next part: borrowed buffers, or one copy buffer
         self._gathered = 0  # bytes in `_segs`
-        self._free: list[bytearray] = []
         self._buf = bytearray() if borrow else bytearray(part_bytes)
         self._inflight: list[tuple[Future[dict[str, Any]], bytearray | None]] = []
         self._parts: list[dict[str, Any]] = []
@@ -195,8 +194,6 @@ class S3Upload:
         if self._borrow:
             if len(self._inflight) > self._max_inflight:
                 self._reap_one()
-        elif self._free:
-            self._buf = self._free.pop()
         elif len(self._inflight) <= self._max_inflight:
             self._buf = bytearray(self._part_bytes)
         else:
@@ -235,7 +232,6 @@ class S3Upload:
             raise
         finally:
             self._pool.shutdown(wait=False)
-            self._free.clear()
             self._segs, self._buf = [], bytearray()
 
     def abort(self) -> None:

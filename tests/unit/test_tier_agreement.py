@@ -102,6 +102,20 @@ def _close(ranks):
         r.writer.close()
 
 
+def _at_once(ranks, call):
+    """`call(rank)` on every rank at the same time, as the ranks' training threads would; returns
+    rank -> result. Fails when one has not returned within WAIT_S: on the test's clock, which
+    stands still, a rank waiting for its deadline never would."""
+    results = {}
+    threads = [threading.Thread(target=lambda r=r: results.__setitem__(r.rank, call(r))) for r in ranks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT_S)
+    assert not any(t.is_alive() for t in threads)
+    return results
+
+
 def _committed(tmp_path):
     return [c.step for c in list_checkpoints(str(tmp_path)) if c.complete]
 
@@ -201,14 +215,7 @@ def test_a_final_step_one_rank_skipped_fails_clearly_instead_of_hanging(tmp_path
         r0.save(step)
     for step in (1, 2):
         r1.save(step)  # rank 1 skipped step 3 (no free host buffer) and trains no further
-    results = {}
-    threads = [threading.Thread(target=lambda r=r: results.__setitem__(r.rank, r.writer.drain())) for r in (r0, r1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT_S)
-    # The clock stands still: a rank that waited for step 3 until its deadline would never end.
-    assert not any(t.is_alive() for t in threads)
+    results = _at_once((r0, r1), lambda r: r.writer.drain())
     assert "step 3 is not held by rank(s) [1]" in str(results[0][0])
     assert _committed(tmp_path) == [0]
     _close((r0, r1))
@@ -231,19 +238,8 @@ def test_a_step_skipped_after_the_tier_wrote_its_newest_fails_clearly_at_close(t
         r.notes.wait_for("done", 1)
     assert _committed(tmp_path) == [0, 1]
     durable = r0.save(2)  # rank 0 holds step 2; rank 1 skipped it
-    errors = {}
-    threads = [threading.Thread(target=lambda r=r: errors.__setitem__(r.rank, r.writer.drain())) for r in (r0, r1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT_S)
-    assert not any(t.is_alive() for t in threads)
+    errors = _at_once((r0, r1), lambda r: r.writer.drain())
     assert "step 2 is not held by rank(s) [1]" in str(errors[0][0])
     assert "step 2 is not held by rank(s) [1]" in str(durable.exception())
-    closers = [threading.Thread(target=r.writer.close) for r in (r0, r1)]
-    for t in closers:
-        t.start()
-    for t in closers:
-        t.join(WAIT_S)
-    assert not any(t.is_alive() for t in closers)  # no tier waits out its timeout
+    _at_once((r0, r1), lambda r: r.writer.close())  # no tier waits out its timeout
     assert _committed(tmp_path) == [0, 1]
