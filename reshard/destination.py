@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from elastickit.checkpoint.errors import DataError, RequestError
-from elastickit.checkpoint.format.integrity import fsync_dir
+from elastickit.checkpoint.format.integrity import fsync_dir, fsync_file
 from elastickit.checkpoint.format.manifest import STEP_DIR_RE
 
 PARTIAL = ".partial-"
@@ -100,11 +100,7 @@ def _remove_stale(parent: str, name: str) -> None:
 def _fsync_tree(root: str) -> None:
     for d, _, files in os.walk(root, topdown=False):
         for f in files:
-            fd = os.open(os.path.join(d, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(os.path.join(d, f))
         fsync_dir(d)
 
 

@@ -34,6 +34,15 @@ def checksum(data: bytes | memoryview) -> str:
     return xxhash.xxh3_64_hexdigest(data)
 
 
+def fsync_file(path: str) -> None:
+    """Make a file written and closed earlier durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: str) -> None:
     """Make a directory's entries (new files, renames) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

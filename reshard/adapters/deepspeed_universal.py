@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from ...checkpoint.errors import DataError, RequestError
-from ...checkpoint.format.integrity import atomic_write, fsync_dir
+from ...checkpoint.format.integrity import atomic_write, fsync_dir, fsync_file
 from .deepspeed import DeepSpeedCheckpoint
 from .deepspeed_pickle import save_pt
 from .ptfile import Pieces, write_pt
@@ -74,11 +74,7 @@ def _save(obj: Any, path: str) -> int:
 
 def _copy(src: str, dst: str) -> int:
     shutil.copy2(src, dst)
-    fd = os.open(dst, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(dst)
     return os.path.getsize(dst)
 
 
