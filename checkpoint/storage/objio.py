@@ -291,6 +291,18 @@ class _Entry:
     end: int
 
 
+def fetch_parts(fs: Any, path: str, starts: list[int], ends: list[int]) -> list[bytes]:
+    """The ranges [starts[i], ends[i]) of an object, fetched concurrently where the backend can;
+    raises the first failure, and EOFError for a range the store returned short."""
+    parts = fs.cat_ranges([path] * len(starts), starts, ends)
+    for s, e, p in zip(starts, ends, parts, strict=True):
+        if isinstance(p, BaseException):
+            raise p
+        if len(p) != e - s:
+            raise EOFError(f"the store returned {len(p)} bytes for bytes {s}-{e}; the object is shorter than its listing")
+    return parts
+
+
 def fetch(
     fs: Any, path: str, start: int, end: int, *, part_bytes: int = READ_PART_BYTES, batch: int = 4
 ) -> bytes | bytearray:
@@ -307,11 +319,7 @@ def fetch(
         hi = min(lo + step, end)
         starts = list(range(lo, hi, part_bytes))
         ends = [min(s + part_bytes, hi) for s in starts]
-        for s, e, p in zip(starts, ends, fs.cat_ranges([path] * len(starts), starts, ends), strict=True):
-            if isinstance(p, BaseException):
-                raise p
-            if len(p) != e - s:
-                raise EOFError(f"the store returned {len(p)} bytes for bytes {s}-{e}; the object is shorter than its listing")
+        for s, e, p in zip(starts, ends, fetch_parts(fs, path, starts, ends), strict=True):
             out[s - start : e - start] = p
     return out
 
@@ -437,10 +445,7 @@ class RangedFile:
                 starts.append(s)
                 ends.append(min(s + READ_PART_BYTES, e))
         try:
-            parts = self._fs.cat_ranges([self._obj] * len(starts), starts, ends)
-            for p in parts:
-                if isinstance(p, BaseException):
-                    raise p
+            parts = fetch_parts(self._fs, self._obj, starts, ends)
         except Exception as e:
             raise DataError(f"cannot read {self.path} ({type(e).__name__}: {_first_line(e)})", path=self.path) from e
         # Each tensor is a view of the part that holds it (no copy); only a tensor that spans
